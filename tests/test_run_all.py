@@ -1,0 +1,185 @@
+"""Tests for helpers.run_all on tiny throwaway notebooks (real papermill + ipykernel runs)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from helpers import run_all
+
+# A 1x1 red PNG, so the good notebook can write and display an image without matplotlib.
+PNG_HEX = (
+    "89504e470d0a1a0a0000000d49484452000000010000000108020000009077"
+    "53de0000000c4944415478da63f8cfc000000301010018dd8db00000000049454e44ae426082"
+)
+
+PARAMETERS = 'PROFILE = "full"\nDATA_DIR = None\nSEED = 42\nOUTPUT_DIR = None'
+
+GOOD_BODY = f"""\
+import json, sys
+from pathlib import Path
+from IPython.display import Image, display
+
+out = Path(OUTPUT_DIR) if OUTPUT_DIR else Path("../assets/01_good")
+out.mkdir(parents=True, exist_ok=True)
+(out / "dot.png").write_bytes(bytes.fromhex("{PNG_HEX}"))
+display(Image(filename=str(out / "dot.png")))
+test = {{"accuracy": 0.75, "balanced_accuracy": 0.7, "auc": 0.8, "average_precision": 0.81,
+         "per_class": {{}}, "confusion_matrix": [[3, 1], [1, 3]],
+         "ci95": {{"accuracy": [0.5, 0.9], "auc": [0.6, 0.95]}}}}
+metrics = {{"notebook": "01_good", "profile": PROFILE, "dataset": "pneumonia", "data_dir": DATA_DIR,
+           "model": "tinynet_unique", "pretrained": False, "image_size": 64,
+           "class_names": ["NORMAL", "PNEUMONIA"], "threshold": 0.5, "val": test, "test": test,
+           "timing": {{"train_seconds": 1.0, "train_images_per_second": 10.0}}, "device": "cpu",
+           "kernel_prefix": sys.prefix, "cwd": str(Path.cwd())}}
+(out / "metrics.json").write_text(json.dumps(metrics))
+"""
+
+
+def _write_notebook(path: Path, cells: list) -> None:
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def course(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A notebooks/ folder with a good, a broken and a metrics-less notebook."""
+    root = tmp_path_factory.mktemp("course")
+    nbdir = root / "notebooks"
+    nbdir.mkdir()
+    params = new_code_cell(PARAMETERS, metadata={"tags": ["parameters"]})
+    _write_notebook(nbdir / "01_good.ipynb", [new_markdown_cell("# Good"), params, new_code_cell(GOOD_BODY)])
+    _write_notebook(
+        nbdir / "02_broken.ipynb",
+        [
+            new_markdown_cell("# Broken"),
+            new_code_cell("x = 1"),
+            new_code_cell("y = x + 1  # second code cell\nraise ValueError('boom from cell two')"),
+            new_code_cell("print('never reached')"),
+        ],
+    )
+    _write_notebook(nbdir / "03_no_metrics.ipynb", [params, new_code_cell("print('no metrics here')")])
+    (nbdir / "notes.ipynb").write_text("{}")  # not NN_*: must be ignored
+    # A metrics.json left over from an earlier run must not be collected.
+    stale = root / "out" / "03_no_metrics" / "metrics.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"notebook": "03_no_metrics", "profile": "full", "model": "stale_model"}))
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_run(course: Path) -> tuple[int, str, Path]:
+    """main() over the whole folder, once for all assertions below."""
+    build = course / "_build"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        code = run_all.main(
+            [
+                "--profile", "smoke",
+                "--notebooks-dir", str(course / "notebooks"),
+                "--build-dir", str(build),
+                "--output-dir-root", str(course / "out"),
+                "--timeout", "120",
+            ]
+        )
+    return code, stdout.getvalue(), build
+
+
+def test_discover_sorted_and_only(course: Path) -> None:
+    nbdir = course / "notebooks"
+    assert [p.stem for p in run_all.discover_notebooks(nbdir)] == ["01_good", "02_broken", "03_no_metrics"]
+    assert [p.stem for p in run_all.discover_notebooks(nbdir, ["03", "1"])] == ["01_good", "03_no_metrics"]
+    with pytest.raises(ValueError, match=r"'09'.*Available: 01_good, 02_broken, 03_no_metrics"):
+        run_all.discover_notebooks(nbdir, ["09"])
+
+
+def test_failure_gives_nonzero_exit_and_others_still_run(full_run: tuple[int, str, Path]) -> None:
+    code, out, build = full_run
+    assert code == 1
+    assert "[1/3] 01_good ... ok" in out
+    assert "[2/3] 02_broken ... failed" in out
+    assert "[3/3] 03_no_metrics ... ok" in out  # ran after the failure
+    assert (build / "notebooks" / "03_no_metrics.ipynb").is_file()
+
+
+def test_kernel_is_this_venv_with_parameters_and_cwd(course: Path, full_run: tuple[int, str, Path]) -> None:
+    metrics = json.loads((course / "out" / "01_good" / "metrics.json").read_text())
+    assert metrics["profile"] == "smoke"  # injected; the notebook's default is "full"
+    assert metrics["data_dir"] is None  # DATA_DIR not passed when --data-dir is absent
+    assert Path(metrics["kernel_prefix"]).resolve() == Path(sys.prefix).resolve()
+    assert Path(metrics["cwd"]).resolve() == (course / "notebooks").resolve()
+    assert (course / "out" / "01_good" / "dot.png").is_file()
+
+
+def test_results_table_has_metrics_and_profile(full_run: tuple[int, str, Path]) -> None:
+    _, _, build = full_run
+    table = pd.read_csv(build / "report" / "results.csv")
+    assert "tinynet_unique" in set(table["model"])
+    assert "stale_model" not in set(table["model"].astype(str))
+    assert set(table["profile"]) == {"smoke"}
+    row = table[table["model"] == "tinynet_unique"].iloc[0]
+    assert row["notebook"] == "01_good"
+    assert 0.69 < row.filter(like="balanced_accuracy").astype(float).iloc[0] < 0.71
+    markdown = (build / "report" / "results.md").read_text()
+    assert "tinynet_unique" in markdown and "smoke" in markdown
+
+
+def test_index_links_notebooks_and_names_failing_cell(full_run: tuple[int, str, Path]) -> None:
+    _, _, build = full_run
+    report = build / "report"
+    index = (report / "index.html").read_text()
+    assert 'href="01_good.html"' in index
+    assert "data:image/png;base64" in (report / "01_good.html").read_text()
+    broken_row = next(line for line in index.splitlines() if "02_broken" in line)
+    assert "failed" in broken_row
+    assert "code cell 2" in broken_row
+    assert "ValueError: boom from cell two" in broken_row
+    assert "y = x + 1" in broken_row  # first line of the failing cell
+    assert "synthetic data" in index  # the smoke-profile note
+    assert "tinynet_unique" in index
+
+
+def test_only_runs_selected_notebook(course: Path, tmp_path: Path) -> None:
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = run_all.main(
+            [
+                "--profile", "smoke", "--only", "01",
+                "--notebooks-dir", str(course / "notebooks"),
+                "--build-dir", str(tmp_path),
+                "--output-dir-root", str(tmp_path / "out"),
+                "--no-html",
+            ]
+        )
+    assert code == 0
+    assert [p.name for p in (tmp_path / "notebooks").iterdir()] == ["01_good.ipynb"]
+    assert list(pd.read_csv(tmp_path / "report" / "results.csv")["notebook"]) == ["01_good"]
+
+
+def test_unknown_number_is_a_clear_error(course: Path, tmp_path: Path) -> None:
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = run_all.main(["--only", "42", "--notebooks-dir", str(course / "notebooks"), "--build-dir", str(tmp_path)])
+    assert code == 2
+    assert "42" in stderr.getvalue() and "01_good, 02_broken, 03_no_metrics" in stderr.getvalue()
+    assert not (tmp_path / "notebooks").exists()
+
+
+def test_timeout_bounds_the_whole_notebook(tmp_path: Path) -> None:
+    nb = tmp_path / "05_slow.ipynb"
+    # Each cell alone is shorter than the budget; together they are not.
+    _write_notebook(nb, [new_code_cell("import time; time.sleep(1.5)") for _ in range(4)])
+    result = run_all.run_notebook(nb, tmp_path / "out.ipynb", {"PROFILE": "smoke"}, timeout=2.5)
+    assert result.status == "timeout"
+    assert result.seconds < 5.5
+    assert "2 s budget" in result.error or "3 s budget" in result.error
