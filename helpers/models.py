@@ -1,0 +1,356 @@
+"""Build torchvision backbones with a new classification head and a freezing policy.
+
+The models keep torchvision's own structure, so what students read in the torchvision
+docs still applies: the head lives in ``model.fc`` (ResNet), ``model.classifier``
+(DenseNet, MobileNetV2) or ``model.heads`` (ViT).
+
+Every model returned by :func:`build_model` carries a few plain attributes:
+``model.arch`` (str), ``model.pretrained`` (bool: were ImageNet weights really loaded),
+``model.head_kind``, ``model.freeze`` and ``model.image_size``.
+
+Freezing policies (``freeze=``):
+
+- ``"none"``: every parameter trains (full fine-tuning).
+- ``"head"``: only the new classifier head trains.
+- ``"last_block"``: the head plus the last stage of the backbone:
+  ResNet ``layer4``; DenseNet ``features.denseblock4`` + ``features.norm5``;
+  MobileNetV2 ``features[-2:]`` (last inverted-residual block + final 1x1 conv);
+  ViT ``encoder.layers[-1]`` + the final ``encoder.ln``.
+
+Frozen layers should also keep their BatchNorm statistics frozen: :func:`train_mode`
+puts the model in training mode *except* for sub-modules whose parameters are all
+frozen, which stay in eval mode. ``helpers.train.fit`` uses it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Iterator
+
+import torch
+import torchvision
+from torch import nn
+
+ARCHITECTURES: tuple[str, ...] = (
+    "resnet18",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "densenet121",
+    "mobilenet_v2",
+    "vit_b_16",
+)
+HEADS: tuple[str, ...] = ("linear", "gap_dropout", "mlp")
+FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "last_block")
+
+# Name of the attribute that holds the classifier head in each torchvision family.
+_HEAD_ATTR = {"resnet": "fc", "densenet": "classifier", "mobilenet": "classifier", "vit": "heads"}
+
+
+def _family(arch: str) -> str:
+    """'resnet' | 'densenet' | 'mobilenet' | 'vit' for a known architecture name."""
+    for family in ("resnet", "densenet", "mobilenet", "vit"):
+        if arch.startswith(family):
+            return family
+    raise ValueError(f"Unknown architecture {arch!r}. Known: {', '.join(ARCHITECTURES)}")
+
+
+def _check_choice(value: str, known: tuple[str, ...], what: str) -> None:
+    if value not in known:
+        raise ValueError(f"Unknown {what} {value!r}. Known: {', '.join(known)}")
+
+
+def _arch_of(model: nn.Module) -> str:
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise ValueError(
+            "This model has no `.arch` attribute; build it with helpers.models.build_model "
+            "or set model.arch to one of: " + ", ".join(ARCHITECTURES)
+        )
+    return arch
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def make_head(in_features: int, num_outputs: int, head: str = "linear") -> nn.Module:
+    """A new classifier head on top of pooled backbone features.
+
+    - ``"linear"``: Linear(in_features, num_outputs).
+    - ``"gap_dropout"``: Dropout(0.5) -> Linear (the MobileNetV2 recipe "GAP -> Dropout(0.5)
+      -> Linear"; torchvision backbones already global-average-pool before the head).
+    - ``"mlp"``: Dropout(0.4) -> Linear(512) -> ReLU -> Dropout(0.3) -> Linear(num_outputs).
+    """
+    _check_choice(head, HEADS, "head")
+    if head == "linear":
+        return nn.Linear(in_features, num_outputs)
+    if head == "gap_dropout":
+        return nn.Sequential(nn.Dropout(0.5), nn.Linear(in_features, num_outputs))
+    return nn.Sequential(
+        nn.Dropout(0.4),
+        nn.Linear(in_features, 512),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.3),
+        nn.Linear(512, num_outputs),
+    )
+
+
+def _in_features(old_head: nn.Module) -> int:
+    """Input width of torchvision's original head (a Linear, possibly inside a Sequential)."""
+    linears = [m for m in old_head.modules() if isinstance(m, nn.Linear)]
+    return linears[0].in_features
+
+
+def get_head(model: nn.Module) -> nn.Module:
+    """The classifier head module of a model built by :func:`build_model`."""
+    return getattr(model, _HEAD_ATTR[_family(_arch_of(model))])
+
+
+def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """Parameters of the classifier head (e.g. to give them their own learning rate)."""
+    return get_head(model).parameters()
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _pretrained_warning(arch: str, error: Exception) -> None:
+    """Say loudly that ImageNet weights are missing and what that means."""
+    message = (
+        f"Could not load ImageNet weights for {arch} ({type(error).__name__}: {error}). "
+        "Continuing from RANDOM initialisation: this is not transfer learning, the numbers "
+        "will be much worse and are NOT comparable to the reference results. "
+        "model.pretrained is False (recorded in metrics.json). To fix: enable internet "
+        "(Kaggle: Settings -> Internet on) or put the torchvision weight file in "
+        "~/.cache/torch/hub/checkpoints/."
+    )
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    bar = "!" * 78
+    print(f"{bar}\n!! PRETRAINED WEIGHTS NOT AVAILABLE for {arch}\n!! {message}\n{bar}", flush=True)
+
+
+def _load_pretrained(arch: str) -> nn.Module:
+    """torchvision model with its DEFAULT ImageNet weights (downloads on first use)."""
+    return torchvision.models.get_model(arch, weights="DEFAULT")
+
+
+def _resize_vit(pretrained_vit: nn.Module, image_size: int) -> nn.Module:
+    """A ViT-B/16 for ``image_size`` with ImageNet weights and interpolated position embeddings."""
+    from torchvision.models.vision_transformer import interpolate_embeddings
+
+    state = interpolate_embeddings(image_size, 16, pretrained_vit.state_dict())
+    model = torchvision.models.vit_b_16(weights=None, image_size=image_size)
+    model.load_state_dict(state)
+    return model
+
+
+def _backbone_with_weights(arch: str, pretrained: bool, image_size: int) -> tuple[nn.Module, bool]:
+    """The torchvision model (with its ImageNet head) and whether weights were loaded."""
+    vit_kwargs = {"image_size": image_size} if arch == "vit_b_16" else {}
+    if pretrained:
+        try:
+            model = _load_pretrained(arch)
+        except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
+            _pretrained_warning(arch, error)
+        else:
+            if arch == "vit_b_16" and image_size != 224:
+                warnings.warn(
+                    f"ViT-B/16 ImageNet weights were trained at 224 px; image_size={image_size}: "
+                    "position embeddings are interpolated (bicubic) to the new patch grid. "
+                    "Expect lower accuracy than at 224 px.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                model = _resize_vit(model, image_size)
+            return model, True
+    return torchvision.models.get_model(arch, weights=None, **vit_kwargs), False
+
+
+# --------------------------------------------------------------------------- building
+
+
+def build_model(
+    arch: str,
+    num_outputs: int,
+    *,
+    pretrained: bool = True,
+    head: str = "linear",
+    freeze: str = "none",
+    image_size: int = 224,
+) -> nn.Module:
+    """A torchvision ``arch`` with a new ``head`` of ``num_outputs`` logits and a freezing policy.
+
+    ``pretrained=True`` loads torchvision's DEFAULT ImageNet weights; when they cannot be
+    downloaded it warns loudly, continues from random initialisation and sets
+    ``model.pretrained = False``. ``image_size`` only matters for ViT-B/16 (a multiple of 16;
+    a pretrained ViT at a size other than 224 gets interpolated position embeddings).
+    CNNs accept any input size.
+    """
+    _check_choice(arch, ARCHITECTURES, "architecture")
+    family = _family(arch)
+    _check_choice(head, HEADS, "head")
+    _check_choice(freeze, FREEZE_POLICIES, "freeze policy")
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    if arch == "vit_b_16" and (image_size % 16 != 0 or image_size < 16):
+        raise ValueError(f"ViT-B/16 needs image_size to be a multiple of 16 (got {image_size}).")
+
+    model, loaded = _backbone_with_weights(arch, pretrained, image_size)
+    head_attr = _HEAD_ATTR[family]
+    new_head = make_head(_in_features(getattr(model, head_attr)), num_outputs, head)
+    setattr(model, head_attr, new_head)
+
+    model.arch = arch
+    model.pretrained = loaded
+    model.head_kind = head
+    model.image_size = image_size
+    set_trainable(model, freeze)
+    return model
+
+
+# --------------------------------------------------------------------------- freezing
+
+
+def _last_block_modules(model: nn.Module) -> list[nn.Module]:
+    """Backbone modules that ``freeze="last_block"`` keeps trainable (head not included)."""
+    family = _family(_arch_of(model))
+    if family == "resnet":
+        return [model.layer4]
+    if family == "densenet":
+        return [model.features.denseblock4, model.features.norm5]
+    if family == "mobilenet":
+        return [model.features[-2], model.features[-1]]
+    return [model.encoder.layers[-1], model.encoder.ln]
+
+
+def set_trainable(model: nn.Module, freeze: str) -> nn.Module:
+    """Apply a freezing policy in place: ``"none"``, ``"head"`` or ``"last_block"``.
+
+    Sets ``requires_grad`` on every parameter and records ``model.freeze``.
+    Returns the model for chaining.
+    """
+    _check_choice(freeze, FREEZE_POLICIES, "freeze policy")
+    trainable_all = freeze == "none"
+    for p in model.parameters():
+        p.requires_grad_(trainable_all)
+    if not trainable_all:
+        modules = [get_head(model)]
+        if freeze == "last_block":
+            modules += _last_block_modules(model)
+        for module in modules:
+            for p in module.parameters():
+                p.requires_grad_(True)
+    model.freeze = freeze
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) number of parameters."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """``model.train()``, but sub-modules whose parameters are all frozen stay in eval mode.
+
+    So frozen BatchNorm layers keep their ImageNet running statistics (they are neither
+    used as batch statistics nor updated) and a frozen backbone behaves exactly as in
+    :func:`extract_features`. Dropout inside trainable parts (the head) stays active.
+    """
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+    return model
+
+
+# --------------------------------------------------------------------------- backbone / head
+
+
+class _ViTBackbone(nn.Module):
+    """ViT up to the class-token embedding (after the final LayerNorm), sharing the weights."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.conv_proj = vit.conv_proj
+        self.class_token = vit.class_token  # the same Parameter object as in the ViT
+        self.encoder = vit.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_proj(x)  # (N, D, H/16, W/16)
+        x = x.flatten(2).transpose(1, 2)  # (N, tokens, D)
+        cls = self.class_token.expand(x.shape[0], -1, -1)
+        x = self.encoder(torch.cat([cls, x], dim=1))
+        return x[:, 0]
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """Split a model into (feature extractor giving pooled features (N, D), head).
+
+    Both share their weights with ``model`` (no copy): ``head(backbone(x))`` equals ``model(x)``.
+    Used by the embedding cache in ``helpers.train``.
+    """
+    family = _family(_arch_of(model))
+    head = get_head(model)
+    if family == "resnet":
+        backbone = nn.Sequential(
+            model.conv1, model.bn1, model.relu, model.maxpool,
+            model.layer1, model.layer2, model.layer3, model.layer4,
+            model.avgpool, nn.Flatten(1),
+        )
+    elif family == "densenet":
+        # torchvision's DenseNet.forward: features -> ReLU -> global average pool.
+        backbone = nn.Sequential(model.features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    elif family == "mobilenet":
+        backbone = nn.Sequential(model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    else:
+        backbone = _ViTBackbone(model)
+    return backbone, head
+
+
+def gradcam_target_layer(model: nn.Module) -> nn.Module:
+    """The layer whose activations Grad-CAM should use.
+
+    - ResNet: ``layer4[-1]`` (last bottleneck, (N, C, h, w)).
+    - DenseNet: ``features.denseblock4`` (not ``norm5``: torchvision applies an in-place
+      ReLU to norm5's output, which breaks backward hooks).
+    - MobileNetV2: ``features[-1]`` (final 1x1 conv block).
+    - ViT: ``encoder.layers[-1].ln_1`` whose output is tokens (N, 1 + h*w, D); turn it into
+      a map with :func:`vit_tokens_to_map`.
+    """
+    family = _family(_arch_of(model))
+    if family == "resnet":
+        return model.layer4[-1]
+    if family == "densenet":
+        return model.features.denseblock4
+    if family == "mobilenet":
+        return model.features[-1]
+    return model.encoder.layers[-1].ln_1
+
+
+def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, 1 + h*w, D) ViT tokens -> (N, D, h, w) map (class token dropped; square grid)."""
+    patches = tokens[:, 1:, :]
+    side = int(round(patches.shape[1] ** 0.5))
+    if side * side != patches.shape[1]:
+        raise ValueError(f"{patches.shape[1]} patch tokens do not form a square grid")
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+
+
+__all__: list[str] = [
+    "ARCHITECTURES",
+    "HEADS",
+    "FREEZE_POLICIES",
+    "build_model",
+    "make_head",
+    "get_head",
+    "head_parameters",
+    "set_trainable",
+    "count_parameters",
+    "train_mode",
+    "backbone_and_head",
+    "gradcam_target_layer",
+    "vit_tokens_to_map",
+]
