@@ -1,0 +1,87 @@
+"""Run profiles (smoke / cpu / full) and where each notebook writes its results.
+
+A notebook's `parameters` cell sets `PROFILE`; the next cell calls `apply_profile`, which fills
+in image size, epochs, batch size, subset size and whether to load pretrained weights. Any single
+knob can still be overridden (pass it explicitly; `None` means "use the profile's value").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+PROFILES: dict[str, dict] = {
+    # Offline, 2 CPU cores, about a minute per notebook: proves the code runs, says nothing
+    # about the real task.
+    "smoke": dict(image_size=64, epochs=1, batch_size=16, max_per_class=24, pretrained=False,
+                  amp=False, num_workers=0),
+    # Real data on a laptop: minutes, not hours.
+    "cpu": dict(image_size=128, epochs=3, batch_size=32, max_per_class=300, pretrained=True,
+                amp=False, num_workers=2),
+    # The Kaggle T4 recipe.
+    "full": dict(image_size=224, epochs=None, batch_size=32, max_per_class=None, pretrained=True,
+                 amp=True, num_workers=2),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved settings of one notebook run."""
+
+    profile: str
+    image_size: int
+    epochs: int
+    batch_size: int
+    max_per_class: int | None
+    pretrained: bool
+    amp: bool
+    num_workers: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def apply_profile(profile: str, *, recipe_epochs: int | None = None, **overrides) -> Config:
+    """Resolve a profile name into a `Config`.
+
+    `recipe_epochs` is the notebook's full-profile epoch count; the smoke and cpu profiles cap it
+    (1 and 3 epochs). Keyword overrides replace single values; `None` overrides are ignored.
+    """
+    if profile not in PROFILES:
+        raise ValueError(
+            f"Unknown PROFILE {profile!r}. Use one of: {', '.join(PROFILES)} "
+            "('smoke' = synthetic data, seconds on a CPU; 'cpu' = real data, minutes; "
+            "'full' = the Kaggle GPU recipe)."
+        )
+    values = dict(PROFILES[profile])
+    if values["epochs"] is None:
+        values["epochs"] = recipe_epochs if recipe_epochs is not None else 10
+    elif recipe_epochs is not None:
+        values["epochs"] = min(values["epochs"], recipe_epochs)
+    unknown = set(overrides) - set(values)
+    if unknown:
+        raise TypeError(f"Unknown setting(s) {sorted(unknown)}; known: {sorted(values)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Config(profile=profile, **values)
+
+
+def with_overrides(cfg: Config, **overrides) -> Config:
+    """A copy of `cfg` with some values replaced (None values ignored)."""
+    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def project_root() -> Path:
+    """The course folder (holding `helpers/`, `notebooks/`, `assets/`).
+
+    In a checkout (`uv sync` installs `helpers` editable) that is the parent of `helpers/`. When
+    `helpers` was pip-installed into site-packages (Kaggle), it is the current working directory.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "pyproject.toml").exists() else Path.cwd()
+
+
+def output_dir(notebook_stem: str, output_dir: str | Path | None = None) -> Path:
+    """Folder for a notebook's figures and metrics.json: `assets/<stem>` unless given; created."""
+    path = Path(output_dir) if output_dir is not None else project_root() / "assets" / notebook_stem
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,301 @@
+"""Getting pixels into a model: two ways, same pixels.
+
+1. The conventional per-image path: `ImageFileDataset` + `pil_transforms` + a `DataLoader`.
+   Every epoch decodes every JPEG again and augments one image at a time on the CPU.
+2. The fast path: `cache_images` decodes and resizes every image once into a uint8 tensor, and
+   `TensorLoader` cuts batches from it and augments whole batches as tensors (on the GPU when
+   there is one). After the one-off caching pass an epoch costs almost nothing but the model.
+
+Both produce float tensors normalised with the ImageNet mean and std (pretrained torchvision
+models expect that); grayscale X-rays are replicated to 3 channels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+if TYPE_CHECKING:
+    from helpers.data import DataSplits
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (or [0, 1] float) images (N, 3, H, W) -> float, ImageNet-normalised."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def denormalize(x: torch.Tensor) -> torch.Tensor:
+    """Inverse of `normalize`: back to [0, 1] floats for display."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x * std + mean).clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------- per-image path
+
+def pil_transforms(image_size: int, train: bool, strong: bool = False) -> v2.Compose:
+    """torchvision v2 transforms for one PIL image: resize, (augment,) to tensor, normalise."""
+    steps: list = [v2.Resize((image_size, image_size))]
+    if train:
+        aug = BatchAugment.preset("strong" if strong else "light")
+        steps += [
+            v2.RandomHorizontalFlip(aug.hflip),
+            v2.RandomAffine(degrees=aug.rotate, translate=(aug.translate, aug.translate),
+                            scale=aug.scale),
+            v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast),
+        ]
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+              v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+class ImageFileDataset(Dataset):
+    """Reads one image file per item: the conventional, ImageFolder-style dataset.
+
+    `strong_transform` is used instead of `transform` for images whose label is in
+    `strong_classes` (strong augmentation for the minority class only).
+    """
+
+    def __init__(self, frame: pd.DataFrame, transform, *, strong_transform=None,
+                 strong_classes: Sequence[int] = ()):
+        self.paths = list(frame["path"])
+        self.labels = [int(v) for v in frame["label"]]
+        self.transform, self.strong_transform = transform, strong_transform
+        self.strong_classes = set(strong_classes)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.paths[i]) as im:
+            image = im.convert("RGB")
+        label = self.labels[i]
+        strong = self.strong_transform is not None and label in self.strong_classes
+        return (self.strong_transform if strong else self.transform)(image), label
+
+
+# ----------------------------------------------------------------------------- tensor cache
+
+def load_image(path: str | Path, image_size: int) -> torch.Tensor:
+    """Decode one image, replicate grayscale to RGB, resize to a square: uint8 (3, S, S).
+
+    Uses the same PIL bilinear resize as `v2.Resize` on a PIL image, so the cache holds exactly
+    the pixels of the per-image path.
+    """
+    with Image.open(path) as im:
+        image = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def _cache_key(paths: Sequence[str], image_size: int) -> str:
+    digest = hashlib.sha1(str(image_size).encode())
+    for p in paths:
+        digest.update(p.encode())
+        digest.update(str(os.path.getmtime(p)).encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path | None = None,
+                 num_threads: int | None = None) -> torch.Tensor:
+    """Decode and resize every image of `frame` once: uint8 tensor (N, 3, S, S), frame order.
+
+    With `cache_dir`, the tensor is also saved there (keyed by the file list, modification times
+    and size) and loaded from disk next time. Decoding runs in threads (PIL releases the GIL).
+    """
+    paths = [str(p) for p in frame["path"]]
+    target = None
+    if cache_dir is not None:
+        target = Path(cache_dir) / f"images_{image_size}px_{_cache_key(paths, image_size)}.pt"
+        if target.exists():
+            return torch.load(target)
+    out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
+    workers = num_threads or min(8, (os.cpu_count() or 2) * 2)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for i, image in enumerate(pool.map(lambda p: load_image(p, image_size), paths)):
+            out[i] = image
+    if target is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, target)
+    return out
+
+
+@dataclass(frozen=True)
+class BatchAugment:
+    """Random augmentation drawn independently for every image of a batch.
+
+    Applying a torchvision v2 transform to a batch tensor draws ONE set of random parameters
+    for the whole batch (every image rotated by the same angle). Here each image gets its own
+    rotation, scale, shift and flip, applied in one `affine_grid`/`grid_sample` call, plus its own
+    brightness and contrast factors.
+    """
+
+    rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
+    scale: tuple[float, float] = (0.9, 1.1)
+    translate: float = 0.05  # fraction of the image size
+    hflip: float = 0.0  # probability
+    vflip: float = 0.0
+    brightness: float = 0.1  # factor uniform in [1 - b, 1 + b]
+    contrast: float = 0.1
+
+    @staticmethod
+    def preset(name: str) -> "BatchAugment":
+        """'light' (default training), 'strong' (minority class) or 'none'."""
+        presets = {
+            "none": BatchAugment(0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0),
+            "light": BatchAugment(),
+            "strong": BatchAugment(rotate=20.0, scale=(0.8, 1.15), translate=0.1, hflip=0.5,
+                                   brightness=0.3, contrast=0.3),
+        }
+        if name not in presets:
+            raise ValueError(f"Unknown augmentation {name!r}; use one of {list(presets)} "
+                             "or a BatchAugment(...)")
+        return presets[name]
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment float images in [0, 1], shape (N, C, H, W); returns the same shape."""
+        n, dev = x.shape[0], x.device
+
+        def uniform(lo: float, hi: float) -> torch.Tensor:
+            return torch.rand(n, generator=generator).to(dev) * (hi - lo) + lo
+
+        angle = uniform(-self.rotate, self.rotate) * math.pi / 180
+        scale = uniform(*self.scale)
+        flip_x = torch.where(uniform(0, 1) < self.hflip, -1.0, 1.0)
+        flip_y = torch.where(uniform(0, 1) < self.vflip, -1.0, 1.0)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        # theta maps output to input coordinates: rotation/scale composed with the flips.
+        theta = torch.stack([
+            torch.stack([cos * flip_x, -sin * flip_y, uniform(-1, 1) * 2 * self.translate], 1),
+            torch.stack([sin * flip_x, cos * flip_y, uniform(-1, 1) * 2 * self.translate], 1),
+        ], 1)
+        if self.rotate or self.scale != (1.0, 1.0) or self.translate or self.hflip or self.vflip:
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.brightness or self.contrast:
+            b = uniform(1 - self.brightness, 1 + self.brightness).view(-1, 1, 1, 1)
+            c = uniform(1 - self.contrast, 1 + self.contrast).view(-1, 1, 1, 1)
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - mean) * c + mean) * b
+        return x.clamp_(0, 1)
+
+
+class TensorLoader:
+    """Batches from a uint8 image tensor, augmented per image, normalised, on `device`.
+
+    A drop-in for a DataLoader in `fit`/`predict`: iterate to get `(x, y)` batches.
+    `sample_weights` draws each epoch's images with replacement (a weighted sampler);
+    `strong_classes` get the `strong` augmentation instead of `augment`.
+    """
+
+    def __init__(self, images: torch.Tensor, labels, *, batch_size: int = 32,
+                 shuffle: bool = False, augment: str | BatchAugment = "none",
+                 strong: str | BatchAugment = "strong", strong_classes: Sequence[int] = (),
+                 sample_weights: torch.Tensor | None = None, device: str | torch.device = "cpu",
+                 drop_last: bool = False, seed: int | None = None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("TensorLoader expects uint8 images of shape (N, 3, H, W) "
+                             "(use cache_images to make them).")
+        self.device = torch.device(device)
+        # Keep the cache on the GPU when there is one: batches then never cross the PCIe bus.
+        self.images = images.to(self.device) if self.device.type == "cuda" else images
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        if len(self.labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.augment = BatchAugment.preset(augment) if isinstance(augment, str) else augment
+        self.strong = BatchAugment.preset(strong) if isinstance(strong, str) else strong
+        self.strong_classes = torch.as_tensor(list(strong_classes), dtype=torch.long)
+        self.sample_weights = sample_weights
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        n = self.dataset_size
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def _order(self) -> torch.Tensor:
+        n = self.dataset_size
+        if self.sample_weights is not None:
+            return torch.multinomial(self.sample_weights, n, replacement=True,
+                                     generator=self.generator)
+        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            x = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
+            x = x.float().div_(255)
+            y = self.labels[idx]
+            if len(self.strong_classes):
+                is_strong = torch.isin(y, self.strong_classes).to(self.device)
+                if is_strong.any():
+                    x[is_strong] = self.strong(x[is_strong], self.generator)
+                if (~is_strong).any():
+                    x[~is_strong] = self.augment(x[~is_strong], self.generator)
+            else:
+                x = self.augment(x, self.generator)
+            yield normalize(x), y.to(self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- both paths
+
+def make_loaders(splits: "DataSplits", image_size: int, batch_size: int, *,
+                 device: str | torch.device = "cpu", augment: str | BatchAugment = "light",
+                 strong_classes: Sequence[int] = (), balanced_sampler: bool = False,
+                 fast: bool = True, num_workers: int = 0, cache_dir: str | Path | None = None,
+                 seed: int = 42) -> dict:
+    """Train/val/test loaders. Only train is shuffled and augmented.
+
+    `fast=True`: tensor cache + `TensorLoader` (the images stay available as
+    `loaders[split].images`). `fast=False`: the per-image `ImageFileDataset` + `DataLoader`.
+    `balanced_sampler=True` draws training images with inverse class-frequency weights.
+    """
+    from helpers.data import make_weighted_sampler, weighted_sampler_weights
+
+    loaders = {}
+    for split in ("train", "val", "test"):
+        frame = getattr(splits, split)
+        train = split == "train"
+        if fast:
+            weights = weighted_sampler_weights(frame["label"]) if train and balanced_sampler else None
+            loaders[split] = TensorLoader(
+                cache_images(frame, image_size, cache_dir=cache_dir), frame["label"],
+                batch_size=batch_size, shuffle=train, augment=augment if train else "none",
+                strong_classes=strong_classes if train else (), sample_weights=weights,
+                device=device, seed=seed if train else None)
+        else:
+            strong_tf = pil_transforms(image_size, train=True, strong=True) if train else None
+            aug_on = train and augment != "none"
+            dataset = ImageFileDataset(frame, pil_transforms(image_size, train=aug_on),
+                                       strong_transform=strong_tf,
+                                       strong_classes=strong_classes if train else ())
+            sampler = make_weighted_sampler(frame["label"], seed=seed) if train and balanced_sampler else None
+            loaders[split] = DataLoader(dataset, batch_size=batch_size,
+                                        shuffle=train and sampler is None, sampler=sampler,
+                                        num_workers=num_workers,
+                                        pin_memory=torch.device(device).type == "cuda")
+    return loaders

@@ -1,0 +1,180 @@
+"""Small generated datasets that look (a little) like the real ones, for offline runs.
+
+`make_synthetic_dataset` writes real JPEG files in the same folder layout as the Kaggle
+datasets, so exactly the same scanning, splitting and loading code runs on them. Each class
+has a visible, learnable signature:
+
+- chest X-rays (grayscale): dark lung fields in a brighter body, spine, heart and ribs.
+  PNEUMONIA adds a soft bright consolidation in one lung (file names `person<N>_bacteria_<k>`)
+  or a bilateral haze (`person<N>_virus_<k>`); COVID19 a peripheral haze in the lower zones
+  of both lungs; TURBERCULOSIS clusters of small nodules in the upper zones.
+- fundus photographs (colour): an orange retina with optic disc and vessels; "disease" adds
+  dark-red dots (haemorrhages) and yellow spots (exudates).
+
+Synthetic numbers say that the code works, never how well a method works on patients.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from helpers.config import project_root
+
+# Images per class and split. Pneumonia mimics the Kaggle training folder (train/ only, about
+# 1 NORMAL : 2.5 PNEUMONIA, several images per patient); the others provide all three splits.
+DEFAULT_COUNTS: dict[str, dict[str, dict[str, int]]] = {
+    "pneumonia": {"train": {"NORMAL": 48, "PNEUMONIA": 120}},
+    "chest4": {split: {c: n for c in ("COVID19", "NORMAL", "PNEUMONIA", "TURBERCULOSIS")}
+               for split, n in (("train", 36), ("val", 12), ("test", 12))},
+    "fundus": {split: {c: n for c in ("No_DR", "DR")}
+               for split, n in (("train", 40), ("valid", 14), ("test", 14))},
+}
+
+
+def _gaussian(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, sigma: float) -> np.ndarray:
+    return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
+
+
+def _chest(rng: np.random.Generator, finding: str, height: int, width: int) -> Image.Image:
+    """One grayscale chest 'radiograph' with the given finding."""
+    yy, xx = np.mgrid[-1:1:complex(height), -1:1:complex(width)]
+    j = lambda s=0.05: rng.uniform(-s, s)  # noqa: E731  (small jitter)
+    img = np.full((height, width), 0.08)
+    img[(xx / (0.9 + j())) ** 2 + ((yy - 0.1) / 1.1) ** 2 < 1] = 0.55 + j()  # body
+    lungs = np.zeros_like(img, dtype=bool)
+    for side in (-1, 1):
+        lungs |= ((xx - side * (0.4 + j())) / (0.28 + j(0.03))) ** 2 + ((yy + 0.05 + j()) / 0.55) ** 2 < 1
+    img[lungs] = 0.2 + j(0.03)
+    img += 0.06 * lungs * (np.sin(yy * 22 + rng.uniform(0, 6)) > 0.6)  # ribs
+    img += 0.45 * np.exp(-(xx / 0.08) ** 2)  # spine / mediastinum
+    img += 0.35 * _gaussian(yy, xx, 0.3 + j(), 0.12 + j(), 0.2)  # heart
+    if finding == "consolidation":  # lobar pneumonia: one soft bright patch
+        side = rng.choice([-1, 1])
+        img += 0.45 * _gaussian(yy, xx, rng.uniform(-0.1, 0.35), side * 0.4 + j(0.08), rng.uniform(0.13, 0.2)) * lungs
+    elif finding == "haze":  # viral pneumonia: patchy bilateral haze
+        blobs = sum(_gaussian(yy, xx, rng.uniform(-0.4, 0.4), rng.choice([-1, 1]) * rng.uniform(0.25, 0.55), 0.12)
+                    for _ in range(5))
+        img += 0.32 * np.clip(blobs, 0, 1.2) * lungs
+    elif finding == "peripheral":  # COVID-19: lower-zone peripheral ground glass, both lungs
+        for side in (-1, 1):
+            img += 0.35 * _gaussian(yy, xx, 0.3 + j(0.1), side * 0.62, 0.17) * lungs
+    elif finding == "nodules":  # tuberculosis: upper-zone nodules
+        for _ in range(rng.integers(7, 12)):
+            img += 0.55 * _gaussian(yy, xx, rng.uniform(-0.55, -0.15), rng.choice([-1, 1]) * rng.uniform(0.25, 0.55), 0.045) * lungs
+    img += rng.normal(0, 0.035, img.shape)
+    img = np.clip(img * rng.uniform(0.9, 1.1), 0, 1)
+    return Image.fromarray((img * 255).astype(np.uint8), mode="L")
+
+
+def _fundus(rng: np.random.Generator, disease: bool, size: int) -> Image.Image:
+    """One colour fundus 'photograph'; disease adds haemorrhages and exudates."""
+    yy, xx = np.mgrid[-1:1:complex(size), -1:1:complex(size)]
+    r = np.sqrt(xx ** 2 + yy ** 2)
+    shade = np.clip(1.1 - 0.6 * r ** 2, 0, 1) * rng.uniform(0.85, 1.1)
+    img = np.stack([0.85 * shade, 0.38 * shade, 0.15 * shade], -1)
+    side = rng.choice([-1, 1])
+    disc_y, disc_x = rng.uniform(-0.1, 0.1), side * rng.uniform(0.3, 0.45)
+    img += _gaussian(yy, xx, disc_y, disc_x, 0.08)[..., None] * np.array([0.3, 0.5, 0.3])
+    img[r > 0.92] = 0
+    image = Image.fromarray((np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1) * 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    to_px = lambda y, x: ((x + 1) * size / 2, (y + 1) * size / 2)  # noqa: E731
+    for _ in range(rng.integers(4, 7)):  # vessels leave the disc in gentle arcs
+        angle = rng.uniform(0, 2 * np.pi)
+        pts = [to_px(disc_y + t * np.sin(angle + 0.4 * t), disc_x + t * np.cos(angle + 0.4 * t))
+               for t in np.linspace(0, 0.9, 12)]
+        draw.line(pts, fill=(120, 25, 20), width=max(1, size // 64))
+    if disease:
+        for _ in range(rng.integers(8, 16)):  # haemorrhages: dark red dots
+            cy, cx = to_px(*rng.uniform(-0.6, 0.6, 2))
+            d = rng.uniform(1.5, 3.5) * size / 112
+            draw.ellipse([cx - d, cy - d, cx + d, cy + d], fill=(90, 10, 10))
+        for _ in range(rng.integers(4, 9)):  # hard exudates: yellow spots
+            cy, cx = to_px(*rng.uniform(-0.6, 0.6, 2))
+            d = rng.uniform(1.5, 3.0) * size / 112
+            draw.ellipse([cx - d, cy - d, cx + d, cy + d], fill=(235, 215, 90))
+    return image
+
+
+def _write_pneumonia(root: Path, counts: dict, rng: np.random.Generator, size: int) -> None:
+    for split, per_class in counts.items():
+        for class_name, n in per_class.items():
+            folder = root / split / class_name
+            folder.mkdir(parents=True)
+            written, patient = 0, 1
+            while written < n:
+                images = min(n - written, int(rng.integers(1, 4)))  # 1-3 images per patient
+                kind = "normal" if class_name == "NORMAL" else rng.choice(["bacteria", "virus"], p=[0.65, 0.35])
+                for k in range(images):
+                    h, w = int(rng.integers(size - 12, size + 20)), int(rng.integers(size, size + 32))
+                    finding = {"normal": "none", "bacteria": "consolidation", "virus": "haze"}[kind]
+                    if kind == "normal":
+                        prefix = "NORMAL2-IM" if patient % 3 == 0 else "IM"
+                        name = f"{prefix}-{patient:04d}-{k + 1:04d}.jpeg"
+                    else:
+                        name = f"person{patient}_{kind}_{written + k}.jpeg"
+                    _chest(rng, finding, h, w).save(folder / name, quality=92)
+                written += images
+                patient += 1
+
+
+def _write_chest4(root: Path, counts: dict, rng: np.random.Generator, size: int) -> None:
+    finding = {"COVID19": "peripheral", "NORMAL": "none", "PNEUMONIA": "consolidation",
+               "TURBERCULOSIS": "nodules"}
+    for split, per_class in counts.items():
+        for class_name, n in per_class.items():
+            folder = root / split / class_name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                h, w = int(rng.integers(size - 12, size + 20)), int(rng.integers(size, size + 32))
+                _chest(rng, finding[class_name], h, w).save(folder / f"{class_name.lower()}_{split}_{i:04d}.jpg", quality=92)
+
+
+def _write_fundus(root: Path, counts: dict, rng: np.random.Generator, size: int) -> None:
+    for split, per_class in counts.items():
+        for class_name, n in per_class.items():
+            folder = root / split / class_name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                _fundus(rng, class_name == "DR", size).save(folder / f"eye{i:04d}_{split}.jpg", quality=92)
+
+
+WRITERS = {"pneumonia": _write_pneumonia, "chest4": _write_chest4, "fundus": _write_fundus}
+
+
+def make_synthetic_dataset(name: str, root: str | Path | None = None, *,
+                           counts: dict | None = None, image_size: int = 112,
+                           seed: int = 0) -> Path:
+    """Write (once) a synthetic version of dataset `name` and return its root folder.
+
+    Deterministic by `seed`. Default location: `data/synthetic/<name>-seed<seed>/` in the course
+    folder. `counts` maps split -> class folder -> number of images (see DEFAULT_COUNTS).
+    An existing complete folder is reused; the folder is written under a temporary name and
+    renamed at the end, so an interrupted run never leaves half a dataset behind.
+    """
+    if name not in WRITERS:
+        raise ValueError(f"No synthetic version of {name!r}; choose one of {list(WRITERS)}.")
+    counts = counts or DEFAULT_COUNTS[name]
+    if root is None:
+        root = project_root() / "data" / "synthetic" / f"{name}-seed{seed}"
+    root = Path(root)
+    if (root / ".complete").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    WRITERS[name](tmp, counts, np.random.default_rng(seed), image_size)
+    (tmp / ".complete").write_text(f"synthetic {name}, seed {seed}\n")
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first (or an incomplete folder is in the way)
+        if not (root / ".complete").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
