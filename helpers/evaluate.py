@@ -641,7 +641,8 @@ def _metric_columns(block: dict | None, prefix: str) -> dict[str, Any]:
 def _row(record: dict, parent: dict, run_name: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {key: record.get(key, parent.get(key)) for key in _CONTEXT_KEYS}
     row["run"] = run_name
-    row["threshold"] = record.get("threshold", parent.get("threshold"))
+    block_threshold = (record.get("test") or {}).get("threshold", parent.get("threshold"))
+    row["threshold"] = record.get("threshold", block_threshold)
     if "test" in record or "val" in record:
         row.update(_metric_columns(record.get("val"), "val"))
         row.update(_metric_columns(record.get("test"), "test"))

@@ -1,0 +1,391 @@
+"""Figures for the notebooks. Every function saves a PNG into `out_dir` and returns the Figure.
+
+In Jupyter a figure shows once automatically; write `fig = plots.plot_x(...)` (or end the line
+with `;`) so it is not shown twice. Outside Jupyter (scripts, tests) the figures are not
+registered with pyplot, so a loop that draws many of them does not leak memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+from helpers.gradcam import plot_gradcam  # re-exported: plots.plot_gradcam(...)
+
+DPI = 110
+_NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure plumbing
+# ----------------------------------------------------------------------------------------------
+
+
+def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **kwargs: Any):
+    """`fig, axes` like `plt.subplots`; a pyplot-free Figure when the backend cannot show windows."""
+    if matplotlib.get_backend().lower() in _NON_INTERACTIVE:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize, layout=kwargs.pop("layout", "constrained"))
+        axes = fig.subplots(nrows, ncols, **kwargs)
+        return fig, axes
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=figsize, layout=kwargs.pop("layout", "constrained"), **kwargs)
+
+
+def save_figure(fig, out_dir: str | Path, name: str):
+    """Save `fig` as out_dir/name (PNG, folder created if missing) and return it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_dir / name, dpi=DPI, bbox_inches="tight")
+    return fig
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):
+        values = values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _probs_2d(probs: Any) -> np.ndarray:
+    p = _numpy(probs).astype(np.float64)
+    return np.stack([1 - p, p], axis=1) if p.ndim == 1 else p
+
+
+def _p_pos(probs: Any) -> np.ndarray:
+    p = _numpy(probs).astype(np.float64)
+    return p[:, 1] if p.ndim == 2 else p
+
+
+# ----------------------------------------------------------------------------------------------
+# Training curves
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves.png"):
+    """Loss, accuracy/AUC and learning rate per epoch; dashed lines mark where a new `stage` starts."""
+    import pandas as pd
+
+    frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(history)
+    if frame.empty:
+        raise ValueError("history is empty: nothing to plot")
+    x = np.arange(1, len(frame) + 1)  # running epoch count (epochs restart in a second stage)
+    fig, axes = new_figure(1, 3, figsize=(14, 3.8))
+    panels = [
+        (axes[0], "loss", ["train_loss", "val_loss"]),
+        (axes[1], "accuracy / AUC", ["train_accuracy", "val_accuracy", "val_balanced_accuracy", "val_auc"]),
+        (axes[2], "learning rate", ["lr"]),
+    ]
+    for ax, title, columns in panels:
+        for column in columns:
+            if column in frame and frame[column].notna().any():
+                ax.plot(x, frame[column].astype(float), marker="o", markersize=3, label=column)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    if "lr" in frame and (frame["lr"].astype(float) > 0).all():
+        axes[2].set_yscale("log")
+    if "stage" in frame:
+        stages = frame["stage"].astype(str).tolist()
+        for i in range(1, len(stages)):
+            if stages[i] != stages[i - 1]:
+                for ax in axes:
+                    ax.axvline(x[i] - 0.5, color="grey", linestyle="--", linewidth=1)
+                axes[0].annotate(f"stage {stages[i]}", (x[i] - 0.5, 1), xycoords=("data", "axes fraction"),
+                                 xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
+    best = getattr(frame, "attrs", {}).get("best_epoch")
+    if best is not None and "epoch" in frame:
+        rows = np.flatnonzero(frame["epoch"].to_numpy() == best)
+        if len(rows):
+            axes[0].axvline(x[rows[-1]], color="green", linestyle=":", linewidth=1, label="best")
+    return save_figure(fig, out_dir, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Confusion matrix, ROC / PR, thresholds
+# ----------------------------------------------------------------------------------------------
+
+
+def _heatmap(ax, matrix: np.ndarray, class_names: Sequence[str], fmt: str, title: str, vmax: float) -> None:
+    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            color = "white" if matrix[i, j] > 0.6 * vmax else "black"
+            ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", color=color, fontsize=9)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, class_names, rotation=30, ha="right")
+    ax.set_yticks(ticks, class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    ax.figure.colorbar(image, ax=ax, shrink=0.8)
+
+
+def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "confusion_matrix.png"):
+    """Counts (left) and row-normalised rates (right: the diagonal is each class's recall)."""
+    counts = _numpy(cm).astype(np.int64)
+    row_sums = counts.sum(axis=1, keepdims=True)
+    rates = np.divide(counts, row_sums, out=np.zeros(counts.shape, dtype=float), where=row_sums > 0)
+    size = 3 + 0.9 * len(class_names)
+    fig, axes = new_figure(1, 2, figsize=(2 * size + 1, size))
+    _heatmap(axes[0], counts, class_names, "d", "counts", vmax=max(int(counts.max()), 1))
+    _heatmap(axes[1], rates, class_names, ".2f", "row-normalised (recall on diagonal)", vmax=1.0)
+    return save_figure(fig, out_dir, name)
+
+
+def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "roc_pr.png"):
+    """ROC (left) and precision-recall (right) curves: binary -> the positive class; multi-class -> one per class (one-vs-rest)."""
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+
+    y = _numpy(y_true).astype(np.int64)
+    p = _probs_2d(probs)
+    classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
+    fig, (ax_roc, ax_pr) = new_figure(1, 2, figsize=(11, 4.5))
+    for c in classes:
+        positive = y == c
+        if positive.all() or not positive.any():
+            continue  # curve undefined when the class is absent (or alone)
+        fpr, tpr, _ = roc_curve(positive, p[:, c])
+        precision, recall, _ = precision_recall_curve(positive, p[:, c])
+        ap = average_precision_score(positive, p[:, c])
+        line = ax_roc.plot(fpr, tpr, label=f"{class_names[c]} (AUC {auc(fpr, tpr):.3f})")[0]
+        ax_pr.plot(recall, precision, color=line.get_color(), label=f"{class_names[c]} (AP {ap:.3f})")
+        ax_pr.axhline(positive.mean(), color=line.get_color(), linestyle=":", linewidth=1)
+    ax_roc.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance")
+    ax_roc.set(xlabel="false positive rate (1 - specificity)", ylabel="true positive rate (sensitivity)",
+               title="ROC", xlim=(0, 1), ylim=(0, 1.02))
+    ax_pr.set(xlabel="recall", ylabel="precision", title="precision-recall (dotted: prevalence)",
+              xlim=(0, 1), ylim=(0, 1.02))
+    for ax in (ax_roc, ax_pr):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
+    return save_figure(fig, out_dir, name)
+
+
+def plot_threshold_sweep(
+    y_true: Any, p_pos: Any, out_dir: str | Path, chosen: float | None = None, name: str = "threshold_sweep.png"
+):
+    """Sensitivity and specificity against the decision threshold; the chosen threshold is marked."""
+    y = _numpy(y_true).astype(np.int64)
+    p = _p_pos(p_pos)
+    thresholds = np.linspace(0, 1, 201)
+    predicted = p[None, :] >= thresholds[:, None]
+    n_pos, n_neg = max((y == 1).sum(), 1), max((y == 0).sum(), 1)
+    sensitivity = (predicted & (y == 1)).sum(axis=1) / n_pos
+    specificity = (~predicted & (y == 0)).sum(axis=1) / n_neg
+    fig, ax = new_figure(figsize=(6.5, 4))
+    ax.plot(thresholds, sensitivity, label="sensitivity (recall of positives)")
+    ax.plot(thresholds, specificity, label="specificity (recall of negatives)")
+    if chosen is not None:
+        sens = ((p >= chosen) & (y == 1)).sum() / n_pos
+        spec = ((p < chosen) & (y == 0)).sum() / n_neg
+        ax.axvline(chosen, color="black", linestyle="--", linewidth=1,
+                   label=f"chosen {chosen:.3f}: sens {sens:.2f}, spec {spec:.2f}")
+    ax.set(xlabel="threshold on P(positive)", ylabel="rate", xlim=(0, 1), ylim=(0, 1.02),
+           title="sensitivity / specificity trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower center")
+    return save_figure(fig, out_dir, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+
+def _image_hwc(image: Any) -> np.ndarray:
+    from helpers.gradcam import _to_hwc_float
+
+    return _to_hwc_float(image)
+
+
+def _grid_shape(count: int, max_cols: int = 8) -> tuple[int, int]:
+    cols = max(1, min(count, 4 if count <= 16 else max_cols))
+    return int(np.ceil(count / cols)), cols
+
+
+def plot_prediction_grid(
+    images_u8: Any,
+    y_true: Any,
+    probs: Any,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    name: str = "predictions.png",
+    n: int = 16,
+    errors_only: bool = False,
+    threshold: float | None = None,
+):
+    """Images with true label, predicted label and its probability; errors get a red title and border.
+
+    Binary predictions use `threshold` on P(class 1) when given, else the argmax.
+    """
+    images = _numpy(images_u8)
+    y = _numpy(y_true).astype(np.int64)
+    p = _probs_2d(probs)
+    pred = (p[:, 1] >= threshold).astype(np.int64) if threshold is not None and p.shape[1] == 2 else p.argmax(1)
+    indices = np.flatnonzero(pred != y) if errors_only else np.arange(len(y))
+    indices = indices[:n]
+    if len(indices) == 0:
+        fig, ax = new_figure(figsize=(4, 1.5))
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        ax.axis("off")
+        return save_figure(fig, out_dir, name)
+    rows, cols = _grid_shape(len(indices))
+    fig, axes = new_figure(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), indices):
+        wrong = pred[i] != y[i]
+        ax.imshow(_image_hwc(images[i]))
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_color("red" if wrong else "lightgrey")
+            spine.set_linewidth(3 if wrong else 1)
+        ax.set_title(f"true {class_names[y[i]]}\npred {class_names[pred[i]]} ({p[i, pred[i]]:.2f})",
+                     fontsize=8, color="red" if wrong else "black")
+    return save_figure(fig, out_dir, name)
+
+
+def plot_sample_grid(
+    frame: Any,
+    class_names: Sequence[str],
+    out_dir: str | Path,
+    name: str = "samples.png",
+    per_class: int = 6,
+    seed: int = 0,
+    thumb_size: int = 256,
+):
+    """A few random images per class (one row each) from a DataFrame with `path` and `class_name` columns."""
+    from PIL import Image
+
+    rows = len(class_names)
+    fig, axes = new_figure(rows, per_class, figsize=(1.9 * per_class, 2.1 * rows), squeeze=False)
+    for r, class_name in enumerate(class_names):
+        subset = frame[frame["class_name"] == class_name]
+        chosen = subset.sample(n=min(per_class, len(subset)), random_state=seed) if len(subset) else subset
+        for c in range(per_class):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c >= len(chosen):
+                continue
+            with Image.open(chosen["path"].iloc[c]) as img:
+                img = img.convert("RGB")
+                img.thumbnail((thumb_size, thumb_size))
+                ax.imshow(np.asarray(img))
+            if c == 0:
+                ax.set_title(f"{class_name} (n={len(subset)})", fontsize=9, loc="left")
+    return save_figure(fig, out_dir, name)
+
+
+def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balance.png"):
+    """Number of images per split and class (grouped bars with the counts written on them)."""
+    import pandas as pd
+
+    data = frame.copy()
+    if "split" not in data:
+        data["split"] = "all"
+    counts = pd.crosstab(data["split"], data["class_name"])
+    order = [s for s in ("train", "val", "test") if s in counts.index] + [s for s in counts.index if s not in ("train", "val", "test")]
+    counts = counts.loc[order]
+    fig, ax = new_figure(figsize=(1.6 + 1.6 * len(counts.index) * max(1, len(counts.columns) / 2), 4))
+    width = 0.8 / len(counts.columns)
+    x = np.arange(len(counts.index))
+    for k, class_name in enumerate(counts.columns):
+        bars = ax.bar(x + (k - (len(counts.columns) - 1) / 2) * width, counts[class_name], width, label=str(class_name))
+        ax.bar_label(bars, fontsize=8)
+    ax.set_xticks(x, counts.index)
+    ax.set(ylabel="images", title="images per split and class")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, out_dir, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration and comparisons
+# ----------------------------------------------------------------------------------------------
+
+
+def plot_reliability(
+    y_true: Any, probs: Any, out_dir: str | Path, name: str = "reliability.png", label: str | None = None, n_bins: int = 10
+):
+    """Reliability diagram: accuracy against confidence per bin (top label); ECE in the legend.
+
+    `probs` may be one (N, C) array or a dict {label: probs} to compare several, e.g.
+    {"before": p_raw, "after temperature scaling": p_cal}. Below: how many predictions per bin.
+    """
+    from helpers.evaluate import expected_calibration_error, reliability_bins
+
+    curves = dict(probs) if isinstance(probs, dict) else {label or "model": probs}
+    fig, (ax, ax_hist) = new_figure(2, 1, figsize=(5.5, 6), height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    edges = np.linspace(0, 1, n_bins + 1)
+    for curve_label, p in curves.items():
+        confidence, accuracy, counts = reliability_bins(y_true, p, n_bins)
+        ece = expected_calibration_error(y_true, p, n_bins)
+        keep = counts > 0
+        line = ax.plot(confidence[keep], accuracy[keep], marker="o", label=f"{curve_label} (ECE {ece:.3f})")[0]
+        ax_hist.stairs(counts, edges, color=line.get_color())
+    ax.set(ylabel="accuracy", title="reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax_hist.set(xlabel="confidence (top probability)", ylabel="count")
+    ax_hist.grid(alpha=0.3)
+    return save_figure(fig, out_dir, name)
+
+
+def plot_run_comparison(
+    runs: Any, metrics: Sequence[str], out_dir: str | Path, name: str = "comparison.png", label_column: str | None = None
+):
+    """Grouped bars of `metrics` per run, with 95% interval whiskers from `<metric>_lo`/`<metric>_hi` columns.
+
+    `runs` is a DataFrame such as `evaluate.results_table(...)`; bars are labelled by
+    `label_column` (default: "run" where filled, else "model").
+    """
+    import pandas as pd
+
+    frame = runs if isinstance(runs, pd.DataFrame) else pd.DataFrame(runs)
+    missing = [m for m in metrics if m not in frame]
+    if missing:
+        raise ValueError(f"Unknown metric column(s) {missing}. Available: {list(frame.columns)}")
+    if label_column is None:
+        label_column = "run" if "run" in frame and frame["run"].notna().all() else "model"
+    labels = frame[label_column].astype(str).tolist() if label_column in frame else [str(i) for i in range(len(frame))]
+    x = np.arange(len(frame))
+    width = 0.8 / len(metrics)
+    fig, ax = new_figure(figsize=(max(6, 1.1 * len(frame) * max(1, len(metrics) / 1.5)), 4.2))
+    for k, metric in enumerate(metrics):
+        values = frame[metric].astype(float).to_numpy()
+        lo = frame[f"{metric}_lo"].astype(float).to_numpy() if f"{metric}_lo" in frame else np.full_like(values, np.nan)
+        hi = frame[f"{metric}_hi"].astype(float).to_numpy() if f"{metric}_hi" in frame else np.full_like(values, np.nan)
+        yerr = np.nan_to_num(np.vstack([values - lo, hi - values]), nan=0.0).clip(min=0)
+        ax.bar(x + (k - (len(metrics) - 1) / 2) * width, np.nan_to_num(values), width, yerr=yerr, capsize=3, label=metric)
+    ax.set_xticks(x, labels, rotation=20, ha="right")
+    ax.set(ylabel="score", ylim=(0, 1.05), title="comparison (whiskers: bootstrap 95% interval)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return save_figure(fig, out_dir, name)
+
+
+__all__ = [
+    "new_figure",
+    "save_figure",
+    "plot_history",
+    "plot_confusion_matrix",
+    "plot_roc_pr",
+    "plot_threshold_sweep",
+    "plot_prediction_grid",
+    "plot_sample_grid",
+    "plot_class_balance",
+    "plot_reliability",
+    "plot_run_comparison",
+    "plot_gradcam",
+]
