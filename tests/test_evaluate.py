@@ -1,0 +1,346 @@
+"""Tests for helpers.evaluate: metrics against scikit-learn, thresholds, bootstrap, calibration, TTA, metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+from torch import nn
+
+from helpers import evaluate as ev
+
+
+def _random_case(seed: int, n_classes: int, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and informative but imperfect probabilities (ties included via rounding)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, n)
+    logits = rng.normal(size=(n, n_classes))
+    logits[np.arange(n), y] += 1.0
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    probs = np.round(probs, 2)  # create ties, which rank-based AUC must handle like sklearn
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    return y, probs
+
+
+# ---------------------------------------------------------------------------------- metrics vs sklearn
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_metrics_match_sklearn(seed: int, n_classes: int) -> None:
+    y, probs = _random_case(seed, n_classes)
+    names = [f"class{c}" for c in range(n_classes)]
+    m = ev.compute_metrics(y, probs, names, n_bootstrap=50, seed=seed)
+    pred = probs.argmax(1) if n_classes > 2 else (probs[:, 1] >= 0.5).astype(int)
+
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    if n_classes == 2:
+        assert m["auc"] == pytest.approx(skm.roc_auc_score(y, probs[:, 1]))
+        assert m["average_precision"] == pytest.approx(skm.average_precision_score(y, probs[:, 1]))
+        assert m["sensitivity"] == pytest.approx(skm.recall_score(y, pred, pos_label=1))
+        assert m["specificity"] == pytest.approx(skm.recall_score(y, pred, pos_label=0))
+        assert m["threshold"] == 0.5
+    else:
+        assert m["auc"] == pytest.approx(skm.roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+        onehot = np.eye(n_classes)[y]
+        assert m["average_precision"] == pytest.approx(skm.average_precision_score(onehot, probs, average="macro"))
+        assert "threshold" not in m and "sensitivity" not in m
+    assert m["confusion_matrix"] == skm.confusion_matrix(y, pred, labels=range(n_classes)).tolist()
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y, pred, labels=range(n_classes), zero_division=0
+    )
+    for c, name in enumerate(names):
+        block = m["per_class"][name]
+        assert block["precision"] == pytest.approx(precision[c])
+        assert block["recall"] == pytest.approx(recall[c])
+        assert block["f1"] == pytest.approx(f1[c])
+        assert block["support"] == support[c] and isinstance(block["support"], int)
+    assert m["n"] == len(y)
+    json.dumps(m, allow_nan=False)  # plain Python numbers only
+
+
+def test_binary_threshold_changes_predictions() -> None:
+    y = np.array([0, 0, 1, 1])
+    probs = np.array([[0.9, 0.1], [0.4, 0.6], [0.35, 0.65], [0.2, 0.8]])
+    default = ev.compute_metrics(y, probs, ["neg", "pos"], n_bootstrap=0)
+    strict = ev.compute_metrics(y, probs, ["neg", "pos"], threshold=0.62, n_bootstrap=0)
+    assert default["confusion_matrix"] == [[1, 1], [0, 2]]
+    assert strict["confusion_matrix"] == [[2, 0], [0, 2]]
+    assert strict["threshold"] == 0.62 and strict["specificity"] == 1.0
+
+
+def test_one_column_probs_are_p_positive() -> None:
+    y, probs = _random_case(5, 2)
+    assert ev.compute_metrics(y, probs[:, 1], ["a", "b"], n_bootstrap=0)["auc"] == pytest.approx(
+        ev.compute_metrics(y, probs, ["a", "b"], n_bootstrap=0)["auc"]
+    )
+
+
+def test_absent_class_is_nan_safe() -> None:
+    y = np.zeros(20, dtype=int)
+    probs = np.random.default_rng(0).dirichlet([1, 1], size=20)
+    m = ev.compute_metrics(y, probs, ["neg", "pos"], n_bootstrap=100)
+    assert m["auc"] is None and m["ci95"]["auc"] is None
+    assert m["sensitivity"] is None and m["per_class"]["pos"]["recall"] is None
+    assert any("AUC" in note for note in m["notes"])
+    json.dumps(m, allow_nan=False)
+
+    y4, p4 = _random_case(0, 4)
+    keep = y4 != 3  # multi-class with one class missing: macro AUC over the classes present
+    m4 = ev.compute_metrics(y4[keep], p4[keep], list("abcd"), n_bootstrap=50)
+    expected = np.mean([skm.roc_auc_score(y4[keep] == c, p4[keep, c]) for c in range(3)])
+    assert m4["auc"] == pytest.approx(expected)
+    assert m4["per_class"]["d"]["support"] == 0 and m4["notes"]
+
+
+def test_label_and_shape_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="class names"):
+        ev.compute_metrics([0, 1], np.full((2, 3), 1 / 3), ["a", "b"])
+    with pytest.raises(ValueError, match="threshold"):
+        ev.compute_metrics([0, 1, 2], np.full((3, 3), 1 / 3), ["a", "b", "c"], threshold=0.3)
+
+
+# ---------------------------------------------------------------------------------- bootstrap
+
+
+def test_bootstrap_interval_contains_estimate_and_narrows() -> None:
+    small_y, small_p = _random_case(3, 2, n=100)
+    large_y, large_p = _random_case(3, 2, n=3000)
+    small = ev.compute_metrics(small_y, small_p, ["a", "b"], n_bootstrap=400, seed=1)
+    large = ev.compute_metrics(large_y, large_p, ["a", "b"], n_bootstrap=400, seed=1)
+    for m in (small, large):
+        for key in ("accuracy", "balanced_accuracy", "auc"):
+            lo, hi = m["ci95"][key]
+            assert lo < m[key] < hi
+    for key in ("accuracy", "balanced_accuracy", "auc"):
+        width_small = np.diff(small["ci95"][key])[0]
+        width_large = np.diff(large["ci95"][key])[0]
+        assert width_large < 0.5 * width_small  # ~ sqrt(100/3000) = 0.18 expected
+
+
+def test_bootstrap_is_seeded_and_fast() -> None:
+    y, p = _random_case(0, 4, n=600)
+    start = time.perf_counter()
+    a = ev.compute_metrics(y, p, list("abcd"), n_bootstrap=1000, seed=7)
+    elapsed = time.perf_counter() - start
+    b = ev.compute_metrics(y, p, list("abcd"), n_bootstrap=1000, seed=7)
+    c = ev.compute_metrics(y, p, list("abcd"), n_bootstrap=1000, seed=8)
+    assert a["ci95"] == b["ci95"] and a["ci95"] != c["ci95"]
+    assert elapsed < 2.0, f"1000 bootstrap resamples of 600 items took {elapsed:.2f} s"
+
+
+# ---------------------------------------------------------------------------------- thresholds
+
+
+def test_youden_separates_a_separable_case() -> None:
+    rng = np.random.default_rng(0)
+    neg, pos = rng.uniform(0.05, 0.4, 50), rng.uniform(0.55, 0.95, 30)
+    y = np.r_[np.zeros(50, int), np.ones(30, int)]
+    p = np.r_[neg, pos]
+    t = ev.choose_threshold(y, p, method="youden")
+    assert neg.max() < t <= pos.min()
+    assert (ev.apply_threshold(p, t) == y).all()
+
+
+def test_sensitivity_target_is_met_by_the_highest_threshold() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
+    for target in (0.8, 0.9, 0.95):
+        t = ev.choose_threshold(y, p, method="sensitivity", target=target)
+        sensitivity = (ev.apply_threshold(p, t)[y == 1] == 1).mean()
+        assert sensitivity >= target
+        # any higher observed score as threshold would miss the target
+        higher = np.unique(p[p > t])
+        assert all((p[y == 1] >= h).mean() < target for h in higher)
+    with pytest.raises(ValueError, match="Unknown method"):
+        ev.choose_threshold(y, p, method="f1")
+
+
+def test_apply_threshold_is_inclusive() -> None:
+    assert ev.apply_threshold(np.array([0.2, 0.5, 0.7]), 0.5).tolist() == [0, 1, 1]
+
+
+# ---------------------------------------------------------------------------------- calibration
+
+
+def test_ece_zero_when_calibrated_and_large_when_overconfident() -> None:
+    # confidence 0.6, 0.75, 0.9 groups with exactly that fraction correct
+    y, rows = [], []
+    for conf, n in ((0.6, 20), (0.75, 40), (0.9, 50)):
+        n_correct = int(round(conf * n))
+        for i in range(n):
+            label = 1 if i < n_correct else 0  # prediction is always class 1 with probability conf
+            y.append(label)
+            rows.append([1 - conf, conf])
+    assert ev.expected_calibration_error(np.array(y), np.array(rows)) == pytest.approx(0.0, abs=1e-12)
+
+    y_over = np.array([0, 1] * 50)
+    p_over = np.tile([0.01, 0.99], (100, 1))  # 99% confident, 50% right
+    assert ev.expected_calibration_error(y_over, p_over) == pytest.approx(0.49, abs=1e-9)
+
+
+@pytest.mark.parametrize("n_classes", [1, 3])
+def test_temperature_scaling_recovers_two(n_classes: int) -> None:
+    rng = np.random.default_rng(0)
+    n = 6000
+    true_logits = rng.normal(scale=2.0, size=(n, n_classes))
+    probs = ev.apply_temperature(true_logits, 1.0)
+    y = (rng.random(n)[:, None] > probs.cumsum(axis=1)).sum(axis=1)  # sample labels from the true model
+    t = ev.fit_temperature(true_logits * 2.0, y)  # an over-confident model: logits doubled
+    assert t == pytest.approx(2.0, rel=0.1)
+    assert ev.fit_temperature(true_logits, y) == pytest.approx(1.0, rel=0.1)
+    calibrated = ev.apply_temperature(true_logits * 2.0, t)
+    assert calibrated.shape == (n, max(n_classes, 2))
+    assert ev.expected_calibration_error(y, calibrated) < ev.expected_calibration_error(
+        y, ev.apply_temperature(true_logits * 2.0, 1.0)
+    )
+
+
+# ---------------------------------------------------------------------------------- predict / TTA
+
+
+def _loader(n: int = 10, size: int = 8, seed: int = 0, batch_size: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)], x, y
+
+
+def test_predict_returns_probs_labels_and_logits() -> None:
+    torch.manual_seed(0)
+    loader, x, y = _loader()
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    model.train()
+    probs, labels, logits = ev.predict(model, loader, return_logits=True)
+    assert not model.training  # predict puts the model in eval mode
+    assert probs.shape == (10, 3) and labels.tolist() == y.tolist()
+    assert np.allclose(probs.sum(1), 1.0)
+    with torch.no_grad():
+        expected = torch.softmax(model(x), dim=1).numpy()
+    assert np.allclose(probs, expected, atol=1e-6)
+    assert np.allclose(logits, model(x).detach().numpy(), atol=1e-5)
+
+
+def test_predict_one_logit_gives_two_columns() -> None:
+    loader, x, _ = _loader()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 1))
+    probs, _ = ev.predict(model, loader)
+    with torch.no_grad():
+        p1 = torch.sigmoid(model(x))[:, 0].numpy()
+    assert probs.shape == (10, 2)
+    assert np.allclose(probs[:, 1], p1, atol=1e-6) and np.allclose(probs.sum(1), 1.0)
+
+
+def test_tta_on_an_invariant_model_changes_nothing() -> None:
+    torch.manual_seed(0)
+    loader, _, _ = _loader()
+    invariant = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 3))  # mean colour only
+    plain, _ = ev.predict(invariant, loader)
+    flips, _ = ev.predict(invariant, loader, tta="flips")
+    assert np.allclose(plain, flips, atol=1e-6)
+
+
+def test_tta_averages_the_given_views() -> None:
+    torch.manual_seed(0)
+    loader, x, _ = _loader()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 3))  # position-dependent: flips matter
+    views = [lambda t: t, lambda t: torch.flip(t, dims=[-1])]
+    probs, _ = ev.predict(model, loader, tta=views)
+    with torch.no_grad():
+        expected = (torch.softmax(model(x), 1) + torch.softmax(model(torch.flip(x, dims=[-1])), 1)) / 2
+    assert np.allclose(probs, expected.numpy(), atol=1e-6)
+    assert not np.allclose(probs, ev.predict(model, loader)[0], atol=1e-4)
+
+    flips, _ = ev.predict(model, loader, tta="flips")
+    with torch.no_grad():
+        manual = sum(torch.softmax(model(f(x)), 1) for f in ev.TTA_FLIPS) / 4
+    assert np.allclose(flips, manual.numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="Unknown TTA"):
+        ev.predict(model, loader, tta="mirror")
+
+
+def test_tta_sets_are_named_and_plausible_keeps_orientation() -> None:
+    assert set(ev.TTA_SETS) >= {"flips", "plausible"}
+    names = [f.__name__ for f in ev.TTA_PLAUSIBLE]
+    assert "vflip" not in names and "rot90" not in names and names[0] == "identity"
+    x = torch.randn(2, 3, 16, 16)
+    for f in ev.TTA_PLAUSIBLE:
+        out = f(x)
+        assert out.shape == x.shape
+        # small rotations/shifts stay close to the image (a vertical flip would not)
+        assert (out - x).abs().mean() < (torch.flip(x, dims=[-2]) - x).abs().mean()
+    assert torch.allclose(ev.shift(0.0, 0.0)(x), x, atol=1e-5)
+
+
+def test_ensemble_probs_is_the_mean() -> None:
+    a, b = np.array([[0.2, 0.8], [0.6, 0.4]]), np.array([[0.4, 0.6], [1.0, 0.0]])
+    assert np.allclose(ev.ensemble_probs([a, b]), [[0.3, 0.7], [0.8, 0.2]])
+    with pytest.raises(ValueError):
+        ev.ensemble_probs([a, np.ones((3, 2))])
+
+
+# ---------------------------------------------------------------------------------- metrics.json
+
+
+SCHEMA_KEYS = [
+    "notebook", "profile", "dataset", "data_dir", "model", "pretrained", "image_size",
+    "class_names", "threshold", "val", "test", "timing", "device",
+]
+
+
+def test_write_metrics_schema_and_json(tmp_path) -> None:
+    y, p = _random_case(0, 2, n=80)
+    test_block = ev.compute_metrics(y, p, ["NORMAL", "PNEUMONIA"], threshold=0.4, n_bootstrap=100)
+    record = ev.write_metrics(
+        tmp_path / "assets" / "04",
+        notebook="04_mobilenetv2_two_stage", profile="smoke", dataset="pneumonia", data_dir=tmp_path,
+        model="mobilenet_v2", pretrained=np.bool_(False), image_size=np.int64(64),
+        class_names=("NORMAL", "PNEUMONIA"), threshold=np.float32(0.4),
+        val={"accuracy": np.float64(0.5), "auc": float("nan")}, test=test_block,
+        timing={"train_seconds": np.float32(1.5), "train_images_per_second": float("inf")},
+        device=torch.device("cpu"), runs=[{"name": "a", "test": test_block}], epochs=2,
+    )
+    text = (tmp_path / "assets" / "04" / "metrics.json").read_text()
+    loaded = json.loads(text)
+    assert "NaN" not in text and "Infinity" not in text
+    assert list(loaded)[: len(SCHEMA_KEYS)] == SCHEMA_KEYS
+    assert list(loaded)[len(SCHEMA_KEYS):] == ["runs", "epochs"]
+    assert loaded == record
+    assert loaded["val"]["auc"] is None and loaded["timing"]["train_images_per_second"] is None
+    assert loaded["pretrained"] is False and loaded["image_size"] == 64 and loaded["device"] == "cpu"
+    assert loaded["threshold"] == pytest.approx(0.4) and loaded["data_dir"] == str(tmp_path)
+    for key in ("accuracy", "balanced_accuracy", "auc", "average_precision", "per_class", "confusion_matrix", "ci95"):
+        assert key in loaded["test"]
+
+
+def test_results_table_flattens_files_and_runs(tmp_path) -> None:
+    y, p = _random_case(0, 2, n=80)
+    block = ev.compute_metrics(y, p, ["NORMAL", "PNEUMONIA"], n_bootstrap=100)
+    common = dict(profile="smoke", dataset="pneumonia", data_dir=None, pretrained=False, image_size=64,
+                  class_names=["NORMAL", "PNEUMONIA"], threshold=0.5, timing={}, device="cpu")
+    ev.write_metrics(tmp_path / "a", notebook="04_x", model="mobilenet_v2", val=block, test=block, **common)
+    with_runs = ev.write_metrics(
+        tmp_path / "b", notebook="05_y", model="resnet50", val=None, test=block,
+        runs=[{"name": "plain_ce", "test": block}, {"strategy": "sampler", "model": "resnet18", "val": block, "test": block}],
+        **common,
+    )
+    table = ev.results_table([tmp_path / "a" / "metrics.json", tmp_path / "b"])
+    assert len(table) == 3
+    assert table["run"].tolist()[1:] == ["plain_ce", "sampler"]
+    assert table["model"].tolist() == ["mobilenet_v2", "resnet50", "resnet18"]
+    assert table["notebook"].tolist() == ["04_x", "05_y", "05_y"]
+    for column in ("profile", "dataset", "pretrained", "image_size", "test_accuracy", "test_balanced_accuracy",
+                   "test_auc", "test_auc_lo", "test_auc_hi", "test_recall_NORMAL", "test_recall_PNEUMONIA"):
+        assert column in table
+    assert table["test_auc"].iloc[0] == pytest.approx(block["auc"])
+    assert table["test_auc_lo"].iloc[0] == pytest.approx(block["ci95"]["auc"][0])
+    assert table["test_recall_PNEUMONIA"].iloc[0] == pytest.approx(block["sensitivity"])
+    assert len(ev.results_table([with_runs], include_main=True)) == 3
+    assert not math.isnan(table["val_auc"].iloc[0])
