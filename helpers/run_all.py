@@ -19,12 +19,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import html
-import json
+import logging
 import math
 import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -34,7 +34,16 @@ NOTEBOOK_PATTERN = re.compile(r"^(\d{2})_.+\.ipynb$")
 KERNEL_NAME = "python3"
 PROFILES = ("smoke", "cpu", "full")
 DEFAULT_TIMEOUT = {"smoke": 900, "cpu": 3 * 3600, "full": 12 * 3600}
-HTML_TEMPLATE = "classic"  # "lab" is ~3x larger per page; see _convert_to_html.
+# nbconvert template: "lab", "classic" and "basic" all convert a 12-figure notebook in
+# ~0.2 s (+0.4 s one-off warm-up); "lab" looks like what students see in JupyterLab.
+HTML_TEMPLATE = "lab"
+# Silence the kernel's own console logging (e.g. "running over TCP without encryption"),
+# which would interleave with the progress lines; notebook errors still reach the outputs.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
+SUMMARY_COLUMNS = [
+    "notebook", "profile", "dataset", "model", "run", "pretrained", "image_size",
+    "test_accuracy", "test_balanced_accuracy", "test_auc", "test_auc_95ci",
+]
 
 PROFILE_NOTES = {
     "smoke": (
@@ -64,6 +73,18 @@ class NotebookResult:
     error: str | None = None
     metrics_path: Path | None = None
     executed_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+class _ListHandler(logging.Handler):
+    """Collects papermill's warnings (e.g. "no cell tagged 'parameters'") for the summary."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 # --------------------------------------------------------------------------- discovery
@@ -166,6 +187,9 @@ def run_notebook(
         # nbclient treats 0/None as "no limit", so never return less than 1 second.
         return None if deadline is None else max(1, math.ceil(deadline - time.monotonic()))
 
+    collector = _ListHandler()
+    pm_logger = logging.getLogger("papermill")
+    pm_logger.addHandler(collector)
     started_wall = time.time()
     started = time.perf_counter()
     status, error = "ok", None
@@ -178,6 +202,7 @@ def run_notebook(
             progress_bar=False,
             cwd=str(path.resolve().parent),
             timeout_func=time_left,
+            extra_arguments=KERNEL_ARGUMENTS,
         )
     except PapermillExecutionError as exc:
         status, error = "failed", _describe_execution_error(exc, out_path)
@@ -186,6 +211,8 @@ def run_notebook(
         error = f"notebook exceeded its {timeout:.0f} s budget: {' '.join(str(exc).split())[:300]}"
     except Exception as exc:  # kernel died, kernel missing, unreadable notebook, ...
         status, error = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    finally:
+        pm_logger.removeHandler(collector)
     seconds = time.perf_counter() - started
 
     metrics = _expected_metrics_path(path, parameters)
@@ -198,49 +225,39 @@ def run_notebook(
         error=error,
         metrics_path=metrics if fresh and status == "ok" else None,
         executed_path=out_path if out_path.is_file() else None,
+        warnings=collector.messages,
     )
 
 
 # --------------------------------------------------------------------------- results table
 
 
-def _ci(block: dict[str, Any], key: str) -> tuple[Any, Any]:
-    interval = (block.get("ci95") or {}).get(key) or [None, None]
-    return (interval[0], interval[1]) if len(interval) == 2 else (None, None)
-
-
-def _flatten_metrics(paths: Iterable[Path]) -> pd.DataFrame:
-    """Fallback flattener: one row per metrics.json, or per entry of its "runs" list."""
-    rows = []
-    for path in paths:
-        data = json.loads(Path(path).read_text())
-        for run in data.get("runs") or [data]:
-            merged = {**data, **run}
-            test = merged.get("test") or {}
-            row = {key: merged.get(key) for key in ("notebook", "profile", "dataset", "model", "pretrained", "image_size")}
-            row["run"] = run.get("name", run.get("run", "")) if run is not data else ""
-            for key in ("accuracy", "balanced_accuracy", "auc"):
-                row[f"test_{key}"] = test.get(key)
-            row["test_auc_ci95_low"], row["test_auc_ci95_high"] = _ci(test, "auc")
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def results_frame(results: Sequence[NotebookResult], profile: str) -> pd.DataFrame:
-    """All metrics.json of successful notebooks in one table, with a profile in every row."""
+    """All metrics.json written by this run in one table (helpers.evaluate.results_table).
+
+    Every row keeps the profile recorded in its metrics.json; rows without one get ``profile``.
+    """
+    from helpers.evaluate import results_table  # imports torch: keep it out of module import
+
     paths = [r.metrics_path for r in results if r.metrics_path is not None]
     if not paths:
-        return pd.DataFrame()
-    try:
-        from helpers.evaluate import results_table
-    except ImportError:  # helpers.evaluate (or its results_table) not available
-        table = _flatten_metrics(paths)
-    else:
-        table = results_table(paths)
+        return pd.DataFrame(columns=SUMMARY_COLUMNS)
+    table = results_table(paths)
     if "profile" not in table.columns:
         table.insert(0, "profile", profile)
     table["profile"] = table["profile"].fillna(profile)
     return table
+
+
+def summary_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The readable subset of the results table: test metrics, AUC as "0.812 [0.770, 0.850]"."""
+    table = table.copy()
+    if {"test_auc_lo", "test_auc_hi"} <= set(table.columns):
+        table["test_auc_95ci"] = [
+            "" if pd.isna(lo) or pd.isna(hi) else f"[{lo:.3f}, {hi:.3f}]"
+            for lo, hi in zip(table["test_auc_lo"], table["test_auc_hi"])
+        ]
+    return table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -249,7 +266,7 @@ def _markdown_table(frame: pd.DataFrame) -> str:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return ""
         if isinstance(value, float):
-            return f"{value:.4f}"
+            return f"{value:.3f}"
         return str(value).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
@@ -258,12 +275,16 @@ def _markdown_table(frame: pd.DataFrame) -> str:
 
 
 def write_results(results: Sequence[NotebookResult], report_dir: Path, profile: str) -> pd.DataFrame:
-    """Write results.csv and results.md into ``report_dir``; return the table."""
+    """Write results.csv (all columns) and results.md (summary columns); return the full table."""
     report_dir.mkdir(parents=True, exist_ok=True)
     table = results_frame(results, profile)
     table.to_csv(report_dir / "results.csv", index=False)
     note = PROFILE_NOTES.get(profile, f"profile {profile}")
-    body = _markdown_table(table) if not table.empty else "_No metrics.json was written by this run._\n"
+    body = (
+        _markdown_table(summary_frame(table)) + "\nAll columns (val metrics, intervals, per-class recall): results.csv\n"
+        if not table.empty
+        else "_No metrics.json was written by this run._\n"
+    )
     (report_dir / "results.md").write_text(f"# Results ({profile} profile)\n\n{note}\n\n{body}")
     return table
 
@@ -299,6 +320,7 @@ th { background: #f3f3f3; }
 tr.failed td, tr.timeout td { background: #fdecea; }
 .ok { color: #1a7f37; font-weight: 600; } .failed, .timeout { color: #b42318; font-weight: 600; }
 .note { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.6em 1em; }
+.warning { color: #8a6100; font-size: 0.9em; }
 .error { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 0.9em; }
 """
 
@@ -309,7 +331,9 @@ def _status_rows(results: Sequence[NotebookResult], report_dir: Path) -> str:
         page = report_dir / f"{r.name}.html"
         name = html.escape(r.name)
         link = f'<a href="{html.escape(page.name)}">{name}</a>' if page.is_file() else name
-        error = f'<span class="error">{html.escape(r.error)}</span>' if r.error else ""
+        notes = [f'<span class="error">{html.escape(r.error)}</span>'] if r.error else []
+        notes += [f'<span class="warning">warning: {html.escape(m)}</span>' for m in r.warnings]
+        error = "<br>".join(notes)
         rows.append(
             f'<tr class="{r.status}"><td>{link}</td><td class="{r.status}">{r.status}</td>'
             f"<td>{r.seconds:.1f}</td><td>{error}</td></tr>"
@@ -335,7 +359,7 @@ def build_report(results: Sequence[NotebookResult], build_dir: Path | str, profi
         else ""
     )
     results_html = (
-        table.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4f}", border=0)
+        summary_frame(table).to_html(index=False, na_rep="", float_format=lambda v: f"{v:.3f}", border=0)
         if not table.empty
         else "<p>No metrics.json was written by this run.</p>"
     )
@@ -357,7 +381,8 @@ def build_report(results: Sequence[NotebookResult], build_dir: Path | str, profi
 <p class="note">{html.escape(PROFILE_NOTES.get(profile, f"profile {profile}"))}</p>
 {mixed}
 {results_html}
-<p>Also as <a href="results.csv">results.csv</a> and <a href="results.md">results.md</a>.</p>
+<p>All columns (validation metrics, intervals, per-class recall) in <a href="results.csv">results.csv</a>;
+also as <a href="results.md">results.md</a>.</p>
 </body></html>
 """
     index = report_dir / "index.html"
@@ -425,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         results.append(result)
         print(f"{result.status} {result.seconds:.1f} s", flush=True)
+        for message in result.warnings:
+            print(f"    warning: {message}", flush=True)
         if result.error:
             print(f"    {result.error}", flush=True)
 

@@ -41,6 +41,7 @@ metrics = {{"notebook": "01_good", "profile": PROFILE, "dataset": "pneumonia", "
            "class_names": ["NORMAL", "PNEUMONIA"], "threshold": 0.5, "val": test, "test": test,
            "timing": {{"train_seconds": 1.0, "train_images_per_second": 10.0}}, "device": "cpu",
            "kernel_prefix": sys.prefix, "cwd": str(Path.cwd())}}
+metrics["val"] = {{**test, "balanced_accuracy": 0.6}}
 (out / "metrics.json").write_text(json.dumps(metrics))
 """
 
@@ -110,6 +111,7 @@ def test_failure_gives_nonzero_exit_and_others_still_run(full_run: tuple[int, st
     assert "[1/3] 01_good ... ok" in out
     assert "[2/3] 02_broken ... failed" in out
     assert "[3/3] 03_no_metrics ... ok" in out  # ran after the failure
+    assert "warning: Input notebook does not contain a cell with tag 'parameters'" in out  # 02 has none
     assert (build / "notebooks" / "03_no_metrics.ipynb").is_file()
 
 
@@ -130,9 +132,11 @@ def test_results_table_has_metrics_and_profile(full_run: tuple[int, str, Path]) 
     assert set(table["profile"]) == {"smoke"}
     row = table[table["model"] == "tinynet_unique"].iloc[0]
     assert row["notebook"] == "01_good"
-    assert 0.69 < row.filter(like="balanced_accuracy").astype(float).iloc[0] < 0.71
+    assert row["test_balanced_accuracy"] == pytest.approx(0.7)
+    assert row["val_balanced_accuracy"] == pytest.approx(0.6)
     markdown = (build / "report" / "results.md").read_text()
-    assert "tinynet_unique" in markdown and "smoke" in markdown
+    line = next(line for line in markdown.splitlines() if "tinynet_unique" in line)
+    assert "| smoke |" in line and "| 0.700 |" in line and "[0.600, 0.950]" in line
 
 
 def test_index_links_notebooks_and_names_failing_cell(full_run: tuple[int, str, Path]) -> None:
@@ -147,7 +151,7 @@ def test_index_links_notebooks_and_names_failing_cell(full_run: tuple[int, str, 
     assert "ValueError: boom from cell two" in broken_row
     assert "y = x + 1" in broken_row  # first line of the failing cell
     assert "synthetic data" in index  # the smoke-profile note
-    assert "tinynet_unique" in index
+    assert "tinynet_unique" in index and "[0.600, 0.950]" in index
 
 
 def test_only_runs_selected_notebook(course: Path, tmp_path: Path) -> None:
