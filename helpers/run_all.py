@@ -257,7 +257,11 @@ def summary_frame(table: pd.DataFrame) -> pd.DataFrame:
             "" if pd.isna(lo) or pd.isna(hi) else f"[{lo:.3f}, {hi:.3f}]"
             for lo, hi in zip(table["test_auc_lo"], table["test_auc_hi"])
         ]
-    return table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
+    table = table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
+    for column in ("dataset", "model", "run"):  # a missing "run" shows blank, not None
+        if column in table.columns:
+            table[column] = table[column].fillna("")
+    return table
 
 
 def _markdown_table(frame: pd.DataFrame) -> str:
@@ -348,7 +352,10 @@ def build_report(results: Sequence[NotebookResult], build_dir: Path | str, profi
     table = write_results(results, report_dir, profile)
     for r in results:
         if r.executed_path is not None and r.executed_path.is_file():
-            _convert_to_html(r.executed_path, report_dir / f"{r.name}.html")
+            try:
+                _convert_to_html(r.executed_path, report_dir / f"{r.name}.html")
+            except Exception as exc:  # one unrenderable notebook must not sink the report
+                r.warnings.append(f"HTML conversion failed: {type(exc).__name__}: {exc}")
 
     n_failed = sum(r.status != "ok" for r in results)
     profiles_seen = sorted(set(table["profile"].astype(str))) if not table.empty else []

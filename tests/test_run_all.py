@@ -152,6 +152,7 @@ def test_index_links_notebooks_and_names_failing_cell(full_run: tuple[int, str, 
     assert "y = x + 1" in broken_row  # first line of the failing cell
     assert "synthetic data" in index  # the smoke-profile note
     assert "tinynet_unique" in index and "[0.600, 0.950]" in index
+    assert "<td>None</td>" not in index
 
 
 def test_only_runs_selected_notebook(course: Path, tmp_path: Path) -> None:
