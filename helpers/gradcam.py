@@ -132,7 +132,12 @@ def grad_cam(
                 raise ValueError("target_layer was not used in the forward pass: pick a layer of this model.")
             activations = captured["activations"]
             (gradients,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
-            if gradients is None:
+            if gradients is None or not gradients.any():
+                warnings.warn(
+                    "Grad-CAM: the class score has zero gradient at target_layer (an untrained head that "
+                    "starts at zero, or a layer that does not reach the output); heatmaps will be blank.",
+                    stacklevel=2,
+                )
                 gradients = torch.zeros_like(activations)
             activations, gradients = activations.detach(), gradients.detach()
             if reshape_transform is None and activations.ndim == 3:
@@ -173,7 +178,7 @@ def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "je
     if heat.shape != img.shape[:2]:
         raise ValueError(f"heatmap {heat.shape} and image {img.shape[:2]} differ in size")
     colored = matplotlib.colormaps[cmap](heat)[..., :3]
-    return np.clip((1 - alpha) * img + alpha * colored, 0.0, 1.0)
+    return np.clip((1 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
 
 
 def _normalize_u8(images_u8: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,7 @@ def _p_pos(probs: Any) -> np.ndarray:
 def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves.png"):
     """Loss, accuracy/AUC and learning rate per epoch; dashed lines mark where a new `stage` starts."""
     import pandas as pd
+    from matplotlib.ticker import MaxNLocator
 
     frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(history)
     if frame.empty:
@@ -87,6 +88,7 @@ def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves
                 ax.plot(x, frame[column].astype(float), marker="o", markersize=3, label=column)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)
