@@ -24,9 +24,10 @@ import math
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -257,7 +258,7 @@ def summary_frame(table: pd.DataFrame) -> pd.DataFrame:
             "" if pd.isna(lo) or pd.isna(hi) else f"[{lo:.3f}, {hi:.3f}]"
             for lo, hi in zip(table["test_auc_lo"], table["test_auc_hi"])
         ]
-    table = table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
+    table = table[[c for c in SUMMARY_COLUMNS if c in table.columns]].copy()
     for column in ("dataset", "model", "run"):  # a missing "run" shows blank, not None
         if column in table.columns:
             table[column] = table[column].fillna("")
@@ -285,7 +286,8 @@ def write_results(results: Sequence[NotebookResult], report_dir: Path, profile: 
     table.to_csv(report_dir / "results.csv", index=False)
     note = PROFILE_NOTES.get(profile, f"profile {profile}")
     body = (
-        _markdown_table(summary_frame(table)) + "\nAll columns (val metrics, intervals, per-class recall): results.csv\n"
+        _markdown_table(summary_frame(table))
+        + "\nAll columns (val metrics, intervals, per-class recall): results.csv\n"
         if not table.empty
         else "_No metrics.json was written by this run._\n"
     )

@@ -174,7 +174,9 @@ def test_only_runs_selected_notebook(course: Path, tmp_path: Path) -> None:
 def test_unknown_number_is_a_clear_error(course: Path, tmp_path: Path) -> None:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        code = run_all.main(["--only", "42", "--notebooks-dir", str(course / "notebooks"), "--build-dir", str(tmp_path)])
+        code = run_all.main(
+            ["--only", "42", "--notebooks-dir", str(course / "notebooks"), "--build-dir", str(tmp_path)]
+        )
     assert code == 2
     assert "42" in stderr.getvalue() and "01_good, 02_broken, 03_no_metrics" in stderr.getvalue()
     assert not (tmp_path / "notebooks").exists()
