@@ -149,7 +149,8 @@ def grad_cam(
             cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
             low = cam.amin(dim=(1, 2), keepdim=True)
             high = cam.amax(dim=(1, 2), keepdim=True)
-            cam = torch.where(high > low, (cam - low) / (high - low + 1e-12), torch.zeros_like(cam))
+            span = (high - low).clamp_min(torch.finfo(cam.dtype).tiny)  # no fixed epsilon: maps can be tiny
+            cam = torch.where(high > low, (cam - low) / span, torch.zeros_like(cam))
     finally:
         handle.remove()
         model.train(was_training)
