@@ -524,7 +524,16 @@ def fit_temperature(logits: Any, labels: Any) -> float:
         lambda log_t: _nll(z, y, math.exp(log_t)), bounds=(math.log(0.05), math.log(20.0)), method="bounded",
         options={"xatol": 1e-5},
     )
-    return float(math.exp(result.x))
+    temperature = float(math.exp(result.x))
+    if not 0.06 < temperature < 19.0:
+        import warnings
+
+        warnings.warn(
+            f"fit_temperature hit the edge of its search range (T = {temperature:.3g}): the logits carry "
+            "almost no information about the labels (an untrained model?), so treat T with suspicion.",
+            stacklevel=2,
+        )
+    return temperature
 
 
 def apply_temperature(logits: Any, temperature: float) -> np.ndarray:

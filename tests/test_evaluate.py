@@ -344,3 +344,11 @@ def test_results_table_flattens_files_and_runs(tmp_path) -> None:
     assert table["test_recall_PNEUMONIA"].iloc[0] == pytest.approx(block["sensitivity"])
     assert len(ev.results_table([with_runs], include_main=True)) == 3
     assert not math.isnan(table["val_auc"].iloc[0])
+
+
+def test_fit_temperature_warns_when_logits_are_uninformative() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(500, 3))
+    y = rng.integers(0, 3, 500)  # labels independent of the logits: best T is "infinitely soft"
+    with pytest.warns(UserWarning, match="edge of its search range"):
+        ev.fit_temperature(logits, y)
