@@ -218,7 +218,7 @@ class TensorLoader:
         self.device = torch.device(device)
         # Keep the cache on the GPU when there is one: batches then never cross the PCIe bus.
         self.images = images.to(self.device) if self.device.type == "cuda" else images
-        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.labels = torch.tensor([int(v) for v in labels], dtype=torch.long)
         if len(self.labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last

@@ -55,14 +55,14 @@ def _chest(rng: np.random.Generator, finding: str, height: int, width: int) -> I
     img += 0.35 * _gaussian(yy, xx, 0.3 + j(), 0.12 + j(), 0.2)  # heart
     if finding == "consolidation":  # lobar pneumonia: one soft bright patch
         side = rng.choice([-1, 1])
-        img += 0.45 * _gaussian(yy, xx, rng.uniform(-0.1, 0.35), side * 0.4 + j(0.08), rng.uniform(0.13, 0.2)) * lungs
+        img += 0.6 * _gaussian(yy, xx, rng.uniform(-0.1, 0.3), side * 0.4 + j(0.06), rng.uniform(0.15, 0.22)) * lungs
     elif finding == "haze":  # viral pneumonia: patchy bilateral haze
-        blobs = sum(_gaussian(yy, xx, rng.uniform(-0.4, 0.4), rng.choice([-1, 1]) * rng.uniform(0.25, 0.55), 0.12)
-                    for _ in range(5))
-        img += 0.32 * np.clip(blobs, 0, 1.2) * lungs
+        blobs = sum(_gaussian(yy, xx, rng.uniform(-0.3, 0.3), side * rng.uniform(0.3, 0.5), 0.13)
+                    for side in (-1, 1) for _ in range(3))
+        img += 0.4 * np.clip(blobs, 0, 1.2) * lungs
     elif finding == "peripheral":  # COVID-19: lower-zone peripheral ground glass, both lungs
         for side in (-1, 1):
-            img += 0.35 * _gaussian(yy, xx, 0.3 + j(0.1), side * 0.62, 0.17) * lungs
+            img += 0.5 * _gaussian(yy, xx, 0.28 + j(0.1), side * (0.55 + j()), 0.2) * lungs
     elif finding == "nodules":  # tuberculosis: upper-zone nodules
         for _ in range(rng.integers(7, 12)):
             img += 0.55 * _gaussian(yy, xx, rng.uniform(-0.55, -0.15), rng.choice([-1, 1]) * rng.uniform(0.25, 0.55), 0.045) * lungs
