@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 PROFILES: dict[str, dict] = {
     # Offline, 2 CPU cores, about a minute per notebook: proves the code runs, says nothing
@@ -80,8 +84,52 @@ def project_root() -> Path:
     return checkout if (checkout / "pyproject.toml").exists() else Path.cwd()
 
 
-def output_dir(notebook_stem: str, output_dir: str | Path | None = None) -> Path:
+def output_dir_for(notebook_stem: str, output_dir: str | Path | None = None) -> Path:
     """Folder for a notebook's figures and metrics.json: `assets/<stem>` unless given; created."""
     path = Path(output_dir) if output_dir is not None else project_root() / "assets" / notebook_stem
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+output_dir = output_dir_for  # short name used in notebooks
+
+
+@dataclass(frozen=True)
+class Run:
+    """Everything a notebook needs to know about this run, resolved once."""
+
+    notebook: str
+    cfg: Config
+    data_dir: str | None
+    out_dir: Path
+    device: "torch.device"
+    seed: int
+
+    def context(self) -> dict:
+        """The run fields of metrics.json (see `helpers.evaluate.write_metrics`)."""
+        return dict(notebook=self.notebook, profile=self.cfg.profile, data_dir=self.data_dir,
+                    image_size=self.cfg.image_size, device=str(self.device))
+
+
+def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed: int = 42,
+              output_dir: str | None = None, recipe_epochs: int | None = None,
+              **overrides) -> Run:
+    """Apply the profile, seed everything, pick the device, make the assets folder.
+
+    The smoke profile uses synthetic data unless `data_dir` is given. Prints one line saying
+    what this run is, so every figure below can be read with it in mind.
+    """
+    from helpers.train import pick_device, seed_everything
+
+    cfg = apply_profile(profile, recipe_epochs=recipe_epochs, **overrides)
+    if data_dir is None and profile == "smoke":
+        data_dir = "synthetic"
+    seed_everything(seed)
+    device = pick_device()
+    run = Run(notebook, cfg, None if data_dir is None else str(data_dir),
+              output_dir_for(notebook, output_dir), device, seed)
+    print(f"{notebook}: profile {cfg.profile!r} | data {data_dir or 'auto (locate/download)'} | "
+          f"{cfg.image_size} px | {cfg.epochs} epoch(s) | batch {cfg.batch_size} | "
+          f"max/class {cfg.max_per_class or 'all'} | pretrained requested: {cfg.pretrained} | "
+          f"device {device} | outputs -> {run.out_dir}")
+    return run

@@ -1,0 +1,84 @@
+"""Execute every course notebook top to bottom in the smoke profile (offline, CPU).
+
+Each notebook must write metrics.json with the DESIGN.md schema keys and the figures it lists
+under "figures" into its OUTPUT_DIR (here a temporary folder, so assets/ is never touched).
+Notebook 04 runs a second time on the real shared pneumonia data when it is present.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import papermill
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+SCHEMA_KEYS = {"notebook", "profile", "dataset", "data_dir", "model", "pretrained", "image_size",
+               "class_names", "threshold", "val", "test", "timing", "device"}
+TEST_KEYS = {"accuracy", "balanced_accuracy", "auc", "per_class", "confusion_matrix", "ci95"}
+
+
+def _execute(notebook: Path, out_dir: Path, **parameters) -> dict:
+    executed = out_dir / f"executed_{notebook.name}"
+    papermill.execute_notebook(
+        str(notebook), str(executed), cwd=str(notebook.parent), kernel_name="python3",
+        progress_bar=False, parameters=dict(PROFILE="smoke", OUTPUT_DIR=str(out_dir), **parameters))
+    metrics_path = out_dir / "metrics.json"
+    assert metrics_path.exists(), f"{notebook.name} wrote no metrics.json"
+    return json.loads(metrics_path.read_text())
+
+
+def _check_outputs(notebook: Path, metrics: dict, out_dir: Path) -> None:
+    assert SCHEMA_KEYS <= set(metrics), SCHEMA_KEYS - set(metrics)
+    assert metrics["notebook"] == notebook.stem
+    assert metrics["profile"] == "smoke"
+    assert isinstance(metrics["pretrained"], bool)
+    blocks = [metrics] + list(metrics.get("runs", []))
+    assert any(isinstance(b.get("test"), dict) for b in blocks)
+    for block in blocks:
+        if isinstance(block.get("test"), dict) and "accuracy" in block["test"]:
+            assert TEST_KEYS <= set(block["test"]), TEST_KEYS - set(block["test"])
+            assert 0.0 <= block["test"]["accuracy"] <= 1.0
+    figures = metrics.get("figures", [])
+    assert figures, "metrics.json should list the figures the notebook saved"
+    for name in figures:
+        path = out_dir / name
+        assert path.exists() and path.stat().st_size > 1000, f"missing or empty figure {name}"
+        Image.open(path).verify()
+
+
+def test_notebooks_are_committed_clean_and_parameterised():
+    assert NOTEBOOKS, "no notebooks found"
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, f"{path.name}: exactly one cell must be tagged 'parameters'"
+        for name in ("PROFILE", "DATA_DIR", "SEED", "OUTPUT_DIR"):
+            assert f"{name} =" in tagged[0].source, f"{path.name}: parameters cell lacks {name}"
+        assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
+    metrics = _execute(notebook, tmp_path)
+    _check_outputs(notebook, metrics, tmp_path)
+
+
+@pytest.mark.notebook
+@pytest.mark.realdata
+def test_notebook_04_runs_on_real_pneumonia_data(shared_pneumonia, tmp_path):
+    notebook = next((p for p in NOTEBOOKS if p.name.startswith("04_")), None)
+    if notebook is None:
+        pytest.skip("notebook 04 not present")
+    metrics = _execute(notebook, tmp_path, DATA_DIR=str(shared_pneumonia))
+    _check_outputs(notebook, metrics, tmp_path)
+    assert Path(metrics["data_dir"]).resolve() == shared_pneumonia.resolve()
+    assert metrics["class_names"] == ["NORMAL", "PNEUMONIA"]
