@@ -17,6 +17,7 @@ At the end the best checkpoint is loaded back into the model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import random
@@ -520,14 +521,35 @@ def fit_two_stage(
 
 
 def _ordered_loader(loader: Loader) -> Loader:
-    """The same data as ``loader`` in a fixed order, without touching any random state."""
+    """The same data as ``loader``, every image once, in a fixed order, without touching random state.
+
+    Works for a torch DataLoader and for loaders with ``shuffle`` / ``sample_weights`` /
+    ``drop_last`` attributes (like ``helpers.data.TensorLoader``); other iterables are used as they are.
+    """
     if isinstance(loader, DataLoader):
         return DataLoader(
             loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
             num_workers=loader.num_workers, collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory, generator=torch.Generator(),
         )
-    return loader
+    ordered = copy.copy(loader)
+    for attr, value in (("shuffle", False), ("sample_weights", None), ("drop_last", False)):
+        if hasattr(ordered, attr):
+            setattr(ordered, attr, value)
+    return ordered
+
+
+def _augments(loader: Loader) -> bool:
+    """Does the loader apply random augmentation? (``augment`` attribute: a name or a preset object.)"""
+    augment = getattr(loader, "augment", None)
+    if isinstance(augment, str):
+        return augment != "none"
+    if augment is None or augment is False:
+        return False
+    preset = getattr(type(augment), "preset", None)  # helpers.data's BatchAugment.preset("none")
+    if callable(preset) and augment == preset("none"):
+        return bool(len(getattr(loader, "strong_classes", ())))
+    return True
 
 
 @torch.no_grad()
@@ -541,8 +563,9 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a (frozen) backbone once over ``loader``: (features (N, D) float32 CPU, labels (N,) int64).
 
-    The backbone runs in eval mode (BatchNorm uses its running statistics). A torch
-    DataLoader is read in order (its shuffling is ignored); other iterables as they come.
+    The backbone runs in eval mode (BatchNorm uses its running statistics). The loader is
+    read once in order, every image once (shuffling and weighted sampling are switched off
+    for a torch DataLoader or a loader with ``shuffle``/``sample_weights`` attributes).
     Do not use loaders with random augmentation: the cache would freeze one random view.
     """
     device = pick_device(device)
@@ -558,11 +581,20 @@ def extract_features(
     return torch.cat(feats), torch.cat(labels).long()
 
 
-def _feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Tensor, shuffle: bool) -> DataLoader:
-    """A DataLoader over cached features that mimics ``loader`` (batch size, sampler, generator)."""
+def _feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Tensor) -> DataLoader:
+    """A DataLoader over cached features that mimics ``loader`` (batch size, shuffling/sampler).
+
+    For a torch DataLoader with a ``generator`` the batch order is identical to the original's.
+    """
     dataset = TensorDataset(features, labels)
     if not isinstance(loader, DataLoader):
-        return DataLoader(dataset, batch_size=getattr(loader, "batch_size", None) or 64, shuffle=shuffle)
+        weights = getattr(loader, "sample_weights", None)
+        sampler = None if weights is None else WeightedRandomSampler(weights, len(dataset), replacement=True)
+        return DataLoader(
+            dataset, batch_size=getattr(loader, "batch_size", None) or 64, sampler=sampler,
+            shuffle=sampler is None and bool(getattr(loader, "shuffle", True)),
+            drop_last=bool(getattr(loader, "drop_last", False)),
+        )
     generator = None
     if loader.generator is not None:  # same random state -> same batch order as the slow path
         generator = torch.Generator()
@@ -618,19 +650,20 @@ def fit_head_only(
     ``use_feature_cache=True``: run the backbone once over the train and val data
     (:func:`extract_features`) and train the head on the stored features: every epoch
     then costs almost nothing. It gives the same head as the slow path (a full forward
-    pass per batch) as long as the loader has no random augmentation; a loader with
-    ``augment`` other than "none" is refused. ``use_feature_cache=False`` is plain :func:`fit`.
+    pass per batch) as long as the loader has no random augmentation; a loader whose
+    ``augment`` is not "none" is refused. With a torch DataLoader that has a ``generator``
+    even the batch order is the same as on the slow path (tested); other loaders get
+    the same batch size and shuffling/weighted sampling, with their own random order. ``use_feature_cache=False`` is plain :func:`fit`.
     ``history.attrs["feature_seconds"]`` is the one-off feature pass, included in
     ``attrs["train_seconds"]``.
     """
     set_trainable(model, "head")
     if not use_feature_cache:
         return fit(model, train_loader, val_loader, epochs=epochs, criterion=criterion, **fit_kwargs)
-    augment = getattr(train_loader, "augment", "none")
-    if augment not in (None, "none", False):
+    if _augments(train_loader):
         raise ValueError(
-            f"The training loader augments images (augment={augment!r}); cached features would freeze "
-            "one random view. Use augment='none' or fit_head_only(..., use_feature_cache=False)."
+            "The training loader augments images; cached features would freeze one random view. "
+            "Use a loader with augment='none' or fit_head_only(..., use_feature_cache=False)."
         )
 
     device = pick_device(fit_kwargs.get("device"))
@@ -645,8 +678,7 @@ def fit_head_only(
     feature_seconds = time.perf_counter() - t0
     print(f"Feature cache: {len(train_f)} train images -> {tuple(train_f.shape)} in {feature_seconds:.1f}s", flush=True)
 
-    shuffle = not isinstance(train_loader, DataLoader) or isinstance(train_loader.sampler, RandomSampler)
-    train_data = _feature_loader_like(train_loader, train_f, train_y, shuffle)
+    train_data = _feature_loader_like(train_loader, train_f, train_y)
     history = fit(head, train_data, val_data, epochs=epochs, criterion=criterion, **fit_kwargs)
     history.attrs["feature_seconds"] = feature_seconds
     history.attrs["train_seconds"] += feature_seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -290,15 +291,51 @@ def test_feature_cache_reaches_the_same_head_as_the_slow_path() -> None:
     assert not torch.equal(slow_model.fc[1].weight, backbone_before["fc.1.weight"])
 
 
-def test_feature_cache_with_plain_iterables_and_augmentation_refusal() -> None:
-    x, y = squares(12, seed=8)
-    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+class ToyLoader:
+    """Duck-typed like the course's TensorLoader: shuffle, sample_weights, augment attributes."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, augment: object = "none") -> None:
+        self.x, self.y, self.batch_size, self.augment = x, y, batch_size, augment
+        self.shuffle, self.sample_weights, self.drop_last = True, torch.ones(len(y)), True
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.y)
+        if self.sample_weights is not None:
+            order = torch.multinomial(self.sample_weights, n, replacement=True)
+        else:
+            order = torch.randperm(n) if self.shuffle else torch.arange(n)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def test_feature_cache_with_duck_typed_loaders_and_augmentation_refusal() -> None:
+    x, y = squares(10, seed=8)
+    toy = ToyLoader(x, y, 4)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 5))
+    _, labels = extract_features(backbone, toy, "cpu", progress=False)
+    assert torch.equal(labels, y), "every image once, in order (no sampling, no dropped last batch)"
+    assert toy.shuffle and toy.sample_weights is not None and toy.drop_last  # the original is untouched
+
     model = build_model("mobilenet_v2", 2, pretrained=False)
-    history = fit_head_only(model, batches, batches, epochs=2, criterion=make_criterion("ce"), progress=False)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4)]  # a plain list works too
+    history = fit_head_only(model, toy, batches, epochs=2, criterion=make_criterion("ce"), progress=False)
     assert len(history) == 2 and history["val_loss"].notna().all()
 
-    class Augmenting(list):
-        augment = "light"
-
     with pytest.raises(ValueError, match="augment"):
-        fit_head_only(model, Augmenting(batches), batches, epochs=1, criterion=make_criterion("ce"))
+        fit_head_only(model, ToyLoader(x, y, 4, augment="light"), batches, epochs=1, criterion=make_criterion("ce"))
+
+    @dataclasses.dataclass
+    class Augment:
+        rotate: float = 10.0
+
+        @staticmethod
+        def preset(name: str) -> "Augment":
+            return Augment(0.0) if name == "none" else Augment()
+
+    assert not train_mod._augments(ToyLoader(x, y, 4, augment=Augment.preset("none")))
+    assert train_mod._augments(ToyLoader(x, y, 4, augment=Augment.preset("light")))
