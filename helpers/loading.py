@@ -17,6 +17,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -35,13 +36,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (or [0, 1] float) images (N, 3, H, W) -> float, ImageNet-normalised."""
-    if x.dtype == torch.uint8:
-        x = x.float().div_(255)
+def normalize(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """uint8 (or float) images (N, 3, H, W) -> float, ImageNet-normalised.
+
+    uint8 input is divided by 255; float input by `scale` (default 1: already in [0, 1]).
+    A one-channel (grayscale) batch (N, 1, H, W) broadcasts to 3 normalised channels.
+    Computed as one fused multiply-add: x * 1/(scale*std) - mean/std.
+    """
+    if scale is None:
+        scale = 255.0 if x.dtype == torch.uint8 else 1.0
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return torch.addcmul(-mean / std, x.float(), 1.0 / (scale * std))
 
 
 def denormalize(x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +145,18 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
     return out
 
 
+@lru_cache(maxsize=8)
+def _base_grid(height: int, width: int, device: str) -> torch.Tensor:
+    """Pixel-centre coordinates in [-1, 1] with a column of ones: (1, H*W, 3).
+
+    What `F.affine_grid` rebuilds on every call; cached, one `bmm` then maps it per image.
+    """
+    ys = (torch.arange(height, device=device) * 2 + 1) / height - 1
+    xs = (torch.arange(width, device=device) * 2 + 1) / width - 1
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([xx, yy, torch.ones_like(xx)], -1).view(1, height * width, 3)
+
+
 @dataclass(frozen=True)
 class BatchAugment:
     """Random augmentation drawn independently for every image of a batch.
@@ -171,8 +189,9 @@ class BatchAugment:
                              "or a BatchAugment(...)")
         return presets[name]
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augment float images in [0, 1], shape (N, C, H, W); returns the same shape."""
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                 max_value: float = 1.0) -> torch.Tensor:
+        """Augment float images in [0, max_value], shape (N, C, H, W); same shape back."""
         n, dev = x.shape[0], x.device
 
         def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -189,14 +208,16 @@ class BatchAugment:
             torch.stack([sin * flip_x, cos * flip_y, uniform(-1, 1) * 2 * self.translate], 1),
         ], 1)
         if self.rotate or self.scale != (1.0, 1.0) or self.translate or self.hflip or self.vflip:
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            n_, _, h, w = x.shape
+            grid = torch.bmm(_base_grid(h, w, str(dev)).expand(n_, -1, -1), theta.transpose(1, 2))
+            grid = grid.view(n_, h, w, 2)  # same as F.affine_grid(theta, x.shape), cheaper
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.brightness or self.contrast:
             b = uniform(1 - self.brightness, 1 + self.brightness).view(-1, 1, 1, 1)
             c = uniform(1 - self.contrast, 1 + self.contrast).view(-1, 1, 1, 1)
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = ((x - mean) * c + mean) * b
-        return x.clamp_(0, 1)
+            mean = x[:, :, ::4, ::4].mean(dim=(1, 2, 3), keepdim=True)  # subsampled: same value
+            x = torch.addcmul((1 - c) * mean * b, x, c * b)  # ((x - mean) * c + mean) * b, one pass
+        return x.clamp_(0, max_value)
 
 
 class TensorLoader:
@@ -216,8 +237,13 @@ class TensorLoader:
             raise ValueError("TensorLoader expects uint8 images of shape (N, 3, H, W) "
                              "(use cache_images to make them).")
         self.device = torch.device(device)
+        # Grayscale X-rays are stored as 3 equal channels; keep one, augment one, and let
+        # `normalize` broadcast it back to 3 channels: a third of the memory and the work.
+        self.grayscale = bool(torch.equal(images[:, 0], images[:, 1])
+                              and torch.equal(images[:, 1], images[:, 2]))
+        stored = images[:, :1].clone() if self.grayscale else images
         # Keep the cache on the GPU when there is one: batches then never cross the PCIe bus.
-        self.images = images.to(self.device) if self.device.type == "cuda" else images
+        self._images = stored.to(self.device) if self.device.type == "cuda" else stored
         self.labels = torch.tensor([int(v) for v in labels], dtype=torch.long)
         if len(self.labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
@@ -227,6 +253,11 @@ class TensorLoader:
         self.strong_classes = torch.as_tensor(list(strong_classes), dtype=torch.long)
         self.sample_weights = sample_weights
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The cached uint8 images, (N, 3, S, S) (a view for grayscale caches)."""
+        return self._images.expand(-1, 3, -1, -1) if self.grayscale else self._images
 
     @property
     def dataset_size(self) -> int:
@@ -247,18 +278,18 @@ class TensorLoader:
         order = self._order()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size]
-            x = self.images[idx.to(self.images.device)].to(self.device, non_blocking=True)
-            x = x.float().div_(255)
+            x = self._images[idx.to(self._images.device)].to(self.device, non_blocking=True)
+            x = x.float()  # pixel values stay 0..255 until the fused normalisation
             y = self.labels[idx]
             if len(self.strong_classes):
                 is_strong = torch.isin(y, self.strong_classes).to(self.device)
                 if is_strong.any():
-                    x[is_strong] = self.strong(x[is_strong], self.generator)
+                    x[is_strong] = self.strong(x[is_strong], self.generator, 255.0)
                 if (~is_strong).any():
-                    x[~is_strong] = self.augment(x[~is_strong], self.generator)
+                    x[~is_strong] = self.augment(x[~is_strong], self.generator, 255.0)
             else:
-                x = self.augment(x, self.generator)
-            yield normalize(x), y.to(self.device, non_blocking=True)
+                x = self.augment(x, self.generator, 255.0)
+            yield normalize(x, scale=255.0), y.to(self.device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------- both paths
