@@ -161,7 +161,7 @@ def make_criterion(
 def _auc(y: np.ndarray, probs: np.ndarray) -> float:
     """Binary AUC, or macro one-vs-rest AUC; NaN when a class is missing from ``y``."""
     n_classes = probs.shape[1]
-    if len(np.unique(y)) < n_classes:
+    if len(np.unique(y)) < n_classes or not np.isfinite(probs).all():
         return float("nan")
     if n_classes == 2:
         return float(roc_auc_score(y, probs[:, 1]))
@@ -252,6 +252,14 @@ def _train_one_epoch(
             bar.set_postfix(loss=f"{loss_sum / n_images:.4f}")
     if n_images == 0:
         raise ValueError("The training loader produced no batches.")
+    if not math.isfinite(loss_sum):
+        warnings.warn(
+            "The training loss is not finite (inf/NaN). Typical causes: a learning rate that is too high, "
+            "or a frozen randomly initialised backbone (no ImageNet weights) whose BatchNorm statistics "
+            "let activations explode, overflowing float16 on GPUs without bfloat16.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return {"train_loss": loss_sum / n_images, "train_accuracy": correct / n_images, "n_images": n_images}
 
 

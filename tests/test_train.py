@@ -119,6 +119,7 @@ def test_auc_is_nan_when_a_class_is_missing() -> None:
     assert math.isnan(train_mod._auc(np.array([0, 1, 1]), probs))
     assert train_mod._auc(np.array([0, 1, 2]), probs) == 1.0
     assert train_mod._auc(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]])) == 1.0
+    assert math.isnan(train_mod._auc(np.array([0, 1]), np.array([[np.nan, np.nan], [0.2, 0.8]])))
 
 
 def test_seed_everything_and_pick_device() -> None:
