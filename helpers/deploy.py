@@ -22,6 +22,7 @@ same code:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import statistics
@@ -285,6 +286,18 @@ def invalid_class_score(probs: Any, invalid_index: int = -1) -> np.ndarray:
     return 1.0 - p[:, invalid_index]
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run small linear algebra on one thread: a 1280 x 1280 inverse takes ~0.1 s that way, while
+    multi-threaded BLAS on a busy shared machine can take seconds (threads waiting on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
     """Class means and one shared (Ledoit-Wolf shrunk) precision matrix of training features.
 
@@ -292,15 +305,20 @@ def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
     measured with the covariance of the training features. Shrinkage keeps the covariance
     invertible when there are fewer images than feature dimensions (always true in smoke runs).
     """
-    from sklearn.covariance import LedoitWolf
+    from sklearn.covariance import ledoit_wolf_shrinkage
 
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     y = np.asarray(labels).reshape(-1)
     classes = np.unique(y)
     means = torch.stack([x[torch.as_tensor(y == c)].mean(dim=0) for c in classes])
     centred = x - means[torch.as_tensor(np.searchsorted(classes, y))]
-    precision = torch.as_tensor(LedoitWolf(assume_centered=True).fit(centred.numpy()).precision_)
-    return {"means": means.float(), "precision": precision.float()}
+    shrink = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True))
+    with _one_thread():
+        cov = centred.T @ centred / len(centred)
+        mu = torch.trace(cov) / cov.shape[0]
+        cov = (1 - shrink) * cov + shrink * mu * torch.eye(cov.shape[0], dtype=cov.dtype)
+        precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+    return {"means": means.float(), "precision": precision.float(), "shrinkage": torch.tensor(shrink)}
 
 
 def mahalanobis_score(features: Any, params: dict[str, torch.Tensor]) -> np.ndarray:
@@ -308,8 +326,9 @@ def mahalanobis_score(features: Any, params: dict[str, torch.Tensor]) -> np.ndar
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     means = params["means"].double()
     precision = params["precision"].double()
-    diff = x[:, None, :] - means[None, :, :]  # (N, C, D)
-    d2 = torch.einsum("ncd,de,nce->nc", diff, precision, diff)
+    with _one_thread():
+        diff = x[:, None, :] - means[None, :, :]  # (N, C, D)
+        d2 = ((diff @ precision) * diff).sum(dim=-1)  # (N, C) squared distances
     return (-d2.min(dim=1).values).numpy()
 
 
@@ -330,10 +349,17 @@ def ood_score(method: str, logits: Any, features: Any = None, params: dict | Non
 
 
 def threshold_keeping(id_scores: Any, keep: float = 0.95) -> float:
-    """The score threshold that keeps a fraction `keep` of these (validation) in-distribution images."""
+    """The score threshold that keeps at least a fraction `keep` of these (validation) images.
+
+    Rejects the floor((1 - keep) * n) lowest-scoring images (fewer when scores tie).
+    """
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
-    return float(np.quantile(np.asarray(id_scores, dtype=np.float64), 1.0 - keep, method="lower"))
+    scores = np.sort(np.asarray(id_scores, dtype=np.float64).reshape(-1))
+    if len(scores) == 0:
+        raise ValueError("threshold_keeping needs at least one score")
+    k = int(np.floor((1.0 - keep) * len(scores) + 1e-9))
+    return float(scores[min(k, len(scores) - 1)])
 
 
 def rejection_rate(scores: Any, threshold: float) -> float:
@@ -574,7 +600,7 @@ def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str
         "metrics": _plain(metrics or {}),
         "notes": notes,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     tmp = path.with_name(path.name + ".tmp")
