@@ -25,7 +25,7 @@ frozen, which stay in eval mode. ``helpers.train.fit`` uses it.
 from __future__ import annotations
 
 import warnings
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 import torchvision
@@ -264,6 +264,53 @@ def train_mode(model: nn.Module) -> nn.Module:
         if params and not any(p.requires_grad for p in params):
             module.eval()
     return model
+
+
+def _placeholder_batchnorm(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """Frozen BatchNorm layers still holding their initial statistics (mean 0, variance 1)."""
+    return [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+        and not any(p.requires_grad for p in m.parameters())
+        and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())
+    ]
+
+
+@torch.no_grad()
+def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.device | str,
+                              max_batches: int = 10) -> int:
+    """Estimate the statistics of frozen BatchNorm layers that never had any; returns how many.
+
+    A randomly initialised backbone (no ImageNet weights) has BatchNorm statistics of mean 0
+    and variance 1: placeholders. Frozen, they are never updated, so activations grow layer
+    after layer (ResNet-152 features reach ~1e6 and fp16 overflows). Running the training
+    images through once with those layers in train mode ("precise BN") gives them real
+    statistics. Layers with pretrained statistics are left alone.
+    """
+    layers = _placeholder_batchnorm(model)
+    if not layers:
+        return 0
+    was_training = model.training
+    model.eval()
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches seen
+        m.train()
+    seen = 0
+    for x, _ in loader:
+        model(x.to(device))
+        seen += 1
+        if seen >= max_batches:
+            break
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+        m.eval()
+    model.train(was_training)
+    print(f"Estimated the statistics of {len(layers)} frozen BatchNorm layers from {seen} training "
+          "batch(es): without ImageNet weights they held placeholders (mean 0, variance 1).",
+          flush=True)
+    return len(layers)
 
 
 # --------------------------------------------------------------------------- backbone / head

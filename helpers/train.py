@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from helpers.models import backbone_and_head, set_trainable, train_mode
+from helpers.models import backbone_and_head, estimate_frozen_batchnorm, set_trainable, train_mode
 
 HISTORY_COLUMNS: list[str] = [
     "epoch", "stage", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -383,6 +383,7 @@ def fit(
     model.to(device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
+    estimate_frozen_batchnorm(model, train_loader, device)
     if isinstance(criterion, nn.Module):
         criterion.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -678,6 +679,7 @@ def fit_head_only(
     amp, progress = fit_kwargs.get("amp", True), fit_kwargs.get("progress", True)
     backbone, head = backbone_and_head(model)
     t0 = time.perf_counter()
+    estimate_frozen_batchnorm(model.to(device), train_loader, device)
     train_f, train_y = extract_features(backbone, train_loader, device, amp=amp, progress=progress)
     val_data = None
     if val_loader is not None:

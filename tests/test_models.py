@@ -210,3 +210,25 @@ def test_pretrained_vit_at_small_size_interpolates_position_embeddings(monkeypat
     assert model.encoder.pos_embedding.shape == (1, 1 + 4 * 4, 768)
     torch.testing.assert_close(model.conv_proj.weight, fake.conv_proj.weight)
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 2)
+
+
+def test_placeholder_batchnorm_statistics_are_estimated_only_when_frozen_and_unset():
+    from helpers.models import estimate_frozen_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 2, pretrained=False, freeze="head")
+    backbone = backbone_and_head(model)[0]
+    x = torch.randn(8, 3, 32, 32)
+    loader = [(x, torch.zeros(8, dtype=torch.long))] * 2
+    model.eval()
+    with torch.no_grad():
+        before = backbone(x).abs().mean().item()
+    assert before < 1e-6  # placeholder statistics (mean 0, var 1): the signal vanishes
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert estimate_frozen_batchnorm(model, loader, "cpu") == n_bn
+    with torch.no_grad():
+        after = backbone(x).abs().mean().item()
+    assert 0.05 < after < 10  # features back on a sane scale
+    assert estimate_frozen_batchnorm(model, loader, "cpu") == 0  # real statistics: left alone
+    trainable = build_model("mobilenet_v2", 2, pretrained=False, freeze="none")
+    assert estimate_frozen_batchnorm(trainable, loader, "cpu") == 0  # trainable BN learns its own

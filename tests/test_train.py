@@ -216,10 +216,21 @@ def test_fit_cosine_schedule_and_bce_one_logit() -> None:
 # --------------------------------------------------------------------------- two stages
 
 
+def _with_batchnorm_statistics(model: nn.Module) -> nn.Module:
+    """Give every BatchNorm real-looking statistics, as ImageNet weights would (not the
+    placeholders mean 0 / var 1 that fit() estimates for frozen layers)."""
+    generator = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+    return model
+
+
 def test_fit_two_stage_changes_trainable_sets(monkeypatch) -> None:
     seed_everything(0)
     x, y = squares(16, seed=4)
-    model = build_model("mobilenet_v2", 1, pretrained=False, head="gap_dropout")
+    model = _with_batchnorm_statistics(build_model("mobilenet_v2", 1, pretrained=False, head="gap_dropout"))
     backbone_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("features.")}
     calls: list[dict] = []
     real_fit = train_mod.fit
@@ -268,7 +279,7 @@ def test_feature_cache_reaches_the_same_head_as_the_slow_path() -> None:
     torch.manual_seed(0)
     x, y = squares(24, seed=6)
     xv, yv = squares(12, seed=7)
-    slow_model = build_model("resnet18", 2, pretrained=False, head="mlp")  # mlp head: two dropouts
+    slow_model = _with_batchnorm_statistics(build_model("resnet18", 2, pretrained=False, head="mlp"))  # mlp: two dropouts
     fast_model = copy.deepcopy(slow_model)
     backbone_before = copy.deepcopy(slow_model.state_dict())
     kwargs = dict(epochs=3, criterion=make_criterion("ce"), lr=1e-2, monitor="val_loss", progress=False)
