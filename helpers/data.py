@@ -110,8 +110,10 @@ def _class_dirs(folder: Path, spec: DatasetSpec) -> list[Path]:
 
 
 def _is_dataset_root(folder: Path, spec: DatasetSpec) -> bool:
-    """A root holds train/ with class folders, or the class folders themselves."""
-    return bool(_class_dirs(folder / "train", spec)) or len(_class_dirs(folder, spec)) >= 2
+    """A root holds train/ with a folder for every class, or those class folders themselves."""
+    def all_classes(parent: Path) -> bool:
+        return {spec.canonical_class(d.name) for d in _class_dirs(parent, spec)} == set(spec.class_names)
+    return all_classes(folder / "train") or all_classes(folder)
 
 
 def find_dataset_root(folder: str | Path, spec: DatasetSpec, max_depth: int = 4) -> Path | None:

@@ -265,6 +265,7 @@ def plot_sample_grid(
     per_class: int = 6,
     seed: int = 0,
     thumb_size: int = 256,
+    title: str | None = None,
 ):
     """A few random images per class (one row each) from a DataFrame with `path` and `class_name` columns."""
     from PIL import Image
@@ -285,10 +286,13 @@ def plot_sample_grid(
                 ax.imshow(np.asarray(img))
             if c == 0:
                 ax.set_title(f"{class_name} (n={len(subset)})", fontsize=9, loc="left")
+    if title:
+        fig.suptitle(title)
     return save_figure(fig, out_dir, name)
 
 
-def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balance.png"):
+def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balance.png",
+                       title: str = "images per split and class"):
     """Number of images per split and class (grouped bars with the counts written on them)."""
     import pandas as pd
 
@@ -305,7 +309,7 @@ def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balan
         bars = ax.bar(x + (k - (len(counts.columns) - 1) / 2) * width, counts[class_name], width, label=str(class_name))
         ax.bar_label(bars, fontsize=8)
     ax.set_xticks(x, counts.index)
-    ax.set(ylabel="images", title="images per split and class")
+    ax.set(ylabel="images", title=title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, out_dir, name)

@@ -141,7 +141,7 @@ def _write_fundus(root: Path, counts: dict, rng: np.random.Generator, size: int)
             folder = root / split / class_name
             folder.mkdir(parents=True)
             for i in range(n):
-                _fundus(rng, class_name == "DR", size).save(folder / f"eye{i:04d}_{split}.jpg", quality=92)
+                _fundus(rng, class_name == "DR", size).save(folder / f"{class_name.lower()}_eye{i:04d}_{split}.jpg", quality=92)
 
 
 WRITERS = {"pneumonia": _write_pneumonia, "chest4": _write_chest4, "fundus": _write_fundus}
