@@ -431,9 +431,16 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
 
 # ----------------------------------------------------------------------------- balancing
 
+def _label_tensor(labels) -> torch.Tensor:
+    """Labels (list, numpy array, pandas Series or tensor) as a new int64 tensor."""
+    if isinstance(labels, torch.Tensor):
+        return labels.detach().to("cpu", torch.long).clone()
+    return torch.tensor(np.array(labels, dtype=np.int64))
+
+
 def class_weights(labels, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, scaled to mean 1 (for `CrossEntropyLoss(weight=...)`)."""
-    counts = torch.bincount(torch.as_tensor(labels, dtype=torch.long), minlength=num_classes).float()
+    counts = torch.bincount(_label_tensor(labels), minlength=num_classes).float()
     if (counts == 0).any():
         raise ValueError(f"Some class has no training images (counts per class: {counts.tolist()}).")
     weights = counts.sum() / (num_classes * counts)
@@ -442,7 +449,7 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
 
 def pos_weight(labels) -> torch.Tensor:
     """n_negative / n_positive, shape (1,), for `BCEWithLogitsLoss(pos_weight=...)`."""
-    labels = torch.as_tensor(labels)
+    labels = _label_tensor(labels)
     n_pos = int((labels == 1).sum())
     if n_pos == 0:
         raise ValueError("No positive training images: pos_weight is undefined.")
@@ -451,7 +458,7 @@ def pos_weight(labels) -> torch.Tensor:
 
 def weighted_sampler_weights(labels) -> torch.Tensor:
     """One weight per image, 1 / (images in its class): every class is drawn equally often."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
+    labels = _label_tensor(labels)
     counts = torch.bincount(labels).float()
     return (1.0 / counts)[labels].double()
 

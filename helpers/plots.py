@@ -321,7 +321,7 @@ def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balan
 
 
 def plot_reliability(
-    y_true: Any, probs: Any, out_dir: str | Path, name: str = "reliability.png", label: str | None = None, n_bins: int = 10
+    y_true: Any, probs: Any, out_dir: str | Path, name: str = "reliability.png", label: str | None = None, n_bins: int = 15
 ):
     """Reliability diagram: accuracy against confidence per bin (top label); ECE in the legend.
 
