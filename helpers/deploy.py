@@ -41,6 +41,10 @@ from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
 from helpers.config import project_root
+from helpers.gradcam import default_target_layer, grad_cam, overlay
+from helpers.loading import normalize
+from helpers.models import backbone_and_head, build_model, get_head
+from helpers.train import logits_to_probs
 
 # ============================================================================ uploads
 
@@ -393,8 +397,6 @@ def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: i
     Images must already have the model's input size. Uses `helpers.models.backbone_and_head`:
     `head(backbone(x)) == model(x)`, so one pass gives both.
     """
-    from helpers.loading import normalize
-    from helpers.models import backbone_and_head
 
     backbone, head = backbone_and_head(model)
     device = _model_device(model)
@@ -447,8 +449,7 @@ class _CalibrationReader:
     """Feeds calibration images (normalised, batch 1) to ONNX Runtime's static quantizer."""
 
     def __init__(self, images_u8: torch.Tensor):
-        from helpers.loading import normalize
-
+    
         self._batches = iter([{"input": normalize(img[None]).numpy()} for img in images_u8])
 
     def get_next(self) -> dict | None:
@@ -524,8 +525,6 @@ def onnx_session(path: str | Path, threads: int | None = None):
 
 def onnx_predict(session, images_u8: torch.Tensor, batch_size: int = 64) -> np.ndarray:
     """Class probabilities (N, C) from an ONNX Runtime session, for uint8 images (N, 3, S, S)."""
-    from helpers.loading import normalize
-    from helpers.train import logits_to_probs
 
     outs = []
     for start in range(0, len(images_u8), batch_size):
@@ -625,7 +624,6 @@ def _plain(value: Any) -> Any:
 
 
 def _num_outputs(model: nn.Module) -> int:
-    from helpers.models import get_head
 
     linears = [m for m in get_head(model).modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features
@@ -665,7 +663,6 @@ class BundleError(RuntimeError):
 
 def load_bundle(path: str | Path) -> AppModel:
     """Load a bundle written by `save_bundle` (safely: weights_only=True) and rebuild the model."""
-    from helpers.models import build_model
 
     path = Path(path)
     try:
@@ -773,9 +770,6 @@ class Analysis:
 
 def analyse_image(app: AppModel, image: Image.Image, notes: Sequence[str] = ()) -> Analysis:
     """Prediction, probability, OOD verdict and Grad-CAM for one RGB PIL image."""
-    from helpers.gradcam import default_target_layer, grad_cam, overlay
-    from helpers.loading import normalize
-    from helpers.train import logits_to_probs
 
     size = app.image_size
     resized = image.convert("RGB").resize((size, size), Image.BILINEAR)

@@ -25,17 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from helpers.loading import normalize
+from helpers.models import gradcam_target_layer, vit_tokens_to_map
 
-
-def vit_reshape_transform(tokens: torch.Tensor) -> torch.Tensor:
-    """ViT tokens (N, 1 + h*w, D) -> (N, D, h, w): drop the class token, fold patches into a grid."""
-    patches = tokens[:, 1:, :]
-    side = int(round(patches.shape[1] ** 0.5))
-    if side * side != patches.shape[1]:
-        raise ValueError(f"{patches.shape[1]} patch tokens do not form a square grid")
-    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+# ViT tokens (N, 1 + h*w, D) -> (N, D, h, w): drop the class token, fold patches into a grid.
+vit_reshape_transform = vit_tokens_to_map
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -50,8 +44,6 @@ def default_target_layer(model: nn.Module) -> nn.Module:
     The guess: ViT -> `encoder.layers[-1].ln_1`; anything else -> the last Conv2d module.
     """
     try:
-        from helpers.models import gradcam_target_layer
-
         return gradcam_target_layer(model)
     except (ImportError, AttributeError, KeyError, ValueError):
         pass
@@ -182,13 +174,6 @@ def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "je
     return np.clip((1 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
 
 
-def _normalize_u8(images_u8: torch.Tensor) -> torch.Tensor:
-    x = images_u8.float() / 255.0 if images_u8.dtype == torch.uint8 else images_u8.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 def plot_gradcam(
     model: nn.Module,
     images_u8: Any,
@@ -219,7 +204,7 @@ def plot_gradcam(
     layer = target_layer if target_layer is not None else default_target_layer(model)
     layer = _fix_vit_target(model, layer)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = _normalize_u8(images.to(device))
+    x = normalize(images.to(device))
 
     was_training = model.training
     model.eval()

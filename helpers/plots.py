@@ -14,7 +14,9 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from helpers.gradcam import plot_gradcam  # re-exported: plots.plot_gradcam(...)
+from helpers.evaluate import expected_calibration_error, reliability_bins
+from helpers.gradcam import _to_hwc_float
+from helpers.gradcam import plot_gradcam  # noqa: F401  (re-exported: plots.plot_gradcam(...))
 
 DPI = 110
 _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
@@ -203,7 +205,6 @@ def plot_threshold_sweep(
 
 
 def _image_hwc(image: Any) -> np.ndarray:
-    from helpers.gradcam import _to_hwc_float
 
     return _to_hwc_float(image)
 
@@ -328,7 +329,6 @@ def plot_reliability(
     `probs` may be one (N, C) array or a dict {label: probs} to compare several, e.g.
     {"before": p_raw, "after temperature scaling": p_cal}. Below: how many predictions per bin.
     """
-    from helpers.evaluate import expected_calibration_error, reliability_bins
 
     curves = dict(probs) if isinstance(probs, dict) else {label or "model": probs}
     fig, (ax, ax_hist) = new_figure(2, 1, figsize=(5.5, 6), height_ratios=[3, 1], sharex=True)
