@@ -17,6 +17,7 @@ code is non-zero when any notebook failed.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as dt
 import html
 import logging
@@ -423,7 +424,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--timeout", type=float, help="seconds per notebook (default: smoke 900, cpu 10800, full 43200)"
     )
     parser.add_argument("--no-html", action="store_true", help="skip the HTML report (tables are still written)")
+    parser.add_argument(
+        "-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
+        help="extra notebook parameter, e.g. -p MAX_PER_CLASS=100 -p EPOCHS=2 (value read as a Python literal)",
+    )
     return parser.parse_args(argv)
+
+
+def _literal(text: str) -> Any:
+    """'100' -> 100, 'None' -> None, 'abc' -> 'abc'."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _parameters(args: argparse.Namespace, stem: str) -> dict[str, Any]:
@@ -434,6 +447,11 @@ def _parameters(args: argparse.Namespace, stem: str) -> dict[str, Any]:
         params["DATA_DIR"] = data_dir if data_dir == "synthetic" else str(Path(data_dir).resolve())
     if args.output_dir_root is not None:
         params["OUTPUT_DIR"] = str((args.output_dir_root / stem).resolve())
+    for item in args.parameter:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise SystemExit(f"error: -p expects NAME=VALUE, got {item!r}")
+        params[name] = _literal(value)
     return params
 
 

@@ -190,3 +190,13 @@ def test_timeout_bounds_the_whole_notebook(tmp_path: Path) -> None:
     assert result.status == "timeout"
     assert result.seconds < 5.5
     assert "2 s budget" in result.error or "3 s budget" in result.error
+
+
+def test_extra_parameters_are_parsed_as_literals():
+    args = run_all._parse_args(["--profile", "cpu", "-p", "MAX_PER_CLASS=100", "-p", "LABEL=abc",
+                                "-p", "EPOCHS=None", "--data-dir", "synthetic"])
+    params = run_all._parameters(args, "04_x")
+    assert params == {"PROFILE": "cpu", "DATA_DIR": "synthetic", "MAX_PER_CLASS": 100,
+                      "LABEL": "abc", "EPOCHS": None}
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        run_all._parameters(run_all._parse_args(["-p", "oops"]), "04_x")
