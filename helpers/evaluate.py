@@ -297,19 +297,26 @@ def _percentile_interval(values: np.ndarray) -> list[float] | None:
 
 
 def _bootstrap_ci(
-    y: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, n_bootstrap: int, seed: int, auc_classes: list[int]
-) -> dict[str, list[float] | None]:
+    y: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, n_bootstrap: int, seed: int, auc_classes: list[int],
+    names: Sequence[str],
+) -> dict[str, Any]:
     """Percentile bootstrap 95% intervals, vectorised over resamples (in chunks to bound memory)."""
     n, n_classes = probs.shape
     rng = np.random.default_rng(seed)
     correct = y == y_pred
     acc, bal, auc = [], [], []
+    recalls: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
     chunk = max(1, 2_000_000 // max(n, 1))
     for start in range(0, n_bootstrap, chunk):
         idx = rng.integers(0, n, size=(min(chunk, n_bootstrap - start), n))
         y_b, correct_b = y[idx], correct[idx]
         acc.append(correct_b.mean(axis=1))
         bal.append(_balanced_accuracy(y_b, correct_b, n_classes))
+        for c in range(n_classes):
+            in_class = y_b == c
+            counts = in_class.sum(axis=1)
+            keep = counts > 0  # a resample without class c has no recall for it
+            recalls[c].append((correct_b & in_class).sum(axis=1)[keep] / counts[keep])
         if auc_classes:
             # skip resamples that lost a class: their AUC is undefined
             present = np.stack([(y_b == c).any(axis=1) for c in range(n_classes)], axis=1)
@@ -317,11 +324,19 @@ def _bootstrap_ci(
             ok = present[:, needed].all(axis=1)
             if ok.any():
                 auc.append(_macro_auc(y_b[ok], probs[idx[ok]], auc_classes))
-    return {
+    recall = {}
+    for c, name in enumerate(names):
+        values = np.concatenate(recalls[c])
+        recall[name] = _percentile_interval(values) if len(values) else None
+    ci = {
         "accuracy": _percentile_interval(np.concatenate(acc)),
         "balanced_accuracy": _percentile_interval(np.concatenate(bal)),
         "auc": _percentile_interval(np.concatenate(auc)) if auc else None,
     }
+    if n_classes == 2:
+        ci["sensitivity"], ci["specificity"] = recall[names[1]], recall[names[0]]
+    ci["recall"] = recall
+    return ci
 
 
 def _none_if_nan(value: float) -> float | None:
@@ -343,8 +358,9 @@ def compute_metrics(
     Keys: accuracy, balanced_accuracy, auc (binary: ROC AUC of class 1; multi-class: macro
     one-vs-rest), average_precision, [binary: sensitivity, specificity, threshold], ece, n,
     per_class {name: precision, recall, f1, support}, confusion_matrix (rows = true class),
-    ci95 {accuracy, balanced_accuracy, auc: [lo, hi]} (percentile bootstrap, `n_bootstrap`
-    resamples), and `notes` when something could not be computed (e.g. a class is absent).
+    ci95 {accuracy, balanced_accuracy, auc, [binary: sensitivity, specificity]: [lo, hi],
+    recall: {name: [lo, hi]}} (percentile bootstrap, `n_bootstrap` resamples), and `notes`
+    when something could not be computed (e.g. a class is absent).
 
     Binary predictions are `probs[:, 1] >= threshold` (default 0.5); multi-class use argmax.
     Values are plain Python numbers; undefined ones are None.
@@ -423,7 +439,7 @@ def compute_metrics(
     metrics["per_class"] = per_class
     metrics["confusion_matrix"] = cm.tolist()
     if n_bootstrap > 0:
-        metrics["ci95"] = _bootstrap_ci(y, p, y_pred, int(n_bootstrap), seed, auc_classes)
+        metrics["ci95"] = _bootstrap_ci(y, p, y_pred, int(n_bootstrap), seed, auc_classes, names)
     else:
         metrics["ci95"] = {"accuracy": None, "balanced_accuracy": None, "auc": None}
     if notes:

@@ -114,6 +114,9 @@ def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 # --------------------------------------------------------------------------- weights
 
 
+_ANNOUNCED: set[str] = set()  # architectures whose missing weights were already announced
+
+
 def _pretrained_warning(arch: str, error: Exception) -> None:
     """Say loudly that ImageNet weights are missing and what that means."""
     message = (
@@ -125,6 +128,10 @@ def _pretrained_warning(arch: str, error: Exception) -> None:
         "~/.cache/torch/hub/checkpoints/."
     )
     warnings.warn(message, RuntimeWarning, stacklevel=4)
+    if arch in _ANNOUNCED:  # the full banner once per architecture, then a reminder
+        print(f"!! {arch}: again no ImageNet weights, random initialisation (model.pretrained = False)", flush=True)
+        return
+    _ANNOUNCED.add(arch)
     bar = "!" * 78
     print(f"{bar}\n!! PRETRAINED WEIGHTS NOT AVAILABLE for {arch}\n!! {message}\n{bar}", flush=True)
 

@@ -167,7 +167,10 @@ def test_screenshot_in_headless_chromium(bundle_path, tmp_path):
         # Virtual time runs ahead of the server: the first page load only triggers the slow first
         # script run (imports, model loading). Later loads find everything cached, so retry a few
         # times until the page is no longer blank.
-        for attempt in range(4):
+        deadline = time.monotonic() + 150  # a cold first run (imports, model) can be slow on CI
+        attempt = 0
+        while time.monotonic() < deadline:
+            attempt += 1
             shot.unlink(missing_ok=True)
             subprocess.run(
                 [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -352,3 +352,21 @@ def test_fit_temperature_warns_when_logits_are_uninformative() -> None:
     y = rng.integers(0, 3, 500)  # labels independent of the logits: best T is "infinitely soft"
     with pytest.warns(UserWarning, match="edge of its search range"):
         ev.fit_temperature(logits, y)
+
+
+def test_recall_intervals_contain_the_recall_and_narrow_with_more_data():
+    rng = np.random.default_rng(3)
+
+    def case(n):
+        y = rng.integers(0, 2, n)
+        p1 = np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25, n), 0, 1)
+        return ev.compute_metrics(y, np.stack([1 - p1, p1], 1), ["NORMAL", "PNEUMONIA"], n_bootstrap=500)
+
+    small, large = case(60), case(2000)
+    for m in (small, large):
+        for key, name in (("sensitivity", "PNEUMONIA"), ("specificity", "NORMAL")):
+            lo, hi = m["ci95"][key]
+            assert lo <= m[key] <= hi
+            assert m["ci95"]["recall"][name] == [lo, hi]
+    width = lambda m: m["ci95"]["specificity"][1] - m["ci95"]["specificity"][0]  # noqa: E731
+    assert width(large) < width(small) / 2
