@@ -200,3 +200,25 @@ def test_extra_parameters_are_parsed_as_literals():
                       "LABEL": "abc", "EPOCHS": None}
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         run_all._parameters(run_all._parse_args(["-p", "oops"]), "04_x")
+
+
+def test_collect_only_tables_every_metrics_file_with_its_profile_and_data(tmp_path):
+    root = tmp_path / "course"
+    (root / "notebooks").mkdir(parents=True)
+    for stem, profile, data_dir, acc in (("01_a", "smoke", "/x/data/synthetic/chest4-seed42", 0.25),
+                                         ("04_b", "cpu", "/shared/chest_xray_pneumonia_224", 0.82)):
+        out = root / "assets" / stem
+        out.mkdir(parents=True)
+        block = {"accuracy": acc, "balanced_accuracy": acc, "auc": 0.9, "ci95": {"auc": [0.8, 0.95]}}
+        (out / "metrics.json").write_text(json.dumps({
+            "notebook": stem, "profile": profile, "dataset": "d", "data_dir": data_dir, "model": "m",
+            "pretrained": False, "image_size": 64, "class_names": ["a", "b"], "threshold": 0.5,
+            "val": block, "test": block, "timing": {}, "device": "cpu"}))
+    assert run_all.main(["--collect-only", "--notebooks-dir", str(root / "notebooks")]) == 0
+    text = (root / "assets" / "RESULTS.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 0")]
+    assert len(rows) == 2
+    assert "| smoke | synthetic |" in rows[0] and "0.250" in rows[0]
+    assert "| cpu | real (chest_xray_pneumonia_224) |" in rows[1] and "0.820" in rows[1]
+    assert "[0.800, 0.950]" in rows[1]
+    assert run_all.main(["--collect-only", "--notebooks-dir", str(tmp_path / "empty" / "notebooks")]) == 2
