@@ -28,10 +28,9 @@ if str(ROOT) not in sys.path:  # run from a plain checkout without `uv sync`/`pi
 
 from helpers import deploy  # noqa: E402
 
-SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
-SAMPLES = {  # query parameter value -> (label, file)
-    "xray": ("Sample: synthetic chest X-ray", "synthetic_chest_xray.jpg"),
-    "landscape": ("Sample: landscape photo (not an X-ray)", "synthetic_landscape.jpg"),
+SAMPLES = {  # query parameter value -> label; the images are generated (helpers.deploy)
+    "xray": "Sample: synthetic chest X-ray",
+    "landscape": "Sample: synthetic landscape (not an X-ray)",
 }
 UPLOAD = "Upload your own image"
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif"]
@@ -96,16 +95,16 @@ def show_model_card(app: deploy.AppModel) -> None:
 
 def choose_image() -> tuple[str, bytes] | None:
     """(name, bytes) of the image to analyse, or None while nothing is chosen."""
-    options = [UPLOAD] + [label for label, _ in SAMPLES.values()]
+    options = [UPLOAD] + list(SAMPLES.values())
     preset = st.query_params.get("sample")  # e.g. ?sample=xray preselects a sample
-    index = options.index(SAMPLES[preset][0]) if preset in SAMPLES else 0
+    index = options.index(SAMPLES[preset]) if preset in SAMPLES else 0
     choice = st.radio("Image", options, index=index, horizontal=True)
     if choice == UPLOAD:
         uploaded = st.file_uploader("Upload a chest X-ray (PNG, JPEG, BMP or TIFF, up to 20 MB)",
                                     type=UPLOAD_TYPES, max_upload_size=20)
         return None if uploaded is None else (uploaded.name, uploaded.getvalue())
-    name = next(file for label, file in SAMPLES.values() if label == choice)
-    return name, (SAMPLES_DIR / name).read_bytes()
+    kind = next(kind for kind, label in SAMPLES.items() if label == choice)
+    return f"sample_{kind}.png", deploy.sample_image_bytes(kind)
 
 
 def enlarge(image: np.ndarray) -> Image.Image:

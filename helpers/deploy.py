@@ -44,6 +44,7 @@ from helpers.config import project_root
 from helpers.gradcam import default_target_layer, grad_cam, overlay
 from helpers.loading import normalize
 from helpers.models import backbone_and_head, build_model, get_head
+from helpers.synthetic import chest_xray_image
 from helpers.train import logits_to_probs
 
 # ============================================================================ uploads
@@ -820,6 +821,16 @@ def png_bytes(image_u8: Any) -> bytes:
     return buffer.getvalue()
 
 
+def sample_image_bytes(kind: str, size: int = 224, seed: int = 0) -> bytes:
+    """A generated sample for the app, as PNG bytes: "xray" (synthetic chest X-ray with a
+    consolidation) or "landscape" (a synthetic outdoor scene: not an X-ray)."""
+    if kind == "xray":
+        return png_bytes(np.asarray(chest_xray_image("consolidation", size, seed)))
+    if kind == "landscape":
+        return png_bytes(synthetic_landscapes(1, size, seed)[0])
+    raise ValueError(f"Unknown sample {kind!r}; use 'xray' or 'landscape'.")
+
+
 __all__ = [
     "MAX_UPLOAD_BYTES", "MAX_UPLOAD_PIXELS", "UploadError", "ValidatedImage", "read_upload", "to_rgb",
     "synthetic_landscapes", "synthetic_noise", "synthetic_shapes",
@@ -830,5 +841,5 @@ __all__ = [
     "measure_latency", "file_size_mb", "linear_parameter_share",
     "BUNDLE_FORMAT", "MODEL_PATH_ENV", "MODEL_URL_ENV", "default_model_path", "save_bundle", "load_bundle",
     "AppModel", "BundleError", "ModelLocation", "locate_model", "Analysis", "analyse_image", "analyse_upload",
-    "png_bytes",
+    "png_bytes", "sample_image_bytes",
 ]

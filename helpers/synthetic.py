@@ -144,6 +144,11 @@ def _write_fundus(root: Path, counts: dict, rng: np.random.Generator, size: int)
                 _fundus(rng, class_name == "DR", size).save(folder / f"{class_name.lower()}_eye{i:04d}_{split}.jpg", quality=92)
 
 
+def chest_xray_image(finding: str = "consolidation", size: int = 224, seed: int = 0) -> Image.Image:
+    """One synthetic grayscale chest X-ray: finding is none, consolidation, haze, peripheral or nodules."""
+    return _chest(np.random.default_rng(seed), finding, size, size)
+
+
 WRITERS = {"pneumonia": _write_pneumonia, "chest4": _write_chest4, "fundus": _write_fundus}
 
 

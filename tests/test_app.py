@@ -95,7 +95,7 @@ def test_model_page_sample_and_uploads(isolated, bundle_path):
     # a sample image through the radio button
     sample = next(o for o in at.radio[0].options if "chest X-ray" in o)
     _ok(at.radio[0].set_value(sample).run())
-    assert "Result for synthetic_chest_xray.jpg" in _texts(at)
+    assert "Result for sample_xray.png" in _texts(at)
     labels = [m.label for m in at.metric]
     assert any(label.startswith("Prediction") for label in labels)
     assert at.metric[0].value in ("NORMAL", "PNEUMONIA")
@@ -118,7 +118,7 @@ def test_model_page_sample_and_uploads(isolated, bundle_path):
 def test_app_prediction_matches_the_helper(bundle_path):
     """The page only lays out what deploy.analyse_upload computes: same bytes, same answer."""
     app = deploy.load_bundle(bundle_path)
-    payload = (APP.parent / "samples" / "synthetic_landscape.jpg").read_bytes()
+    payload = deploy.sample_image_bytes("landscape")
     first, second = deploy.analyse_upload(app, payload), deploy.analyse_upload(app, payload)
     assert first.predicted == second.predicted and first.probability == pytest.approx(second.probability)
 
