@@ -346,11 +346,21 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
 
 
 def subsample(frame: pd.DataFrame, max_per_class: int | None, seed: int = 42) -> pd.DataFrame:
-    """At most `max_per_class` images per class in every split (random, reproducible)."""
+    """A random, reproducible subset in which no class of a split has more than `max_per_class`.
+
+    Every class of a split is scaled by the same factor (the largest class gets exactly
+    `max_per_class`), so the subset keeps the class balance of the full split: capping each
+    class separately would make an imbalanced dataset balanced and hide what weighted losses,
+    samplers and thresholds are for.
+    """
     if max_per_class is None:
         return frame
-    parts = [g.sample(n=min(len(g), max_per_class), random_state=seed)
-             for _, g in frame.groupby(["split", "label"], sort=True)]
+    parts = []
+    for _, split in frame.groupby("split", sort=True):
+        factor = min(1.0, max_per_class / split["label"].value_counts().max())
+        for _, group in split.groupby("label", sort=True):
+            n = max(1, round(len(group) * factor))
+            parts.append(group.sample(n=min(len(group), n), random_state=seed))
     return pd.concat(parts).sort_index()
 
 
@@ -425,7 +435,8 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
                      f"({frame['patient_id'].nunique()} patient ids), stratified by class.")
     frame = subsample(frame, max_per_class, seed=seed).reset_index(drop=True)
     if max_per_class is not None:
-        notes.append(f"Capped at {max_per_class} images per class and split (profile setting).")
+        notes.append(f"Subsampled to at most {max_per_class} images per class and split, keeping "
+                     "each split's class balance (profile setting).")
     return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes)
 
 

@@ -390,3 +390,12 @@ def test_config_output_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "project_root", lambda: tmp_path)
     assert config.output_dir("00_x") == tmp_path / "assets" / "00_x"
     assert (tmp_path / "assets" / "00_x").is_dir()
+
+
+def test_subsample_keeps_the_class_balance_of_each_split():
+    frame = pd.DataFrame({"split": ["train"] * 400 + ["test"] * 40,
+                          "label": [0] * 100 + [1] * 300 + [0] * 10 + [1] * 30})
+    sub = data.subsample(frame, 60, seed=1)
+    counts = sub.groupby(["split", "label"]).size().to_dict()
+    assert counts == {("test", 0): 10, ("test", 1): 30, ("train", 0): 20, ("train", 1): 60}
+    assert data.subsample(frame, None) is frame
