@@ -370,3 +370,11 @@ def test_recall_intervals_contain_the_recall_and_narrow_with_more_data():
             assert m["ci95"]["recall"][name] == [lo, hi]
     width = lambda m: m["ci95"]["specificity"][1] - m["ci95"]["specificity"][0]  # noqa: E731
     assert width(large) < width(small) / 2
+
+
+def test_with_ci_formats_value_and_interval():
+    block = {"auc": 0.91234, "accuracy": 0.5, "sensitivity": None,
+             "ci95": {"auc": [0.8901, 0.93149], "accuracy": None}}
+    assert ev.with_ci(block, "auc") == "0.912 [0.890, 0.931]"
+    assert ev.with_ci(block, "accuracy") == "0.500"
+    assert ev.with_ci(block, "sensitivity") == "n/a"
