@@ -375,6 +375,7 @@ class DataSplits:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     synthetic: bool = False
     notes: list[str] = field(default_factory=list)
+    carved: tuple[str, ...] = ()  # splits carved out of train/ (not provided by the dataset)
 
     @property
     def train(self) -> pd.DataFrame:
@@ -437,7 +438,7 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     if max_per_class is not None:
         notes.append(f"Subsampled to at most {max_per_class} images per class and split, keeping "
                      "each split's class balance (profile setting).")
-    return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes)
+    return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes, missing)
 
 
 # ----------------------------------------------------------------------------- balancing

@@ -41,6 +41,7 @@ from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
 from helpers.config import project_root
+from helpers.evaluate import model_device
 from helpers.gradcam import default_target_layer, grad_cam, overlay
 from helpers.loading import normalize
 from helpers.models import backbone_and_head, build_model, get_head
@@ -388,10 +389,6 @@ def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
     return float(below + 0.5 * ties)
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
 def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) and pooled backbone features (N, D) for uint8 images (N, 3, S, S).
 
@@ -400,7 +397,7 @@ def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: i
     """
 
     backbone, head = backbone_and_head(model)
-    device = _model_device(model)
+    device = model_device(model)
     model.eval()
     logits, feats = [], []
     with torch.inference_mode():
@@ -790,7 +787,7 @@ def analyse_image(app: AppModel, image: Image.Image, notes: Sequence[str] = ()) 
         score = float(ood_score(ood["method"], logits, features, ood.get("params"))[0])
         ood_threshold = float(ood["threshold"])
         in_dist = score >= ood_threshold
-    x = normalize(u8.to(_model_device(app.model)))
+    x = normalize(u8.to(model_device(app.model)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # blank-map warning of untrained models; shown as a flat map
         heatmap = grad_cam(app.model, x, default_target_layer(app.model), class_idx=pred)[0]

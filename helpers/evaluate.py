@@ -20,23 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.train import logits_to_probs
+
 # ----------------------------------------------------------------------------------------------
 # Probabilities from logits
 # ----------------------------------------------------------------------------------------------
 
 
-def _logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
-    """(N, 1) or (N,) logits -> [1 - sigmoid, sigmoid]; (N, C) logits -> softmax. Always (N, C)."""
-    logits = logits.float()
-    if logits.ndim == 1:
-        logits = logits[:, None]
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits)
-        return torch.cat([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
-
-
-def _as_probs(probs: Any) -> np.ndarray:
+def as_probs(probs: Any) -> np.ndarray:
     """Probabilities as a float64 (N, C) array; a 1-D array is read as P(positive) of a binary task."""
     p = probs.detach().cpu().numpy() if isinstance(probs, torch.Tensor) else np.asarray(probs)
     p = p.astype(np.float64)
@@ -152,10 +143,9 @@ def _resolve_tta(tta: None | str | Sequence[Callable]) -> list[Callable]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def predict(
@@ -173,7 +163,7 @@ def predict(
     With `return_logits=True` the (view-averaged) raw logits come third, e.g. for `fit_temperature`.
     The model is put in eval mode (dropout off, BatchNorm running statistics).
     """
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else model_device(model)
     transforms = _resolve_tta(tta)
     model.eval()
     all_probs, all_labels, all_logits = [], [], []
@@ -184,7 +174,7 @@ def predict(
             probs_sum, logits_sum = None, None
             for transform in transforms:
                 logits = model(transform(x)).float()
-                probs = _logits_to_probs(logits)
+                probs = logits_to_probs(logits)
                 probs_sum = probs if probs_sum is None else probs_sum + probs
                 logits_sum = logits if logits_sum is None else logits_sum + logits
             all_probs.append((probs_sum / len(transforms)).cpu())
@@ -202,7 +192,7 @@ def predict(
 
 def ensemble_probs(list_of_probs: Sequence[Any]) -> np.ndarray:
     """Average the (N, C) probabilities of several models (a simple ensemble)."""
-    arrays = [_as_probs(p) for p in list_of_probs]
+    arrays = [as_probs(p) for p in list_of_probs]
     if not arrays:
         raise ValueError("ensemble_probs needs at least one probability array")
     shapes = {a.shape for a in arrays}
@@ -268,7 +258,7 @@ def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> flo
     ECE = sum over bins of (fraction of samples in bin) * |accuracy in bin - mean confidence in bin|.
     """
     y = _as_labels(y_true)
-    p = _as_probs(probs)
+    p = as_probs(probs)
     confidence, accuracy, counts = reliability_bins(y, p, n_bins)
     keep = counts > 0
     return float(np.sum(counts[keep] / counts.sum() * np.abs(accuracy[keep] - confidence[keep])))
@@ -277,7 +267,7 @@ def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> flo
 def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per confidence bin: (mean confidence, accuracy, count); NaN for empty bins. Used by the plots."""
     y = _as_labels(y_true)
-    p = _as_probs(probs)
+    p = as_probs(probs)
     confidence = p.max(axis=1)
     correct = (p.argmax(axis=1) == y).astype(np.float64)
     bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
@@ -366,7 +356,7 @@ def compute_metrics(
     Values are plain Python numbers; undefined ones are None.
     """
     y = _as_labels(y_true)
-    p = _as_probs(probs)
+    p = as_probs(probs)
     names = [str(c) for c in class_names]
     n, n_classes = p.shape
     if n_classes != len(names):
@@ -568,7 +558,7 @@ def fit_temperature(logits: Any, labels: Any) -> float:
 def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
     """Calibrated probabilities (N, C) from logits divided by `temperature`."""
     z = torch.as_tensor(_as_logits(logits)) / float(temperature)
-    return _logits_to_probs(z).double().numpy()
+    return logits_to_probs(z).double().numpy()
 
 
 # ----------------------------------------------------------------------------------------------

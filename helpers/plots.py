@@ -14,7 +14,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 
-from helpers.evaluate import expected_calibration_error, reliability_bins
+from helpers.evaluate import as_probs, expected_calibration_error, reliability_bins
 from helpers.gradcam import _to_hwc_float
 from helpers.gradcam import plot_gradcam  # noqa: F401  (re-exported: plots.plot_gradcam(...))
 
@@ -52,11 +52,6 @@ def _numpy(values: Any) -> np.ndarray:
     if hasattr(values, "detach"):
         values = values.detach().cpu().numpy()
     return np.asarray(values)
-
-
-def _probs_2d(probs: Any) -> np.ndarray:
-    p = _numpy(probs).astype(np.float64)
-    return np.stack([1 - p, p], axis=1) if p.ndim == 1 else p
 
 
 def _p_pos(probs: Any) -> np.ndarray:
@@ -149,7 +144,7 @@ def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: st
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
     y = _numpy(y_true).astype(np.int64)
-    p = _probs_2d(probs)
+    p = as_probs(probs)
     classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
     fig, (ax_roc, ax_pr) = new_figure(1, 2, figsize=(11, 4.5))
     for c in classes:
@@ -231,7 +226,7 @@ def plot_prediction_grid(
     """
     images = _numpy(images_u8)
     y = _numpy(y_true).astype(np.int64)
-    p = _probs_2d(probs)
+    p = as_probs(probs)
     pred = (p[:, 1] >= threshold).astype(np.int64) if threshold is not None and p.shape[1] == 2 else p.argmax(1)
     indices = np.flatnonzero(pred != y) if errors_only else np.arange(len(y))
     indices = indices[:n]

@@ -106,6 +106,7 @@ def test_carve_splits_groups_patients_on_constructed_frame():
 def test_synthetic_splits_are_patient_disjoint(synthetic_root):
     splits = data.load_splits("pneumonia", synthetic_root("pneumonia"), seed=0)
     _assert_patient_disjoint(splits.frame)
+    assert splits.carved == ("val", "test")
     assert splits.frame.groupby("patient_id").size().max() > 1  # patients do have several images
     assert len(splits.val) and len(splits.test)
 
@@ -114,6 +115,7 @@ def test_provided_splits_are_kept_and_tiny_val_is_folded(tmp_path, synthetic_roo
     chest4 = data.load_splits("chest4", synthetic_root("chest4"))
     assert chest4.counts().loc["test"].tolist() == [12, 12, 12, 12]  # provided test kept as is
     assert chest4.counts().loc["val"].tolist() == [12, 12, 12, 12]
+    assert chest4.carved == ()
     # The official pneumonia layout: a 16-image val/ beside a big train/.
     root = tmp_path / "chest_xray"
     shutil.copytree(synthetic_root("pneumonia") / "train", root / "train")
