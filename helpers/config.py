@@ -7,6 +7,7 @@ knob can still be overridden (pass it explicitly; `None` means "use the profile'
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,6 +83,26 @@ def project_root() -> Path:
     """
     checkout = Path(__file__).resolve().parent.parent
     return checkout if (checkout / "pyproject.toml").exists() else Path.cwd()
+
+
+def portable_data_dir(data_dir: str | Path | None) -> str | None:
+    """How metrics.json names a data folder: never an absolute path of the machine it ran on.
+
+    `None` and `"synthetic"` stay as they are; a Kaggle location becomes `kaggle:<owner>/<slug>/...`
+    (attached under /kaggle/input, or in the kagglehub download cache); any other folder becomes a
+    path relative to the course folder (for example `../shared/data/chest_xray_pneumonia_224`).
+    """
+    if data_dir is None or not Path(data_dir).is_absolute():
+        return None if data_dir is None else str(data_dir)
+    parts = Path(data_dir).parts
+    if "kagglehub" in parts and "datasets" in parts:  # ~/.cache/kagglehub/datasets/o/s/versions/N/...
+        rest = parts[parts.index("datasets") + 1:]
+        rest = rest[:2] + rest[4:] if len(rest) > 3 and rest[2] == "versions" else rest
+        return "kaggle:" + "/".join(rest)
+    if parts[:3] == ("/", "kaggle", "input"):
+        rest = parts[3:]
+        return "kaggle:" + "/".join(rest[1:] if rest[:1] == ("datasets",) else rest)
+    return Path(os.path.relpath(data_dir, project_root())).as_posix()
 
 
 def output_dir_for(notebook_stem: str, output_dir: str | Path | None = None) -> Path:

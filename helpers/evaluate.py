@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.config import portable_data_dir
 from helpers.train import logits_to_probs
 
 # ----------------------------------------------------------------------------------------------
@@ -616,7 +617,7 @@ def write_metrics(
         "notebook": notebook,
         "profile": profile,
         "dataset": dataset,
-        "data_dir": data_dir,
+        "data_dir": portable_data_dir(data_dir),
         "model": model,
         "pretrained": pretrained,
         "image_size": image_size,

@@ -401,3 +401,23 @@ def test_subsample_keeps_the_class_balance_of_each_split():
     counts = sub.groupby(["split", "label"]).size().to_dict()
     assert counts == {("test", 0): 10, ("test", 1): 30, ("train", 0): 20, ("train", 1): 60}
     assert data.subsample(frame, None) is frame
+
+
+@pytest.mark.parametrize("given, expected", [
+    (None, None),
+    ("synthetic", "synthetic"),
+    ("/kaggle/input/chest-xray-pneumonia/chest_xray", "kaggle:chest-xray-pneumonia/chest_xray"),
+    ("/kaggle/input/datasets/paultimothymooney/chest-xray-pneumonia/chest_xray",
+     "kaggle:paultimothymooney/chest-xray-pneumonia/chest_xray"),
+    ("/root/.cache/kagglehub/datasets/pkdarabi/diagnosis-of-diabetic-retinopathy/versions/1/data",
+     "kaggle:pkdarabi/diagnosis-of-diabetic-retinopathy/data"),
+])
+def test_portable_data_dir_names_kaggle_data_by_handle(given, expected):
+    assert config.portable_data_dir(given) == expected
+
+
+def test_portable_data_dir_is_relative_to_the_course():
+    root = config.project_root()
+    assert config.portable_data_dir(root / "data" / "synthetic" / "x") == "data/synthetic/x"
+    shared = root.parent / "shared" / "data" / "chest_xray_pneumonia_224"
+    assert config.portable_data_dir(shared) == "../shared/data/chest_xray_pneumonia_224"

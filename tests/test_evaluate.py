@@ -12,6 +12,7 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
+from conftest import ROOT
 from helpers import evaluate as ev
 
 
@@ -315,7 +316,7 @@ def test_write_metrics_schema_and_json(tmp_path) -> None:
     assert loaded == record
     assert loaded["val"]["auc"] is None and loaded["timing"]["train_images_per_second"] is None
     assert loaded["pretrained"] is False and loaded["image_size"] == 64 and loaded["device"] == "cpu"
-    assert loaded["threshold"] == pytest.approx(0.4) and loaded["data_dir"] == str(tmp_path)
+    assert loaded["threshold"] == pytest.approx(0.4) and (ROOT / loaded["data_dir"]).resolve() == tmp_path.resolve()
     for key in ("accuracy", "balanced_accuracy", "auc", "average_precision", "per_class", "confusion_matrix", "ci95"):
         assert key in loaded["test"]
 

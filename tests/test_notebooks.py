@@ -80,5 +80,6 @@ def test_notebook_04_runs_on_real_pneumonia_data(shared_pneumonia, tmp_path):
         pytest.skip("notebook 04 not present")
     metrics = _execute(notebook, tmp_path, DATA_DIR=str(shared_pneumonia))
     _check_outputs(notebook, metrics, tmp_path)
-    assert Path(metrics["data_dir"]).resolve() == shared_pneumonia.resolve()
+    assert not Path(metrics["data_dir"]).is_absolute()  # portable: relative to the course
+    assert (ROOT / metrics["data_dir"]).resolve() == shared_pneumonia.resolve()
     assert metrics["class_names"] == ["NORMAL", "PNEUMONIA"]
