@@ -161,6 +161,10 @@ def main() -> None:
     except (deploy.BundleError, OSError) as err:
         st.error(f"**The model file could not be loaded.** {err}")
         return
+    except Exception as err:  # never a stack trace, whatever the file holds
+        st.error(f"**The model file could not be loaded.** {location.path} is not a usable model "
+                 f"bundle ({type(err).__name__}). Save it again with notebook 08.")
+        return
     show_model_card(app)
 
     chosen = choose_image()

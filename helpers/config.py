@@ -7,6 +7,7 @@ knob can still be overridden (pass it explicitly; `None` means "use the profile'
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +42,17 @@ class Config:
     pretrained: bool
     amp: bool
     num_workers: int
+
+    def __post_init__(self) -> None:
+        """Refuse sizes that would fail late or train nothing (EPOCHS=0 returns an empty history)."""
+        for name in ("image_size", "epochs", "batch_size", "max_per_class"):
+            value = getattr(self, name)
+            if name == "max_per_class" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+                raise ValueError(f"{name.upper()} must be a positive whole number, got {value!r} "
+                                 f"(profile {self.profile!r}); set {name.upper()} = None to use the "
+                                 "profile's value.")
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -37,7 +37,7 @@ from helpers.loading import (  # noqa: F401  (re-exported for notebooks)
     normalize,
     pil_transforms,
 )
-from helpers.synthetic import make_synthetic_dataset  # noqa: F401  (re-exported)
+from helpers.synthetic import is_synthetic_dataset, make_synthetic_dataset  # noqa: F401  (re-exported)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -95,6 +95,10 @@ class DatasetNotFoundError(FileNotFoundError):
     """No copy of a dataset could be found or downloaded."""
 
 
+class WrongDatasetError(DatasetNotFoundError):
+    """A folder holds another dataset (or a mixture) than the one asked for."""
+
+
 def get_spec(name: str) -> DatasetSpec:
     if name not in DATASETS:
         raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(DATASETS)}.")
@@ -109,26 +113,72 @@ def _class_dirs(folder: Path, spec: DatasetSpec) -> list[Path]:
     return [d for d in folder.iterdir() if d.is_dir() and spec.canonical_class(d.name)]
 
 
-def _is_dataset_root(folder: Path, spec: DatasetSpec) -> bool:
-    """A root holds train/ with a folder for every class, or those class folders themselves."""
-    def all_classes(parent: Path) -> bool:
-        return {spec.canonical_class(d.name) for d in _class_dirs(parent, spec)} == set(spec.class_names)
-    return all_classes(folder / "train") or all_classes(folder)
+def _visible_dirs(folder: Path) -> list[Path]:
+    """Sub-folders that could be class folders: not hidden, not `__MACOSX`."""
+    if not folder.is_dir():
+        return []
+    return sorted(d for d in folder.iterdir()
+                  if d.is_dir() and d.name not in IGNORED_DIRS and not d.name.startswith("."))
 
 
-def find_dataset_root(folder: str | Path, spec: DatasetSpec, max_depth: int = 4) -> Path | None:
+def _foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
+    """Why the class folders in `folder` belong to another known dataset, or None.
+
+    A folder offered as one dataset but holding class folders of another (the 4-class set offered
+    as pneumonia: COVID19 and TURBERCULOSIS beside NORMAL and PNEUMONIA) is another dataset, not
+    a superset of this one: taking only the wanted classes would silently measure something else.
+    """
+    names = [d.name for d in _visible_dirs(folder)]
+    foreign = {n: o.name for n in names if not spec.canonical_class(n)
+               for o in DATASETS.values() if o.name != spec.name and o.canonical_class(n)}
+    if not foreign:
+        return None
+    whole = [o for o in DATASETS.values() if o.name != spec.name
+             and {o.canonical_class(n) for n in names} >= set(o.class_names)]
+    looks = (f"it looks like the {whole[0].name} dataset ({whole[0].handle})" if whole else
+             "it mixes in class folder(s) of " + ", ".join(sorted(set(foreign.values()))))
+    return (f"{folder} holds class folders {names}, including {sorted(foreign)} which the "
+            f"{spec.name} dataset does not have: {looks}, not {spec.name} (class folders "
+            f"{list(spec.class_names)}). Point DATA_DIR at the {spec.name} data, or load it as "
+            f"{whole[0].name if whole else 'the dataset it is'}.")
+
+
+def _is_dataset_root(folder: Path, spec: DatasetSpec, rejected: list[str] | None = None) -> bool:
+    """A root holds train/ with a folder for every class, or those class folders themselves,
+    and no class folder of another known dataset (reasons for refusing go to `rejected`)."""
+    for parent in (folder / "train", folder):
+        if {spec.canonical_class(d.name) for d in _class_dirs(parent, spec)} == set(spec.class_names):
+            problem = _foreign_classes(parent, spec)
+            if problem is None:
+                return True
+            if rejected is not None:
+                rejected.append(problem)
+            return False
+    return False
+
+
+def find_dataset_root(folder: str | Path, spec: DatasetSpec, max_depth: int = 4,
+                      rejected: list[str] | None = None) -> Path | None:
     """The shallowest folder below `folder` that looks like the dataset, or None.
 
     Shallowest first, so the pneumonia archive's nested duplicate `chest_xray/chest_xray/` is
-    never picked over `chest_xray/`; `__MACOSX/` is never entered.
+    never picked over `chest_xray/`; `__MACOSX/` is never entered. A folder that holds another
+    dataset's classes is refused (reason appended to `rejected`) and not searched further.
     """
     level = [Path(folder)]
     for _ in range(max_depth + 1):
+        refused = []
         for candidate in level:
-            if _is_dataset_root(candidate, spec):
+            found: list[str] = []
+            if _is_dataset_root(candidate, spec, found):
                 return candidate
+            if found:
+                refused.append(candidate)
+                if rejected is not None:
+                    rejected.extend(found)
         level = sorted(
-            child for parent in level if parent.is_dir() for child in parent.iterdir()
+            child for parent in level if parent.is_dir() and parent not in refused
+            for child in parent.iterdir()
             if child.is_dir() and child.name not in IGNORED_DIRS and not child.name.startswith(".")
         )
         if not level:
@@ -162,22 +212,15 @@ def locate_dataset(name: str, data_dir: str | Path | None = None, *, download: b
     5. otherwise one `DatasetNotFoundError` that lists these four ways.
     """
     spec = get_spec(name)
+    rejected: list[str] = []
     if data_dir is not None:
-        root = find_dataset_root(data_dir, spec)
-        if root is None:
-            raise DatasetNotFoundError(
-                f"DATA_DIR={str(data_dir)!r} does not hold the {name} dataset: expected a train/ "
-                f"folder (optionally val/, test/) with class folders {list(spec.class_names)}, "
-                "or the class folders themselves. Check the path, or set DATA_DIR = None to "
-                "locate/download it, or DATA_DIR = 'synthetic' for generated data."
-            )
-        return root
+        return _locate_in_data_dir(data_dir, spec)
     for candidate in _kaggle_candidates(spec, Path(kaggle_input)):
-        root = find_dataset_root(candidate, spec)
+        root = find_dataset_root(candidate, spec, rejected=rejected)
         if root is not None:
             return root
     local = project_root() / "data" / name
-    if local.is_dir() and (root := find_dataset_root(local, spec)) is not None:
+    if local.is_dir() and (root := find_dataset_root(local, spec, rejected=rejected)) is not None:
         return root
     reason = "download=False"
     if download:
@@ -185,7 +228,8 @@ def locate_dataset(name: str, data_dir: str | Path | None = None, *, download: b
             import kagglehub
 
             try:
-                root = find_dataset_root(kagglehub.dataset_download(spec.handle), spec)
+                root = find_dataset_root(kagglehub.dataset_download(spec.handle), spec,
+                                         rejected=rejected)
                 if root is not None:
                     return root
                 reason = "kagglehub downloaded it but the layout was not recognised"
@@ -203,6 +247,30 @@ def locate_dataset(name: str, data_dir: str | Path | None = None, *, download: b
         f"  3. unzip it into {local};\n"
         f"  4. turn on the internet so kagglehub.dataset_download('{spec.handle}') can fetch it.\n"
         "Or run offline on generated images with DATA_DIR = 'synthetic'."
+        + "".join(f"\nRefused: {r}" for r in rejected)
+    )
+
+
+def _locate_in_data_dir(data_dir: str | Path, spec: DatasetSpec) -> Path:
+    """The dataset root in DATA_DIR; the working directory is never searched below itself."""
+    if not str(data_dir).strip():
+        raise ValueError(f"DATA_DIR={str(data_dir)!r} is empty. Use DATA_DIR = None to locate or "
+                         "download the data, 'synthetic' for generated images, or a folder path.")
+    is_cwd = Path(data_dir).resolve() == Path.cwd().resolve()
+    rejected: list[str] = []
+    root = find_dataset_root(data_dir, spec, max_depth=0 if is_cwd else 4, rejected=rejected)
+    if root is not None:
+        return root
+    if rejected:
+        raise WrongDatasetError(f"DATA_DIR={str(data_dir)!r} does not hold the {spec.name} "
+                                f"dataset: {rejected[0]}")
+    where = (f" is the working directory ({Path.cwd()}), which is not searched below itself: give "
+             "the dataset folder itself" if is_cwd else " does not hold the " + spec.name + " dataset")
+    raise DatasetNotFoundError(
+        f"DATA_DIR={str(data_dir)!r}{where}: expected a train/ folder (optionally val/, test/) "
+        f"with class folders {list(spec.class_names)}, or the class folders themselves. Check "
+        "the path, or set DATA_DIR = None to locate/download it, or DATA_DIR = 'synthetic' for "
+        "generated data."
     )
 
 
@@ -255,13 +323,71 @@ def _check_image(path: Path) -> tuple[int, int] | str:
         return f"{type(err).__name__}: {err}"
 
 
+def _list_images(folder: Path | None) -> tuple[list[Path], list[Path]]:
+    """Image files of a class folder, and the broken symbolic links among them."""
+    files: list[Path] = []
+    broken: list[Path] = []
+    entries = folder.iterdir() if folder is not None else []
+    for f in entries:
+        if f.name.startswith(".") or f.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if f.is_symlink() and not f.exists():
+            broken.append(f)
+        elif f.is_file():
+            files.append(f)
+    return sorted(files), sorted(broken)
+
+
+def _split_class_folders(split_dir: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[str]]:
+    """A split's class folders by canonical class, and the folders the dataset does not know.
+
+    Class folders of another known dataset are an error (`WrongDatasetError`), not extra data.
+    """
+    problem = _foreign_classes(split_dir, spec)
+    if problem is not None:
+        raise WrongDatasetError(problem)
+    classes: dict[str, Path] = {}
+    unknown: list[str] = []
+    for d in _visible_dirs(split_dir):
+        canonical = spec.canonical_class(d.name)
+        if canonical is None:
+            unknown.append(str(d))
+        else:
+            classes[canonical] = d
+    return classes, unknown
+
+
+def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Decode-check every image: the readable rows (with width, height) and (path, reason) of the rest."""
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
+        checks = list(pool.map(_check_image, map(Path, frame["path"])))
+    bad = np.array([isinstance(c, str) for c in checks], dtype=bool)
+    skipped = [(p, c) for p, c, b in zip(frame["path"], checks, bad) if b]
+    sizes = [c if not b else (0, 0) for c, b in zip(checks, bad)]
+    frame["width"], frame["height"] = [s[0] for s in sizes], [s[1] for s in sizes]
+    kept = frame[~bad].reset_index(drop=True)
+    lost = set(zip(frame["split"], frame["class_name"])) - set(zip(kept["split"], kept["class_name"]))
+    if lost:
+        split, class_name = sorted(lost)[0]
+        i = next(i for i, (sp, cn, b) in enumerate(zip(frame["split"], frame["class_name"], bad))
+                 if b and sp == split and cn == class_name)
+        raise ValueError(
+            f"Every image of class {class_name} in the {split} split is unreadable (e.g. "
+            f"{frame['path'].iloc[i]}: {checks[i]}): the split would silently lose the class. "
+            "Replace the files (check the download) or point DATA_DIR at a good copy.")
+    return kept, skipped
+
+
 def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> pd.DataFrame:
     """One row per image: path, label, class_name, split, patient_id, subtype, width, height.
 
     Looks at `root/{train,val|valid|validation,test}/<class>/` (or `root/<class>/`, taken as
     train). Hidden files, `.DS_Store`, `__MACOSX` and non-image files are ignored. Unreadable or
-    corrupt images are skipped, counted and reported (`df.attrs["skipped"]`). A missing or
-    empty class folder is an error: the model would silently never see that class.
+    corrupt images and broken symbolic links are skipped, counted and reported
+    (`df.attrs["skipped"]`); folders that are no class of the dataset are listed in
+    `df.attrs["unknown_folders"]` with a warning. A split without images of some class (folder
+    missing, empty, or every file unreadable) is an error naming the split and the class: the
+    model would silently never see (or never be tested on) that class.
     """
     spec = get_spec(name)
     root = Path(root)
@@ -273,42 +399,37 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
         raise DatasetNotFoundError(
             f"{root} has no train/ folder with class folders {list(spec.class_names)}."
         )
-    rows = []
+    rows, broken, unknown = [], [], []
     for split, split_dir in split_dirs.items():
-        classes = {spec.canonical_class(d.name): d for d in _class_dirs(split_dir, spec)}
+        classes, extra = _split_class_folders(split_dir, spec)
+        unknown += extra
         for class_name in spec.class_names:
-            folder = classes.get(class_name)
-            files = [] if folder is None else sorted(
-                f for f in folder.iterdir()
-                if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in IMAGE_EXTENSIONS
-            )
-            if not files and (split == "train" or folder is not None):
-                where = folder or split_dir / class_name
+            files, dead = _list_images(classes.get(class_name))
+            broken += dead
+            if not files:
+                where = classes.get(class_name) or split_dir / class_name
                 raise ValueError(
-                    f"Class folder {where} is missing or holds no images. Every class "
-                    f"{list(spec.class_names)} needs images in {split_dir}; check the download "
-                    "or point DATA_DIR at the right folder."
+                    f"The {split} split has no images of class {class_name}: class folder {where} "
+                    f"is missing or holds no images. Every class {list(spec.class_names)} needs "
+                    f"images in {split_dir}; check the download or point DATA_DIR at the right folder."
                 )
             label = spec.class_names.index(class_name)
             rows += [dict(path=str(f), label=label, class_name=class_name, split=split,
                           patient_id=parse_patient_id(f.name),
                           subtype=parse_subtype(f.name, class_name)) for f in files]
     frame = pd.DataFrame(rows)
-    frame.attrs["skipped"] = []
+    skipped = [(str(p), "broken symbolic link (its target does not exist)") for p in broken]
     if check_images:
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-            checks = list(pool.map(_check_image, map(Path, frame["path"])))
-        bad = [isinstance(c, str) for c in checks]
-        frame.attrs["skipped"] = [(p, c) for p, c, b in zip(frame["path"], checks, bad) if b]
-        sizes = [c if not b else (0, 0) for c, b in zip(checks, bad)]
-        frame["width"], frame["height"] = [s[0] for s in sizes], [s[1] for s in sizes]
-        skipped = frame.attrs["skipped"]
-        frame = frame[~np.array(bad)].reset_index(drop=True)
-        frame.attrs["skipped"] = skipped
-        if skipped:
-            msg = (f"Skipped {len(skipped)} unreadable image(s) of {len(checks)} "
-                   f"(listed in frame.attrs['skipped']), e.g. {skipped[0][0]} ({skipped[0][1]})")
-            warnings.warn(msg, stacklevel=2)
+        frame, unreadable = _drop_unreadable(frame)
+        skipped += unreadable
+    if skipped:
+        warnings.warn(f"Skipped {len(skipped)} unreadable image(s) of {len(frame) + len(skipped)} "
+                      f"(listed in frame.attrs['skipped']), e.g. {skipped[0][0]} ({skipped[0][1]})",
+                      stacklevel=2)
+    if unknown:
+        warnings.warn(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset "
+                      f"{list(spec.class_names)}: {unknown}", stacklevel=2)
+    frame.attrs["skipped"], frame.attrs["unknown_folders"] = skipped, unknown
     return frame
 
 
@@ -320,7 +441,9 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
 
     Patients are shuffled within each class (a patient's class is their most frequent label)
     and taken until each new split holds its fraction of that class's images, so every split
-    keeps the class balance of the whole and no patient appears in two splits.
+    keeps the class balance of the whole and no patient appears in two splits. A carved split
+    that would get no patient of a class (few patients, large first patients) takes the last
+    train patient of that class in the shuffled order, as long as train keeps at least one.
     """
     frame = frame.copy()
     fractions = {"val": val_fraction, "test": test_fraction}
@@ -338,8 +461,12 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
         for split in carve:
             edge += fractions[split] * total
             targets.append((split, edge))
-        for pid, start in before.items():
-            assignment[pid] = next((s for s, e in targets if start < e), "train")
+        chosen = {pid: next((s for s, e in targets if start < e), "train") for pid, start in before.items()}
+        for split in carve:
+            in_train = [pid for pid in order.index if chosen[pid] == "train"]
+            if split not in chosen.values() and len(in_train) > 1:
+                chosen[in_train[-1]] = split
+        assignment.update(chosen)
     is_train = frame["split"] == "train"
     frame.loc[is_train, "split"] = frame.loc[is_train, "patient_id"].map(assignment)
     return frame
@@ -396,6 +523,19 @@ class DataSplits:
         return table.loc[order, [c for c in self.class_names if c in table.columns]]
 
 
+def _require_every_class(frame: pd.DataFrame, spec: DatasetSpec, carved: tuple[str, ...]) -> None:
+    """Stop with a message naming the split and class when a split lacks a class."""
+    for split in ("train", "val", "test"):
+        present = set(frame.loc[frame["split"] == split, "class_name"])
+        absent = [c for c in spec.class_names if c not in present]
+        if absent:
+            how = ("carved out of train/ by patient: too few patients of that class to give every "
+                   "split one; add images or lower the number of carved splits" if split in carved
+                   else "check the folder")
+            raise ValueError(f"The {split} split holds no image of class {absent[0]} ({how}). "
+                             "Every split must hold every class, or its metrics are undefined.")
+
+
 def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42,
                 val_fraction: float = 0.15, test_fraction: float = 0.15,
                 max_per_class: int | None = None, check_images: bool = True) -> DataSplits:
@@ -416,13 +556,17 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     folder layout, so everything runs offline.
     """
     spec = get_spec(name)
-    synthetic = data_dir is not None and str(data_dir) == "synthetic"
-    root = make_synthetic_dataset(name, seed=seed) if synthetic else locate_dataset(name, data_dir)
+    generate = data_dir is not None and str(data_dir) == "synthetic"
+    root = make_synthetic_dataset(name, seed=seed) if generate else locate_dataset(name, data_dir)
+    synthetic = generate or is_synthetic_dataset(root)
     frame = scan_dataset(root, name, check_images=check_images)
     skipped = list(frame.attrs.get("skipped", []))
-    notes = [f"Data: {root}" + (" (synthetic)" if synthetic else "")]
+    notes = [f"Data: {root}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
     if skipped:
         notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
+    if unknown := frame.attrs.get("unknown_folders"):
+        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: "
+                     + ", ".join(unknown))
     n_val, n_train = int((frame["split"] == "val").sum()), int((frame["split"] == "train").sum())
     if 0 < n_val < MIN_USEFUL_VAL_IMAGES and n_val < MIN_USEFUL_VAL_FRACTION * n_train:
         frame.loc[frame["split"] == "val", "split"] = "train"
@@ -438,6 +582,7 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     if max_per_class is not None:
         notes.append(f"Subsampled to at most {max_per_class} images per class and split, keeping "
                      "each split's class balance (profile setting).")
+    _require_every_class(frame, spec, missing)
     return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes, missing)
 
 

@@ -23,11 +23,14 @@ same code:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
+import socket
 import statistics
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import warnings
 from dataclasses import dataclass, field
@@ -43,14 +46,14 @@ from torch import nn
 from helpers.config import project_root
 from helpers.evaluate import model_device
 from helpers.gradcam import default_target_layer, grad_cam, overlay
-from helpers.loading import normalize
+from helpers.loading import normalize, to_rgb
 from helpers.models import backbone_and_head, build_model, get_head
 from helpers.synthetic import chest_xray_image
 from helpers.train import logits_to_probs
 
 # ============================================================================ uploads
 
-MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # 20 MB
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # 20 MB as Streamlit counts them (MiB); messages use the same unit
 MAX_UPLOAD_PIXELS = 50_000_000  # 50 megapixels
 MIN_IMAGE_SIDE = 32
 
@@ -70,55 +73,6 @@ class ValidatedImage:
     notes: list[str] = field(default_factory=list)
 
 
-def _rescale_high_bit_depth(image: Image.Image) -> tuple[Image.Image, str]:
-    """16-bit / 32-bit grayscale -> 8-bit "L" by stretching its own value range to 0..255.
-
-    `image.convert("L")` would clip every value above 255 to white: a 16-bit X-ray (values up to
-    4095 or 65535) would come out almost entirely white. We map [min, max] -> [0, 255] instead.
-    """
-    values = np.asarray(image, dtype=np.float64)
-    if values.ndim == 3:  # e.g. a 2-channel 16-bit image opened as an array: keep the first
-        values = values[..., 0]
-    lo, hi = float(values.min()), float(values.max())
-    if hi > lo:
-        scaled = (values - lo) / (hi - lo) * 255.0
-    else:
-        scaled = np.zeros_like(values)
-    note = (f"{image.mode} image (values {lo:g}..{hi:g}) rescaled to 8 bits "
-            "(its own minimum -> black, maximum -> white)")
-    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L"), note
-
-
-def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-    """Any PIL image -> 8-bit RGB, and notes on what was converted.
-
-    Grayscale is replicated to 3 channels (the models were trained on X-rays stored that way);
-    transparency is flattened onto black (the background of a radiograph); 16/32-bit grayscale
-    is rescaled by its value range (see `_rescale_high_bit_depth`).
-    """
-    notes: list[str] = []
-    mode = image.mode
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        image, note = _rescale_high_bit_depth(image)
-        notes.append(note)
-    if image.mode == "P" or image.mode == "PA":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "La", "RGBa"):
-        alpha = image.getchannel("A")
-        if alpha.getextrema()[0] < 255:
-            notes.append("transparent areas were flattened onto black")
-        background = Image.new("RGB", image.size, (0, 0, 0))
-        background.paste(image.convert("RGB"), mask=alpha)
-        image = background
-    if image.mode in ("L", "1"):
-        notes.append("grayscale image replicated to 3 channels (RGB)")
-    elif image.mode != "RGB":
-        notes.append(f"converted from {image.mode} to RGB")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image, notes
-
-
 def read_upload(
     data: bytes,
     *,
@@ -130,12 +84,13 @@ def read_upload(
 
     Order of checks: empty or too many bytes -> can PIL identify it -> pixel count (read from the
     header, before decoding, so a 'decompression bomb' is never decoded) -> full decode (catches
-    truncated files) -> EXIF rotation -> conversion to 8-bit RGB (`to_rgb`).
+    truncated files) -> EXIF rotation -> conversion to 8-bit RGB (`helpers.loading.to_rgb`, the
+    same conversion the training images get).
     """
     if data is None or len(data) == 0:
         raise UploadError("The file is empty. Please upload a chest X-ray image (PNG or JPEG).")
     if len(data) > max_bytes:
-        raise UploadError(f"The file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB. "
+        raise UploadError(f"The file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB. "
                           "Please upload a smaller image (a chest X-ray exported as PNG or JPEG).")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -659,20 +614,50 @@ class BundleError(RuntimeError):
     """A model file exists but cannot be used; the message says why."""
 
 
-def load_bundle(path: str | Path) -> AppModel:
-    """Load a bundle written by `save_bundle` (safely: weights_only=True) and rebuild the model."""
+_BUNDLE_KEYS = ("arch", "head", "num_outputs", "class_names", "image_size", "state_dict")
 
+
+def _read_error(path: Path, err: Exception) -> BundleError:
+    """A readable reason; never PyTorch's hint to retry with weights_only=False (that runs code)."""
+    text = str(err)
+    if "weights_only" in text or "Weights only load failed" in text:
+        return BundleError(f"Refused the model file {path}: it holds Python objects, not only tensors "
+                           "and plain data, and loading it could run code. Use a bundle saved by "
+                           "helpers.deploy.save_bundle (notebook 08).")
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return BundleError(f"Could not read the model file {path}: {type(err).__name__}: {first_line}")
+
+
+def load_bundle(path: str | Path) -> AppModel:
+    """Load a bundle written by `save_bundle` (safely: weights_only=True) and rebuild the model.
+
+    Every problem with the file (unreadable, not a bundle, missing keys, unknown architecture,
+    weights that do not fit the architecture) is a `BundleError` that says what is wrong.
+    """
     path = Path(path)
     try:
         bundle = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise BundleError(f"Could not read the model file {path}: {type(err).__name__}: {err}") from err
+        raise _read_error(path, err) from None
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path} is not a course model bundle (expected format {BUNDLE_FORMAT!r}); "
                           "create one with notebook 08 (helpers.deploy.save_bundle).")
-    model = build_model(bundle["arch"], bundle["num_outputs"], pretrained=False, head=bundle["head"],
-                        image_size=bundle["image_size"])
-    model.load_state_dict(bundle["state_dict"])
+    missing = [k for k in _BUNDLE_KEYS if k not in bundle]
+    if missing:
+        raise BundleError(f"The model file {path} is incomplete: it has no {', '.join(missing)}. "
+                          "Save it again with helpers.deploy.save_bundle (notebook 08).")
+    try:
+        model = build_model(bundle["arch"], bundle["num_outputs"], pretrained=False, head=bundle["head"],
+                            image_size=bundle["image_size"])
+        model.load_state_dict(bundle["state_dict"])
+    except Exception as err:  # unknown arch, weights of another architecture or head, bad sizes
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise BundleError(f"The model file {path} does not fit its own description (arch "
+                          f"{bundle['arch']!r}, {bundle['num_outputs']} output(s)): {type(err).__name__}: "
+                          f"{reason}") from None
+    if len(bundle["class_names"]) != max(2, int(bundle["num_outputs"])):
+        raise BundleError(f"The model file {path} names {len(bundle['class_names'])} classes but the "
+                          f"model has {bundle['num_outputs']} output(s).")
     model.pretrained = bool(bundle.get("pretrained", False))  # as trained, not as rebuilt here
     model.eval()
     meta = {k: v for k, v in bundle.items() if k != "state_dict"}
@@ -690,6 +675,10 @@ class ModelLocation:
     messages: list[str] = field(default_factory=list)
 
 
+MODEL_SHA256_ENV = "COURSE_MODEL_SHA256"
+DOWNLOAD_TIMEOUT_S = 5.0  # a host that accepts the connection and never answers: give up after this
+
+
 def _download(url: str, target: Path, timeout: float) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
@@ -697,22 +686,70 @@ def _download(url: str, target: Path, timeout: float) -> None:
         with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
+        _check_download(Path(tmp_name), url)
         os.replace(tmp_name, target)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
 
 
+def _expected_sha256(url: str) -> str | None:
+    """The checksum to insist on: `#sha256=<hex>` at the end of the URL, else $COURSE_MODEL_SHA256."""
+    fragment = urllib.parse.urlparse(url).fragment
+    if fragment.startswith("sha256="):
+        return fragment.split("=", 1)[1].strip().lower()
+    return os.environ.get(MODEL_SHA256_ENV, "").strip().lower() or None
+
+
+def _check_download(path: Path, url: str) -> None:
+    """Refuse (ValueError) a download that is empty, has the wrong checksum or is not a bundle."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("the server sent an empty file")
+    expected = _expected_sha256(url)
+    if expected is not None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != expected:
+            raise ValueError(f"its sha256 is {digest}, not the expected {expected}")
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        head = path.read_bytes()[:200].lstrip().lower()
+        kind = "an HTML page" if head.startswith((b"<!doctype", b"<html")) else f"{size} bytes of something else"
+        raise ValueError(f"it is not a model file ({kind})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"it is not a course model bundle (format key {BUNDLE_FORMAT!r} missing)")
+
+
+def _cache_path(cache: Path, url: str) -> Path:
+    """One cache file per URL (not per file name): a different URL never gets an old download."""
+    bare = urllib.parse.urldefrag(url).url
+    name = Path(urllib.parse.urlparse(bare).path).name or BUNDLE_NAME
+    return cache / f"{hashlib.sha256(bare.encode()).hexdigest()[:16]}-{name}"
+
+
+def _download_failed(url: str, err: Exception, timeout: float) -> str:
+    if isinstance(err, (TimeoutError, socket.timeout)) or "timed out" in str(err):
+        return f"Downloading {url} failed: the server did not answer within {timeout:g} s."
+    if isinstance(err, ValueError):
+        return f"Downloading {url} failed: {err}. Nothing was cached."
+    return f"Downloading {url} failed ({type(err).__name__}: {err})."
+
+
 def locate_model(path: str | Path | None = None, url: str | None = None, *,
                  default: str | Path | None = None, download_dir: str | Path | None = None,
-                 timeout: float = 30.0) -> ModelLocation:
+                 timeout: float | None = None) -> ModelLocation:
     """Find the app's model bundle: explicit path (env COURSE_MODEL_PATH) -> default path ->
-    earlier download -> download from `url` (env COURSE_MODEL_URL). Never raises.
+    earlier download of the same URL -> download from `url` (env COURSE_MODEL_URL). Never raises.
 
-    `path`/`url` default to the environment variables; pass "" to ignore them.
+    `path`/`url` default to the environment variables; pass "" to ignore them. A download is
+    checked before it is cached (not empty, a course bundle, and the sha256 given as
+    `#sha256=<hex>` at the end of the URL or in $COURSE_MODEL_SHA256); `timeout` defaults to
+    DOWNLOAD_TIMEOUT_S.
     """
     path = os.environ.get(MODEL_PATH_ENV, "") if path is None else str(path)
     url = os.environ.get(MODEL_URL_ENV, "") if url is None else url
+    timeout = DOWNLOAD_TIMEOUT_S if timeout is None else timeout
     default = Path(default) if default is not None else default_model_path()
     messages: list[str] = []
     if path:
@@ -722,19 +759,23 @@ def locate_model(path: str | Path | None = None, url: str | None = None, *,
     if default.is_file():
         return ModelLocation(default, "default", messages)
     messages.append(f"No model at the default path {default}.")
-    if url:
-        cache = Path(download_dir) if download_dir else Path.home() / ".cache" / "medical-transfer-learning-course"
-        name = Path(urllib.request.urlparse(url).path).name or BUNDLE_NAME
-        target = cache / name
-        if target.is_file():
-            return ModelLocation(target, "cache", messages)
-        try:
-            _download(url, target, timeout)
-            return ModelLocation(target, "download", messages)
-        except Exception as err:  # offline, 404, DNS, timeout...
-            messages.append(f"Downloading {url} failed ({type(err).__name__}: {err}).")
-    else:
+    if not url:
         messages.append(f"{MODEL_URL_ENV} is not set, so nothing was downloaded.")
+        return ModelLocation(None, "none", messages)
+    cache = Path(download_dir) if download_dir else Path.home() / ".cache" / "medical-transfer-learning-course"
+    target = _cache_path(cache, url)
+    if target.is_file():
+        try:
+            _check_download(target, url)
+            return ModelLocation(target, "cache", messages)
+        except ValueError as err:
+            messages.append(f"The cached download {target} was discarded: {err}.")
+            target.unlink()
+    try:
+        _download(url, target, timeout)  # checked before it is moved into the cache
+        return ModelLocation(target, "download", messages)
+    except Exception as err:  # offline, 404, DNS, timeout, wrong file...
+        messages.append(_download_failed(url, err, timeout))
     return ModelLocation(None, "none", messages)
 
 
@@ -836,7 +877,7 @@ __all__ = [
     "logits_and_features", "resize_u8",
     "export_onnx", "quantize_onnx_static", "quantize_onnx_dynamic", "onnx_session", "onnx_predict",
     "measure_latency", "file_size_mb", "linear_parameter_share",
-    "BUNDLE_FORMAT", "MODEL_PATH_ENV", "MODEL_URL_ENV", "default_model_path", "save_bundle", "load_bundle",
+    "BUNDLE_FORMAT", "MODEL_PATH_ENV", "MODEL_URL_ENV", "MODEL_SHA256_ENV", "DOWNLOAD_TIMEOUT_S", "default_model_path", "save_bundle", "load_bundle",
     "AppModel", "BundleError", "ModelLocation", "locate_model", "Analysis", "analyse_image", "analyse_upload",
     "png_bytes", "sample_image_bytes",
 ]

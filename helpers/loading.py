@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -93,23 +94,93 @@ class ImageFileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.paths[i]) as im:
-            image = im.convert("RGB")
+        image = read_image(self.paths[i])
         label = self.labels[i]
         strong = self.strong_transform is not None and label in self.strong_classes
         return (self.strong_transform if strong else self.transform)(image), label
 
 
+# ----------------------------------------------------------------------------- reading pixels
+# One function turns any decoded image into the 8-bit RGB a model sees: `to_rgb`. Training
+# (`load_image`, `ImageFileDataset`) and the app (`helpers.deploy.read_upload`) both call it, so a
+# file gives the same pixels in both.
+
+HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+ALPHA_BACKGROUND = (0, 0, 0)  # transparency is composited onto black, the background of a radiograph
+
+
+def _rescale_high_bit_depth(image: Image.Image) -> tuple[Image.Image, str]:
+    """16/32-bit integer or float grayscale -> 8-bit "L", by the bit depth its values use.
+
+    `image.convert("L")` clips every value above 255 to white: a 12-bit X-ray stored as a 16-bit
+    PNG (values up to 4095) comes out almost entirely white. Integer values are divided by the
+    full scale of the smallest bit depth (8, 10, 12, 14, 16, 32) that holds their maximum, so
+    0 stays black and a 12-bit 4095 becomes 255; floats in [0, 1] are scaled by 255; anything
+    else (negative values, other floats) is stretched from its own minimum to its maximum.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    if values.ndim == 3:  # e.g. a 2-channel 16-bit image opened as an array: keep the first
+        values = values[..., 0]
+    lo, hi = float(values.min()), float(values.max())
+    if image.mode != "F" and lo >= 0:
+        bits = next(b for b in (8, 10, 12, 14, 16, 32) if hi <= 2 ** b - 1)
+        scaled = values * (255.0 / (2 ** bits - 1))
+        how = f"as {bits}-bit values (0 -> black, {2 ** bits - 1} -> white)"
+    elif image.mode == "F" and lo >= 0 and hi <= 1:
+        scaled, how = values * 255.0, "as values in [0, 1]"
+    else:
+        span = hi - lo if hi > lo else 1.0
+        scaled = (values - lo) / span * 255.0
+        how = "by its own range (minimum -> black, maximum -> white)"
+    note = f"{image.mode} image (values {lo:g}..{hi:g}) rescaled to 8 bits {how}"
+    return Image.fromarray(np.round(np.clip(scaled, 0, 255)).astype(np.uint8), mode="L"), note
+
+
+def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """Any PIL image -> 8-bit RGB, and notes on what was converted.
+
+    Grayscale is replicated to 3 channels; palette images are expanded; transparency (RGBA, LA,
+    palette with transparency) is composited onto `ALPHA_BACKGROUND` (black); 16/32-bit
+    grayscale is rescaled by its bit depth (see `_rescale_high_bit_depth`), never clipped.
+    """
+    notes: list[str] = []
+    if image.mode in HIGH_BIT_DEPTH_MODES:
+        image, note = _rescale_high_bit_depth(image)
+        notes.append(note)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        alpha = image.getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            notes.append("transparent areas were flattened onto black")
+        background = Image.new("RGB", image.size, ALPHA_BACKGROUND)
+        background.paste(image.convert("RGB"), mask=alpha)
+        image = background
+    if image.mode in ("L", "1"):
+        notes.append("grayscale image replicated to 3 channels (RGB)")
+    elif image.mode != "RGB":
+        notes.append(f"converted from {image.mode} to RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return image, notes
+
+
+def read_image(path: str | Path) -> Image.Image:
+    """Decode an image file into 8-bit RGB with `to_rgb` (the app's conversion, too)."""
+    with Image.open(path) as im:
+        rgb = to_rgb(im)[0]
+        return im.copy() if rgb is im else rgb  # the file closes here: keep no lazy image
+
+
 # ----------------------------------------------------------------------------- tensor cache
 
 def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """Decode one image, replicate grayscale to RGB, resize to a square: uint8 (3, S, S).
+    """Decode one image (`read_image`), resize to a square: uint8 (3, S, S).
 
     Uses the same PIL bilinear resize as `v2.Resize` on a PIL image, so the cache holds exactly
     the pixels of the per-image path.
     """
-    with Image.open(path) as im:
-        image = im.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+    image = read_image(path).resize((image_size, image_size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
@@ -119,6 +190,21 @@ def _cache_key(paths: Sequence[str], image_size: int) -> str:
         digest.update(p.encode())
         digest.update(str(os.path.getmtime(p)).encode())
     return digest.hexdigest()[:16]
+
+
+def _load_cache(target: Path, n: int, image_size: int) -> torch.Tensor | None:
+    """A saved image cache, or None (with a warning) when it is corrupt or of the wrong shape."""
+    try:
+        images = torch.load(target, weights_only=True)
+        if (isinstance(images, torch.Tensor) and images.dtype == torch.uint8
+                and tuple(images.shape) == (n, 3, image_size, image_size)):
+            return images
+        problem = "it holds something else than the expected uint8 images"
+    except Exception as err:  # truncated or overwritten file
+        problem = f"{type(err).__name__}: {err}"
+    warnings.warn(f"The image cache {target} could not be used ({problem}); rebuilding it.",
+                  stacklevel=3)
+    return None
 
 
 def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path | None = None,
@@ -133,7 +219,9 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
     if cache_dir is not None:
         target = Path(cache_dir) / f"images_{image_size}px_{_cache_key(paths, image_size)}.pt"
         if target.exists():
-            return torch.load(target)
+            cached = _load_cache(target, len(paths), image_size)
+            if cached is not None:
+                return cached
     out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
     workers = num_threads or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:

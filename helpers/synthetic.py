@@ -183,3 +183,18 @@ def make_synthetic_dataset(name: str, root: str | Path | None = None, *,
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def is_synthetic_dataset(folder: str | Path) -> bool:
+    """Whether `folder` lies in a dataset written by `make_synthetic_dataset`.
+
+    True when it or one of its two parents holds the `.complete` marker of a generated dataset,
+    or when it lies under `data/synthetic/` of the course folder: such images were generated,
+    whatever path they were reached by (e.g. DATA_DIR = "../data" from notebooks/).
+    """
+    folder = Path(folder).resolve()
+    for candidate in [folder, *folder.parents[:2]]:
+        marker = candidate / ".complete"
+        if marker.is_file() and marker.read_text(errors="replace").startswith("synthetic"):
+            return True
+    return folder.is_relative_to((project_root() / "data" / "synthetic").resolve())
