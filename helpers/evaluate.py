@@ -441,11 +441,12 @@ def compute_metrics(
 def with_ci(block: dict[str, Any], key: str, digits: int = 3) -> str:
     """A metric of a `compute_metrics` block with its bootstrap interval: '0.912 [0.890, 0.931]'.
 
-    'n/a' when the metric is undefined; just the value when there is no interval.
+    'undefined' when the metric is (e.g. the AUC of a split holding one class: a table or a
+    sentence then says so instead of crashing on None); just the value when there is no interval.
     """
     value, interval = block.get(key), (block.get("ci95") or {}).get(key)
     if value is None:
-        return "n/a"
+        return "undefined"
     if not interval or None in interval:
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"

@@ -115,6 +115,18 @@ def test_model_page_sample_and_uploads(isolated, bundle_path):
     assert "Result for" not in _texts(at)
 
 
+def test_bundle_with_bad_contents_gives_a_message_not_a_traceback(isolated, tmp_path):
+    """A valid format key but an architecture that does not exist: an error box, no stack trace."""
+    bad = tmp_path / "bad_model.pt"
+    torch.save({"format": deploy.BUNDLE_FORMAT, "arch": "no_such_net", "head": "linear", "num_outputs": 2,
+                "class_names": ["NORMAL", "PNEUMONIA"], "image_size": 32, "state_dict": {}}, bad)
+    isolated.setenv(deploy.MODEL_PATH_ENV, str(bad))
+    at = _run(AppTest.from_file(str(APP), default_timeout=60))
+    errors = " ".join(e.value for e in at.error)
+    assert "could not be loaded" in errors and "no_such_net" in errors
+    assert not at.file_uploader
+
+
 def test_app_prediction_matches_the_helper(bundle_path):
     """The page only lays out what deploy.analyse_upload computes: same bytes, same answer."""
     app = deploy.load_bundle(bundle_path)

@@ -378,4 +378,13 @@ def test_with_ci_formats_value_and_interval():
              "ci95": {"auc": [0.8901, 0.93149], "accuracy": None}}
     assert ev.with_ci(block, "auc") == "0.912 [0.890, 0.931]"
     assert ev.with_ci(block, "accuracy") == "0.500"
-    assert ev.with_ci(block, "sensitivity") == "n/a"
+    assert ev.with_ci(block, "sensitivity") == "undefined"
+
+
+def test_with_ci_says_undefined_for_a_one_class_split():
+    """The AUC of a split holding one class is None; formatting it must not crash a notebook."""
+    block = ev.compute_metrics([1, 1, 1], [[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]], ["NORMAL", "PNEUMONIA"],
+                               n_bootstrap=20)
+    assert block["auc"] is None
+    assert ev.with_ci(block, "auc") == "undefined"
+    assert ev.with_ci(block, "specificity") == "undefined"
