@@ -65,7 +65,8 @@ def show_missing_model(location: deploy.ModelLocation) -> None:
         "1. run notebook `08_model_to_app` (any profile): it saves the model to "
         f"`{_short(deploy.default_model_path())}`;\n"
         f"2. start the app with `{deploy.MODEL_PATH_ENV}=/path/to/pneumonia_app_model.pt`;\n"
-        f"3. set `{deploy.MODEL_URL_ENV}` to a URL of a model file (downloaded once)."
+        f"3. set `{deploy.MODEL_URL_ENV}` to a URL of a model file (downloaded once and checked; add "
+        f"`#sha256=<hex>` to the URL or set `{deploy.MODEL_SHA256_ENV}` to insist on its checksum)."
     )
 
 

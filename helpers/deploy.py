@@ -620,12 +620,17 @@ _BUNDLE_KEYS = ("arch", "head", "num_outputs", "class_names", "image_size", "sta
 def _read_error(path: Path, err: Exception) -> BundleError:
     """A readable reason; never PyTorch's hint to retry with weights_only=False (that runs code)."""
     text = str(err)
-    if "weights_only" in text or "Weights only load failed" in text:
+    if "Unsupported global" in text:
         return BundleError(f"Refused the model file {path}: it holds Python objects, not only tensors "
                            "and plain data, and loading it could run code. Use a bundle saved by "
                            "helpers.deploy.save_bundle (notebook 08).")
-    first_line = text.strip().splitlines()[0] if text.strip() else ""
-    return BundleError(f"Could not read the model file {path}: {type(err).__name__}: {first_line}")
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if f.read(200).lstrip().lower().startswith((b"<!doctype", b"<html")):
+            return BundleError(f"Could not read the model file {path}: it is an HTML page (a failed "
+                               "download?), not a model file.")
+    first_line = "" if "weights_only" in text else (text.strip().splitlines() or [""])[0][:200]
+    return BundleError(f"Could not read the model file {path}: it is not a PyTorch file written by "
+                       f"torch.save, or it is damaged ({type(err).__name__}{': ' + first_line if first_line else ''}).")
 
 
 def load_bundle(path: str | Path) -> AppModel:

@@ -74,6 +74,11 @@ def _bundle(tmp_path: Path, **changes: Any) -> Path:
     return path
 
 
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
 class Payload:
     """A Python object in a model file: loading it would run code, so it must be refused."""
 
@@ -372,6 +377,12 @@ CASES = [
     Case("model files", "model file holding a Python object (would run code)",
          lambda tmp, mp: deploy.load_bundle(_bundle(tmp, extra=Payload())),
          deploy.BundleError, r"Refused the model file .* could run code", id="bundle-python-object"),
+    Case("model files", "random bytes named model.pt",
+         lambda tmp, mp: deploy.load_bundle(_write(tmp / "model.pt", b"not a torch file")),
+         deploy.BundleError, r"Could not read the model file .*not a PyTorch file", id="model-junk"),
+    Case("model files", "HTML error page saved as model.pt",
+         lambda tmp, mp: deploy.load_bundle(_write(tmp / "model.pt", b"<!DOCTYPE html><html>404</html>")),
+         deploy.BundleError, r"it is an HTML page", id="model-html"),
     Case("model files", "download URL with the file name of an earlier download", _run_same_name_other_url,
          check=_check_same_name_other_url, id="download-same-name"),
     Case("model files", "download URL that returns an HTML error page", _run_html_download,

@@ -55,7 +55,7 @@ def test_truncated_files_are_rejected():
 
 def test_too_many_bytes_is_rejected_before_decoding():
     payload = b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024)
-    with pytest.raises(deploy.UploadError, match="limit is 21 MB"):
+    with pytest.raises(deploy.UploadError, match="file is 21.0 MB; the limit is 20 MB"):
         deploy.read_upload(payload)
 
 
