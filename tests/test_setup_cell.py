@@ -72,11 +72,13 @@ def test_installed_helpers_is_used_and_threads_are_set_before_torch(cell, tmp_pa
     assert "OMP PASSIVE False" in done.stdout  # set, and torch not imported yet
 
 
-def test_course_copy_above_the_notebook_is_put_on_sys_path(cell, tmp_path):
+@pytest.mark.parametrize("layout", ["above", "subfolder"])
+def test_course_copy_above_or_cloned_beside_is_put_on_sys_path(cell, tmp_path, layout):
     course = _course_copy(tmp_path / "course")
-    (course / "notebooks").mkdir()
+    cwd = course / "notebooks" if layout == "above" else tmp_path  # checkout / Colab `!git clone`
+    cwd.mkdir(exist_ok=True)
     # -S: no site-packages, so the installed `helpers` is invisible.
-    done = _run([sys.executable, "-S", "-c", cell + "\nprint('copy', helpers.COPY)"], course / "notebooks")
+    done = _run([sys.executable, "-S", "-c", cell + "\nprint('copy', helpers.COPY)"], cwd)
     assert done.returncode == 0, done.stderr
     assert f"course package: {course / 'helpers'}" in done.stdout and "copy True" in done.stdout
 
