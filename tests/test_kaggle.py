@@ -97,13 +97,19 @@ def test_runtime_dependencies_leave_jupyter_and_onnx_out():
     assert "dev" in PYPROJECT["tool"]["uv"]["default-groups"]
 
 
+def _uninstall(monkeypatch, package: str) -> None:
+    """Make `import package` (and its submodules, even if already imported) fail as if missing."""
+    for name in [m for m in sys.modules if m.startswith(f"{package}.")] + [package]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def test_onnx_functions_say_how_to_install_onnx(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    _uninstall(monkeypatch, "onnxruntime")
     with pytest.raises(ImportError, match=r'pip install "\.\[deploy\]".*pip install onnx onnxruntime'):
         deploy.onnx_session(tmp_path / "model.onnx")
     with pytest.raises(ImportError, match=r"\[deploy\]"):
         deploy.quantize_onnx_dynamic(tmp_path / "model.onnx", tmp_path / "int8.onnx")
-    monkeypatch.setitem(sys.modules, "onnx", None)
+    _uninstall(monkeypatch, "onnx")
     with pytest.raises(ImportError, match=r"\[deploy\]"):
         deploy.export_onnx(__import__("torch").nn.Linear(3, 1), tmp_path / "m.onnx", 8)
 

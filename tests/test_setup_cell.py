@@ -136,5 +136,6 @@ def test_without_any_way_the_cell_stops_with_one_message(cell, tmp_path, online,
     assert "Traceback" not in shown and "pip._internal" not in shown
     assert "The course package `helpers` was not found" in shown
     assert ("(offline)" in shown) is not online
+    assert ("Installing the course package from" in shown) is online
     for way in ("uv sync", "pip install git+", "git clone", "Add Input", "internet on", repo):
         assert way in shown, way
