@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import os
 import socket
@@ -377,6 +378,17 @@ def resize_u8(images_u8: torch.Tensor, image_size: int) -> torch.Tensor:
 
 # ============================================================================ export & int8
 
+def _from_deploy_extra(module: str, *names: str):
+    """`from module import names` (or the module) of ONNX / ONNX Runtime, saying how to install them."""
+    try:
+        imported = importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"{error}. The ONNX part of notebook 08 needs ONNX and ONNX Runtime: run "
+                          '`pip install ".[deploy]"` in the course folder, or `pip install onnx onnxruntime` '
+                          "(`uv sync` installs them).") from error
+    return [getattr(imported, name) for name in names] if names else imported
+
+
 def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int = 17) -> Path:
     """Export `model` (eval mode, CPU copy) to ONNX with a dynamic batch axis.
 
@@ -385,6 +397,7 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int 
     `onnxscript` package, which the course does not install.
     """
     import copy
+    _from_deploy_extra("onnx")  # torch's exporter needs it
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,7 +427,7 @@ class _CalibrationReader:
 
 def _preprocessed(src: Path) -> Path:
     """ONNX Runtime's recommended pre-processing (shape inference, graph optimisation)."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    (quant_pre_process,) = _from_deploy_extra("onnxruntime.quantization.shape_inference", "quant_pre_process")
 
     dst = src.with_name(src.stem + "_prep.onnx")
     quant_pre_process(str(src), str(dst))
@@ -429,7 +442,8 @@ def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8
     calibration images through the model (MinMax). Per-channel weight scales matter for
     MobileNetV2's depthwise convolutions (one scale per layer loses too much precision).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    CalibrationMethod, QuantFormat, QuantType, quantize_static = _from_deploy_extra(
+        "onnxruntime.quantization", "CalibrationMethod", "QuantFormat", "QuantType", "quantize_static")
 
     src, dst = Path(src), Path(dst)
     prep = _preprocessed(src)
@@ -447,7 +461,7 @@ def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8
 
 def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> Path:
     """Post-training dynamic int8 quantization: int8 weights, activations quantized on the fly."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    QuantType, quantize_dynamic = _from_deploy_extra("onnxruntime.quantization", "QuantType", "quantize_dynamic")
 
     src, dst = Path(src), Path(dst)
     prep = _preprocessed(src)
@@ -466,7 +480,7 @@ def onnx_session(path: str | Path, threads: int | None = None):
     Thread spinning is switched off: spinning workers keep burning CPU after a run, which would
     slow down whatever is measured next (and the other users of a shared machine).
     """
-    import onnxruntime as ort
+    ort = _from_deploy_extra("onnxruntime")
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()

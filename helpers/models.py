@@ -292,8 +292,11 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
     and variance 1: placeholders. Frozen, they are never updated, so activations grow layer
     after layer (ResNet-152 features reach ~1e6 and fp16 overflows). Running the training
     images through once with those layers in train mode ("precise BN") gives them real
-    statistics. Layers with pretrained statistics are left alone.
+    statistics. Layers with pretrained statistics are left alone: a model whose ImageNet weights
+    were loaded (``model.pretrained``) is never touched, whatever values its statistics hold.
     """
+    if getattr(model, "pretrained", False):
+        return 0
     layers = _placeholder_batchnorm(model)
     if not layers:
         return 0
