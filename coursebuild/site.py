@@ -193,6 +193,13 @@ def chapters_table(chapters: Sequence[Chapter]) -> str:
     return f"```{{table}}\n:class: course-table\n\n{head}" + "\n".join(rows) + "\n```\n"
 
 
+def _model_label(model: str, run: str) -> str:
+    """'resnet50 · plain_ce'; just the run where its name already says the model."""
+    if not run:
+        return model
+    return run if run.startswith(model) else f"{model} · {run}"
+
+
 def key_results(summary: pd.DataFrame) -> str:
     """The course-wide table at a readable width: the key columns only."""
     frame = summary.reindex(columns=[*SUMMARY_COLUMNS, "data"]).fillna({"run": "", "model": ""})
@@ -201,22 +208,23 @@ def key_results(summary: pd.DataFrame) -> str:
         for value, interval in zip(frame["test_auc"], frame["test_auc_95ci"].fillna(""))
     ]
     rows = pd.DataFrame({
-        "notebook": [f"{{doc}}`{nb.replace('_', ' ')} </chapters/{nb}>`" for nb in frame["notebook"]],
+        "notebook": [f"{{doc}}`{nb[:2]} </chapters/{nb}>`" for nb in frame["notebook"]],
         "profile": frame["profile"],
         "data": frame["data"],
-        "model": [f"{m} · {r}" if r else m for m, r in zip(frame["model"], frame["run"])],
+        "model": [_model_label(m, r) for m, r in zip(frame["model"], frame["run"])],
         "pretrained": frame["pretrained"].map({True: "yes", False: "no"}).fillna(""),
         "image size": frame["image_size"].fillna(""),
         "balanced accuracy": frame["test_balanced_accuracy"],
         "AUC [95% CI]": auc,
     })
-    return f"```{{table}}\n:class: course-table\n\n{markdown_table(rows)}```\n"
+    return f"```{{table}}\n:class: course-table course-results\n\n{markdown_table(rows)}```\n"
 
 
 def results_page(chapters: Sequence[Chapter], csv_path: Path) -> str:
     """Key columns of every executed chapter's metrics.json; all columns go to ``csv_path``."""
     records = [{"notebook": c.stem, **c.metrics} for c in chapters if c.metrics]
-    text = "# Results\n\n"
+    # No page contents on the right: the table gets the width (coursebuild/sphinx/_static/course.css).
+    text = "---\nhtml_theme.sidebar_secondary.remove: true\n---\n\n# Results\n\n"
     if records:
         table, summary = course_tables(records)
         table.to_csv(csv_path, index=False)
