@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +48,9 @@ def _when(stamp: dt.datetime | None) -> str:
 
 
 def _age(seconds: float) -> str:
-    """'5 min', '3 h', '2 days'."""
+    """'under a minute', '5 min', '3 h', '2 days'."""
+    if seconds < 60:
+        return "under a minute"
     if seconds < 3600:
         return f"{max(seconds, 0) / 60:.0f} min"
     if seconds < 2 * 86400:
@@ -303,13 +306,15 @@ def build_site(executed_dir: Path | str = Path("_build/notebooks"), site_dir: Pa
     src = site_dir.with_name(site_dir.name + "_src")
     write_sources(chapters, src, Path(readme).read_text(encoding="utf-8"), built)
     _clear_site(site_dir)
-    warnings = io.StringIO()
-    app = Sphinx(str(src), str(CONF_DIR), str(site_dir), str(src / ".doctrees"), "html",
-                 confoverrides={"html_theme_options.announcement": _announcement(chapters)},
-                 status=None, warning=warnings, freshenv=True)
-    app.build(force_all=True)
-    if warnings.getvalue():
-        (src / "sphinx-warnings.txt").write_text(warnings.getvalue())
+    messages = io.StringIO()
+    with warnings.catch_warnings():  # the theme's use of APIs deprecated for Sphinx 11: not ours to fix
+        warnings.filterwarnings("ignore", message=".*sphinx_book_theme")
+        app = Sphinx(str(src), str(CONF_DIR), str(site_dir), str(src / ".doctrees"), "html",
+                     confoverrides={"html_theme_options.announcement": _announcement(chapters)},
+                     status=None, warning=messages, freshenv=True)
+        app.build(force_all=True)
+    if messages.getvalue():
+        (src / "sphinx-warnings.txt").write_text(messages.getvalue())
     if app.statuscode:
         raise RuntimeError(f"Sphinx failed (status {app.statuscode}); see {src / 'sphinx-warnings.txt'}")
     return site_dir / "index.html"

@@ -31,6 +31,17 @@ from test_notebooks import NOTEBOOKS, execute_smoke, smoke_run_dir
 
 FALLBACK_NOTEBOOK = "06_fundus_binary"  # executed here only when no smoke run is there
 PREFERRED_CHAPTER = "04_mobilenetv2_two_stage"
+# The chapter in a full-window frame, scrolled to its first figure (for the screenshot).
+FIGURE_VIEW = """<!DOCTYPE html><html><head><style>html, body { margin: 0; height: 100%; overflow: hidden }
+iframe { border: 0; width: 100%; height: 100% }</style></head><body><iframe id="f" src="CHAPTER"></iframe><script>
+const frame = document.getElementById("f");
+frame.onload = () => {
+  const img = frame.contentDocument.querySelector(".cell_output img");
+  if (img) { img.loading = "eager"; img.scrollIntoView({block: "center"}); }
+};
+</script></body></html>
+"""
+# Loads a chapter, the results page and a search in frames and reports what the browser shows.
 CHECK_PAGE = """<!DOCTYPE html><html><body><pre id="out">pending</pre><script>
 function load(src) {
   return new Promise(done => {
@@ -44,7 +55,8 @@ const sleep = ms => new Promise(r => setTimeout(r, ms));
 (async () => {
   const chapter = await load("CHAPTER");
   const images = [...chapter.querySelectorAll(".cell_output img")];
-  for (const img of images) { img.loading = "eager"; img.scrollIntoView(); await img.decode().catch(() => null); }
+  for (const img of images) { img.loading = "eager"; img.scrollIntoView(); }
+  for (let i = 0; i < 50 && !images.every(img => img.complete); i++) await sleep(100);
   const results = await load("results.html");
   const table = results.querySelector("table.course-table");
   const search = await load("search.html?q=threshold");
@@ -111,9 +123,13 @@ def test_every_page_names_its_profile_and_the_chapters_are_in_order(smoke_site: 
     assert (smoke_site / "searchindex.js").is_file()
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # no request log in the test output
+        pass
+
+
 def _serve(folder: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
-    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    handler = functools.partial(_QuietHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
@@ -151,15 +167,18 @@ def test_site_in_headless_chromium(smoke_site: Path, served: str, tmp_path: Path
     if browser is None:
         pytest.skip("Chromium is not installed (apt-get install -y chromium): site browser test skipped")
     chapter = _chapter(smoke_site)
-    landing = _screenshot(browser, f"{served}/index.html", tmp_path / "landing.png", "1280,900")
-    _screenshot(browser, f"{served}/{chapter}", tmp_path / "chapter.png", "1280,1400")
-    assert (landing[:, :300].mean(axis=2) < 120).mean() > 0.002, "no dark text at the left: sidebar missing?"
-
-    (smoke_site / "_check.html").write_text(CHECK_PAGE.replace("CHAPTER", chapter))
+    helpers = {"_check.html": CHECK_PAGE, "_figure.html": FIGURE_VIEW}
+    for name, page in helpers.items():
+        (smoke_site / name).write_text(page.replace("CHAPTER", chapter))
     try:
+        landing = _screenshot(browser, f"{served}/index.html", tmp_path / "landing.png", "1280,900")
+        _screenshot(browser, f"{served}/{chapter}", tmp_path / "chapter.png", "1280,900")
+        _screenshot(browser, f"{served}/_figure.html", tmp_path / "chapter_figure.png", "1280,900")
         dom = _browser(browser, tmp_path / "check.profile", "--dump-dom", f"{served}/_check.html").stdout
     finally:
-        (smoke_site / "_check.html").unlink()
+        for name in helpers:
+            (smoke_site / name).unlink()
+    assert (landing[:, :300].mean(axis=2) < 120).mean() > 0.002, "no dark text at the left: sidebar missing?"
     found = json.loads(html.unescape(re.search(r'<pre id="out">(.*?)</pre>', dom, re.S).group(1)))
     numbers = [text[:2] for text, _ in found["sidebar"] if text[:2].isdigit()]
     assert numbers == [p.stem[:2] for p in NOTEBOOKS], found["sidebar"]
