@@ -8,7 +8,7 @@ project = "Medical image classification with transfer learning"
 author = "the course authors"
 html_title = "Transfer learning for medical images"
 
-extensions = ["myst_nb"]
+extensions = ["myst_nb", "sphinx.ext.githubpages"]  # githubpages: writes .nojekyll
 nb_execution_mode = "off"  # render the notebooks as the runner executed them
 nb_output_stderr = "show"
 nb_merge_streams = True
