@@ -105,7 +105,7 @@ def chapter_banner(chapter: Chapter, built: dt.datetime, newest: dt.datetime | N
                      f"is {_age((newest - chapter.finished).total_seconds())} older than the newest chapter.")
     if chapter.failed:
         kind = "error"
-        where = f" at {_inline(chapter.failure)}" if chapter.failure else ""
+        where = f" at `{_inline(chapter.failure)}`" if chapter.failure else ""
         parts.append(f"**This notebook failed**{where}. The failing cell and its traceback are "
                      '<a href="#papermill-error-cell">further down</a>, marked in red; the cells after it '
                      "did not run, so their outputs are missing.")
@@ -179,7 +179,7 @@ def index_page(chapters: Sequence[Chapter], readme: str, built: dt.datetime) -> 
 def _status(chapter: Chapter) -> str:
     if not chapter.executed:
         return "not executed"
-    status = f"failed ({_inline(chapter.failure)})" if chapter.failed and chapter.failure else (
+    status = f"failed: `{_inline(chapter.failure)}`" if chapter.failed and chapter.failure else (
         "failed" if chapter.failed else "ok")
     if chapter.earlier_run:
         status += ", from an earlier run"

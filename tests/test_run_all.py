@@ -8,9 +8,11 @@ browser test of the site built from the real smoke run is in test_site.py.
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -152,7 +154,8 @@ def test_site_shows_each_chapter_with_its_profile_and_the_failing_cell(full_run:
     good = (pages / "chapters" / "01_good.html").read_text()
     assert "Run: smoke profile" in good and "<img" in good  # banner and the displayed PNG
     broken = (pages / "chapters" / "02_broken.html").read_text()
-    assert "This notebook failed" in broken and "code cell 2: ValueError: boom from cell two" in broken
+    banner = html.unescape(re.sub(r"<[^>]+>", "", broken.split("Run: smoke profile")[1]))
+    assert "This notebook failed at code cell 2: ValueError: boom from cell two" in " ".join(banner.split())
     assert 'href="#papermill-error-cell"' in broken and 'id="papermill-error-cell"' in broken
     after_anchor = broken.split('id="papermill-error-cell"')[1]  # the failing cell, then its traceback
     assert after_anchor.index("# second code cell") < after_anchor.index("ValueError")
