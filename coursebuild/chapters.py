@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import nbformat
+from papermill.execute import ERROR_MARKER_TAG
 
 from coursebuild.run_all import NOTEBOOK_PATTERN, RUNS_FILE
 
 PROFILE_IN_SOURCE = re.compile(r"""^PROFILE\s*=\s*["'](\w+)["']""", re.MULTILINE)
-ERROR_MARKER_TAG = "papermill-error-cell-tag"  # papermill.execute.ERROR_MARKER_TAG
 
 
 @dataclass
