@@ -35,7 +35,12 @@ def execute_smoke(notebook: Path, run_dir: Path) -> tuple[dict, Path]:
     """Execute ``notebook`` in the smoke profile into ``run_dir``; (metrics, its output folder)."""
     out_dir = run_dir / "assets" / notebook.stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    return _execute(notebook, out_dir, run_dir / "notebooks" / notebook.name), out_dir
+    with pytest.MonkeyPatch.context() as patch:
+        # Importing streamlit (test_app.py) sets MPLBACKEND=Agg for this process; kernels inherit
+        # it and would then show no figure inline, so the executed notebooks (and the website
+        # built from them) would lack every figure.
+        patch.delenv("MPLBACKEND", raising=False)
+        return _execute(notebook, out_dir, run_dir / "notebooks" / notebook.name), out_dir
 
 
 def _execute(notebook: Path, out_dir: Path, executed: Path | None = None, **parameters) -> dict:
