@@ -2,7 +2,10 @@
 
 Each notebook must write metrics.json with the DESIGN.md schema keys and the figures it lists
 under "figures" into its OUTPUT_DIR (here a temporary folder, so assets/ is never touched).
-Notebook 04 runs a second time on the real shared pneumonia data when it is present.
+The smoke runs keep their executed notebooks in one folder per test session (`smoke_run_dir`),
+laid out like the runner's `_build/`, so that test_site.py builds the website from them instead
+of executing the notebooks again. Notebook 04 runs a second time on the real shared pneumonia
+data when it is present.
 """
 
 from __future__ import annotations
@@ -23,8 +26,26 @@ SCHEMA_KEYS = {"notebook", "profile", "dataset", "data_dir", "model", "pretraine
 TEST_KEYS = {"accuracy", "balanced_accuracy", "auc", "per_class", "confusion_matrix", "ci95"}
 
 
-def _execute(notebook: Path, out_dir: Path, **parameters) -> dict:
-    executed = out_dir / f"executed_{notebook.name}"
+def smoke_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This session's smoke run: notebooks/<stem>.ipynb executed, assets/<stem>/ their outputs."""
+    return tmp_path_factory.getbasetemp() / "smoke-run"
+
+
+def execute_smoke(notebook: Path, run_dir: Path) -> tuple[dict, Path]:
+    """Execute ``notebook`` in the smoke profile into ``run_dir``; (metrics, its output folder)."""
+    out_dir = run_dir / "assets" / notebook.stem
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        # Importing streamlit (test_app.py) sets MPLBACKEND=Agg for this process; kernels inherit
+        # it and would then show no figure inline, so the executed notebooks (and the website
+        # built from them) would lack every figure.
+        patch.delenv("MPLBACKEND", raising=False)
+        return _execute(notebook, out_dir, run_dir / "notebooks" / notebook.name), out_dir
+
+
+def _execute(notebook: Path, out_dir: Path, executed: Path | None = None, **parameters) -> dict:
+    executed = executed or out_dir / f"executed_{notebook.name}"
+    executed.parent.mkdir(parents=True, exist_ok=True)
     papermill.execute_notebook(
         str(notebook), str(executed), cwd=str(notebook.parent), kernel_name="python3",
         progress_bar=False, parameters=dict(PROFILE="smoke", OUTPUT_DIR=str(out_dir), **parameters))
@@ -67,9 +88,9 @@ def test_notebooks_are_committed_clean_and_parameterised():
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs_in_smoke_profile(notebook, tmp_path):
-    metrics = _execute(notebook, tmp_path)
-    _check_outputs(notebook, metrics, tmp_path)
+def test_notebook_runs_in_smoke_profile(notebook, tmp_path_factory):
+    metrics, out_dir = execute_smoke(notebook, smoke_run_dir(tmp_path_factory))
+    _check_outputs(notebook, metrics, out_dir)
 
 
 @pytest.mark.notebook

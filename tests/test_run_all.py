@@ -1,11 +1,19 @@
-"""Tests for helpers.run_all on tiny throwaway notebooks (real papermill + ipykernel runs)."""
+"""Tests for coursebuild.run_all on tiny throwaway notebooks (real papermill + ipykernel runs).
+
+The full run also builds the website from them (one small Sphinx build), so the site's handling
+of a failed chapter, of a chapter without metrics and of a partial run is checked here; the
+browser test of the site built from the real smoke run is in test_site.py.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import html
 import io
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +22,7 @@ import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from helpers import run_all
+from coursebuild import chapters, run_all, site
 
 # A 1x1 red PNG, so the good notebook can write and display an image without matplotlib.
 PNG_HEX = (
@@ -139,36 +147,52 @@ def test_results_table_has_metrics_and_profile(full_run: tuple[int, str, Path]) 
     assert "| smoke |" in line and "| 0.700 |" in line and "[0.600, 0.950]" in line
 
 
-def test_index_links_notebooks_and_names_failing_cell(full_run: tuple[int, str, Path]) -> None:
-    _, _, build = full_run
-    report = build / "report"
-    index = (report / "index.html").read_text()
-    assert 'href="01_good.html"' in index
-    assert "data:image/png;base64" in (report / "01_good.html").read_text()
-    broken_row = next(line for line in index.splitlines() if "02_broken" in line)
-    assert "failed" in broken_row
-    assert "code cell 2" in broken_row
-    assert "ValueError: boom from cell two" in broken_row
-    assert "y = x + 1" in broken_row  # first line of the failing cell
-    assert "synthetic data" in index  # the smoke-profile note
-    assert "tinynet_unique" in index and "[0.600, 0.950]" in index
-    assert "<td>None</td>" not in index
+def test_site_shows_each_chapter_with_its_profile_and_the_failing_cell(full_run: tuple[int, str, Path]) -> None:
+    code, out, build = full_run
+    pages = build / "site"
+    assert "Website: " in out and (pages / "index.html").is_file()
+    good = (pages / "chapters" / "01_good.html").read_text()
+    assert "Run: smoke profile" in good and "<img" in good  # banner and the displayed PNG
+    broken = (pages / "chapters" / "02_broken.html").read_text()
+    banner = html.unescape(re.sub(r"<[^>]+>", "", broken.split("Run: smoke profile")[1]))
+    assert "This notebook failed at code cell 2: ValueError: boom from cell two" in " ".join(banner.split())
+    assert 'href="#papermill-error-cell"' in broken and 'id="papermill-error-cell"' in broken
+    after_anchor = broken.split('id="papermill-error-cell"')[1]  # the failing cell, then its traceback
+    assert after_anchor.index("# second code cell") < after_anchor.index("ValueError")
+    results = (pages / "results.html").read_text()
+    assert "tinynet_unique" in results and "0.800 [0.600, 0.950]" in results
+    assert "no metrics.json from this execution" in results  # 03: the stale file is not used
+    assert "stale_model" not in results
+    csv = next((pages / "_downloads").rglob("results.csv"))
+    assert "val_balanced_accuracy" in csv.read_text()  # all columns live in the CSV
 
 
-def test_only_runs_selected_notebook(course: Path, tmp_path: Path) -> None:
+def test_partial_run_keeps_earlier_chapters_and_marks_them(course: Path, full_run, tmp_path: Path) -> None:
+    build = tmp_path / "_build"
+    shutil.copytree(full_run[2] / "notebooks", build / "notebooks")  # an earlier run of all three
     with contextlib.redirect_stdout(io.StringIO()):
         code = run_all.main(
             [
                 "--profile", "smoke", "--only", "01",
                 "--notebooks-dir", str(course / "notebooks"),
-                "--build-dir", str(tmp_path),
+                "--build-dir", str(build),
                 "--output-dir-root", str(tmp_path / "out"),
-                "--no-html",
+                "--no-site",
             ]
         )
     assert code == 0
-    assert [p.name for p in (tmp_path / "notebooks").iterdir()] == ["01_good.ipynb"]
-    assert list(pd.read_csv(tmp_path / "report" / "results.csv")["notebook"]) == ["01_good"]
+    assert list(pd.read_csv(build / "report" / "results.csv")["notebook"]) == ["01_good"]
+    assert sorted(p.name for p in (build / "notebooks").glob("*.ipynb")) == [
+        "01_good.ipynb", "02_broken.ipynb", "03_no_metrics.ipynb"]
+    runs = json.loads((build / "notebooks" / "runs.json").read_text())
+    assert runs["last_run"]["notebooks"] == ["01_good"]
+    assert runs["notebooks"]["02_broken"]["status"] == "failed"  # kept from the earlier run
+    loaded = {c.stem: c for c in chapters.load_chapters(build / "notebooks", course / "notebooks")}
+    assert not loaded["01_good"].earlier_run and loaded["01_good"].metrics["model"] == "tinynet_unique"
+    assert loaded["02_broken"].earlier_run and loaded["02_broken"].failed
+    newest = max(c.finished for c in loaded.values())
+    banner = site.chapter_banner(loaded["03_no_metrics"], newest, newest)
+    assert "From an earlier run" in banner and "smoke" in banner
 
 
 def test_unknown_number_is_a_clear_error(course: Path, tmp_path: Path) -> None:
@@ -185,11 +209,13 @@ def test_unknown_number_is_a_clear_error(course: Path, tmp_path: Path) -> None:
 def test_timeout_bounds_the_whole_notebook(tmp_path: Path) -> None:
     nb = tmp_path / "05_slow.ipynb"
     # Each cell alone is shorter than the budget; together they are not.
-    _write_notebook(nb, [new_code_cell("import time; time.sleep(1.5)") for _ in range(4)])
+    _write_notebook(nb, [new_code_cell(f"import time; time.sleep(1.5); print('cell {i} done')") for i in range(4)])
     result = run_all.run_notebook(nb, tmp_path / "out.ipynb", {"PROFILE": "smoke"}, timeout=2.5)
     assert result.status == "timeout"
-    assert result.seconds < 5.5
     assert "2 s budget" in result.error or "3 s budget" in result.error
+    executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    printed = [o.get("text", "") for c in executed.cells for o in c.get("outputs", [])]
+    assert "cell 3 done" not in "".join(printed)  # stopped by the notebook budget, not per cell
 
 
 def test_extra_parameters_are_parsed_as_literals():
