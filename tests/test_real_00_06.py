@@ -40,7 +40,7 @@ def _run(stem: str, out_dir: Path, **parameters) -> tuple[dict, str]:
 def test_fundus_splits_keep_valid_and_carve_test_by_aptos_id(shared_fundus):
     from helpers import data
 
-    splits = data.load_splits("fundus", shared_fundus, seed=42)
+    splits = data.load_splits("fundus", shared_fundus, seed=42, check_images=False)
     counts = splits.counts()
     assert splits.carved == ("test",)  # valid/ is the validation split; only test is carved
     assert counts.loc["val"].sum() == len(list((shared_fundus / "valid").rglob("*.jpg")))
@@ -70,7 +70,7 @@ def test_00_on_real_data_measures_tint_and_shortcut(shared_pneumonia, shared_che
         assert printed and float(printed.group(1)) == round(probe["balanced_accuracy"], 3)
     # the random image-level split leaks patients; the grouped split does not
     leak = metrics["leakage"]["pneumonia"]
-    assert leak["naive_random_split"]["val_images_with_patient_in_train"] > 0.2
+    assert leak["naive_random_split"]["val_images_with_patient_in_train"] > 0.1  # even in a 150-per-class subset
     assert leak["patient_grouped_split"]["patients_in_both"] == 0
     for name in metrics["figures"]:
         assert (tmp_path / name).stat().st_size > 1000
@@ -78,7 +78,7 @@ def test_00_on_real_data_measures_tint_and_shortcut(shared_pneumonia, shared_che
 
 @pytest.mark.notebook
 def test_06_on_real_fundus_threshold_reaches_target_on_validation(shared_fundus, tmp_path):
-    metrics, text = _run("06_fundus_binary", tmp_path, DATA_DIR=str(shared_fundus), MAX_PER_CLASS=40)
+    metrics, text = _run("06_fundus_binary", tmp_path, DATA_DIR=str(shared_fundus), MAX_PER_CLASS=24)
     target = metrics["target_sensitivity"]
     assert metrics["val"]["sensitivity"] >= target  # chosen on validation for exactly this
     assert metrics["val"]["threshold"] == metrics["threshold"]
