@@ -130,6 +130,24 @@ def test_notebook_01_on_real_4class_images(shared_chest4, tmp_path):
 
 @pytest.mark.notebook
 @pytest.mark.realdata
+def test_notebook_02_on_real_4class_images(shared_chest4, tmp_path):
+    """Every layer trained from random weights, on grayscale images, and the text says so.
+
+    Per-class recall above chance is not asserted here: the smallest setting in which it showed
+    (48 px, at most 150 images per class and split, 3 epochs, LR 1e-3, balanced sampler) trains for
+    3-8 minutes on the shared 2-core machine; the committed cpu run in assets/ reports it.
+    """
+    metrics, nb = _run("02", tmp_path, DATA_DIR=str(shared_chest4), MAX_PER_CLASS=24, LR=1e-3,
+                       BALANCED_SAMPLER=True)
+    assert metrics["trainable_parameters"] == metrics["total_parameters"] > 20_000_000
+    assert metrics["pretrained"] is False
+    assert metrics["recipe"]["grayscale"] is True and metrics["recipe"]["balanced_sampler"] is True
+    assert all(metrics["test"]["per_class"][c]["support"] > 0 for c in metrics["class_names"])
+    assert "trained from scratch" in _markdown_output(nb)
+
+
+@pytest.mark.notebook
+@pytest.mark.realdata
 def test_notebook_03_on_real_4class_images(shared_chest4, tmp_path):
     metrics, nb = _run("03", tmp_path, DATA_DIR=str(shared_chest4), MAX_PER_CLASS=12)
     _check_head_only(metrics, nb)
