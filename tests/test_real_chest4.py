@@ -124,7 +124,7 @@ def _check_head_only(metrics: dict, nb: nbformat.NotebookNode) -> None:
 @pytest.mark.notebook
 @pytest.mark.realdata
 def test_notebook_01_on_real_4class_images(shared_chest4, tmp_path):
-    metrics, nb = _run("01", tmp_path, DATA_DIR=str(shared_chest4), MAX_PER_CLASS=24)
+    metrics, nb = _run("01", tmp_path, DATA_DIR=str(shared_chest4), MAX_PER_CLASS=12)
     _check_head_only(metrics, nb)
 
 
@@ -137,7 +137,7 @@ def test_notebook_02_on_real_4class_images(shared_chest4, tmp_path):
     (48 px, at most 150 images per class and split, 3 epochs, LR 1e-3, balanced sampler) trains for
     3-8 minutes on the shared 2-core machine; the committed cpu run in assets/ reports it.
     """
-    metrics, nb = _run("02", tmp_path, DATA_DIR=str(shared_chest4), MAX_PER_CLASS=24, LR=1e-3,
+    metrics, nb = _run("02", tmp_path, DATA_DIR=str(shared_chest4), MAX_PER_CLASS=12, LR=1e-3,
                        BALANCED_SAMPLER=True)
     assert metrics["trainable_parameters"] == metrics["total_parameters"] > 20_000_000
     assert metrics["pretrained"] is False
