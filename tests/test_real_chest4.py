@@ -78,7 +78,7 @@ def test_to_grayscale_matches_pil_and_the_per_image_path(tmp_path):
     path = tmp_path / "tinted.png"
     Image.fromarray(pixels).save(path)
     gray = to_grayscale(torch.from_numpy(pixels).permute(2, 0, 1))
-    expected = np.asarray(Image.fromarray(pixels).convert("L"))
+    expected = np.array(Image.fromarray(pixels).convert("L"))
     assert torch.equal(gray[0], torch.from_numpy(expected))
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     frame = __import__("pandas").DataFrame({"path": [str(path)], "label": [0]})
