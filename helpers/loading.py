@@ -60,9 +60,12 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- per-image path
 
-def pil_transforms(image_size: int, train: bool, strong: bool = False) -> v2.Compose:
-    """torchvision v2 transforms for one PIL image: resize, (augment,) to tensor, normalise."""
+def pil_transforms(image_size: int, train: bool, strong: bool = False,
+                   grayscale: bool = False) -> v2.Compose:
+    """torchvision v2 transforms for one PIL image: resize, (gray,) (augment,) to tensor, normalise."""
     steps: list = [v2.Resize((image_size, image_size))]
+    if grayscale:
+        steps.append(v2.Grayscale(num_output_channels=3))
     if train:
         aug = BatchAugment.preset("strong" if strong else "light")
         steps += [
@@ -184,6 +187,18 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
 
 
+def to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB images (..., 3, H, W) -> their luminance in three equal channels.
+
+    The integer formula of PIL's `convert("L")` (ITU-R 601-2 luma), so the tensor cache and
+    the per-image path (`v2.Grayscale`) give the same pixels. Removes colour casts (for example
+    the blue/cyan tint of photographed TB films) that a model could use as a shortcut.
+    """
+    r, g, b = images.to(torch.int32).unbind(-3)
+    luma = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)
+    return torch.stack([luma, luma, luma], dim=-3)
+
+
 def _cache_key(paths: Sequence[str], image_size: int) -> str:
     digest = hashlib.sha1(str(image_size).encode())
     for p in paths:
@@ -208,16 +223,18 @@ def _load_cache(target: Path, n: int, image_size: int) -> torch.Tensor | None:
 
 
 def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path | None = None,
-                 num_threads: int | None = None) -> torch.Tensor:
+                 num_threads: int | None = None, grayscale: bool = False) -> torch.Tensor:
     """Decode and resize every image of `frame` once: uint8 tensor (N, 3, S, S), frame order.
 
     With `cache_dir`, the tensor is also saved there (keyed by the file list, modification times
     and size) and loaded from disk next time. Decoding runs in threads (PIL releases the GIL).
+    `grayscale=True` stores every image as three equal channels (`to_grayscale`).
     """
     paths = [str(p) for p in frame["path"]]
     target = None
     if cache_dir is not None:
-        target = Path(cache_dir) / f"images_{image_size}px_{_cache_key(paths, image_size)}.pt"
+        gray = "_gray" if grayscale else ""
+        target = Path(cache_dir) / f"images_{image_size}px{gray}_{_cache_key(paths, image_size)}.pt"
         if target.exists():
             cached = _load_cache(target, len(paths), image_size)
             if cached is not None:
@@ -226,7 +243,7 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
     workers = num_threads or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i, image in enumerate(pool.map(lambda p: load_image(p, image_size), paths)):
-            out[i] = image
+            out[i] = to_grayscale(image) if grayscale else image
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(out, target)
@@ -386,12 +403,13 @@ def make_loaders(splits: "DataSplits", image_size: int, batch_size: int, *,
                  device: str | torch.device = "cpu", augment: str | BatchAugment = "light",
                  strong_classes: Sequence[int] = (), balanced_sampler: bool = False,
                  fast: bool = True, num_workers: int = 0, cache_dir: str | Path | None = None,
-                 seed: int = 42) -> dict:
+                 seed: int = 42, grayscale: bool = False) -> dict:
     """Train/val/test loaders. Only train is shuffled and augmented.
 
     `fast=True`: tensor cache + `TensorLoader` (the images stay available as
     `loaders[split].images`). `fast=False`: the per-image `ImageFileDataset` + `DataLoader`.
     `balanced_sampler=True` draws training images with inverse class-frequency weights.
+    `grayscale=True` feeds every image as three equal channels (colour casts removed).
     """
     from helpers.data import make_weighted_sampler, weighted_sampler_weights
 
@@ -402,14 +420,14 @@ def make_loaders(splits: "DataSplits", image_size: int, batch_size: int, *,
         if fast:
             weights = weighted_sampler_weights(frame["label"]) if train and balanced_sampler else None
             loaders[split] = TensorLoader(
-                cache_images(frame, image_size, cache_dir=cache_dir), frame["label"],
+                cache_images(frame, image_size, cache_dir=cache_dir, grayscale=grayscale), frame["label"],
                 batch_size=batch_size, shuffle=train, augment=augment if train else "none",
                 strong_classes=strong_classes if train else (), sample_weights=weights,
                 device=device, seed=seed if train else None)
         else:
-            strong_tf = pil_transforms(image_size, train=True, strong=True) if train else None
+            strong_tf = pil_transforms(image_size, True, True, grayscale) if train else None
             aug_on = train and augment != "none"
-            dataset = ImageFileDataset(frame, pil_transforms(image_size, train=aug_on),
+            dataset = ImageFileDataset(frame, pil_transforms(image_size, aug_on, grayscale=grayscale),
                                        strong_transform=strong_tf,
                                        strong_classes=strong_classes if train else ())
             sampler = make_weighted_sampler(frame["label"], seed=seed) if train and balanced_sampler else None
