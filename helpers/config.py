@@ -104,8 +104,12 @@ def portable_data_dir(data_dir: str | Path | None) -> str | None:
     (attached under /kaggle/input, or in the kagglehub download cache); any other folder becomes a
     path relative to the course folder (for example `../shared/data/chest_xray_pneumonia_224`).
     """
-    if data_dir is None or not Path(data_dir).is_absolute():
+    if data_dir is None or str(data_dir) == "synthetic":
         return None if data_dir is None else str(data_dir)
+    if not Path(data_dir).is_absolute():
+        if not Path(data_dir).exists():
+            return str(data_dir)
+        data_dir = Path(data_dir).resolve()  # relative to the working directory (notebooks/)
     parts = Path(data_dir).parts
     if "kagglehub" in parts and "datasets" in parts:  # ~/.cache/kagglehub/datasets/o/s/versions/N/...
         rest = parts[parts.index("datasets") + 1:]

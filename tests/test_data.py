@@ -421,3 +421,10 @@ def test_portable_data_dir_is_relative_to_the_course():
     assert config.portable_data_dir(root / "data" / "synthetic" / "x") == "data/synthetic/x"
     shared = root.parent / "shared" / "data" / "chest_xray_pneumonia_224"
     assert config.portable_data_dir(shared) == "../shared/data/chest_xray_pneumonia_224"
+
+
+def test_portable_data_dir_resolves_a_folder_relative_to_the_working_directory(tmp_path, monkeypatch):
+    root = config.project_root()
+    (root / "data").mkdir(exist_ok=True)
+    monkeypatch.chdir(root / "data")  # like a notebook run from notebooks/ with DATA_DIR="../data"
+    assert config.portable_data_dir("../data") == "data"
