@@ -264,7 +264,7 @@ def plot_sample_grid(
     title: str | None = None,
 ):
     """A few random images per class (one row each) from a DataFrame with `path` and `class_name` columns."""
-    from PIL import Image
+    from helpers.loading import read_image  # the pixel reader training and the app use
 
     rows = len(class_names)
     fig, axes = new_figure(rows, per_class, figsize=(1.9 * per_class, 2.1 * rows), squeeze=False)
@@ -276,10 +276,9 @@ def plot_sample_grid(
             ax.axis("off")
             if c >= len(chosen):
                 continue
-            with Image.open(chosen["path"].iloc[c]) as img:
-                img = img.convert("RGB")
-                img.thumbnail((thumb_size, thumb_size))
-                ax.imshow(np.asarray(img))
+            img = read_image(chosen["path"].iloc[c])
+            img.thumbnail((thumb_size, thumb_size))
+            ax.imshow(np.asarray(img))
             if c == 0:
                 ax.set_title(f"{class_name} (n={len(subset)})", fontsize=9, loc="left")
     if title:

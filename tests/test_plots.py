@@ -283,3 +283,24 @@ def test_figures_are_not_kept_by_pyplot(tmp_path, binary_case) -> None:
     for i in range(3):
         plots.plot_threshold_sweep(y, probs, tmp_path, name=f"t{i}.png")
     assert len(plt.get_fignums()) == before  # Agg: no figures pile up in loops
+
+
+def test_sample_grid_shows_a_16_bit_xray_as_training_reads_it(tmp_path, monkeypatch):
+    """A 12-bit X-ray in a 16-bit PNG is shown scaled (as `loading.read_image` gives it), not clipped white."""
+    import matplotlib.axes
+    import pandas as pd
+    from PIL import Image
+
+    from helpers.loading import read_image
+
+    path = tmp_path / "xray16.png"
+    Image.fromarray(np.tile(np.linspace(0, 4095, 60), (40, 1)).astype(np.uint16)).save(path)
+    shown = []
+    real_imshow = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda self, x, *a, **k: (shown.append(np.asarray(x)), real_imshow(self, x, *a, **k))[1])
+    frame = pd.DataFrame({"path": [str(path)], "class_name": ["NORMAL"]})
+    plots.plot_sample_grid(frame, ["NORMAL"], tmp_path, per_class=1)
+    assert len(shown) == 1
+    assert (shown[0] == 255).mean() < 0.05  # Image.convert("RGB") clipped most of these pixels to 255
+    assert np.array_equal(shown[0], np.asarray(read_image(path)))
