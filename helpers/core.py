@@ -1,0 +1,134 @@
+"""The small pieces every other module needs, written once.
+
+- numbers out of tensors (`to_numpy`), probabilities out of logits (`logits_to_probs`) and
+  class labels out of probabilities (`predict_labels`: a threshold for binary tasks, else argmax);
+- devices: which one to use (`pick_device`), which one a model is on (`model_device`), moving a
+  batch there (`to_device`) and mixed precision on CUDA (`amp_dtype`, `autocast`);
+- seeding (`seed_everything`) and progress bars (`progress_bar`).
+
+This module imports nothing from the rest of the course: it is the bottom floor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import sys
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+# --------------------------------------------------------------------------- conversions
+
+
+def to_numpy(values: Any) -> np.ndarray:
+    """A tensor (any device, with or without grad), list or array as a NumPy array."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (N, C), float32.
+
+    One logit per image (shape (N,) or (N, 1)) is a binary model: probs = [1 - p, p] with
+    p = sigmoid(logit). Otherwise softmax over the classes.
+    """
+    logits = torch.as_tensor(logits).detach().float()
+    if logits.ndim == 1 or logits.shape[1] == 1:
+        p = torch.sigmoid(logits.reshape(-1))
+        return torch.stack([1.0 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def predict_labels(probs: Any, threshold: float | None = None) -> np.ndarray:
+    """Predicted class per row of probs (N, C): `P(class 1) >= threshold` for a binary task when a
+    threshold is given, else the most probable class (argmax). int64 (N,)."""
+    p = to_numpy(probs)
+    if p.ndim == 2 and p.shape[1] == 2 and threshold is not None:
+        return (p[:, 1] >= threshold).astype(np.int64)
+    return p.argmax(axis=1).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def pick_device(prefer: str | torch.device | None = None) -> torch.device:
+    """The best available device: CUDA, then Apple MPS, then CPU.
+
+    `prefer` (e.g. "cpu" or "cuda:0") is used when available; otherwise a warning is shown and
+    the automatic choice is returned.
+    """
+    if prefer is not None:
+        device = torch.device(prefer)
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": torch.backends.mps.is_available()}.get(device.type, False)
+        if available:
+            return device
+        warnings.warn(f"Device {prefer!r} is not available here; choosing automatically.", stacklevel=2)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a batch to `device`; image batches on CUDA use the channels_last memory layout."""
+    x = x.to(device, non_blocking=True)
+    if device.type == "cuda" and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y.to(device, non_blocking=True)
+
+
+def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """bf16 on GPUs that support it natively, else fp16; None (no autocast) off CUDA."""
+    if not amp or device.type != "cuda":
+        return None
+    try:
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # older torch without the argument
+        native_bf16 = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native_bf16 else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed-precision context on CUDA (`dtype` from `amp_dtype`), a no-op elsewhere."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> int:
+    """Seed Python, NumPy and torch (CPU and CUDA). `deterministic` also fixes cuDNN algorithms."""
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return seed
+
+
+def progress_bar(loader: Iterable, desc: str, enabled: bool = True) -> Iterable:
+    """`loader` wrapped in a progress bar: shown in notebooks and terminals, never in CI logs."""
+    in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)  # tqdm.auto chose the widget
+    show = enabled and (in_notebook or sys.stderr.isatty())
+    total = len(loader) if hasattr(loader, "__len__") else None
+    return tqdm(loader, desc=desc, total=total, leave=False, disable=not show, dynamic_ncols=True)
