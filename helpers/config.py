@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import numbers
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
+
+from helpers.core import pick_device, seed_everything
 
 PROFILES: dict[str, dict] = {
     # Offline, 2 CPU cores, about a minute per notebook: proves the code runs, says nothing
@@ -82,11 +83,6 @@ def apply_profile(profile: str, *, recipe_epochs: int | None = None, **overrides
     return Config(profile=profile, **values)
 
 
-def with_overrides(cfg: Config, **overrides) -> Config:
-    """A copy of `cfg` with some values replaced (None values ignored)."""
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-
-
 def project_root() -> Path:
     """The course folder (holding `helpers/`, `notebooks/`, `assets/`).
 
@@ -97,13 +93,16 @@ def project_root() -> Path:
     return checkout if (checkout / "pyproject.toml").exists() else Path.cwd()
 
 
-def portable_data_dir(data_dir: str | Path | None) -> str | None:
+def portable_data_dir(data_dir: str | Path | Mapping | None) -> str | dict | None:
     """How metrics.json names a data folder: never an absolute path of the machine it ran on.
 
     `None` and `"synthetic"` stay as they are; a Kaggle location becomes `kaggle:<owner>/<slug>/...`
     (attached under /kaggle/input, or in the kagglehub download cache); any other folder becomes a
     path relative to the course folder (for example `../shared/data/chest_xray_pneumonia_224`).
+    A mapping (one folder per dataset, as in notebook 00) is converted value by value.
     """
+    if isinstance(data_dir, Mapping):
+        return {str(name): portable_data_dir(folder) for name, folder in data_dir.items()}
     if data_dir is None or str(data_dir) == "synthetic":
         return None if data_dir is None else str(data_dir)
     if not Path(data_dir).is_absolute():
@@ -128,9 +127,6 @@ def output_dir_for(notebook_stem: str, output_dir: str | Path | None = None) -> 
     return path
 
 
-output_dir = output_dir_for  # short name used in notebooks
-
-
 @dataclass(frozen=True)
 class Run:
     """Everything a notebook needs to know about this run, resolved once."""
@@ -139,11 +135,11 @@ class Run:
     cfg: Config
     data_dir: str | None
     out_dir: Path
-    device: "torch.device"
+    device: torch.device
     seed: int
 
     def context(self) -> dict:
-        """The run fields of metrics.json (see `helpers.evaluate.write_metrics`)."""
+        """The run fields of metrics.json (see `helpers.reporting.write_metrics`)."""
         return dict(notebook=self.notebook, profile=self.cfg.profile, data_dir=self.data_dir,
                     image_size=self.cfg.image_size, device=str(self.device))
 
@@ -156,8 +152,6 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
     The smoke profile uses synthetic data unless `data_dir` is given. Prints one line saying
     what this run is, so every figure below can be read with it in mind.
     """
-    from helpers.train import pick_device, seed_everything
-
     cfg = apply_profile(profile, recipe_epochs=recipe_epochs, **overrides)
     if data_dir is None and profile == "smoke":
         data_dir = "synthetic"

@@ -1,6 +1,6 @@
 """The small pieces every other module needs, written once.
 
-- numbers out of tensors (`to_numpy`), probabilities out of logits (`logits_to_probs`) and
+- numbers out of tensors (`to_numpy`, `as_label_tensor`), probabilities out of logits (`logits_to_probs`) and
   class labels out of probabilities (`predict_labels`: a threshold for binary tasks, else argmax);
 - devices: which one to use (`pick_device`), which one a model is on (`model_device`), moving a
   batch there (`to_device`) and mixed precision on CUDA (`amp_dtype`, `autocast`);
@@ -33,6 +33,13 @@ def to_numpy(values: Any) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().numpy()
     return np.asarray(values)
+
+
+def as_label_tensor(labels: Any) -> torch.Tensor:
+    """Class labels (list, NumPy array, pandas Series or tensor) as a new int64 CPU tensor."""
+    if isinstance(labels, torch.Tensor):
+        return labels.detach().to("cpu", torch.long).clone()
+    return torch.tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
 
 
 def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:

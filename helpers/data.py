@@ -1,17 +1,16 @@
-"""Datasets: where they are, what is in them, and how to split them without leaking patients.
+"""What is in a dataset, and how to split it without leaking patients.
 
-The course uses three Kaggle datasets (see `DATASETS`). `load_splits` is the one call a notebook
-needs: it finds the data (or writes a synthetic stand-in), scans it into a table, keeps the
+`load_splits` is the one call a notebook needs: it finds the data (`helpers.datasets`) or writes a
+synthetic stand-in (`helpers.synthetic`), scans it into a table with one row per image, keeps the
 provided splits, carves missing validation/test splits out of `train/` grouped by patient, and
-optionally caps the number of images per class. Image loading (tensor cache and the per-image
-path) lives in `helpers.loading` and is re-exported here.
+optionally caps the number of images per class. Getting the pixels into a model is
+`helpers.loading`'s business.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import socket
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,259 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
-from torch.utils.data import WeightedRandomSampler
 
-from helpers.config import project_root
-from helpers.loading import (  # noqa: F401  (re-exported for notebooks)
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BatchAugment,
-    ImageFileDataset,
-    TensorLoader,
-    cache_images,
-    denormalize,
-    load_image,
-    make_loaders,
-    normalize,
-    pil_transforms,
+from helpers.datasets import (
+    DatasetNotFoundError,
+    DatasetSpec,
+    class_folders,
+    get_spec,
+    locate_dataset,
+    split_class_folders,
 )
-from helpers.synthetic import is_synthetic_dataset, make_synthetic_dataset  # noqa: F401  (re-exported)
+from helpers.synthetic import is_synthetic_dataset, make_synthetic_dataset
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
-IGNORED_DIRS = {"__MACOSX", ".ipynb_checkpoints"}
-KAGGLE_INPUT = Path("/kaggle/input")
 # The official pneumonia val/ holds 16 images (0.3% of train): far too few to select a model.
 # A provided val/ under both limits is folded into train and a real one carved instead.
 MIN_USEFUL_VAL_IMAGES = 50
 MIN_USEFUL_VAL_FRACTION = 0.05
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What the course knows about one dataset."""
-
-    name: str
-    handle: str  # Kaggle handle for kagglehub.dataset_download
-    class_names: tuple[str, ...]  # canonical class order; binary: positive class last
-    aliases: dict[str, str] = field(default_factory=dict)  # folder name -> canonical class
-    description: str = ""
-
-    @property
-    def slug(self) -> str:
-        return self.handle.split("/")[1]
-
-    def canonical_class(self, folder: str) -> str | None:
-        """Map a class folder name to a canonical class name (case-insensitive), or None."""
-        lookup = {c.lower(): c for c in self.class_names}
-        lookup.update({k.lower(): v for k, v in self.aliases.items()})
-        return lookup.get(folder.lower())
-
-
-DATASETS: dict[str, DatasetSpec] = {
-    "pneumonia": DatasetSpec(
-        "pneumonia", "paultimothymooney/chest-xray-pneumonia", ("NORMAL", "PNEUMONIA"),
-        description="Pediatric chest X-rays, Guangzhou (Kermany et al. 2018), CC BY 4.0.",
-    ),
-    "chest4": DatasetSpec(
-        "chest4", "jtiptj/chest-xray-pneumoniacovid19tuberculosis",
-        ("COVID19", "NORMAL", "PNEUMONIA", "TURBERCULOSIS"),
-        aliases={"TUBERCULOSIS": "TURBERCULOSIS", "COVID-19": "COVID19", "COVID": "COVID19"},
-        description="Chest X-rays in 4 classes pooled from several sources (the TB folder "
-        "really is spelled TURBERCULOSIS).",
-    ),
-    "fundus": DatasetSpec(
-        "fundus", "pkdarabi/diagnosis-of-diabetic-retinopathy", ("normal", "disease"),
-        aliases={"No_DR": "normal", "DR": "disease"},
-        description="Retinal fundus photographs, diabetic retinopathy (DR) vs no DR; any folder "
-        "of disease/ and normal/ class folders works too.",
-    ),
-}
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """No copy of a dataset could be found or downloaded."""
-
-
-class WrongDatasetError(DatasetNotFoundError):
-    """A folder holds another dataset (or a mixture) than the one asked for."""
-
-
-def get_spec(name: str) -> DatasetSpec:
-    if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(DATASETS)}.")
-    return DATASETS[name]
-
-
-# ----------------------------------------------------------------------------- locating
-
-def _class_dirs(folder: Path, spec: DatasetSpec) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return [d for d in folder.iterdir() if d.is_dir() and spec.canonical_class(d.name)]
-
-
-def _visible_dirs(folder: Path) -> list[Path]:
-    """Sub-folders that could be class folders: not hidden, not `__MACOSX`."""
-    if not folder.is_dir():
-        return []
-    return sorted(d for d in folder.iterdir()
-                  if d.is_dir() and d.name not in IGNORED_DIRS and not d.name.startswith("."))
-
-
-def _foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
-    """Why the class folders in `folder` belong to another known dataset, or None.
-
-    A folder offered as one dataset but holding class folders of another (the 4-class set offered
-    as pneumonia: COVID19 and TURBERCULOSIS beside NORMAL and PNEUMONIA) is another dataset, not
-    a superset of this one: taking only the wanted classes would silently measure something else.
-    """
-    names = [d.name for d in _visible_dirs(folder)]
-    foreign = {n: o.name for n in names if not spec.canonical_class(n)
-               for o in DATASETS.values() if o.name != spec.name and o.canonical_class(n)}
-    if not foreign:
-        return None
-    whole = [o for o in DATASETS.values() if o.name != spec.name
-             and {o.canonical_class(n) for n in names} >= set(o.class_names)]
-    looks = (f"it looks like the {whole[0].name} dataset ({whole[0].handle})" if whole else
-             "it mixes in class folder(s) of " + ", ".join(sorted(set(foreign.values()))))
-    return (f"{folder} holds class folders {names}, including {sorted(foreign)} which the "
-            f"{spec.name} dataset does not have: {looks}, not {spec.name} (class folders "
-            f"{list(spec.class_names)}). Point DATA_DIR at the {spec.name} data, or load it as "
-            f"{whole[0].name if whole else 'the dataset it is'}.")
-
-
-def _is_dataset_root(folder: Path, spec: DatasetSpec, rejected: list[str] | None = None) -> bool:
-    """A root holds train/ with a folder for every class, or those class folders themselves,
-    and no class folder of another known dataset (reasons for refusing go to `rejected`)."""
-    for parent in (folder / "train", folder):
-        if {spec.canonical_class(d.name) for d in _class_dirs(parent, spec)} == set(spec.class_names):
-            problem = _foreign_classes(parent, spec)
-            if problem is None:
-                return True
-            if rejected is not None:
-                rejected.append(problem)
-            return False
-    return False
-
-
-def find_dataset_root(folder: str | Path, spec: DatasetSpec, max_depth: int = 4,
-                      rejected: list[str] | None = None) -> Path | None:
-    """The shallowest folder below `folder` that looks like the dataset, or None.
-
-    Shallowest first, so the pneumonia archive's nested duplicate `chest_xray/chest_xray/` is
-    never picked over `chest_xray/`; `__MACOSX/` is never entered. A folder that holds another
-    dataset's classes is refused (reason appended to `rejected`) and not searched further.
-    """
-    level = [Path(folder)]
-    for _ in range(max_depth + 1):
-        refused = []
-        for candidate in level:
-            found: list[str] = []
-            if _is_dataset_root(candidate, spec, found):
-                return candidate
-            if found:
-                refused.append(candidate)
-                if rejected is not None:
-                    rejected.extend(found)
-        level = sorted(
-            child for parent in level if parent.is_dir() and parent not in refused
-            for child in parent.iterdir()
-            if child.is_dir() and child.name not in IGNORED_DIRS and not child.name.startswith(".")
-        )
-        if not level:
-            return None
-    return None
-
-
-def _kaggle_candidates(spec: DatasetSpec, kaggle_input: Path) -> list[Path]:
-    owner, slug = spec.handle.split("/")
-    named = [kaggle_input / slug, kaggle_input / "datasets" / owner / slug]
-    others = sorted(p for p in kaggle_input.glob("*") if p.is_dir()) if kaggle_input.is_dir() else []
-    return [p for p in named if p.is_dir()] + [p for p in others if p not in named]
-
-
-def _online(host: str = "www.kaggle.com", timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def locate_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = True,
-                   kaggle_input: str | Path = KAGGLE_INPUT) -> Path:
-    """Find a dataset's root folder, in the order of the course design.
-
-    1. `data_dir`, when given (searched below for the dataset layout);
-    2. an attached Kaggle dataset under /kaggle/input (either mount form);
-    3. the local cache `data/<name>/` in the course folder;
-    4. `kagglehub.dataset_download(handle)` (skipped at once when offline);
-    5. otherwise one `DatasetNotFoundError` that lists these four ways.
-    """
-    spec = get_spec(name)
-    rejected: list[str] = []
-    if data_dir is not None:
-        return _locate_in_data_dir(data_dir, spec)
-    for candidate in _kaggle_candidates(spec, Path(kaggle_input)):
-        root = find_dataset_root(candidate, spec, rejected=rejected)
-        if root is not None:
-            return root
-    local = project_root() / "data" / name
-    if local.is_dir() and (root := find_dataset_root(local, spec, rejected=rejected)) is not None:
-        return root
-    reason = "download=False"
-    if download:
-        if _online():
-            import kagglehub
-
-            try:
-                root = find_dataset_root(kagglehub.dataset_download(spec.handle), spec,
-                                         rejected=rejected)
-                if root is not None:
-                    return root
-                reason = "kagglehub downloaded it but the layout was not recognised"
-            except Exception as err:  # network errors, auth, quota...
-                reason = f"kagglehub failed: {type(err).__name__}: {err}"
-        else:
-            reason = "no internet connection (www.kaggle.com unreachable)"
-    raise DatasetNotFoundError(
-        f"Could not find the {name!r} dataset ({spec.handle}); {reason}. Provide it one of four "
-        "ways:\n"
-        f"  1. set DATA_DIR to a folder holding train/ (and optionally val/, test/) with class "
-        f"folders {list(spec.class_names)};\n"
-        f"  2. on Kaggle, attach the dataset '{spec.handle}' (Add Input) so it appears under "
-        "/kaggle/input;\n"
-        f"  3. unzip it into {local};\n"
-        f"  4. turn on the internet so kagglehub.dataset_download('{spec.handle}') can fetch it.\n"
-        "Or run offline on generated images with DATA_DIR = 'synthetic'."
-        + "".join(f"\nRefused: {r}" for r in rejected)
-    )
-
-
-def _locate_in_data_dir(data_dir: str | Path, spec: DatasetSpec) -> Path:
-    """The dataset root in DATA_DIR; the working directory is never searched below itself."""
-    if not str(data_dir).strip():
-        raise ValueError(f"DATA_DIR={str(data_dir)!r} is empty. Use DATA_DIR = None to locate or "
-                         "download the data, 'synthetic' for generated images, or a folder path.")
-    is_cwd = Path(data_dir).resolve() == Path.cwd().resolve()
-    rejected: list[str] = []
-    root = find_dataset_root(data_dir, spec, max_depth=0 if is_cwd else 4, rejected=rejected)
-    if root is not None:
-        return root
-    if rejected:
-        raise WrongDatasetError(f"DATA_DIR={str(data_dir)!r} does not hold the {spec.name} "
-                                f"dataset: {rejected[0]}")
-    where = (f" is the working directory ({Path.cwd()}), which is not searched below itself: give "
-             "the dataset folder itself" if is_cwd else " does not hold the " + spec.name + " dataset")
-    raise DatasetNotFoundError(
-        f"DATA_DIR={str(data_dir)!r}{where}: expected a train/ folder (optionally val/, test/) "
-        f"with class folders {list(spec.class_names)}, or the class folders themselves. Check "
-        "the path, or set DATA_DIR = None to locate/download it, or DATA_DIR = 'synthetic' for "
-        "generated data."
-    )
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -353,25 +117,6 @@ def _list_images(folder: Path | None) -> tuple[list[Path], list[Path]]:
     return sorted(files), sorted(broken)
 
 
-def _split_class_folders(split_dir: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[str]]:
-    """A split's class folders by canonical class, and the folders the dataset does not know.
-
-    Class folders of another known dataset are an error (`WrongDatasetError`), not extra data.
-    """
-    problem = _foreign_classes(split_dir, spec)
-    if problem is not None:
-        raise WrongDatasetError(problem)
-    classes: dict[str, Path] = {}
-    unknown: list[str] = []
-    for d in _visible_dirs(split_dir):
-        canonical = spec.canonical_class(d.name)
-        if canonical is None:
-            unknown.append(str(d))
-        else:
-            classes[canonical] = d
-    return classes, unknown
-
-
 def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """Decode-check every image: the readable rows (with width, height) and (path, reason) of the rest."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
@@ -408,7 +153,7 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
     root = Path(root)
     split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir())
                   if d.is_dir() and d.name.lower() in SPLIT_ALIASES} if root.is_dir() else {}
-    if not split_dirs and len(_class_dirs(root, spec)) >= 2:
+    if not split_dirs and len(class_folders(root, spec)) >= 2:
         split_dirs = {"train": root}
     if "train" not in split_dirs:
         raise DatasetNotFoundError(
@@ -416,7 +161,7 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
         )
     rows, broken, unknown = [], [], []
     for split, split_dir in split_dirs.items():
-        classes, extra = _split_class_folders(split_dir, spec)
+        classes, extra = split_class_folders(split_dir, spec)
         unknown += extra
         for class_name in spec.class_names:
             files, dead = _list_images(classes.get(class_name))
@@ -599,45 +344,3 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
                      "each split's class balance (profile setting).")
     _require_every_class(frame, spec, missing)
     return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes, missing)
-
-
-# ----------------------------------------------------------------------------- balancing
-
-def _label_tensor(labels) -> torch.Tensor:
-    """Labels (list, numpy array, pandas Series or tensor) as a new int64 tensor."""
-    if isinstance(labels, torch.Tensor):
-        return labels.detach().to("cpu", torch.long).clone()
-    return torch.tensor(np.array(labels, dtype=np.int64))
-
-
-def class_weights(labels, num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights, scaled to mean 1 (for `CrossEntropyLoss(weight=...)`)."""
-    counts = torch.bincount(_label_tensor(labels), minlength=num_classes).float()
-    if (counts == 0).any():
-        raise ValueError(f"Some class has no training images (counts per class: {counts.tolist()}).")
-    weights = counts.sum() / (num_classes * counts)
-    return weights / weights.mean()
-
-
-def pos_weight(labels) -> torch.Tensor:
-    """n_negative / n_positive, shape (1,), for `BCEWithLogitsLoss(pos_weight=...)`."""
-    labels = _label_tensor(labels)
-    n_pos = int((labels == 1).sum())
-    if n_pos == 0:
-        raise ValueError("No positive training images: pos_weight is undefined.")
-    return torch.tensor([(len(labels) - n_pos) / n_pos], dtype=torch.float32)
-
-
-def weighted_sampler_weights(labels) -> torch.Tensor:
-    """One weight per image, 1 / (images in its class): every class is drawn equally often."""
-    labels = _label_tensor(labels)
-    counts = torch.bincount(labels).float()
-    return (1.0 / counts)[labels].double()
-
-
-def make_weighted_sampler(labels, *, seed: int | None = None) -> WeightedRandomSampler:
-    """A sampler that draws balanced batches (with replacement) for a `DataLoader`."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    weights = weighted_sampler_weights(labels)
-    return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
-                                 generator=generator)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.core import logits_to_probs, model_device, predict_labels
 from helpers.loading import normalize
 from helpers.models import gradcam_target_layer, vit_tokens_to_map
 
@@ -55,8 +55,9 @@ def default_target_layer(model: nn.Module) -> nn.Module:
     return convs[-1]
 
 
-def _fix_vit_target(model: nn.Module, layer: nn.Module) -> nn.Module:
-    """Redirect a ViT target whose patch tokens cannot receive gradient to the last block's ln_1."""
+def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:
+    """`layer`, or for a ViT target whose patch tokens cannot receive gradient (the last block, the
+    encoder, its final LayerNorm) the last block's `ln_1`, with a warning."""
     if _is_vit(model):
         last = model.encoder.layers[-1]
         if layer is last or layer is model.encoder or layer is model.encoder.ln:
@@ -149,92 +150,24 @@ def grad_cam(
     return cam.cpu().numpy().astype(np.float32)
 
 
-def _to_hwc_float(image: Any) -> np.ndarray:
-    """An image as (H, W, 3) floats in [0, 1]; takes uint8 or float, CHW or HWC, tensor or array."""
-    img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if img.ndim == 2:
-        img = img[..., None]
-    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
-        img = np.transpose(img, (1, 2, 0))
-    img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
-    if img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-    return np.clip(img, 0.0, 1.0)
+def explain(model: nn.Module, images_u8: torch.Tensor, *, target_layer: nn.Module | None = None,
+            vit: bool | str = "auto", threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities (N, C), predicted classes (N,) and Grad-CAM heatmaps (N, H, W) of uint8 images.
 
-
-def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:
-    """Blend a [0, 1] heatmap (H, W), coloured with `cmap`, over an image; returns RGB floats (H, W, 3)."""
-    import matplotlib
-
-    img = _to_hwc_float(image)
-    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
-    if heat.shape != img.shape[:2]:
-        raise ValueError(f"heatmap {heat.shape} and image {img.shape[:2]} differ in size")
-    colored = matplotlib.colormaps[cmap](heat)[..., :3]
-    return np.clip((1 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
-
-
-def plot_gradcam(
-    model: nn.Module,
-    images_u8: Any,
-    class_names: Sequence[str],
-    out_dir: str | Path,
-    name: str = "gradcam.png",
-    target_layer: nn.Module | None = None,
-    vit: bool | str = "auto",
-    y_true: Sequence[int] | None = None,
-    n: int = 8,
-    alpha: float = 0.4,
-):
-    """Show up to `n` images (uint8 (N, 3, H, W)) above their Grad-CAM overlays; save out_dir/name.
-
-    Titles give the predicted class and its probability (and the true class when `y_true` is
-    given; wrong predictions in red). `target_layer=None` uses `default_target_layer(model)`;
+    The prediction follows the rest of the course: `P(class 1) >= threshold` for a binary model
+    when a threshold (chosen on validation) is given, else the most probable class; the heatmap
+    explains that predicted class. `target_layer=None` uses `default_target_layer(model)`;
     `vit="auto"` detects a torchvision VisionTransformer and folds its tokens into a grid.
     """
-    from helpers.plots import new_figure, save_figure
-
-    images = torch.as_tensor(np.asarray(images_u8)) if not isinstance(images_u8, torch.Tensor) else images_u8
-    images = images[:n]
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images_u8 must have shape (N, 3, H, W), got {tuple(images.shape)}")
-    if images.shape[1] == 1:
-        images = images.repeat(1, 3, 1, 1)
+    layer = usable_target_layer(model, target_layer if target_layer is not None else default_target_layer(model))
     is_vit = _is_vit(model) if vit == "auto" else bool(vit)
-    layer = target_layer if target_layer is not None else default_target_layer(model)
-    layer = _fix_vit_target(model, layer)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    x = normalize(images.to(device))
-
+    x = normalize(images_u8.to(model_device(model)))
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        logits = model(x).float()
+        probs = logits_to_probs(model(x)).cpu().numpy()
     model.train(was_training)
-    logits = logits[:, None] if logits.ndim == 1 else logits
-    if logits.shape[1] == 1:
-        p1 = torch.sigmoid(logits)
-        probs = torch.cat([1 - p1, p1], dim=1).cpu().numpy()
-    else:
-        probs = torch.softmax(logits, dim=1).cpu().numpy()
-    heatmaps = grad_cam(model, x, layer, reshape_transform=vit_reshape_transform if is_vit else None)
-
-    count = images.shape[0]
-    fig, axes = new_figure(nrows=2, ncols=count, figsize=(2.2 * count, 4.8), squeeze=False)
-    for i in range(count):
-        image = images[i].cpu()
-        pred = int(probs[i].argmax())
-        title = f"pred {class_names[pred]} ({probs[i, pred]:.2f})"
-        color = "black"
-        if y_true is not None:
-            true = int(y_true[i])
-            title = f"true {class_names[true]}\n" + title
-            color = "black" if true == pred else "red"
-        axes[0, i].imshow(_to_hwc_float(image))
-        axes[0, i].set_title(title, fontsize=8, color=color)
-        axes[1, i].imshow(overlay(image, heatmaps[i], alpha=alpha))
-        axes[1, i].set_title("Grad-CAM", fontsize=8)
-        for ax in axes[:, i]:
-            ax.axis("off")
-    fig.suptitle("Grad-CAM: where the evidence for the predicted class is", fontsize=10)
-    return save_figure(fig, out_dir, name)
+    predicted = predict_labels(probs, threshold)
+    heatmaps = grad_cam(model, x, layer, class_idx=predicted.tolist(),
+                        reshape_transform=vit_reshape_transform if is_vit else None)
+    return probs, predicted, heatmaps

@@ -20,18 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
-if TYPE_CHECKING:
-    from helpers.data import DataSplits
+from helpers.core import as_label_tensor
+from helpers.data import DataSplits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,7 +105,7 @@ class ImageFileDataset(Dataset):
 
 # ----------------------------------------------------------------------------- reading pixels
 # One function turns any decoded image into the 8-bit RGB a model sees: `to_rgb`. Training
-# (`load_image`, `ImageFileDataset`) and the app (`helpers.deploy.read_upload`) both call it, so a
+# (`load_image`, `ImageFileDataset`) and the app (`helpers.serve.read_upload`) both call it, so a
 # file gives the same pixels in both.
 
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -325,6 +325,25 @@ class BatchAugment:
         return x.clamp_(0, max_value)
 
 
+def _as_augment(augment: str | BatchAugment) -> BatchAugment:
+    return BatchAugment.preset(augment) if isinstance(augment, str) else augment
+
+
+def _compact(images: torch.Tensor, device: torch.device) -> tuple[bool, torch.Tensor]:
+    """(is grayscale, the images as stored): one channel when all three are equal, on the GPU if any.
+
+    Grayscale X-rays are stored as 3 equal channels; keeping one (and letting `normalize`
+    broadcast it back) saves two thirds of the memory and of the augmentation work. On a GPU
+    the cache stays there, so batches never cross the PCIe bus.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError("TensorLoader expects uint8 images of shape (N, 3, H, W) "
+                         "(use cache_images to make them).")
+    gray = bool(torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]))
+    stored = images[:, :1].clone() if gray else images
+    return gray, stored.to(device) if device.type == "cuda" else stored
+
+
 class TensorLoader:
     """Batches from a uint8 image tensor, augmented per image, normalised, on `device`.
 
@@ -338,23 +357,13 @@ class TensorLoader:
                  strong: str | BatchAugment = "strong", strong_classes: Sequence[int] = (),
                  sample_weights: torch.Tensor | None = None, device: str | torch.device = "cpu",
                  drop_last: bool = False, seed: int | None = None):
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError("TensorLoader expects uint8 images of shape (N, 3, H, W) "
-                             "(use cache_images to make them).")
         self.device = torch.device(device)
-        # Grayscale X-rays are stored as 3 equal channels; keep one, augment one, and let
-        # `normalize` broadcast it back to 3 channels: a third of the memory and the work.
-        self.grayscale = bool(torch.equal(images[:, 0], images[:, 1])
-                              and torch.equal(images[:, 1], images[:, 2]))
-        stored = images[:, :1].clone() if self.grayscale else images
-        # Keep the cache on the GPU when there is one: batches then never cross the PCIe bus.
-        self._images = stored.to(self.device) if self.device.type == "cuda" else stored
-        self.labels = torch.tensor([int(v) for v in labels], dtype=torch.long)
+        self.grayscale, self._images = _compact(images, self.device)
+        self.labels = as_label_tensor(labels)
         if len(self.labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.augment = BatchAugment.preset(augment) if isinstance(augment, str) else augment
-        self.strong = BatchAugment.preset(strong) if isinstance(strong, str) else strong
+        self.augment, self.strong = _as_augment(augment), _as_augment(strong)
         self.strong_classes = torch.as_tensor(list(strong_classes), dtype=torch.long)
         self.sample_weights = sample_weights
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -375,31 +384,49 @@ class TensorLoader:
     def _order(self) -> torch.Tensor:
         n = self.dataset_size
         if self.sample_weights is not None:
-            return torch.multinomial(self.sample_weights, n, replacement=True,
-                                     generator=self.generator)
+            return torch.multinomial(self.sample_weights, n, replacement=True, generator=self.generator)
         return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+
+    def _augmented(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pixel values 0..255 in, augmented (strong for `strong_classes`) out."""
+        if not len(self.strong_classes):
+            return self.augment(x, self.generator, 255.0)
+        is_strong = torch.isin(y, self.strong_classes).to(self.device)
+        if is_strong.any():
+            x[is_strong] = self.strong(x[is_strong], self.generator, 255.0)
+        if (~is_strong).any():
+            x[~is_strong] = self.augment(x[~is_strong], self.generator, 255.0)
+        return x
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._order()
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size]
-            x = self._images[idx.to(self._images.device)].to(self.device, non_blocking=True)
-            x = x.float()  # pixel values stay 0..255 until the fused normalisation
+            x = self._images[idx.to(self._images.device)].to(self.device, non_blocking=True).float()
             y = self.labels[idx]
-            if len(self.strong_classes):
-                is_strong = torch.isin(y, self.strong_classes).to(self.device)
-                if is_strong.any():
-                    x[is_strong] = self.strong(x[is_strong], self.generator, 255.0)
-                if (~is_strong).any():
-                    x[~is_strong] = self.augment(x[~is_strong], self.generator, 255.0)
-            else:
-                x = self.augment(x, self.generator, 255.0)
-            yield normalize(x, scale=255.0), y.to(self.device, non_blocking=True)
+            yield normalize(self._augmented(x, y), scale=255.0), y.to(self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- balanced sampling
+
+def weighted_sampler_weights(labels) -> torch.Tensor:
+    """One weight per image, 1 / (images in its class): every class is drawn equally often."""
+    labels = as_label_tensor(labels)
+    counts = torch.bincount(labels).float()
+    return (1.0 / counts)[labels].double()
+
+
+def make_weighted_sampler(labels, *, seed: int | None = None) -> WeightedRandomSampler:
+    """A sampler that draws balanced batches (with replacement) for a `DataLoader`."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    weights = weighted_sampler_weights(labels)
+    return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
+                                 generator=generator)
 
 
 # ----------------------------------------------------------------------------- both paths
 
-def make_loaders(splits: "DataSplits", image_size: int, batch_size: int, *,
+def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *,
                  device: str | torch.device = "cpu", augment: str | BatchAugment = "light",
                  strong_classes: Sequence[int] = (), balanced_sampler: bool = False,
                  fast: bool = True, num_workers: int = 0, cache_dir: str | Path | None = None,
@@ -411,8 +438,6 @@ def make_loaders(splits: "DataSplits", image_size: int, batch_size: int, *,
     `balanced_sampler=True` draws training images with inverse class-frequency weights.
     `grayscale=True` feeds every image as three equal channels (colour casts removed).
     """
-    from helpers.data import make_weighted_sampler, weighted_sampler_weights
-
     loaders = {}
     for split in ("train", "val", "test"):
         frame = getattr(splits, split)

@@ -14,9 +14,10 @@ from typing import Any
 import matplotlib
 import numpy as np
 
+from helpers import gradcam
+from helpers.core import predict_labels, to_numpy
 from helpers.evaluate import as_probs, expected_calibration_error, reliability_bins
-from helpers.gradcam import _to_hwc_float
-from helpers.gradcam import plot_gradcam  # noqa: F401  (re-exported: plots.plot_gradcam(...))
+from helpers.loading import read_image
 
 DPI = 110
 _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
@@ -48,14 +49,8 @@ def save_figure(fig, out_dir: str | Path, name: str):
     return fig
 
 
-def _numpy(values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    return np.asarray(values)
-
-
 def _p_pos(probs: Any) -> np.ndarray:
-    p = _numpy(probs).astype(np.float64)
+    p = to_numpy(probs).astype(np.float64)
     return p[:, 1] if p.ndim == 2 else p
 
 
@@ -129,7 +124,7 @@ def _heatmap(ax, matrix: np.ndarray, class_names: Sequence[str], fmt: str, title
 
 def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "confusion_matrix.png"):
     """Counts (left) and row-normalised rates (right: the diagonal is each class's recall)."""
-    counts = _numpy(cm).astype(np.int64)
+    counts = to_numpy(cm).astype(np.int64)
     row_sums = counts.sum(axis=1, keepdims=True)
     rates = np.divide(counts, row_sums, out=np.zeros(counts.shape, dtype=float), where=row_sums > 0)
     size = 3 + 0.9 * len(class_names)
@@ -143,7 +138,7 @@ def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: st
     """ROC (left) and precision-recall (right) curves: binary -> the positive class; multi-class -> one per class (one-vs-rest)."""
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
-    y = _numpy(y_true).astype(np.int64)
+    y = to_numpy(y_true).astype(np.int64)
     p = as_probs(probs)
     classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
     fig, (ax_roc, ax_pr) = new_figure(1, 2, figsize=(11, 4.5))
@@ -172,7 +167,7 @@ def plot_threshold_sweep(
     y_true: Any, p_pos: Any, out_dir: str | Path, chosen: float | None = None, name: str = "threshold_sweep.png"
 ):
     """Sensitivity and specificity against the decision threshold; the chosen threshold is marked."""
-    y = _numpy(y_true).astype(np.int64)
+    y = to_numpy(y_true).astype(np.int64)
     p = _p_pos(p_pos)
     thresholds = np.linspace(0, 1, 201)
     predicted = p[None, :] >= thresholds[:, None]
@@ -199,9 +194,27 @@ def plot_threshold_sweep(
 # ----------------------------------------------------------------------------------------------
 
 
-def _image_hwc(image: Any) -> np.ndarray:
+def to_display(image: Any) -> np.ndarray:
+    """An image as (H, W, 3) floats in [0, 1] for `imshow`; takes uint8 or float, CHW or HWC, tensor or array."""
+    img = to_numpy(image)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = np.transpose(img, (1, 2, 0))
+    img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    return np.clip(img, 0.0, 1.0)
 
-    return _to_hwc_float(image)
+
+def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:
+    """Blend a [0, 1] heatmap (H, W), coloured with `cmap`, over an image; returns RGB floats (H, W, 3)."""
+    img = to_display(image)
+    heat = np.clip(np.asarray(heatmap, dtype=np.float32), 0.0, 1.0)
+    if heat.shape != img.shape[:2]:
+        raise ValueError(f"heatmap {heat.shape} and image {img.shape[:2]} differ in size")
+    colored = matplotlib.colormaps[cmap](heat)[..., :3]
+    return np.clip((1 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
 
 
 def _grid_shape(count: int, max_cols: int = 8) -> tuple[int, int]:
@@ -224,10 +237,10 @@ def plot_prediction_grid(
 
     Binary predictions use `threshold` on P(class 1) when given, else the argmax.
     """
-    images = _numpy(images_u8)
-    y = _numpy(y_true).astype(np.int64)
+    images = to_numpy(images_u8)
+    y = to_numpy(y_true).astype(np.int64)
     p = as_probs(probs)
-    pred = (p[:, 1] >= threshold).astype(np.int64) if threshold is not None and p.shape[1] == 2 else p.argmax(1)
+    pred = predict_labels(p, threshold)
     indices = np.flatnonzero(pred != y) if errors_only else np.arange(len(y))
     indices = indices[:n]
     if len(indices) == 0:
@@ -241,7 +254,7 @@ def plot_prediction_grid(
         ax.axis("off")
     for ax, i in zip(axes.ravel(), indices):
         wrong = pred[i] != y[i]
-        ax.imshow(_image_hwc(images[i]))
+        ax.imshow(to_display(images[i]))
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -264,8 +277,6 @@ def plot_sample_grid(
     title: str | None = None,
 ):
     """A few random images per class (one row each) from a DataFrame with `path` and `class_name` columns."""
-    from helpers.loading import read_image  # the pixel reader training and the app use
-
     rows = len(class_names)
     fig, axes = new_figure(rows, per_class, figsize=(1.9 * per_class, 2.1 * rows), squeeze=False)
     for r, class_name in enumerate(class_names):
@@ -276,7 +287,7 @@ def plot_sample_grid(
             ax.axis("off")
             if c >= len(chosen):
                 continue
-            img = read_image(chosen["path"].iloc[c])
+            img = read_image(chosen["path"].iloc[c])  # the pixel reader of training and the app
             img.thumbnail((thumb_size, thumb_size))
             ax.imshow(np.asarray(img))
             if c == 0:
@@ -307,6 +318,39 @@ def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balan
     ax.set(ylabel="images", title=title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return save_figure(fig, out_dir, name)
+
+
+def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir: str | Path,
+                 name: str = "gradcam.png", target_layer: Any = None, vit: bool | str = "auto",
+                 y_true: Sequence[int] | None = None, n: int = 8, alpha: float = 0.4,
+                 threshold: float | None = None):
+    """Up to `n` images (uint8 (N, 3, H, W)) above their Grad-CAM overlays (`helpers.gradcam.explain`).
+
+    Titles give the predicted class and its probability, predicted as everywhere else in the
+    notebook: with `threshold` (chosen on validation) for a binary model, else the most probable
+    class. With `y_true` the true class is shown too, and wrong predictions are red.
+    """
+    import torch
+
+    images = (images_u8 if isinstance(images_u8, torch.Tensor) else torch.as_tensor(np.asarray(images_u8)))[:n]
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"images_u8 must have shape (N, 3, H, W), got {tuple(images.shape)}")
+    images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+    probs, pred, heatmaps = gradcam.explain(model, images, target_layer=target_layer, vit=vit, threshold=threshold)
+    fig, axes = new_figure(nrows=2, ncols=len(images), figsize=(2.2 * len(images), 4.8), squeeze=False)
+    for i, image in enumerate(images):
+        title, color = f"pred {class_names[pred[i]]} ({probs[i, pred[i]]:.2f})", "black"
+        if y_true is not None:
+            title = f"true {class_names[int(y_true[i])]}\n" + title
+            color = "black" if int(y_true[i]) == pred[i] else "red"
+        axes[0, i].imshow(to_display(image))
+        axes[0, i].set_title(title, fontsize=8, color=color)
+        axes[1, i].imshow(overlay(image, heatmaps[i], alpha=alpha))
+        axes[1, i].set_title("Grad-CAM", fontsize=8)
+        for ax in axes[:, i]:
+            ax.axis("off")
+    fig.suptitle("Grad-CAM: where the evidence for the predicted class is", fontsize=10)
     return save_figure(fig, out_dir, name)
 
 
@@ -373,19 +417,3 @@ def plot_run_comparison(
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, out_dir, name)
-
-
-__all__ = [
-    "new_figure",
-    "save_figure",
-    "plot_history",
-    "plot_confusion_matrix",
-    "plot_roc_pr",
-    "plot_threshold_sweep",
-    "plot_prediction_grid",
-    "plot_sample_grid",
-    "plot_class_balance",
-    "plot_reliability",
-    "plot_run_comparison",
-    "plot_gradcam",
-]

@@ -1,0 +1,111 @@
+"""The feature cache behind `helpers.train.fit_head_only`.
+
+With the backbone frozen, its output for an image never changes: run it once over the data
+(`extract_features`), keep the pooled features, and train the head on them for as many epochs as
+you like, at almost no cost. `feature_loader_like` serves the cached features with the batch size
+and sampling of the original loader. Only valid without random augmentation (`augments` tells).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+
+from helpers.core import amp_dtype, autocast, pick_device, progress_bar, to_device
+
+Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def ordered_loader(loader: Loader) -> Loader:
+    """The same data as `loader`, every image once, in a fixed order, without touching random state.
+
+    Works for a torch DataLoader and for loaders with `shuffle` / `sample_weights` /
+    `drop_last` attributes (like `helpers.loading.TensorLoader`); other iterables are used as they are.
+    """
+    if isinstance(loader, DataLoader):
+        return DataLoader(
+            loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
+            num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+            pin_memory=loader.pin_memory, generator=torch.Generator(),
+        )
+    ordered = copy.copy(loader)
+    for attr, value in (("shuffle", False), ("sample_weights", None), ("drop_last", False)):
+        if hasattr(ordered, attr):
+            setattr(ordered, attr, value)
+    return ordered
+
+
+def augments(loader: Loader) -> bool:
+    """Does the loader apply random augmentation? (`augment` attribute: a name or a preset object.)"""
+    augment = getattr(loader, "augment", None)
+    if isinstance(augment, str):
+        return augment != "none"
+    if augment is None or augment is False:
+        return False
+    preset = getattr(type(augment), "preset", None)  # helpers.loading's BatchAugment.preset("none")
+    if callable(preset) and augment == preset("none"):
+        return bool(len(getattr(loader, "strong_classes", ())))
+    return True
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    loader: Loader,
+    device: str | torch.device | None = None,
+    *,
+    amp: bool = True,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a (frozen) backbone once over `loader`: (features (N, D) float32 CPU, labels (N,) int64).
+
+    The backbone runs in eval mode (BatchNorm uses its running statistics). The loader is
+    read once in order, every image once (shuffling and weighted sampling are switched off
+    for a torch DataLoader or a loader with `shuffle`/`sample_weights` attributes).
+    Do not use loaders with random augmentation: the cache would freeze one random view.
+    """
+    device = pick_device(device)
+    backbone.to(device).eval()
+    dtype = amp_dtype(device, amp)
+    feats, labels = [], []
+    for x, y in progress_bar(ordered_loader(loader), "features", progress):
+        x, y = to_device(x, y, device)
+        with autocast(device, dtype):
+            f = backbone(x)
+        feats.append(f.float().flatten(1).cpu())
+        labels.append(y.cpu())
+    return torch.cat(feats), torch.cat(labels).long()
+
+
+def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Tensor) -> DataLoader:
+    """A DataLoader over cached features that mimics `loader` (batch size, shuffling/sampler).
+
+    For a torch DataLoader with a `generator` the batch order is identical to the original's.
+    """
+    dataset = TensorDataset(features, labels)
+    if not isinstance(loader, DataLoader):
+        weights = getattr(loader, "sample_weights", None)
+        sampler = None if weights is None else WeightedRandomSampler(weights, len(dataset), replacement=True)
+        return DataLoader(
+            dataset, batch_size=getattr(loader, "batch_size", None) or 64, sampler=sampler,
+            shuffle=sampler is None and bool(getattr(loader, "shuffle", True)),
+            drop_last=bool(getattr(loader, "drop_last", False)),
+        )
+    generator = None
+    if loader.generator is not None:  # same random state -> same batch order as the slow path
+        generator = torch.Generator()
+        generator.set_state(loader.generator.get_state())
+    sampler = loader.sampler
+    if isinstance(sampler, WeightedRandomSampler):
+        sampler = WeightedRandomSampler(sampler.weights, sampler.num_samples, sampler.replacement, generator=generator)
+    elif isinstance(sampler, RandomSampler):
+        sampler = RandomSampler(dataset, sampler.replacement, sampler._num_samples, generator=generator)
+    else:
+        sampler = None
+    return DataLoader(
+        dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last, generator=generator
+    )

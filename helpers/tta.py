@@ -1,0 +1,106 @@
+"""Test-time augmentation (TTA): predict on several views of each image and average.
+
+A view is a function on a normalised batch x (N, 3, H, W) that returns a batch of the same
+shape. `TTA_FLIPS` is the common "reference" set (flips, rot90); `TTA_PLAUSIBLE` only makes
+small rotations and shifts, like small differences in patient positioning. `helpers.evaluate.predict`
+takes `tta="flips"`, `"plausible"` or a list of view functions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """No augmentation."""
+    return x
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right."""
+    return torch.flip(x, dims=[-1])
+
+
+def vflip(x: torch.Tensor) -> torch.Tensor:
+    """Mirror top-bottom (an upside-down chest X-ray: anatomically implausible)."""
+    return torch.flip(x, dims=[-2])
+
+
+def rot90(x: torch.Tensor) -> torch.Tensor:
+    """Rotate by 90 degrees (anatomically implausible for X-rays)."""
+    return torch.rot90(x, k=1, dims=[-2, -1])
+
+
+def _affine(x: torch.Tensor, degrees: float = 0.0, shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
+    """Rotate by `degrees` and shift by `shift` = (dx, dy) as fractions of the width/height.
+
+    Pixels that come in from outside the image repeat the border (no black corners).
+    """
+    theta = math.radians(degrees)
+    cos, sin = math.cos(theta), math.sin(theta)
+    # affine_grid works in [-1, 1] coordinates, so a shift of 0.05 of the width is 0.1 there
+    matrix = torch.tensor(
+        [[cos, -sin, -2 * shift[0]], [sin, cos, -2 * shift[1]]], dtype=x.dtype, device=x.device
+    )
+    grid = F.affine_grid(matrix.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def rotate(degrees: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A TTA function that rotates by `degrees` (positive = counter-clockwise)."""
+
+    def _rotate(x: torch.Tensor) -> torch.Tensor:
+        return _affine(x, degrees=degrees)
+
+    _rotate.__name__ = f"rotate({degrees:+g})"
+    return _rotate
+
+
+def shift(dx: float, dy: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A TTA function that shifts by (dx, dy), fractions of the image width and height."""
+
+    def _shift(x: torch.Tensor) -> torch.Tensor:
+        return _affine(x, shift=(dx, dy))
+
+    _shift.__name__ = f"shift({dx:+g},{dy:+g})"
+    return _shift
+
+
+#: The common "reference" TTA set. Flips and rot90 are cheap but produce images that never
+#: occur in chest radiography (upside-down, sideways), so they may hurt as often as they help.
+TTA_FLIPS: list[Callable[[torch.Tensor], torch.Tensor]] = [identity, hflip, vflip, rot90]
+
+#: Anatomically plausible TTA: small rotations and shifts, like small differences in patient positioning.
+TTA_PLAUSIBLE: list[Callable[[torch.Tensor], torch.Tensor]] = [
+    identity,
+    rotate(-7),
+    rotate(7),
+    shift(0.04, 0.0),
+    shift(-0.04, 0.0),
+    shift(0.0, 0.04),
+]
+
+#: Named TTA sets, e.g. for a comparison table: {"none": [...], "flips": [...], "plausible": [...]}.
+TTA_SETS: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
+    "none": [identity],
+    "flips": TTA_FLIPS,
+    "plausible": TTA_PLAUSIBLE,
+}
+
+
+def resolve(tta: None | str | Sequence[Callable]) -> list[Callable]:
+    """The list of view functions for `tta`: None -> [identity], a name of `TTA_SETS`, or a list."""
+    if tta is None:
+        return [identity]
+    if isinstance(tta, str):
+        if tta not in TTA_SETS:
+            raise ValueError(f"Unknown TTA set {tta!r}. Known: {', '.join(TTA_SETS)} (or a list of functions).")
+        return list(TTA_SETS[tta])
+    transforms = list(tta)
+    if not transforms or not all(callable(t) for t in transforms):
+        raise ValueError("tta must be None, 'flips', 'plausible' or a non-empty list of functions x -> x")
+    return transforms

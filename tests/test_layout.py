@@ -1,0 +1,140 @@
+"""The layout of `helpers`: modules in floors without import circles, short modules, short functions.
+
+Read with the standard library only (`ast` over the package), so the check runs without importing
+anything: an import hidden inside a function counts as much as one at the top.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "helpers"
+MAX_MODULE_LINES = 470  # "about 450"
+MAX_FUNCTION_LINES = 62  # "about 60", signature and docstring included
+
+
+def _trees() -> dict[str, ast.Module]:
+    return {f.stem: ast.parse(f.read_text(), filename=str(f)) for f in sorted(PACKAGE.glob("*.py"))}
+
+
+def _imported_modules(tree: ast.Module, modules: set[str]) -> set[str]:
+    """The helpers modules a module imports, wherever the import stands (top, function, TYPE_CHECKING)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level == 1 or base == "helpers":  # from . import x / from helpers import x
+                found |= {a.name for a in node.names if a.name in modules}
+                base = "helpers." + base if node.level == 1 and base else base
+            if base.startswith("helpers."):
+                found.add(base.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("helpers.")}
+    return found & modules
+
+
+def import_graph() -> dict[str, set[str]]:
+    """helpers module -> the helpers modules it imports."""
+    trees = _trees()
+    modules = set(trees) - {"__init__"}
+    return {name: _imported_modules(tree, modules) - {name} for name, tree in trees.items() if name != "__init__"}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as a list of modules (first == last), or None (depth-first search)."""
+    state: dict[str, str] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node], _ = "active", path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "active":
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node], _ = "done", path.pop()
+        return None
+
+    return next((c for n in sorted(graph) if n not in state and (c := visit(n))), None)
+
+
+def test_the_cycle_finder_finds_a_circle_and_accepts_floors() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"plots": {"gradcam"}, "gradcam": {"plots"}}) == ["gradcam", "plots", "gradcam"]
+    assert find_cycle({"top": {"mid", "core"}, "mid": {"core"}, "core": set()}) is None
+
+
+def test_the_graph_sees_every_kind_of_import(tmp_path, monkeypatch) -> None:
+    tree = ast.parse("from helpers.a import x\nimport helpers.b\nfrom helpers import c\nfrom . import d\n"
+                     "def f():\n    from helpers.e import y\n")
+    assert _imported_modules(tree, set("abcdef")) == set("abcde")
+
+
+def test_no_import_circle_among_helpers_modules() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_core_is_the_bottom_floor() -> None:
+    assert import_graph()["core"] == set(), "helpers.core must not import other helpers modules"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in PACKAGE.glob("*.py")))
+def test_modules_and_functions_are_short(name: str) -> None:
+    path = PACKAGE / f"{name}.py"
+    lines = len(path.read_text().splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{path.name} has {lines} lines (at most about 450)"
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, f"{path.name}: over {MAX_FUNCTION_LINES} lines: {long}"
+
+
+def _defined_names(module: str) -> set[str]:
+    """Names a helpers module defines at its top level (functions, classes, assignments)."""
+    names = set()
+    for node in _trees()[module].body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _calls_through_modules(source: str) -> set[tuple[str, str]]:
+    """(module, name) for every `module.name` where `from helpers import module` brought the module in."""
+    tree = ast.parse(source)
+    aliases = {(a.asname or a.name): a.name for node in ast.walk(tree)
+               if isinstance(node, ast.ImportFrom) and node.module == "helpers" for a in node.names}
+    return {(aliases[n.value.id], n.attr) for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases}
+
+
+def _notebook_code(path: Path) -> str:
+    import json
+
+    cells = json.loads(path.read_text())["cells"]
+    code = ("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return "\n".join(line for cell in code for line in cell.splitlines()
+                     if not line.lstrip().startswith(("%", "!")))  # no IPython magics
+
+
+CALLERS = sorted((PACKAGE.parent / "notebooks").glob("*.ipynb")) + sorted((PACKAGE.parent / "app").glob("*.py"))
+
+
+def test_the_call_finder_reads_module_attributes() -> None:
+    calls = _calls_through_modules("from helpers import data, plots as p\ndata.load_splits()\np.plot_x(data.A)\n")
+    assert calls == {("data", "load_splits"), ("plots", "plot_x"), ("data", "A")}
+
+
+@pytest.mark.parametrize("path", CALLERS, ids=lambda p: p.name)
+def test_every_name_a_notebook_calls_is_defined_in_that_module(path: Path) -> None:
+    """`data.make_loaders(...)` in a notebook means `def make_loaders` in helpers/data.py."""
+    source = _notebook_code(path) if path.suffix == ".ipynb" else path.read_text()
+    missing = sorted(f"{module}.{name}" for module, name in _calls_through_modules(source)
+                     if name not in _defined_names(module))
+    assert not missing, f"{path.name} calls names that are not defined in the module it names: {missing}"
