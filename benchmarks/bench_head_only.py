@@ -17,7 +17,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers.models import build_model
-from helpers.train import fit_head_only, make_criterion, pick_device, seed_everything
+from helpers.core import pick_device, seed_everything
+from helpers.losses import make_criterion
+from helpers.train import fit_head_only
 
 
 def parse_args() -> argparse.Namespace:

@@ -48,7 +48,7 @@ def results_frame(metrics_paths: Sequence[Path], profile: str) -> pd.DataFrame:
 
     Every row keeps the profile recorded in its metrics.json; rows without one get ``profile``.
     """
-    from helpers.evaluate import results_table  # imports torch: keep it out of module import
+    from helpers.reporting import results_table  # imports torch: keep it out of module import
 
     if not metrics_paths:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
@@ -115,7 +115,7 @@ def data_label(data_dir: Any) -> str:
 
 def course_tables(records: Sequence[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(every column, summary with a "data" column) for metrics.json records of several notebooks."""
-    from helpers.evaluate import results_table  # imports torch: keep it out of module import
+    from helpers.reporting import results_table  # imports torch: keep it out of module import
 
     table = results_table(list(records))
     data_dirs = {r.get("notebook"): r.get("data_dir") for r in records}

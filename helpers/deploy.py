@@ -45,12 +45,12 @@ from PIL import Image, ImageDraw, ImageOps
 from torch import nn
 
 from helpers.config import project_root
-from helpers.evaluate import model_device
-from helpers.gradcam import default_target_layer, grad_cam, overlay
+from helpers.core import logits_to_probs, model_device
+from helpers.gradcam import default_target_layer, grad_cam
 from helpers.loading import normalize, to_rgb
 from helpers.models import backbone_and_head, build_model, get_head
 from helpers.synthetic import chest_xray_image
-from helpers.train import logits_to_probs
+from helpers.plots import overlay
 
 # ============================================================================ uploads
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import config, data, deploy
+from helpers import config, data, datasets, deploy
 from helpers.loading import cache_images, load_image
 from helpers.synthetic import make_synthetic_dataset
 
@@ -109,13 +109,13 @@ def _run_chest4_as_pneumonia(tmp, mp):
 
 
 def _run_kaggle_only_chest4(tmp, mp):
-    mp.setattr(data, "project_root", lambda: tmp)
+    mp.setattr(datasets, "project_root", lambda: tmp)
     _dataset(tmp / "input" / "chest-xray-pneumoniacovid19tuberculosis" / "Chest X_Ray", {c: 4 for c in CHEST4})
-    return data.locate_dataset("pneumonia", download=False, kaggle_input=tmp / "input")
+    return datasets.locate_dataset("pneumonia", download=False, kaggle_input=tmp / "input")
 
 
 def _run_extra_covid_folder(tmp, mp):
-    return data.locate_dataset("pneumonia", _dataset(tmp / "pn", {"NORMAL": 4, "PNEUMONIA": 4, "COVID19": 2}))
+    return datasets.locate_dataset("pneumonia", _dataset(tmp / "pn", {"NORMAL": 4, "PNEUMONIA": 4, "COVID19": 2}))
 
 
 def _run_unknown_class_folder(tmp, mp):
@@ -136,13 +136,13 @@ def _run_data_dir_empty(tmp, mp):
 def _run_data_dir_dot(tmp, mp):
     _dataset(tmp / "somewhere" / "below", {"NORMAL": 4, "PNEUMONIA": 4})
     mp.chdir(tmp)
-    return data.locate_dataset("pneumonia", ".")
+    return datasets.locate_dataset("pneumonia", ".")
 
 
 def _run_data_dir_dot_is_root(tmp, mp):
     _dataset(tmp, {"NORMAL": 8, "PNEUMONIA": 8})
     mp.chdir(tmp)
-    return data.locate_dataset("pneumonia", ".")
+    return datasets.locate_dataset("pneumonia", ".")
 
 
 def _run_generated_data_by_path(tmp, mp):
@@ -315,16 +315,16 @@ def _check_silent_host(location):
 CASES = [
     # ------------------------------------------------------------------ folders
     Case("folders", "4-class chest X-ray folder given as the pneumonia dataset", _run_chest4_as_pneumonia,
-         data.WrongDatasetError, r"looks like the chest4 dataset.*not pneumonia", id="chest4-as-pneumonia"),
+         datasets.WrongDatasetError, r"looks like the chest4 dataset.*not pneumonia", id="chest4-as-pneumonia"),
     Case("folders", "on Kaggle only the 4-class set attached, pneumonia wanted", _run_kaggle_only_chest4,
-         data.DatasetNotFoundError, r"(?s)Could not find the 'pneumonia'.*Refused: .*chest4", id="kaggle-only-chest4"),
+         datasets.DatasetNotFoundError, r"(?s)Could not find the 'pneumonia'.*Refused: .*chest4", id="kaggle-only-chest4"),
     Case("folders", "pneumonia folder with an extra COVID19 class folder", _run_extra_covid_folder,
-         data.WrongDatasetError, r"COVID19.*mixes in class folder\(s\) of chest4", id="foreign-class-folder"),
+         datasets.WrongDatasetError, r"COVID19.*mixes in class folder\(s\) of chest4", id="foreign-class-folder"),
     Case("folders", "class folder the dataset does not know (train/ungradable)", _run_unknown_class_folder,
          check=_check_unknown_class_folder, id="unknown-class-folder"),
     Case("folders", 'DATA_DIR = ""', _run_data_dir_empty, ValueError, r"DATA_DIR='' is empty", id="data-dir-empty"),
     Case("folders", 'DATA_DIR = "." with a dataset somewhere below the working directory', _run_data_dir_dot,
-         data.DatasetNotFoundError, r"working directory .* not searched", id="data-dir-dot"),
+         datasets.DatasetNotFoundError, r"working directory .* not searched", id="data-dir-dot"),
     Case("folders", 'DATA_DIR = "." when the working directory is the dataset root', _run_data_dir_dot_is_root,
          check=lambda root: Path(root).resolve().name.startswith("test_bad_input"), id="data-dir-dot-root"),
     Case("folders", 'DATA_DIR = "../data" from notebooks/ (generated sets in data/synthetic)',

@@ -15,7 +15,7 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from helpers import config, data
+from helpers import config, data, datasets, loading, losses, synthetic
 from helpers.loading import BatchAugment, ImageFileDataset, TensorLoader, cache_images, pil_transforms
 
 PATIENT_PATTERN = re.compile(r"^(person\d+|(NORMAL\d*-)?IM-\d+)$")
@@ -156,7 +156,7 @@ def test_scan_ignores_nested_duplicate_macosx_and_junk(tmp_path):
     (archive / "chest_xray" / "train" / "NORMAL" / "notes.txt").write_text("not an image")
     (archive / "chest_xray" / "train" / "NORMAL" / "._IM-0000-0001.jpeg").write_bytes(b"\x00")
 
-    root = data.locate_dataset("pneumonia", archive)
+    root = datasets.locate_dataset("pneumonia", archive)
     assert root == archive / "chest_xray"
     frame = data.scan_dataset(root, "pneumonia")
     assert len(frame) == 2 * (5 + 2 + 3)  # once, not twice
@@ -198,7 +198,7 @@ def test_fundus_accepts_plain_disease_normal_folders(tmp_path):
     for cls in ("disease", "normal"):
         for i in range(3):
             _jpeg(tmp_path / "eyes" / cls / f"{i}.jpg")
-    frame = data.scan_dataset(data.locate_dataset("fundus", tmp_path), "fundus")
+    frame = data.scan_dataset(datasets.locate_dataset("fundus", tmp_path), "fundus")
     assert sorted(frame["class_name"].unique()) == ["disease", "normal"]
     assert (frame["split"] == "train").all()
 
@@ -206,11 +206,11 @@ def test_fundus_accepts_plain_disease_normal_folders(tmp_path):
 # ----------------------------------------------------------------------------- locating
 
 def test_locate_missing_dataset_fails_fast_and_lists_the_four_ways(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "project_root", lambda: tmp_path)
-    monkeypatch.setattr(data, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(datasets, "project_root", lambda: tmp_path)
+    monkeypatch.setattr(datasets, "_online", lambda *a, **k: False)
     start = time.perf_counter()
-    with pytest.raises(data.DatasetNotFoundError) as err:
-        data.locate_dataset("pneumonia", kaggle_input=tmp_path / "kaggle_input")
+    with pytest.raises(datasets.DatasetNotFoundError) as err:
+        datasets.locate_dataset("pneumonia", kaggle_input=tmp_path / "kaggle_input")
     assert time.perf_counter() - start < 10
     message = str(err.value)
     for needle in ("DATA_DIR", "/kaggle/input", str(tmp_path / "data" / "pneumonia"),
@@ -220,11 +220,11 @@ def test_locate_missing_dataset_fails_fast_and_lists_the_four_ways(tmp_path, mon
 
 def test_locate_without_network_really_fails_within_seconds(tmp_path, monkeypatch):
     """No mocking of the network probe: in this offline workplace it must give up quickly."""
-    monkeypatch.setattr(data, "project_root", lambda: tmp_path)
+    monkeypatch.setattr(datasets, "project_root", lambda: tmp_path)
     start = time.perf_counter()
     try:
-        data.locate_dataset("fundus", kaggle_input=tmp_path / "none")
-    except data.DatasetNotFoundError:
+        datasets.locate_dataset("fundus", kaggle_input=tmp_path / "none")
+    except datasets.DatasetNotFoundError:
         pass
     else:  # pragma: no cover - only on a machine with internet and a Kaggle download
         pytest.skip("online: the dataset was downloaded")
@@ -232,37 +232,37 @@ def test_locate_without_network_really_fails_within_seconds(tmp_path, monkeypatc
 
 
 def test_locate_wrong_data_dir_and_unknown_name(tmp_path):
-    with pytest.raises(data.DatasetNotFoundError, match="does not hold the pneumonia dataset"):
-        data.locate_dataset("pneumonia", tmp_path)
+    with pytest.raises(datasets.DatasetNotFoundError, match="does not hold the pneumonia dataset"):
+        datasets.locate_dataset("pneumonia", tmp_path)
     with pytest.raises(ValueError, match="pneumonia, chest4, fundus"):
-        data.locate_dataset("mnist")
+        datasets.locate_dataset("mnist")
 
 
 @pytest.mark.parametrize("mount", ["{slug}", "datasets/{owner}/{slug}"])
 def test_locate_finds_both_kaggle_mount_forms(tmp_path, synthetic_root, mount):
-    owner, slug = data.DATASETS["chest4"].handle.split("/")
+    owner, slug = datasets.DATASETS["chest4"].handle.split("/")
     target = tmp_path / "input" / mount.format(owner=owner, slug=slug) / "Chest X_Ray Dataset"
     shutil.copytree(synthetic_root("chest4"), target)
-    assert data.locate_dataset("chest4", kaggle_input=tmp_path / "input") == target
+    assert datasets.locate_dataset("chest4", kaggle_input=tmp_path / "input") == target
 
 
 def test_locate_uses_local_cache(tmp_path, monkeypatch, synthetic_root):
-    monkeypatch.setattr(data, "project_root", lambda: tmp_path)
+    monkeypatch.setattr(datasets, "project_root", lambda: tmp_path)
     shutil.copytree(synthetic_root("fundus"), tmp_path / "data" / "fundus" / "dr")
-    assert data.locate_dataset("fundus", kaggle_input=tmp_path / "none") == tmp_path / "data" / "fundus" / "dr"
+    assert datasets.locate_dataset("fundus", kaggle_input=tmp_path / "none") == tmp_path / "data" / "fundus" / "dr"
 
 
 # ----------------------------------------------------------------------------- synthetic data
 
 def test_synthetic_is_deterministic_and_has_the_kaggle_layout(tmp_path):
-    a = data.make_synthetic_dataset("fundus", tmp_path / "a", seed=5)
-    b = data.make_synthetic_dataset("fundus", tmp_path / "b", seed=5)
+    a = synthetic.make_synthetic_dataset("fundus", tmp_path / "a", seed=5)
+    b = synthetic.make_synthetic_dataset("fundus", tmp_path / "b", seed=5)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*.jpg"))
     assert files_a == sorted(p.relative_to(b) for p in b.rglob("*.jpg"))
     assert {p.parts[0] for p in files_a} == {"train", "valid", "test"}
     assert {p.parts[1] for p in files_a} == {"DR", "No_DR"}
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a[:10])
-    c = data.make_synthetic_dataset("fundus", tmp_path / "c", seed=6)
+    c = synthetic.make_synthetic_dataset("fundus", tmp_path / "c", seed=6)
     assert (a / files_a[0]).read_bytes() != (c / files_a[0]).read_bytes()
 
 
@@ -347,7 +347,7 @@ def test_strong_augmentation_touches_only_the_named_classes():
     labels = [0, 1, 0, 1, 0, 1]
     loader = TensorLoader(images, labels, batch_size=6, strong_classes=[0], seed=1)
     x, y = next(iter(loader))
-    reference = data.normalize(images[:1])
+    reference = loading.normalize(images[:1])
     for xi, yi in zip(x, y):
         same = torch.allclose(xi, reference[0], atol=1e-5)
         assert same == (yi.item() == 1)
@@ -355,30 +355,30 @@ def test_strong_augmentation_touches_only_the_named_classes():
 
 def test_weighted_sampler_batches_are_balanced():
     labels = torch.tensor([0] * 90 + [1] * 10)
-    sampler = data.make_weighted_sampler(labels, seed=0)
+    sampler = loading.make_weighted_sampler(labels, seed=0)
     drawn = labels[torch.tensor(list(sampler))]
     draws = torch.cat([labels[torch.tensor(list(sampler))] for _ in range(50)])
     assert abs(draws.float().mean().item() - 0.5) < 0.03
     assert len(drawn) == 100
     loader = TensorLoader(torch.zeros(100, 3, 4, 4, dtype=torch.uint8), labels, batch_size=20,
-                          sample_weights=data.weighted_sampler_weights(labels), seed=0)
+                          sample_weights=loading.weighted_sampler_weights(labels), seed=0)
     shares = [y.float().mean().item() for _ in range(30) for _, y in loader]
     assert abs(np.mean(shares) - 0.5) < 0.03
 
 
 def test_class_weights_and_pos_weight():
     labels = [0] * 30 + [1] * 10
-    w = data.class_weights(labels, 2)
+    w = losses.class_weights(labels, 2)
     assert w[1] / w[0] == pytest.approx(3.0) and w.mean() == pytest.approx(1.0)
-    assert data.pos_weight(labels).tolist() == [3.0]
+    assert losses.pos_weight(labels).tolist() == [3.0]
     with pytest.raises(ValueError, match="no training images"):
-        data.class_weights([0, 0, 2], 3)
+        losses.class_weights([0, 0, 2], 3)
 
 
 def test_make_loaders_fast_and_slow_paths_agree_on_eval_splits(synthetic_root):
     splits = data.load_splits("fundus", synthetic_root("fundus"), max_per_class=6)
-    fast = data.make_loaders(splits, 32, 4, fast=True)
-    slow = data.make_loaders(splits, 32, 4, fast=False)
+    fast = loading.make_loaders(splits, 32, 4, fast=True)
+    slow = loading.make_loaders(splits, 32, 4, fast=False)
     xf = torch.cat([x for x, _ in fast["val"]])
     xs = torch.cat([x for x, _ in slow["val"]])
     assert torch.allclose(xf, xs, atol=1e-5)
@@ -387,10 +387,10 @@ def test_make_loaders_fast_and_slow_paths_agree_on_eval_splits(synthetic_root):
 
 
 def test_config_output_dir(tmp_path, monkeypatch):
-    assert config.output_dir("00_x", tmp_path / "o") == tmp_path / "o"
+    assert config.output_dir_for("00_x", tmp_path / "o") == tmp_path / "o"
     assert (tmp_path / "o").is_dir()
     monkeypatch.setattr(config, "project_root", lambda: tmp_path)
-    assert config.output_dir("00_x") == tmp_path / "assets" / "00_x"
+    assert config.output_dir_for("00_x") == tmp_path / "assets" / "00_x"
     assert (tmp_path / "assets" / "00_x").is_dir()
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from conftest import ROOT
 from helpers import evaluate as ev
+from helpers import reporting, tta
 
 
 def _random_case(seed: int, n_classes: int, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
@@ -261,23 +262,23 @@ def test_tta_averages_the_given_views() -> None:
 
     flips, _ = ev.predict(model, loader, tta="flips")
     with torch.no_grad():
-        manual = sum(torch.softmax(model(f(x)), 1) for f in ev.TTA_FLIPS) / 4
+        manual = sum(torch.softmax(model(f(x)), 1) for f in tta.TTA_FLIPS) / 4
     assert np.allclose(flips, manual.numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="Unknown TTA"):
         ev.predict(model, loader, tta="mirror")
 
 
 def test_tta_sets_are_named_and_plausible_keeps_orientation() -> None:
-    assert set(ev.TTA_SETS) >= {"flips", "plausible"}
-    names = [f.__name__ for f in ev.TTA_PLAUSIBLE]
+    assert set(tta.TTA_SETS) >= {"flips", "plausible"}
+    names = [f.__name__ for f in tta.TTA_PLAUSIBLE]
     assert "vflip" not in names and "rot90" not in names and names[0] == "identity"
     x = torch.randn(2, 3, 16, 16)
-    for f in ev.TTA_PLAUSIBLE:
+    for f in tta.TTA_PLAUSIBLE:
         out = f(x)
         assert out.shape == x.shape
         # small rotations/shifts stay close to the image (a vertical flip would not)
         assert (out - x).abs().mean() < (torch.flip(x, dims=[-2]) - x).abs().mean()
-    assert torch.allclose(ev.shift(0.0, 0.0)(x), x, atol=1e-5)
+    assert torch.allclose(tta.shift(0.0, 0.0)(x), x, atol=1e-5)
 
 
 def test_ensemble_probs_is_the_mean() -> None:
@@ -299,7 +300,7 @@ SCHEMA_KEYS = [
 def test_write_metrics_schema_and_json(tmp_path) -> None:
     y, p = _random_case(0, 2, n=80)
     test_block = ev.compute_metrics(y, p, ["NORMAL", "PNEUMONIA"], threshold=0.4, n_bootstrap=100)
-    record = ev.write_metrics(
+    record = reporting.write_metrics(
         tmp_path / "assets" / "04",
         notebook="04_mobilenetv2_two_stage", profile="smoke", dataset="pneumonia", data_dir=tmp_path,
         model="mobilenet_v2", pretrained=np.bool_(False), image_size=np.int64(64),
@@ -326,13 +327,13 @@ def test_results_table_flattens_files_and_runs(tmp_path) -> None:
     block = ev.compute_metrics(y, p, ["NORMAL", "PNEUMONIA"], n_bootstrap=100)
     common = dict(profile="smoke", dataset="pneumonia", data_dir=None, pretrained=False, image_size=64,
                   class_names=["NORMAL", "PNEUMONIA"], threshold=0.5, timing={}, device="cpu")
-    ev.write_metrics(tmp_path / "a", notebook="04_x", model="mobilenet_v2", val=block, test=block, **common)
-    with_runs = ev.write_metrics(
+    reporting.write_metrics(tmp_path / "a", notebook="04_x", model="mobilenet_v2", val=block, test=block, **common)
+    with_runs = reporting.write_metrics(
         tmp_path / "b", notebook="05_y", model="resnet50", val=None, test=block,
         runs=[{"name": "plain_ce", "test": block}, {"strategy": "sampler", "model": "resnet18", "val": block, "test": block}],
         **common,
     )
-    table = ev.results_table([tmp_path / "a" / "metrics.json", tmp_path / "b"])
+    table = reporting.results_table([tmp_path / "a" / "metrics.json", tmp_path / "b"])
     assert len(table) == 3
     assert table["run"].tolist()[1:] == ["plain_ce", "sampler"]
     assert table["model"].tolist() == ["mobilenet_v2", "resnet50", "resnet18"]
@@ -343,7 +344,7 @@ def test_results_table_flattens_files_and_runs(tmp_path) -> None:
     assert table["test_auc"].iloc[0] == pytest.approx(block["auc"])
     assert table["test_auc_lo"].iloc[0] == pytest.approx(block["ci95"]["auc"][0])
     assert table["test_recall_PNEUMONIA"].iloc[0] == pytest.approx(block["sensitivity"])
-    assert len(ev.results_table([with_runs], include_main=True)) == 3
+    assert len(reporting.results_table([with_runs], include_main=True)) == 3
     assert not math.isnan(table["val_auc"].iloc[0])
 
 
@@ -376,9 +377,9 @@ def test_recall_intervals_contain_the_recall_and_narrow_with_more_data():
 def test_with_ci_formats_value_and_interval():
     block = {"auc": 0.91234, "accuracy": 0.5, "sensitivity": None,
              "ci95": {"auc": [0.8901, 0.93149], "accuracy": None}}
-    assert ev.with_ci(block, "auc") == "0.912 [0.890, 0.931]"
-    assert ev.with_ci(block, "accuracy") == "0.500"
-    assert ev.with_ci(block, "sensitivity") == "undefined"
+    assert reporting.with_ci(block, "auc") == "0.912 [0.890, 0.931]"
+    assert reporting.with_ci(block, "accuracy") == "0.500"
+    assert reporting.with_ci(block, "sensitivity") == "undefined"
 
 
 def test_with_ci_says_undefined_for_a_one_class_split():
@@ -386,5 +387,23 @@ def test_with_ci_says_undefined_for_a_one_class_split():
     block = ev.compute_metrics([1, 1, 1], [[0.2, 0.8], [0.4, 0.6], [0.1, 0.9]], ["NORMAL", "PNEUMONIA"],
                                n_bootstrap=20)
     assert block["auc"] is None
-    assert ev.with_ci(block, "auc") == "undefined"
-    assert ev.with_ci(block, "specificity") == "undefined"
+    assert reporting.with_ci(block, "auc") == "undefined"
+    assert reporting.with_ci(block, "specificity") == "undefined"
+
+
+def test_epoch_metrics_are_nan_when_a_class_is_missing_and_match_sklearn() -> None:
+    """What `fit` reports after every epoch: the formulas of compute_metrics, NaN where undefined."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
+    assert math.isnan(ev.epoch_metrics(np.array([0, 1, 1]), probs)["auc"])
+    assert ev.epoch_metrics(np.array([0, 1, 2]), probs)["auc"] == 1.0
+    assert ev.epoch_metrics(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]]))["auc"] == 1.0
+    assert math.isnan(ev.epoch_metrics(np.array([0, 1]), np.array([[np.nan, np.nan], [0.2, 0.8]]))["auc"])
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 200)
+    p = rng.dirichlet(np.ones(3), 200)
+    scores = ev.epoch_metrics(y, p)
+    assert scores["accuracy"] == pytest.approx(float((p.argmax(1) == y).mean()))
+    assert scores["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
+    assert scores["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))

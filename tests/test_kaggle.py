@@ -23,7 +23,7 @@ import pytest
 
 from conftest import ROOT
 from helpers import deploy
-from helpers.data import DATASETS
+from helpers.datasets import DATASETS
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 KAGGLE = ROOT / "kaggle"

@@ -133,19 +133,19 @@ def test_default_target_layer_fallbacks() -> None:
     cnn = square_detector()
     assert gradcam.default_target_layer(cnn) is cnn[0]
     with pytest.warns(UserWarning, match="ln_1"):
-        assert gradcam._fix_vit_target(vit, vit.encoder.layers[-1]) is vit.encoder.layers[-1].ln_1
+        assert gradcam.usable_target_layer(vit, vit.encoder.layers[-1]) is vit.encoder.layers[-1].ln_1
 
 
 def test_overlay_blends_into_rgb() -> None:
     image = np.zeros((3, 10, 12), dtype=np.uint8)
     heat = np.zeros((10, 12))
     heat[5, 6] = 1.0
-    out = gradcam.overlay(image, heat, alpha=0.5)
+    out = plots.overlay(image, heat, alpha=0.5)
     assert out.shape == (10, 12, 3) and out.dtype == np.float32
     assert 0 <= out.min() and out.max() <= 1
     assert out[5, 6, 0] > out[0, 0, 0]  # jet: hot = red, cold = blue
     with pytest.raises(ValueError):
-        gradcam.overlay(image, np.zeros((5, 5)))
+        plots.overlay(image, np.zeros((5, 5)))
 
 
 # ---------------------------------------------------------------------------------- every plot writes a PNG

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from helpers import data
+from helpers import data, loading
 from helpers.loading import to_grayscale
 
 NOTEBOOKS = {p.name[:2]: p for p in (ROOT / "notebooks").glob("0[123]_*.ipynb")}
@@ -82,10 +82,10 @@ def test_to_grayscale_matches_pil_and_the_per_image_path(tmp_path):
     assert torch.equal(gray[0], torch.from_numpy(expected))
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     frame = __import__("pandas").DataFrame({"path": [str(path)], "label": [0]})
-    cached = data.cache_images(frame, 16, grayscale=True)[0]
-    per_image = data.pil_transforms(16, train=False, grayscale=True)(Image.open(path).convert("RGB"))
-    assert torch.allclose(data.normalize(cached[None])[0], per_image, atol=1e-5)
-    assert not torch.equal(data.cache_images(frame, 16)[0], cached)  # colour really was removed
+    cached = loading.cache_images(frame, 16, grayscale=True)[0]
+    per_image = loading.pil_transforms(16, train=False, grayscale=True)(Image.open(path).convert("RGB"))
+    assert torch.allclose(loading.normalize(cached[None])[0], per_image, atol=1e-5)
+    assert not torch.equal(loading.cache_images(frame, 16)[0], cached)  # colour really was removed
 
 
 # ----------------------------------------------------------------------------- notebooks 01-03

@@ -13,19 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import feature_cache
 from helpers import train as train_mod
+from helpers.core import logits_to_probs, pick_device, seed_everything
+from helpers.feature_cache import extract_features
+from helpers.losses import make_criterion
 from helpers.models import build_model
-from helpers.train import (
-    HISTORY_COLUMNS,
-    extract_features,
-    fit,
-    fit_head_only,
-    fit_two_stage,
-    logits_to_probs,
-    make_criterion,
-    pick_device,
-    seed_everything,
-)
+from helpers.train import HISTORY_COLUMNS, fit, fit_head_only, fit_two_stage
 
 SIZE = 32
 
@@ -112,14 +106,6 @@ def test_make_criterion_ce_and_class_weights() -> None:
         make_criterion("bce", class_weights=weights)
     with pytest.raises(ValueError, match="Known: ce, bce"):
         make_criterion("focal")
-
-
-def test_auc_is_nan_when_a_class_is_missing() -> None:
-    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]])
-    assert math.isnan(train_mod._auc(np.array([0, 1, 1]), probs))
-    assert train_mod._auc(np.array([0, 1, 2]), probs) == 1.0
-    assert train_mod._auc(np.array([0, 1]), np.array([[0.9, 0.1], [0.2, 0.8]])) == 1.0
-    assert math.isnan(train_mod._auc(np.array([0, 1]), np.array([[np.nan, np.nan], [0.2, 0.8]])))
 
 
 def test_seed_everything_and_pick_device() -> None:
@@ -349,5 +335,5 @@ def test_feature_cache_with_duck_typed_loaders_and_augmentation_refusal() -> Non
         def preset(name: str) -> "Augment":
             return Augment(0.0) if name == "none" else Augment()
 
-    assert not train_mod._augments(ToyLoader(x, y, 4, augment=Augment.preset("none")))
-    assert train_mod._augments(ToyLoader(x, y, 4, augment=Augment.preset("light")))
+    assert not feature_cache.augments(ToyLoader(x, y, 4, augment=Augment.preset("none")))
+    assert feature_cache.augments(ToyLoader(x, y, 4, augment=Augment.preset("light")))
