@@ -105,7 +105,7 @@ class ImageFileDataset(Dataset):
 
 # ----------------------------------------------------------------------------- reading pixels
 # One function turns any decoded image into the 8-bit RGB a model sees: `to_rgb`. Training
-# (`load_image`, `ImageFileDataset`) and the app (`helpers.deploy.read_upload`) both call it, so a
+# (`load_image`, `ImageFileDataset`) and the app (`helpers.serve.read_upload`) both call it, so a
 # file gives the same pixels in both.
 
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
