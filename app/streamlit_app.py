@@ -4,12 +4,13 @@ Start it from the course folder with one command:
 
     uv run streamlit run app/streamlit_app.py
 
-The model file (a bundle written by notebook 08 with `helpers.deploy.save_bundle`) is found at
+The model file (a bundle written by notebook 08 with `helpers.bundle.save_bundle`) is found at
 `$COURSE_MODEL_PATH`, else at `assets/08_model_to_app/pneumonia_app_model.pt`, else downloaded
 once from `$COURSE_MODEL_URL`. The page says clearly when none of these works.
 
-All the logic (upload validation, prediction, out-of-distribution check, Grad-CAM) lives in
-`helpers/deploy.py` and is unit-tested there; this file only lays out the page.
+All the logic lives in the course package and is unit-tested there: finding and loading the model
+file in `helpers/bundle.py`; upload validation, prediction, out-of-distribution check and Grad-CAM
+in `helpers/serve.py`. This file only lays out the page.
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a plain checkout without `uv sync`/`pip install`
     sys.path.insert(0, str(ROOT))
 
-from helpers import deploy  # noqa: E402
+from helpers import bundle, serve  # noqa: E402
 
-SAMPLES = {  # query parameter value -> label; the images are generated (helpers.deploy)
+SAMPLES = {  # query parameter value -> label; the images are generated (helpers.serve)
     "xray": "Sample: synthetic chest X-ray",
     "landscape": "Sample: synthetic landscape (not an X-ray)",
 }
@@ -38,14 +39,14 @@ DISPLAY_PX = 320
 
 
 @st.cache_resource(show_spinner="Looking for the model file ...")
-def find_model(path_env: str, url_env: str, default_exists: bool, env_exists: bool) -> deploy.ModelLocation:
+def find_model(path_env: str, url_env: str, default_exists: bool, env_exists: bool) -> bundle.ModelLocation:
     """Cached per configuration, so a failed download is not retried on every click."""
-    return deploy.locate_model(path_env, url_env)
+    return bundle.locate_model(path_env, url_env)
 
 
 @st.cache_resource(show_spinner="Loading the model ...")
-def load_model(path: str, mtime: float) -> deploy.AppModel:
-    return deploy.load_bundle(path)
+def load_model(path: str, mtime: float) -> bundle.AppModel:
+    return bundle.load_bundle(path)
 
 
 def _short(path: Path) -> str:
@@ -56,21 +57,21 @@ def _short(path: Path) -> str:
         return str(path)
 
 
-def show_missing_model(location: deploy.ModelLocation) -> None:
+def show_missing_model(location: bundle.ModelLocation) -> None:
     tried = "\n".join(f"- {m}" for m in location.messages)
     st.error(
         "**No model file found, so the app cannot make predictions yet.**\n\n"
         f"What was tried:\n{tried}\n\n"
         "To fix it, do one of these and reload the page:\n"
         "1. run notebook `08_model_to_app` (any profile): it saves the model to "
-        f"`{_short(deploy.default_model_path())}`;\n"
-        f"2. start the app with `{deploy.MODEL_PATH_ENV}=/path/to/pneumonia_app_model.pt`;\n"
-        f"3. set `{deploy.MODEL_URL_ENV}` to a URL of a model file (downloaded once and checked; add "
-        f"`#sha256=<hex>` to the URL or set `{deploy.MODEL_SHA256_ENV}` to insist on its checksum)."
+        f"`{_short(bundle.default_model_path())}`;\n"
+        f"2. start the app with `{bundle.MODEL_PATH_ENV}=/path/to/pneumonia_app_model.pt`;\n"
+        f"3. set `{bundle.MODEL_URL_ENV}` to a URL of a model file (downloaded once and checked; add "
+        f"`#sha256=<hex>` to the URL or set `{bundle.MODEL_SHA256_ENV}` to insist on its checksum)."
     )
 
 
-def show_model_card(app: deploy.AppModel) -> None:
+def show_model_card(app: bundle.AppModel) -> None:
     meta = app.meta
     st.sidebar.header("Model")
     st.sidebar.write(app.describe())
@@ -105,7 +106,7 @@ def choose_image() -> tuple[str, bytes] | None:
                                     type=UPLOAD_TYPES, max_upload_size=20)
         return None if uploaded is None else (uploaded.name, uploaded.getvalue())
     kind = next(kind for kind, label in SAMPLES.items() if label == choice)
-    return f"sample_{kind}.png", deploy.sample_image_bytes(kind)
+    return f"sample_{kind}.png", serve.sample_image_bytes(kind)
 
 
 def enlarge(image: np.ndarray) -> Image.Image:
@@ -114,7 +115,7 @@ def enlarge(image: np.ndarray) -> Image.Image:
     return Image.fromarray(arr).resize((DISPLAY_PX, DISPLAY_PX), Image.BILINEAR)
 
 
-def show_analysis(analysis: deploy.Analysis, app: deploy.AppModel) -> None:
+def show_analysis(analysis: serve.Analysis, app: bundle.AppModel) -> None:
     if analysis.ood_method is None:
         st.warning("This model file has no out-of-distribution check: any image gets a prediction.")
     elif analysis.in_distribution:
@@ -150,16 +151,16 @@ def main() -> None:
     st.warning("**Not for clinical use.** A teaching demo: it has not been validated on patients and "
                "must not be used for diagnosis or treatment decisions.")
 
-    path_env = os.environ.get(deploy.MODEL_PATH_ENV, "")
-    url_env = os.environ.get(deploy.MODEL_URL_ENV, "")
-    location = find_model(path_env, url_env, deploy.default_model_path().is_file(),
+    path_env = os.environ.get(bundle.MODEL_PATH_ENV, "")
+    url_env = os.environ.get(bundle.MODEL_URL_ENV, "")
+    location = find_model(path_env, url_env, bundle.default_model_path().is_file(),
                           bool(path_env) and Path(path_env).is_file())
     if location.path is None:
         show_missing_model(location)
         return
     try:
         app = load_model(str(location.path), location.path.stat().st_mtime)
-    except (deploy.BundleError, OSError) as err:
+    except (bundle.BundleError, OSError) as err:
         st.error(f"**The model file could not be loaded.** {err}")
         return
     except Exception as err:  # never a stack trace, whatever the file holds
@@ -174,8 +175,8 @@ def main() -> None:
         return
     name, payload = chosen
     try:
-        analysis = deploy.analyse_upload(app, payload)
-    except deploy.UploadError as err:
+        analysis = serve.analyse_upload(app, payload)
+    except serve.UploadError as err:
         st.error(f"**{name}: {err}**")
         return
     except Exception as err:  # never show a stack trace to the user

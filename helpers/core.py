@@ -24,7 +24,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-
 # --------------------------------------------------------------------------- conversions
 
 

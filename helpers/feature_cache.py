@@ -13,7 +13,12 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import (
+    DataLoader,
+    RandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 from helpers.core import amp_dtype, autocast, pick_device, progress_bar, to_device
 

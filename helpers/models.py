@@ -394,20 +394,3 @@ def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
     if side * side != patches.shape[1]:
         raise ValueError(f"{patches.shape[1]} patch tokens do not form a square grid")
     return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
-
-
-__all__: list[str] = [
-    "ARCHITECTURES",
-    "HEADS",
-    "FREEZE_POLICIES",
-    "build_model",
-    "make_head",
-    "get_head",
-    "head_parameters",
-    "set_trainable",
-    "count_parameters",
-    "train_mode",
-    "backbone_and_head",
-    "gradcam_target_layer",
-    "vit_tokens_to_map",
-]

@@ -136,7 +136,12 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Pa
 
 def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "roc_pr.png"):
     """ROC (left) and precision-recall (right) curves: binary -> the positive class; multi-class -> one per class (one-vs-rest)."""
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+    from sklearn.metrics import (
+        auc,
+        average_precision_score,
+        precision_recall_curve,
+        roc_curve,
+    )
 
     y = to_numpy(y_true).astype(np.int64)
     p = as_probs(probs)

@@ -11,6 +11,9 @@ has a visible, learnable signature:
 - fundus photographs (colour): an orange retina with optic disc and vessels; "disease" adds
   dark-red dots (haemorrhages) and yellow spots (exudates).
 
+It also generates *outside* images (uint8 tensors, no files) for out-of-distribution experiments:
+`synthetic_landscapes`, `synthetic_noise` and `synthetic_shapes` (three different generators).
+
 Synthetic numbers say that the code works, never how well a method works on patients.
 """
 
@@ -21,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
 
 from helpers.config import project_root
@@ -198,3 +202,91 @@ def is_synthetic_dataset(folder: str | Path) -> bool:
         if marker.is_file() and marker.read_text(errors="replace").startswith("synthetic"):
             return True
     return folder.is_relative_to((project_root() / "data" / "synthetic").resolve())
+
+
+# --------------------------------------------------------------------------- outside images
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int = 1) -> np.ndarray:
+    """Smooth random field in [0, 1]: coarse noise upsampled bilinearly (size, size, channels)."""
+    coarse = rng.random((cells, cells, channels)).astype(np.float32)
+    up = torch.nn.functional.interpolate(torch.from_numpy(coarse).permute(2, 0, 1)[None], size=(size, size),
+                                         mode="bilinear", align_corners=True)
+    return up[0].permute(1, 2, 0).numpy()
+
+
+def synthetic_landscapes(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
+    """`n` colour 'landscape photographs': sky gradient, sun, mountain ridges, textured ground.
+
+    uint8 (n, 3, size, size), like the tensor cache. Nothing like a chest X-ray: colourful,
+    bright sky on top, no body outline.
+    """
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:1:complex(size), 0:1:complex(size)]
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        top, bottom = rng.uniform([0.1, 0.3, 0.6], [0.4, 0.6, 1.0]), rng.uniform([0.6, 0.7, 0.8], [1.0, 0.9, 1.0])
+        if rng.random() < 0.3:  # sunset sky
+            bottom = rng.uniform([0.9, 0.4, 0.2], [1.0, 0.7, 0.4])
+        img = top + (bottom - top) * yy[..., None]
+        sun_y, sun_x = rng.uniform(0.1, 0.35), rng.uniform(0.1, 0.9)
+        sun = np.exp(-((yy - sun_y) ** 2 + (xx - sun_x) ** 2) / (2 * rng.uniform(0.03, 0.06) ** 2))
+        img = img + sun[..., None] * np.array([1.0, 0.9, 0.5])
+        for layer in range(rng.integers(1, 4)):  # mountain ridges, further ones paler
+            ridge = rng.uniform(0.35, 0.6) + 0.05 * layer
+            for _ in range(3):
+                ridge = ridge + rng.uniform(0.02, 0.1) * np.sin(xx[0] * rng.uniform(3, 14) + rng.uniform(0, 6))
+            colour = rng.uniform([0.2, 0.25, 0.3], [0.5, 0.55, 0.6]) * (1 - 0.2 * layer)
+            img = np.where((yy > ridge[None, :])[..., None], colour, img)
+        horizon = rng.uniform(0.6, 0.8)
+        ground = rng.uniform([0.1, 0.35, 0.05], [0.45, 0.65, 0.25])
+        texture = _smooth_noise(rng, size, 12, 1) * 0.25
+        img = np.where((yy > horizon)[..., None], ground * (0.8 + texture) + 0.1 * yy[..., None], img)
+        img = img + rng.normal(0, 0.02, img.shape)
+        out[i] = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def synthetic_noise(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
+    """`n` noise images: per-pixel colour noise, gray Gaussian noise and smooth colour fields.
+
+    uint8 (n, 3, size, size). What a broken camera, a corrupted file or a blank screen sends.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            img = rng.random((size, size, 3))
+        elif kind == 1:
+            img = np.repeat(np.clip(rng.normal(rng.uniform(0.3, 0.7), 0.2, (size, size, 1)), 0, 1), 3, axis=2)
+        else:
+            img = _smooth_noise(rng, size, int(rng.integers(3, 9)), 3)
+        out[i] = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+def synthetic_shapes(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
+    """`n` 'clip-art / document' images: plain backgrounds with rectangles, ellipses and lines.
+
+    uint8 (n, 3, size, size). A third generator, unlike both landscapes and noise.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, 3, size, size), dtype=np.uint8)
+    for i in range(n):
+        background = tuple(int(v) for v in rng.integers(150, 256, 3))
+        image = Image.new("RGB", (size, size), background)
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.integers(3, 9)):
+            box = np.sort(rng.integers(0, size, 4).reshape(2, 2), axis=0).T.ravel()
+            x0, x1, y0, y1 = (int(v) for v in box)
+            colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+            shape = rng.integers(0, 3)
+            if shape == 0:
+                draw.rectangle([x0, y0, x1, y1], fill=colour)
+            elif shape == 1:
+                draw.ellipse([x0, y0, x1, y1], fill=colour)
+            else:
+                draw.line([x0, y0, x1, y1], fill=colour, width=int(rng.integers(1, max(2, size // 16))))
+        out[i] = np.asarray(image).transpose(2, 0, 1)
+    return torch.from_numpy(out)

@@ -30,10 +30,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers.core import amp_dtype, autocast, logits_to_probs, pick_device, progress_bar, to_device
+from helpers.core import (
+    amp_dtype,
+    autocast,
+    logits_to_probs,
+    pick_device,
+    progress_bar,
+    to_device,
+)
 from helpers.evaluate import epoch_metrics
 from helpers.feature_cache import augments, extract_features, feature_loader_like
-from helpers.models import backbone_and_head, estimate_frozen_batchnorm, set_trainable, train_mode
+from helpers.models import (
+    backbone_and_head,
+    estimate_frozen_batchnorm,
+    set_trainable,
+    train_mode,
+)
 
 HISTORY_COLUMNS: list[str] = [
     "epoch", "stage", "train_loss", "train_accuracy", "val_loss", "val_accuracy",

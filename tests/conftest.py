@@ -54,3 +54,25 @@ def shared_chest4() -> Path:
 def shared_fundus() -> Path:
     """The real fundus DR set (train/ and valid/) beside the project; skip when absent."""
     return _shared(SHARED_FUNDUS)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    """(model, path) of a tiny app model file (test_bundle.py, test_serve.py): MobileNetV2 at 32 px,
+    random weights, a Mahalanobis guard whose threshold (-1e9) accepts everything."""
+    import numpy as np
+
+    from helpers.bundle import save_bundle
+    from helpers.models import build_model
+    from helpers.ood import fit_mahalanobis
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 2, pretrained=False, head="gap_dropout", image_size=32).eval()
+    feats = np.random.default_rng(0).normal(size=(20, 1280))
+    params = fit_mahalanobis(feats, np.repeat([0, 1], 10))
+    path = tmp_path_factory.mktemp("bundle") / "model.pt"
+    save_bundle(path, model, class_names=["NORMAL", "PNEUMONIA"], image_size=32, profile="smoke",
+                threshold=0.5, synthetic_data=True,
+                ood={"method": "mahalanobis", "threshold": -1e9, "keep_fraction": 0.95, "params": params},
+                metrics={"test_auc": np.float64(0.5)})
+    return model, path

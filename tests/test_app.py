@@ -1,6 +1,6 @@
 """The Streamlit app, headless: AppTest for the page logic, and one real browser screenshot.
 
-AppTest (streamlit.testing.v1) runs app/streamlit_app.py in-process, so `helpers.deploy` can be
+AppTest (streamlit.testing.v1) runs app/streamlit_app.py in-process, so `helpers.bundle` can be
 monkeypatched (the default model path points into tmp_path: a model saved in assets/ by a real
 notebook run must not change what these tests see). The browser test starts `streamlit run` on
 a free port and takes a screenshot with headless Chromium; it is skipped when Chromium is absent.
@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from helpers import deploy
+from helpers import bundle, ood, serve
 from helpers.models import build_model
 
 APP = ROOT / "app" / "streamlit_app.py"
@@ -37,9 +37,9 @@ def bundle_path(tmp_path_factory) -> Path:
     """A tiny smoke bundle (MobileNetV2 at 32 px, random weights, Mahalanobis guard)."""
     torch.manual_seed(0)
     model = build_model("mobilenet_v2", 2, pretrained=False, head="gap_dropout", image_size=32).eval()
-    params = deploy.fit_mahalanobis(np.random.default_rng(0).normal(size=(20, 1280)), np.repeat([0, 1], 10))
+    params = ood.fit_mahalanobis(np.random.default_rng(0).normal(size=(20, 1280)), np.repeat([0, 1], 10))
     path = tmp_path_factory.mktemp("app_model") / "pneumonia_app_model.pt"
-    deploy.save_bundle(path, model, class_names=["NORMAL", "PNEUMONIA"], image_size=32, profile="smoke",
+    bundle.save_bundle(path, model, class_names=["NORMAL", "PNEUMONIA"], image_size=32, profile="smoke",
                        threshold=0.5, synthetic_data=True, metrics={"test_auc": 0.5},
                        ood={"method": "mahalanobis", "threshold": -1e12, "keep_fraction": 0.95, "params": params})
     return path
@@ -48,9 +48,9 @@ def bundle_path(tmp_path_factory) -> Path:
 @pytest.fixture
 def isolated(monkeypatch, tmp_path):
     """No env vars, and a default model path that does not exist."""
-    monkeypatch.delenv(deploy.MODEL_PATH_ENV, raising=False)
-    monkeypatch.delenv(deploy.MODEL_URL_ENV, raising=False)
-    monkeypatch.setattr(deploy, "default_model_path", lambda: tmp_path / "assets" / "absent.pt")
+    monkeypatch.delenv(bundle.MODEL_PATH_ENV, raising=False)
+    monkeypatch.delenv(bundle.MODEL_URL_ENV, raising=False)
+    monkeypatch.setattr(bundle, "default_model_path", lambda: tmp_path / "assets" / "absent.pt")
     return monkeypatch
 
 
@@ -74,19 +74,19 @@ def test_no_model_gives_a_clear_message(isolated):
     at = _run(AppTest.from_file(str(APP), default_timeout=60))
     assert at.title[0].value == "Chest X-ray pneumonia classifier"
     errors = " ".join(e.value for e in at.error)
-    assert "No model file found" in errors and deploy.MODEL_PATH_ENV in errors and deploy.MODEL_URL_ENV in errors
+    assert "No model file found" in errors and bundle.MODEL_PATH_ENV in errors and bundle.MODEL_URL_ENV in errors
     assert "Not for clinical use" in _texts(at)
     assert not at.file_uploader  # nothing to upload to without a model
 
 
 def test_unreachable_url_is_reported(isolated, tmp_path):
-    isolated.setenv(deploy.MODEL_URL_ENV, (tmp_path / "nowhere.pt").as_uri())
+    isolated.setenv(bundle.MODEL_URL_ENV, (tmp_path / "nowhere.pt").as_uri())
     at = _run(AppTest.from_file(str(APP), default_timeout=60))
     assert "failed" in " ".join(e.value for e in at.error)
 
 
 def test_model_page_sample_and_uploads(isolated, bundle_path):
-    isolated.setenv(deploy.MODEL_PATH_ENV, str(bundle_path))
+    isolated.setenv(bundle.MODEL_PATH_ENV, str(bundle_path))
     at = _run(AppTest.from_file(str(APP), default_timeout=60))
     text = _texts(at)
     assert "'smoke' profile" in text and "Not for clinical use" in text
@@ -118,9 +118,9 @@ def test_model_page_sample_and_uploads(isolated, bundle_path):
 def test_bundle_with_bad_contents_gives_a_message_not_a_traceback(isolated, tmp_path):
     """A valid format key but an architecture that does not exist: an error box, no stack trace."""
     bad = tmp_path / "bad_model.pt"
-    torch.save({"format": deploy.BUNDLE_FORMAT, "arch": "no_such_net", "head": "linear", "num_outputs": 2,
+    torch.save({"format": bundle.BUNDLE_FORMAT, "arch": "no_such_net", "head": "linear", "num_outputs": 2,
                 "class_names": ["NORMAL", "PNEUMONIA"], "image_size": 32, "state_dict": {}}, bad)
-    isolated.setenv(deploy.MODEL_PATH_ENV, str(bad))
+    isolated.setenv(bundle.MODEL_PATH_ENV, str(bad))
     at = _run(AppTest.from_file(str(APP), default_timeout=60))
     errors = " ".join(e.value for e in at.error)
     assert "could not be loaded" in errors and "no_such_net" in errors
@@ -128,10 +128,10 @@ def test_bundle_with_bad_contents_gives_a_message_not_a_traceback(isolated, tmp_
 
 
 def test_app_prediction_matches_the_helper(bundle_path):
-    """The page only lays out what deploy.analyse_upload computes: same bytes, same answer."""
-    app = deploy.load_bundle(bundle_path)
-    payload = deploy.sample_image_bytes("landscape")
-    first, second = deploy.analyse_upload(app, payload), deploy.analyse_upload(app, payload)
+    """The page only lays out what serve.analyse_upload computes: same bytes, same answer."""
+    app = bundle.load_bundle(bundle_path)
+    payload = serve.sample_image_bytes("landscape")
+    first, second = serve.analyse_upload(app, payload), serve.analyse_upload(app, payload)
     assert first.predicted == second.predicted and first.probability == pytest.approx(second.probability)
 
 
@@ -166,8 +166,8 @@ def test_screenshot_in_headless_chromium(bundle_path, tmp_path):
     if browser is None:
         pytest.skip("Chromium is not installed (apt-get install -y chromium): browser screenshot test skipped")
     port = _free_port()
-    env = {**os.environ, deploy.MODEL_PATH_ENV: str(bundle_path)}
-    env.pop(deploy.MODEL_URL_ENV, None)
+    env = {**os.environ, bundle.MODEL_PATH_ENV: str(bundle_path)}
+    env.pop(bundle.MODEL_URL_ENV, None)
     server = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
          "--browser.gatherUsageStats", "false", "--server.port", str(port), "--server.address", "127.0.0.1",

@@ -21,7 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import config, data, datasets, deploy
+from helpers import bundle, config, data, datasets, serve
+from helpers.bundle import BUNDLE_FORMAT  # by name: _bundle() has a local variable `bundle`
 from helpers.loading import cache_images, load_image
 from helpers.synthetic import make_synthetic_dataset
 
@@ -57,14 +58,14 @@ def _same_pixels_in_training_and_app(tmp_path: Path, image: Image.Image) -> dict
     path = tmp_path / "upload.png"
     path.write_bytes(payload)
     trained = load_image(path, 48).permute(1, 2, 0).numpy()
-    checked = deploy.read_upload(payload)
+    checked = serve.read_upload(payload)
     app = np.asarray(checked.image.resize((48, 48), Image.BILINEAR))
     return dict(train=trained, app=app, notes=checked.notes)
 
 
 def _bundle(tmp_path: Path, **changes: Any) -> Path:
     """A model file with a valid format key and the given (bad) contents."""
-    bundle = {"format": deploy.BUNDLE_FORMAT, "arch": "mobilenet_v2", "head": "gap_dropout",
+    bundle = {"format": BUNDLE_FORMAT, "arch": "mobilenet_v2", "head": "gap_dropout",
               "num_outputs": 2, "class_names": ["NORMAL", "PNEUMONIA"], "image_size": 32,
               "state_dict": {}}
     bundle.update(changes)
@@ -255,9 +256,9 @@ def _run_same_name_other_url(tmp, mp):
     for folder, arch in (("a", "no_such_net"), ("b", "mobilenet_v2")):
         (tmp / folder).mkdir()
         _bundle(tmp / folder, arch=arch)
-    first = deploy.locate_model("", (tmp / "a" / "model.pt").as_uri(), default=tmp / "absent.pt",
+    first = bundle.locate_model("", (tmp / "a" / "model.pt").as_uri(), default=tmp / "absent.pt",
                                 download_dir=tmp / "dl")
-    second = deploy.locate_model("", (tmp / "b" / "model.pt").as_uri(), default=tmp / "absent.pt",
+    second = bundle.locate_model("", (tmp / "b" / "model.pt").as_uri(), default=tmp / "absent.pt",
                                  download_dir=tmp / "dl")
     return first, second
 
@@ -272,7 +273,7 @@ def _run_html_download(tmp, mp):
     (tmp / "site").mkdir()
     (tmp / "site" / "model.pt").write_text("<!DOCTYPE html><html><body>404 Not Found</body></html>")
     url = (tmp / "site" / "model.pt").as_uri()
-    first = deploy.locate_model("", url, default=tmp / "absent.pt", download_dir=tmp / "dl")
+    first = bundle.locate_model("", url, default=tmp / "absent.pt", download_dir=tmp / "dl")
     return first, list((tmp / "dl").glob("*"))
 
 
@@ -284,10 +285,10 @@ def _check_not_cached(result):
 
 def _run_wrong_sha256(tmp, mp):
     good = _bundle(tmp)
-    wrong = deploy.locate_model("", good.as_uri() + "#sha256=" + "0" * 64, default=tmp / "absent.pt",
+    wrong = bundle.locate_model("", good.as_uri() + "#sha256=" + "0" * 64, default=tmp / "absent.pt",
                                 download_dir=tmp / "dl")
-    mp.setenv(deploy.MODEL_SHA256_ENV, __import__("hashlib").sha256(good.read_bytes()).hexdigest())
-    right = deploy.locate_model("", good.as_uri(), default=tmp / "absent.pt", download_dir=tmp / "dl")
+    mp.setenv(bundle.MODEL_SHA256_ENV, __import__("hashlib").sha256(good.read_bytes()).hexdigest())
+    right = bundle.locate_model("", good.as_uri(), default=tmp / "absent.pt", download_dir=tmp / "dl")
     return wrong, right
 
 
@@ -300,10 +301,10 @@ def _check_wrong_sha256(result):
 def _run_silent_host(tmp, mp):
     for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
         mp.delenv(name, raising=False)
-    mp.setattr(deploy, "DOWNLOAD_TIMEOUT_S", 0.5)  # the default (5 s) is what the page waits
+    mp.setattr(bundle, "DOWNLOAD_TIMEOUT_S", 0.5)  # the default (5 s) is what the page waits
     server, url = _silent_server()
     try:
-        return deploy.locate_model("", url, default=tmp / "absent.pt", download_dir=tmp / "dl")
+        return bundle.locate_model("", url, default=tmp / "absent.pt", download_dir=tmp / "dl")
     finally:
         server.close()
 
@@ -367,22 +368,22 @@ CASES = [
     Case("parameters", "MAX_PER_CLASS = 0", lambda tmp, mp: config.apply_profile("cpu", max_per_class=0),
          ValueError, r"MAX_PER_CLASS must be a positive whole number", id="max-per-class-0"),
     # ------------------------------------------------------------------ model files
-    Case("model files", "bundle with an unknown arch", lambda tmp, mp: deploy.load_bundle(_bundle(tmp, arch="no_such_net")),
-         deploy.BundleError, r"does not fit its own description \(arch 'no_such_net'", id="bundle-unknown-arch"),
+    Case("model files", "bundle with an unknown arch", lambda tmp, mp: bundle.load_bundle(_bundle(tmp, arch="no_such_net")),
+         bundle.BundleError, r"does not fit its own description \(arch 'no_such_net'", id="bundle-unknown-arch"),
     Case("model files", "bundle whose weights do not fit its arch",
-         lambda tmp, mp: deploy.load_bundle(_bundle(tmp, state_dict={"fc.weight": torch.zeros(2, 8)})),
-         deploy.BundleError, r"does not fit its own description \(arch 'mobilenet_v2'", id="bundle-mismatched-arch"),
-    Case("model files", "bundle without state_dict", lambda tmp, mp: deploy.load_bundle(_bundle(tmp, state_dict=None)),
-         deploy.BundleError, r"incomplete: it has no state_dict", id="bundle-no-weights"),
+         lambda tmp, mp: bundle.load_bundle(_bundle(tmp, state_dict={"fc.weight": torch.zeros(2, 8)})),
+         bundle.BundleError, r"does not fit its own description \(arch 'mobilenet_v2'", id="bundle-mismatched-arch"),
+    Case("model files", "bundle without state_dict", lambda tmp, mp: bundle.load_bundle(_bundle(tmp, state_dict=None)),
+         bundle.BundleError, r"incomplete: it has no state_dict", id="bundle-no-weights"),
     Case("model files", "model file holding a Python object (would run code)",
-         lambda tmp, mp: deploy.load_bundle(_bundle(tmp, extra=Payload())),
-         deploy.BundleError, r"Refused the model file .* could run code", id="bundle-python-object"),
+         lambda tmp, mp: bundle.load_bundle(_bundle(tmp, extra=Payload())),
+         bundle.BundleError, r"Refused the model file .* could run code", id="bundle-python-object"),
     Case("model files", "random bytes named model.pt",
-         lambda tmp, mp: deploy.load_bundle(_write(tmp / "model.pt", b"not a torch file")),
-         deploy.BundleError, r"Could not read the model file .*not a PyTorch file", id="model-junk"),
+         lambda tmp, mp: bundle.load_bundle(_write(tmp / "model.pt", b"not a torch file")),
+         bundle.BundleError, r"Could not read the model file .*not a PyTorch file", id="model-junk"),
     Case("model files", "HTML error page saved as model.pt",
-         lambda tmp, mp: deploy.load_bundle(_write(tmp / "model.pt", b"<!DOCTYPE html><html>404</html>")),
-         deploy.BundleError, r"it is an HTML page", id="model-html"),
+         lambda tmp, mp: bundle.load_bundle(_write(tmp / "model.pt", b"<!DOCTYPE html><html>404</html>")),
+         bundle.BundleError, r"it is an HTML page", id="model-html"),
     Case("model files", "download URL with the file name of an earlier download", _run_same_name_other_url,
          check=_check_same_name_other_url, id="download-same-name"),
     Case("model files", "download URL that returns an HTML error page", _run_html_download,
@@ -392,18 +393,18 @@ CASES = [
     Case("model files", "download host that accepts the connection and never answers", _run_silent_host,
          check=_check_silent_host, id="download-silent-host"),
     # ------------------------------------------------------------------ uploads
-    Case("uploads", "empty upload", lambda tmp, mp: deploy.read_upload(b""), deploy.UploadError,
+    Case("uploads", "empty upload", lambda tmp, mp: serve.read_upload(b""), serve.UploadError,
          r"The file is empty", id="upload-empty"),
-    Case("uploads", "text file named .png", lambda tmp, mp: deploy.read_upload(b"hello, not a picture"),
-         deploy.UploadError, r"not an image we can read", id="upload-not-image"),
+    Case("uploads", "text file named .png", lambda tmp, mp: serve.read_upload(b"hello, not a picture"),
+         serve.UploadError, r"not an image we can read", id="upload-not-image"),
     Case("uploads", "truncated PNG",
-         lambda tmp, mp: deploy.read_upload(_png(_rgba())[:-60]), deploy.UploadError,
+         lambda tmp, mp: serve.read_upload(_png(_rgba())[:-60]), serve.UploadError,
          r"truncated or corrupt", id="upload-truncated"),
     Case("uploads", "upload one byte over the 20 MB limit of the widget",
-         lambda tmp, mp: deploy.read_upload(b"\0" * (deploy.MAX_UPLOAD_BYTES + 1)), deploy.UploadError,
+         lambda tmp, mp: serve.read_upload(b"\0" * (serve.MAX_UPLOAD_BYTES + 1)), serve.UploadError,
          r"the limit is 20 MB", id="upload-too-big"),
-    Case("uploads", "image of 20 x 20 pixels", lambda tmp, mp: deploy.read_upload(_png(Image.new("L", (20, 20)))),
-         deploy.UploadError, r"only 20 x 20 pixels", id="upload-tiny"),
+    Case("uploads", "image of 20 x 20 pixels", lambda tmp, mp: serve.read_upload(_png(Image.new("L", (20, 20)))),
+         serve.UploadError, r"only 20 x 20 pixels", id="upload-tiny"),
 ]
 
 
@@ -424,4 +425,4 @@ def test_every_case_is_named_and_kinds_are_covered():
 
 
 def test_default_download_timeout_is_a_few_seconds():
-    assert deploy.DOWNLOAD_TIMEOUT_S <= 5
+    assert bundle.DOWNLOAD_TIMEOUT_S <= 5

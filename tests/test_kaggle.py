@@ -5,7 +5,7 @@
 - `pip install` of the course brings what the notebooks import, not Jupyter or ONNX, and leaves
   an installed torch/torchvision alone (resolved with `uv pip install --dry-run` against a venv
   that holds this lock's torch and torchvision);
-- the ONNX functions of helpers.deploy say how to install ONNX when it is missing.
+- the ONNX functions of helpers.export say how to install ONNX when it is missing.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT
-from helpers import deploy
+from helpers import export
 from helpers.datasets import DATASETS
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -106,12 +106,12 @@ def _uninstall(monkeypatch, package: str) -> None:
 def test_onnx_functions_say_how_to_install_onnx(monkeypatch, tmp_path):
     _uninstall(monkeypatch, "onnxruntime")
     with pytest.raises(ImportError, match=r'pip install "\.\[deploy\]".*pip install onnx onnxruntime'):
-        deploy.onnx_session(tmp_path / "model.onnx")
+        export.onnx_session(tmp_path / "model.onnx")
     with pytest.raises(ImportError, match=r"\[deploy\]"):
-        deploy.quantize_onnx_dynamic(tmp_path / "model.onnx", tmp_path / "int8.onnx")
+        export.quantize_onnx_dynamic(tmp_path / "model.onnx", tmp_path / "int8.onnx")
     _uninstall(monkeypatch, "onnx")
     with pytest.raises(ImportError, match=r"\[deploy\]"):
-        deploy.export_onnx(__import__("torch").nn.Linear(3, 1), tmp_path / "m.onnx", 8)
+        export.export_onnx(__import__("torch").nn.Linear(3, 1), tmp_path / "m.onnx", 8)
 
 
 def _locked_version(name: str) -> str:

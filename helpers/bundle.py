@@ -1,0 +1,308 @@
+"""The app's model file: weights + everything the app needs to use them, and how the app finds it.
+
+- **Model bundle** (`save_bundle` / `load_bundle` -> `AppModel`): the weights plus architecture,
+  class names, image size, decision and OOD thresholds and profile, in one file. Loaded with
+  `torch.load(weights_only=True)`, so a downloaded bundle cannot run code; every problem with a
+  file is a `BundleError` that says what is wrong.
+- **Finding the model** (`locate_model` -> `ModelLocation`): the path in $COURSE_MODEL_PATH,
+  the default path (`default_model_path`), an earlier download, a download from
+  $COURSE_MODEL_URL. A download is checked (not empty, a course bundle, the expected sha256)
+  before it is cached.
+
+Notebook 08 writes the bundle; the Streamlit app (`app/streamlit_app.py`) finds and loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import socket
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from helpers.config import project_root
+from helpers.models import build_model, get_head
+
+BUNDLE_FORMAT = "course-model-bundle/1"
+MODEL_PATH_ENV = "COURSE_MODEL_PATH"
+MODEL_URL_ENV = "COURSE_MODEL_URL"
+BUNDLE_NAME = "pneumonia_app_model.pt"
+
+
+def default_model_path() -> Path:
+    """Where notebook 08 saves the app bundle by default: assets/08_model_to_app/pneumonia_app_model.pt."""
+    return project_root() / "assets" / "08_model_to_app" / BUNDLE_NAME
+
+
+def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str], image_size: int,
+                profile: str, threshold: float | None = None, ood: dict | None = None,
+                dataset: str = "pneumonia", synthetic_data: bool = False, notes: str = "",
+                metrics: dict | None = None) -> Path:
+    """Save weights + everything needed to use them, as one file (`torch.save`).
+
+    `ood`: {"method": one of OOD_METHODS, "threshold": float, "keep_fraction": float,
+    "params": {name: tensor}} (params only for mahalanobis). Only tensors, strings, numbers,
+    lists and dicts are stored, so `load_bundle` can use `torch.load(weights_only=True)`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bundle = {
+        "format": BUNDLE_FORMAT,
+        "arch": model.arch,
+        "head": getattr(model, "head_kind", "linear"),
+        "num_outputs": int(_num_outputs(model)),
+        "class_names": [str(c) for c in class_names],
+        "image_size": int(image_size),
+        "pretrained": bool(getattr(model, "pretrained", False)),
+        "profile": str(profile),
+        "dataset": dataset,
+        "synthetic_data": bool(synthetic_data),
+        "threshold": None if threshold is None else float(threshold),
+        "ood": _plain(ood) if ood is not None else None,
+        "metrics": _plain(metrics or {}),
+        "notes": notes,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": str(torch.__version__),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(bundle, tmp)
+    tmp.replace(path)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """Numbers/arrays -> plain Python or tensors, so the bundle loads with weights_only=True."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _num_outputs(model: nn.Module) -> int:
+    """Number of outputs of the model: out_features of the last nn.Linear of its head."""
+    linears = [m for m in get_head(model).modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features
+
+
+@dataclass
+class AppModel:
+    """A loaded bundle: the model (eval mode, CPU) and its metadata."""
+
+    model: nn.Module
+    meta: dict  # everything in the bundle except the weights
+    path: Path | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.meta["class_names"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def profile(self) -> str:
+        return str(self.meta.get("profile", "unknown"))
+
+    def describe(self) -> str:
+        """One sentence for a person: architecture, weights, profile, data, input size, date."""
+        m = self.meta
+        data = "synthetic images" if m.get("synthetic_data") else f"the {m.get('dataset')} dataset"
+        weights = "ImageNet-pretrained" if m.get("pretrained") else "randomly initialised (no ImageNet weights)"
+        return (f"{m['arch']} ({weights}), trained in the '{m.get('profile')}' profile on {data}, "
+                f"{m['image_size']} px input, saved {m.get('created', '?')}")
+
+
+class BundleError(RuntimeError):
+    """A model file exists but cannot be used; the message says why."""
+
+
+_BUNDLE_KEYS = ("arch", "head", "num_outputs", "class_names", "image_size", "state_dict")
+
+
+def _read_error(path: Path, err: Exception) -> BundleError:
+    """A readable reason; never PyTorch's hint to retry with weights_only=False (that runs code)."""
+    text = str(err)
+    if "Unsupported global" in text:
+        return BundleError(f"Refused the model file {path}: it holds Python objects, not only tensors "
+                           "and plain data, and loading it could run code. Use a bundle saved by "
+                           "helpers.bundle.save_bundle (notebook 08).")
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if f.read(200).lstrip().lower().startswith((b"<!doctype", b"<html")):
+            return BundleError(f"Could not read the model file {path}: it is an HTML page (a failed "
+                               "download?), not a model file.")
+    first_line = "" if "weights_only" in text else (text.strip().splitlines() or [""])[0][:200]
+    return BundleError(f"Could not read the model file {path}: it is not a PyTorch file written by "
+                       f"torch.save, or it is damaged ({type(err).__name__}{': ' + first_line if first_line else ''}).")
+
+
+def load_bundle(path: str | Path) -> AppModel:
+    """Load a bundle written by `save_bundle` (safely: weights_only=True) and rebuild the model.
+
+    Every problem with the file (unreadable, not a bundle, missing keys, unknown architecture,
+    weights that do not fit the architecture) is a `BundleError` that says what is wrong.
+    """
+    path = Path(path)
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise _read_error(path, err) from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path} is not a course model bundle (expected format {BUNDLE_FORMAT!r}); "
+                          "create one with notebook 08 (helpers.bundle.save_bundle).")
+    missing = [k for k in _BUNDLE_KEYS if k not in bundle]
+    if missing:
+        raise BundleError(f"The model file {path} is incomplete: it has no {', '.join(missing)}. "
+                          "Save it again with helpers.bundle.save_bundle (notebook 08).")
+    try:
+        model = build_model(bundle["arch"], bundle["num_outputs"], pretrained=False, head=bundle["head"],
+                            image_size=bundle["image_size"])
+        model.load_state_dict(bundle["state_dict"])
+    except Exception as err:  # unknown arch, weights of another architecture or head, bad sizes
+        reason = (str(err).strip().splitlines() or [""])[0][:300]
+        raise BundleError(f"The model file {path} does not fit its own description (arch "
+                          f"{bundle['arch']!r}, {bundle['num_outputs']} output(s)): {type(err).__name__}: "
+                          f"{reason}") from None
+    if len(bundle["class_names"]) != max(2, int(bundle["num_outputs"])):
+        raise BundleError(f"The model file {path} names {len(bundle['class_names'])} classes but the "
+                          f"model has {bundle['num_outputs']} output(s).")
+    model.pretrained = bool(bundle.get("pretrained", False))  # as trained, not as rebuilt here
+    model.eval()
+    meta = {k: v for k, v in bundle.items() if k != "state_dict"}
+    return AppModel(model, meta, path)
+
+
+# ============================================================================ finding the model
+
+@dataclass
+class ModelLocation:
+    """Result of `locate_model`: a path (or None) and what was tried, in words."""
+
+    path: Path | None
+    source: str  # "env", "default", "download", "cache" or "none"
+    messages: list[str] = field(default_factory=list)
+
+
+MODEL_SHA256_ENV = "COURSE_MODEL_SHA256"
+DOWNLOAD_TIMEOUT_S = 5.0  # a host that accepts the connection and never answers: give up after this
+
+
+def _download(url: str, target: Path, timeout: float) -> None:
+    """Download `url` to a temporary file, check it (`_check_download`), then move it to `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
+    try:
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+        _check_download(Path(tmp_name), url)
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def _expected_sha256(url: str) -> str | None:
+    """The checksum to insist on: `#sha256=<hex>` at the end of the URL, else $COURSE_MODEL_SHA256."""
+    fragment = urllib.parse.urlparse(url).fragment
+    if fragment.startswith("sha256="):
+        return fragment.split("=", 1)[1].strip().lower()
+    return os.environ.get(MODEL_SHA256_ENV, "").strip().lower() or None
+
+
+def _check_download(path: Path, url: str) -> None:
+    """Refuse (ValueError) a download that is empty, has the wrong checksum or is not a bundle."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError("the server sent an empty file")
+    expected = _expected_sha256(url)
+    if expected is not None:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != expected:
+            raise ValueError(f"its sha256 is {digest}, not the expected {expected}")
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        head = path.read_bytes()[:200].lstrip().lower()
+        kind = "an HTML page" if head.startswith((b"<!doctype", b"<html")) else f"{size} bytes of something else"
+        raise ValueError(f"it is not a model file ({kind})") from None
+    if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"it is not a course model bundle (format key {BUNDLE_FORMAT!r} missing)")
+
+
+def _cache_path(cache: Path, url: str) -> Path:
+    """One cache file per URL (not per file name): a different URL never gets an old download."""
+    bare = urllib.parse.urldefrag(url).url
+    name = Path(urllib.parse.urlparse(bare).path).name or BUNDLE_NAME
+    return cache / f"{hashlib.sha256(bare.encode()).hexdigest()[:16]}-{name}"
+
+
+def _download_failed(url: str, err: Exception, timeout: float) -> str:
+    """What went wrong with a download, in one sentence for `ModelLocation.messages`."""
+    if isinstance(err, (TimeoutError, socket.timeout)) or "timed out" in str(err):
+        return f"Downloading {url} failed: the server did not answer within {timeout:g} s."
+    if isinstance(err, ValueError):
+        return f"Downloading {url} failed: {err}. Nothing was cached."
+    return f"Downloading {url} failed ({type(err).__name__}: {err})."
+
+
+def locate_model(path: str | Path | None = None, url: str | None = None, *,
+                 default: str | Path | None = None, download_dir: str | Path | None = None,
+                 timeout: float | None = None) -> ModelLocation:
+    """Find the app's model bundle: explicit path (env COURSE_MODEL_PATH) -> default path ->
+    earlier download of the same URL -> download from `url` (env COURSE_MODEL_URL). Never raises.
+
+    `path`/`url` default to the environment variables; pass "" to ignore them. A download is
+    checked before it is cached (not empty, a course bundle, and the sha256 given as
+    `#sha256=<hex>` at the end of the URL or in $COURSE_MODEL_SHA256); `timeout` defaults to
+    DOWNLOAD_TIMEOUT_S.
+    """
+    path = os.environ.get(MODEL_PATH_ENV, "") if path is None else str(path)
+    url = os.environ.get(MODEL_URL_ENV, "") if url is None else url
+    timeout = DOWNLOAD_TIMEOUT_S if timeout is None else timeout
+    default = Path(default) if default is not None else default_model_path()
+    messages: list[str] = []
+    if path:
+        if Path(path).is_file():
+            return ModelLocation(Path(path), "env", messages)
+        messages.append(f"{MODEL_PATH_ENV}={path} does not point to a file.")
+    if default.is_file():
+        return ModelLocation(default, "default", messages)
+    messages.append(f"No model at the default path {default}.")
+    if not url:
+        messages.append(f"{MODEL_URL_ENV} is not set, so nothing was downloaded.")
+        return ModelLocation(None, "none", messages)
+    cache = Path(download_dir) if download_dir else Path.home() / ".cache" / "medical-transfer-learning-course"
+    target = _cache_path(cache, url)
+    if target.is_file():
+        try:
+            _check_download(target, url)
+            return ModelLocation(target, "cache", messages)
+        except ValueError as err:
+            messages.append(f"The cached download {target} was discarded: {err}.")
+            target.unlink()
+    try:
+        _download(url, target, timeout)  # checked before it is moved into the cache
+        return ModelLocation(target, "download", messages)
+    except Exception as err:  # offline, 404, DNS, timeout, wrong file...
+        messages.append(_download_failed(url, err, timeout))
+    return ModelLocation(None, "none", messages)

@@ -1,0 +1,171 @@
+"""Export and int8 quantization with ONNX Runtime: a smaller, faster model for a CPU app.
+
+- `export_onnx` writes the model as ONNX; `quantize_onnx_static` (activation ranges calibrated
+  on a few images) and `quantize_onnx_dynamic` make int8 versions of it;
+- `onnx_session` and `onnx_predict` run them on the CPU;
+- `measure_latency`, `file_size_mb` and `linear_parameter_share` compare the versions.
+
+ONNX and ONNX Runtime come with the `deploy` extra (`pip install ".[deploy]"`; `uv sync`
+installs them). They are imported only when a function needs them, and a missing one raises an
+ImportError that says how to install it. Used by notebook 08.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from helpers.core import logits_to_probs
+from helpers.loading import normalize
+
+
+def _from_deploy_extra(module: str, *names: str) -> Any:
+    """`from module import names` (or the module) of ONNX / ONNX Runtime, saying how to install them."""
+    try:
+        imported = importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"{error}. The ONNX part of notebook 08 needs ONNX and ONNX Runtime: run "
+                          '`pip install ".[deploy]"` in the course folder, or `pip install onnx onnxruntime` '
+                          "(`uv sync` installs them).") from error
+    return [getattr(imported, name) for name in names] if names else imported
+
+
+def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int = 17) -> Path:
+    """Export `model` (eval mode, CPU copy) to ONNX with a dynamic batch axis.
+
+    Input "input": float32 (N, 3, S, S), ImageNet-normalised; output "logits".
+    Uses the TorchScript-based exporter (`dynamo=False`): the newer dynamo exporter needs the
+    `onnxscript` package, which the course does not install.
+    """
+    _from_deploy_extra("onnx")  # torch's exporter needs it
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cpu_model = copy.deepcopy(model).cpu().eval()
+    example = torch.zeros(1, 3, image_size, image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation notices of the TorchScript exporter
+        torch.onnx.export(cpu_model, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    return path
+
+
+class _CalibrationReader:
+    """Feeds calibration images (normalised, batch 1) to ONNX Runtime's static quantizer."""
+
+    def __init__(self, images_u8: torch.Tensor) -> None:
+        self._batches = iter([{"input": normalize(img[None]).numpy()} for img in images_u8])
+
+    def get_next(self) -> dict | None:
+        """The next calibration batch, or None when all were given."""
+        return next(self._batches, None)
+
+    def rewind(self) -> None:  # pragma: no cover  (not used by MinMax calibration)
+        """Part of ONNX Runtime's reader interface; MinMax calibration reads the images once."""
+
+
+def _preprocessed(src: Path) -> Path:
+    """ONNX Runtime's recommended pre-processing (shape inference, graph optimisation)."""
+    (quant_pre_process,) = _from_deploy_extra("onnxruntime.quantization.shape_inference", "quant_pre_process")
+    dst = src.with_name(src.stem + "_prep.onnx")
+    quant_pre_process(str(src), str(dst))
+    return dst
+
+
+def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor,
+                         per_channel: bool = True) -> Path:
+    """Post-training static int8 quantization (QDQ format) calibrated on a few training images.
+
+    Weights AND activations become int8; the activation ranges come from running the
+    calibration images through the model (MinMax). Per-channel weight scales matter for
+    MobileNetV2's depthwise convolutions (one scale per layer loses too much precision).
+    """
+    CalibrationMethod, QuantFormat, QuantType, quantize_static = _from_deploy_extra(
+        "onnxruntime.quantization", "CalibrationMethod", "QuantFormat", "QuantType", "quantize_static")
+    src, dst = Path(src), Path(dst)
+    prep = _preprocessed(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(str(prep), str(dst), _CalibrationReader(calibration_images_u8),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+    finally:
+        prep.unlink(missing_ok=True)
+    return dst
+
+
+def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> Path:
+    """Post-training dynamic int8 quantization: int8 weights, activations quantized on the fly."""
+    QuantType, quantize_dynamic = _from_deploy_extra("onnxruntime.quantization", "QuantType", "quantize_dynamic")
+    src, dst = Path(src), Path(dst)
+    prep = _preprocessed(src)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(str(prep), str(dst), weight_type=QuantType.QInt8)
+    finally:
+        prep.unlink(missing_ok=True)
+    return dst
+
+
+def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+    """A CPU ONNX Runtime session with `threads` intra-op threads (default: torch's thread count).
+
+    Thread spinning is switched off: spinning workers keep burning CPU after a run, which would
+    slow down whatever is measured next (and the other users of a shared machine).
+    """
+    ort = _from_deploy_extra("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, C) from an ONNX Runtime session, for uint8 images (N, 3, S, S)."""
+    outs = []
+    for start in range(0, len(images_u8), batch_size):
+        x = normalize(images_u8[start:start + batch_size]).numpy()
+        outs.append(torch.from_numpy(session.run(["logits"], {"input": x})[0]))
+    return logits_to_probs(torch.cat(outs)).numpy().astype(np.float64)
+
+
+def measure_latency(run_once: Callable[[], Any], n_runs: int = 50, warmup: int = 5) -> dict[str, float]:
+    """Median and 90th percentile wall time (ms) of `run_once()`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        run_once()
+    times = []
+    for _ in range(n_runs):
+        start = time.perf_counter()
+        run_once()
+        times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "runs": n_runs}
+
+
+def file_size_mb(path: str | Path) -> float:
+    """Size of a file in MB (10^6 bytes)."""
+    return Path(path).stat().st_size / 1e6
+
+
+def linear_parameter_share(model: nn.Module) -> float:
+    """Share of the parameters that sit in nn.Linear layers (what dynamic Linear quantization touches)."""
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(p.numel() for m in model.modules() if isinstance(m, nn.Linear) for p in m.parameters())
+    return linear / max(total, 1)

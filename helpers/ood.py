@@ -1,0 +1,182 @@
+"""Out-of-distribution (OOD) scores: how much an input looks like the training X-rays.
+
+Convention everywhere: *higher = more in-distribution*; an input is rejected when its score
+falls below a threshold chosen on validation X-rays (`threshold_keeping`, e.g. keep 95% of them).
+
+- scores: maximum softmax probability (`msp_score`), energy (`energy_score`), an extra INVALID
+  class (`invalid_class_score`) and the Mahalanobis distance of backbone features
+  (`fit_mahalanobis`, `mahalanobis_score`); `ood_score` picks one of `OOD_METHODS` by name;
+- judging a score: `threshold_keeping`, `rejection_rate`, `ood_auroc`;
+- what the scores are computed from: `logits_and_features` (one pass gives both) and
+  `resize_u8` (images at the model's input size).
+
+Used by notebook 08 and, through `helpers.serve`, by the Streamlit app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from helpers.core import model_device
+from helpers.loading import normalize
+from helpers.models import backbone_and_head
+
+
+def _two_or_more_columns(logits: Any) -> torch.Tensor:
+    """Logits as (N, C) float tensor; one logit z (sigmoid model) becomes [0, z] (same softmax)."""
+    z = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits).float()
+    if z.ndim == 1 or z.shape[1] == 1:
+        z = z.reshape(-1, 1)
+        z = torch.cat([torch.zeros_like(z), z], dim=1)
+    return z
+
+
+def msp_score(logits: Any) -> np.ndarray:
+    """Maximum softmax probability (Hendrycks & Gimpel 2017): confidence of the predicted class."""
+    return torch.softmax(_two_or_more_columns(logits), dim=1).max(dim=1).values.numpy().astype(np.float64)
+
+
+def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
+    """Negative energy T * logsumexp(logits / T) (Liu et al. 2020): large logits = familiar input."""
+    z = _two_or_more_columns(logits)
+    return (temperature * torch.logsumexp(z / temperature, dim=1)).numpy().astype(np.float64)
+
+
+def invalid_class_score(probs: Any, invalid_index: int = -1) -> np.ndarray:
+    """For a model with an extra INVALID class: 1 - P(INVALID)."""
+    p = np.asarray(probs, dtype=np.float64)
+    return 1.0 - p[:, invalid_index]
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run small linear algebra on one thread: a 1280 x 1280 inverse takes ~0.1 s that way, while
+    multi-threaded BLAS on a busy shared machine can take seconds (threads waiting on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
+    """Class means and one shared (Ledoit-Wolf shrunk) precision matrix of training features.
+
+    Lee et al. (2018): in-distribution features sit close to their class mean; distance is
+    measured with the covariance of the training features. Shrinkage keeps the covariance
+    invertible when there are fewer images than feature dimensions (always true in smoke runs).
+    """
+    from sklearn.covariance import ledoit_wolf_shrinkage
+
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    y = np.asarray(labels).reshape(-1)
+    classes = np.unique(y)
+    means = torch.stack([x[torch.as_tensor(y == c)].mean(dim=0) for c in classes])
+    centred = x - means[torch.as_tensor(np.searchsorted(classes, y))]
+    shrink = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True))
+    with _one_thread():
+        cov = centred.T @ centred / len(centred)
+        mu = torch.trace(cov) / cov.shape[0]
+        cov = (1 - shrink) * cov + shrink * mu * torch.eye(cov.shape[0], dtype=cov.dtype)
+        precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))
+    return {"means": means.float(), "precision": precision.float(), "shrinkage": torch.tensor(shrink)}
+
+
+def mahalanobis_score(features: Any, params: dict[str, torch.Tensor]) -> np.ndarray:
+    """Minus the squared Mahalanobis distance to the closest class mean (higher = closer)."""
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    means = params["means"].double()
+    precision = params["precision"].double()
+    with _one_thread():
+        diff = x[:, None, :] - means[None, :, :]  # (N, C, D)
+        d2 = ((diff @ precision) * diff).sum(dim=-1)  # (N, C) squared distances
+    return (-d2.min(dim=1).values).numpy()
+
+
+OOD_METHODS: tuple[str, ...] = ("msp", "energy", "mahalanobis")
+
+
+def ood_score(method: str, logits: Any, features: Any = None, params: dict | None = None) -> np.ndarray:
+    """Dispatch to one of `OOD_METHODS` (higher = more in-distribution)."""
+    if method == "msp":
+        return msp_score(logits)
+    if method == "energy":
+        return energy_score(logits)
+    if method == "mahalanobis":
+        if features is None or params is None:
+            raise ValueError("mahalanobis needs backbone features and the fitted params (fit_mahalanobis)")
+        return mahalanobis_score(features, params)
+    raise ValueError(f"Unknown OOD method {method!r}. Known: {', '.join(OOD_METHODS)}")
+
+
+def threshold_keeping(id_scores: Any, keep: float = 0.95) -> float:
+    """The score threshold that keeps at least a fraction `keep` of these (validation) images.
+
+    Rejects the floor((1 - keep) * n) lowest-scoring images (fewer when scores tie).
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    scores = np.sort(np.asarray(id_scores, dtype=np.float64).reshape(-1))
+    if len(scores) == 0:
+        raise ValueError("threshold_keeping needs at least one score")
+    k = int(np.floor((1.0 - keep) * len(scores) + 1e-9))
+    return float(scores[min(k, len(scores) - 1)])
+
+
+def rejection_rate(scores: Any, threshold: float) -> float:
+    """Share of images whose score falls below `threshold` (i.e. would be rejected)."""
+    s = np.asarray(scores, dtype=np.float64)
+    return float((s < threshold).mean()) if len(s) else float("nan")
+
+
+def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
+    """AUROC of telling outside images (positives) from real ones with the score.
+
+    1.0: every outside image scores below every real one; 0.5: no better than chance.
+    Ties count one half.
+    """
+    a = np.asarray(id_scores, dtype=np.float64)
+    b = np.asarray(ood_scores, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    below = (b[:, None] < a[None, :]).mean()
+    ties = (b[:, None] == a[None, :]).mean()
+    return float(below + 0.5 * ties)
+
+
+def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) and pooled backbone features (N, D) for uint8 images (N, 3, S, S).
+
+    Images must already have the model's input size. Uses `helpers.models.backbone_and_head`:
+    `head(backbone(x)) == model(x)`, so one pass gives both.
+    """
+    backbone, head = backbone_and_head(model)
+    device = model_device(model)
+    model.eval()
+    logits, feats = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images_u8), batch_size):
+            x = normalize(images_u8[start:start + batch_size].to(device))
+            f = backbone(x)
+            logits.append(head(f).float().cpu())
+            feats.append(f.float().cpu())
+    return torch.cat(logits).numpy(), torch.cat(feats).numpy()
+
+
+def resize_u8(images_u8: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Resize uint8 images (N, 3, H, W) to (N, 3, S, S) with PIL bilinear (as the tensor cache does)."""
+    if images_u8.shape[-1] == image_size and images_u8.shape[-2] == image_size:
+        return images_u8
+    out = torch.empty((len(images_u8), 3, image_size, image_size), dtype=torch.uint8)
+    for i, img in enumerate(images_u8):
+        pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((image_size, image_size), Image.BILINEAR)
+        out[i] = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+    return out

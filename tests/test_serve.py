@@ -1,0 +1,127 @@
+"""helpers.serve: upload validation and the app's prediction path from uploaded bytes to an answer."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import bundle, serve
+
+
+def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _gray(size=(80, 64)) -> Image.Image:
+    ramp = np.tile(np.linspace(0, 255, size[0]).astype(np.uint8), (size[1], 1))
+    return Image.fromarray(ramp, mode="L")
+
+
+# ----------------------------------------------------------------------------- uploads
+
+def test_good_jpeg_and_png_pass():
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 60, 3), dtype=np.uint8))
+    for fmt in ("PNG", "JPEG"):
+        checked = serve.read_upload(_encode(rgb, fmt))
+        assert checked.image.mode == "RGB" and checked.image.size == (60, 50)
+        assert checked.format == fmt
+
+
+@pytest.mark.parametrize("payload, phrase", [
+    (b"", "empty"),
+    (b"hello, this is a text file and not an image\n" * 10, "not an image"),
+    (b"%PDF-1.4\n" + bytes(500), "not an image"),
+])
+def test_not_an_image_gets_a_clear_message(payload, phrase):
+    with pytest.raises(serve.UploadError, match=phrase):
+        serve.read_upload(payload)
+
+
+def test_truncated_files_are_rejected():
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (120, 120, 3), dtype=np.uint8))
+    for fmt in ("JPEG", "PNG"):
+        full = _encode(image, fmt)
+        with pytest.raises(serve.UploadError, match="truncated or corrupt"):
+            serve.read_upload(full[: len(full) // 2])
+
+
+def test_too_many_bytes_is_rejected_before_decoding():
+    payload = b"\x89PNG\r\n\x1a\n" + bytes(21 * 1024 * 1024)
+    with pytest.raises(serve.UploadError, match="file is 21.0 MB; the limit is 20 MB"):
+        serve.read_upload(payload)
+
+
+def test_too_many_pixels_is_rejected_from_the_header():
+    big = Image.new("1", (10_000, 5_100))  # 51 MP, a few kB as PNG
+    payload = _encode(big)
+    assert len(payload) < serve.MAX_UPLOAD_BYTES
+    with pytest.raises(serve.UploadError, match="megapixels"):
+        serve.read_upload(payload)
+
+
+def test_tiny_image_is_rejected():
+    with pytest.raises(serve.UploadError, match="at least 32 pixels"):
+        serve.read_upload(_encode(Image.new("L", (20, 200))))
+
+
+def test_grayscale_is_replicated_to_rgb():
+    checked = serve.read_upload(_encode(_gray()))
+    arr = np.asarray(checked.image)
+    assert checked.original_mode == "L" and arr.shape == (64, 80, 3)
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+    assert any("grayscale" in n for n in checked.notes)
+
+
+def test_rgba_is_flattened_onto_black():
+    rgba = np.zeros((40, 40, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:, :20, 3] = 255  # left half opaque red, right half transparent
+    checked = serve.read_upload(_encode(Image.fromarray(rgba, mode="RGBA")))
+    arr = np.asarray(checked.image)
+    assert checked.image.mode == "RGB"
+    assert arr[5, 5].tolist() == [200, 0, 0] and arr[5, 35].tolist() == [0, 0, 0]
+    assert any("transparent" in n for n in checked.notes)
+
+
+def test_16bit_png_is_rescaled_not_clipped():
+    values = np.tile(np.linspace(0, 4095, 64), (48, 1)).astype(np.uint16)  # a 12-bit X-ray in 16 bits
+    image = Image.fromarray(values)
+    assert image.mode.startswith("I;16")
+    payload = _encode(image)
+    assert Image.open(io.BytesIO(payload)).mode.startswith("I")
+    arr = np.asarray(serve.read_upload(payload).image)[..., 0]
+    # Proper conversion keeps the ramp: black on the left, white on the right, monotone, not all white.
+    assert arr[0, 0] == 0 and arr[0, -1] == 255
+    assert (np.diff(arr[0].astype(int)) >= 0).all() and len(np.unique(arr)) > 40
+
+
+def test_palette_and_cmyk_are_converted():
+    palette = _gray().convert("P")
+    cmyk = Image.new("CMYK", (40, 40), (0, 255, 255, 0))
+    assert serve.read_upload(_encode(palette)).image.mode == "RGB"
+    assert serve.read_upload(_encode(cmyk, "JPEG")).image.mode == "RGB"
+
+
+# ----------------------------------------------------------------------------- app path
+
+def test_analyse_upload_end_to_end(tiny_bundle):
+    _, path = tiny_bundle
+    app = bundle.load_bundle(path)
+    payload = _encode(_gray((70, 60)))
+    result = serve.analyse_upload(app, payload)
+    assert result.predicted in app.class_names
+    assert sum(result.probs.values()) == pytest.approx(1.0, abs=1e-5)
+    assert result.probability == pytest.approx(result.probs[result.predicted])
+    assert result.in_distribution  # threshold -1e9 accepts everything
+    assert result.heatmap.shape == (32, 32) and result.overlay.shape == (32, 32, 3)
+    assert any("grayscale" in n for n in result.notes)
+    app.meta["ood"] = dict(app.meta["ood"], threshold=1e9)  # now nothing passes
+    assert not serve.analyse_upload(app, payload).in_distribution
+    with pytest.raises(serve.UploadError):
+        serve.analyse_upload(app, b"not an image")
+
