@@ -407,3 +407,24 @@ def test_epoch_metrics_are_nan_when_a_class_is_missing_and_match_sklearn() -> No
     assert scores["accuracy"] == pytest.approx(float((p.argmax(1) == y).mean()))
     assert scores["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p.argmax(1)))
     assert scores["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
+
+
+def test_with_ci_reads_a_results_table_row_too(tmp_path) -> None:
+    """Notebook 07's course table formats results_table rows with the same function."""
+    block = ev.compute_metrics([0, 1, 0, 1, 1, 0], [0.2, 0.8, 0.3, 0.6, 0.9, 0.1], ["a", "b"], n_bootstrap=50)
+    row = reporting.results_table([{"notebook": "x", "test": block}]).iloc[0]
+    assert reporting.with_ci(row, "test_auc") == reporting.with_ci(block, "auc")
+    assert reporting.with_ci({"test_auc": None}, "test_auc", missing="") == ""
+    assert reporting.with_ci({"test_auc": float("nan")}, "test_auc") == "undefined"
+
+
+def test_run_caveats_name_what_a_reduced_run_cannot_show() -> None:
+    from helpers.config import apply_profile
+
+    smoke = reporting.run_caveats(apply_profile("smoke"), synthetic=True, pretrained=False, task="pneumonia")
+    assert len(smoke) == 2 and "Smoke profile" in smoke[0] and "synthetic images" in smoke[0]
+    assert "pneumonia" in smoke[0] and "NOT transfer learning" in smoke[1] and "from scratch" in smoke[1]
+    cpu = reporting.run_caveats(apply_profile("cpu"), synthetic=False, pretrained=False)
+    assert "CPU profile" in cpu[0] and "at most 300 images" in cpu[0] and "could be loaded" in cpu[1]
+    assert reporting.run_caveats(apply_profile("cpu"), synthetic=True, pretrained=None)[1].startswith("**Synthetic")
+    assert reporting.run_caveats(apply_profile("full", recipe_epochs=5), synthetic=False, pretrained=True) == []

@@ -80,8 +80,27 @@ def test_no_import_circle_among_helpers_modules() -> None:
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
+# The floors of README.md ("The package helpers"): a module imports only from its floor or below.
+FLOORS = {
+    "core": 0,
+    "config": 1, "synthetic": 1,
+    "datasets": 2, "data": 2, "loading": 2, "models": 2, "tta": 2,
+    "losses": 3, "evaluate": 3, "feature_cache": 3, "train": 3, "gradcam": 3, "reporting": 3,
+    "plots": 4,
+    "ood": 5, "export": 5, "bundle": 5, "serve": 5,
+}
+
+
 def test_core_is_the_bottom_floor() -> None:
     assert import_graph()["core"] == set(), "helpers.core must not import other helpers modules"
+
+
+def test_every_module_has_a_floor_and_imports_only_downwards() -> None:
+    graph = import_graph()
+    assert set(graph) == set(FLOORS), f"modules without a floor (add them to FLOORS and README): {set(graph) ^ set(FLOORS)}"
+    upward = [f"{m} (floor {FLOORS[m]}) imports {d} (floor {FLOORS[d]})"
+              for m, deps in graph.items() for d in deps if FLOORS[d] > FLOORS[m]]
+    assert not upward, upward
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in PACKAGE.glob("*.py")))
