@@ -44,7 +44,7 @@ def profile_note(profile: str | None) -> str:
 
 
 def results_frame(metrics_paths: Sequence[Path], profile: str) -> pd.DataFrame:
-    """All given metrics.json in one table (helpers.evaluate.results_table).
+    """All given metrics.json in one table (helpers.reporting.results_table).
 
     Every row keeps the profile recorded in its metrics.json; rows without one get ``profile``.
     """

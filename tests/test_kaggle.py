@@ -55,7 +55,7 @@ def test_every_notebook_has_kernel_metadata(notebook):
     assert isinstance(meta["is_private"], bool)
     assert meta["competition_sources"] == [] and meta["kernel_sources"] == []
     used = _datasets_used(notebook)
-    assert used, f"{notebook.name} names no dataset of helpers.data.DATASETS"
+    assert used, f"{notebook.name} names no dataset of helpers.datasets.DATASETS"
     assert sorted(meta["dataset_sources"]) == sorted(DATASETS[name].handle for name in used)
 
 

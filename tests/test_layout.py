@@ -159,3 +159,15 @@ def test_every_name_a_notebook_calls_is_defined_in_that_module(path: Path) -> No
     missing = sorted(f"{module}.{name}" for module, name in _calls_through_modules(source)
                      if name not in _defined_names(module))
     assert not missing, f"{path.name} calls names that are not defined in the module it names: {missing}"
+
+
+@pytest.mark.parametrize("path", [p for p in CALLERS if p.suffix == ".ipynb"], ids=lambda p: p.name)
+def test_the_text_of_a_notebook_names_functions_where_they_are(path: Path) -> None:
+    """Markdown such as `loading.make_loaders` or `helpers.losses.pos_weight` points at a real definition."""
+    import json
+    import re
+
+    text = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown")
+    refs = set(re.findall(r"`(?:helpers\.)?(" + "|".join(FLOORS) + r")\.(\w+)", text))
+    stale = sorted(f"{m}.{n}" for m, n in refs if n not in _defined_names(m))
+    assert not stale, f"{path.name} names functions that are not where it says: {stale}"
