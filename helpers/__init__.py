@@ -1,7 +1,7 @@
 """Plumbing shared by the course notebooks, one module per idea.
 
 Read it from the bottom up: `core` (conversions, devices, seeding); `config` and `synthetic`;
-`datasets`, `data`, `loading`, `models`, `tta`; `losses`, `train`, `feature_cache`, `evaluate`,
+`datasets`, `data`, `augment`, `loading`, `models`, `tta`; `losses`, `train`, `feature_cache`, `evaluate`,
 `gradcam`, `reporting`; `plots`; and for the app `ood`, `export`, `bundle`, `serve`. A module only
 imports from its own floor or below (README, "The package helpers"). Importing `helpers` imports
 nothing else.

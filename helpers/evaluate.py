@@ -23,9 +23,7 @@ from torch import nn
 from helpers import tta as tta_views
 from helpers.core import logits_to_probs, model_device, predict_labels, to_numpy
 
-# ----------------------------------------------------------------------------------------------
-# Probabilities and labels as arrays
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- arrays
 
 
 def as_probs(probs: Any) -> np.ndarray:
@@ -42,9 +40,7 @@ def _as_labels(y: Any) -> np.ndarray:
     return to_numpy(y).astype(np.int64).reshape(-1)
 
 
-# ----------------------------------------------------------------------------------------------
-# Prediction
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- prediction
 
 
 def predict(
@@ -100,9 +96,7 @@ def ensemble_probs(list_of_probs: Sequence[Any]) -> np.ndarray:
     return np.mean(arrays, axis=0)
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- metrics
 
 
 def _rank_auc(y_pos: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -351,9 +345,7 @@ def epoch_metrics(y_true: Any, probs: Any) -> dict[str, float]:
             "auc": float(auc)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Thresholds (binary tasks)
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- thresholds
 
 
 def _sensitivity_specificity(y: np.ndarray, p_pos: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -403,9 +395,7 @@ def apply_threshold(p_pos: Any, threshold: float) -> np.ndarray:
     return (to_numpy(p_pos) >= threshold).astype(np.int64)
 
 
-# ----------------------------------------------------------------------------------------------
-# Temperature scaling
-# ----------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------- temperature scaling
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:

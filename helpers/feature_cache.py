@@ -51,7 +51,7 @@ def augments(loader: Loader) -> bool:
         return augment != "none"
     if augment is None or augment is False:
         return False
-    preset = getattr(type(augment), "preset", None)  # helpers.loading's BatchAugment.preset("none")
+    preset = getattr(type(augment), "preset", None)  # helpers.augment's BatchAugment.preset("none")
     if callable(preset) and augment == preset("none"):
         return bool(len(getattr(loader, "strong_classes", ())))
     return True

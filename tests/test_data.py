@@ -16,7 +16,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from helpers import config, data, datasets, loading, losses, synthetic
-from helpers.loading import BatchAugment, ImageFileDataset, TensorLoader, cache_images, pil_transforms
+from helpers.augment import BatchAugment
+from helpers.loading import ImageFileDataset, TensorLoader, cache_images, pil_transforms
 
 PATIENT_PATTERN = re.compile(r"^(person\d+|(NORMAL\d*-)?IM-\d+)$")
 

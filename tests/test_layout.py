@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "helpers"
-MAX_MODULE_LINES = 470  # "about 450"
-MAX_FUNCTION_LINES = 62  # "about 60", signature and docstring included
+MAX_MODULE_LINES = 450
+MAX_FUNCTION_LINES = 60  # functions and classes, signature and docstring included
 
 
 @functools.cache
@@ -84,7 +84,7 @@ def test_no_import_circle_among_helpers_modules() -> None:
 FLOORS = {
     "core": 0,
     "config": 1, "synthetic": 1,
-    "datasets": 2, "data": 2, "loading": 2, "models": 2, "tta": 2,
+    "datasets": 2, "data": 2, "augment": 2, "loading": 2, "models": 2, "tta": 2,
     "losses": 3, "evaluate": 3, "feature_cache": 3, "train": 3, "gradcam": 3, "reporting": 3,
     "plots": 4,
     "ood": 5, "export": 5, "bundle": 5, "serve": 5,
