@@ -146,19 +146,25 @@ def _expected_metrics_path(path: Path, parameters: dict[str, Any]) -> Path:
     return folder / "metrics.json"
 
 
-def run_notebook(
-    path: Path | str,
-    out_path: Path | str,
-    parameters: dict[str, Any],
-    timeout: float | None,
-) -> NotebookResult:
+def _failure(exc: Exception, out_path: Path, timeout: float | None) -> tuple[str, str]:
+    """(status, message) for an exception of papermill: a failed cell, the time budget, or anything else."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        return "failed", _describe_execution_error(exc, out_path)
+    if isinstance(exc, TimeoutError):  # nbclient's CellTimeoutError
+        return "timeout", f"notebook exceeded its {timeout:.0f} s budget: {' '.join(str(exc).split())[:300]}"
+    return "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"  # kernel died, missing, ...
+
+
+def run_notebook(path: Path | str, out_path: Path | str, parameters: dict[str, Any],
+                 timeout: float | None) -> NotebookResult:
     """Execute one notebook with papermill (cwd = its folder, kernel python3).
 
     ``timeout`` (seconds) bounds the whole notebook: each cell gets the time that is left.
     Never raises for notebook errors; they are returned in ``NotebookResult.error``.
     """
     import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
 
     path, out_path = Path(path), Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,13 +191,8 @@ def run_notebook(
             timeout_func=time_left,
             extra_arguments=KERNEL_ARGUMENTS,
         )
-    except PapermillExecutionError as exc:
-        status, error = "failed", _describe_execution_error(exc, out_path)
-    except TimeoutError as exc:  # nbclient's CellTimeoutError
-        status = "timeout"
-        error = f"notebook exceeded its {timeout:.0f} s budget: {' '.join(str(exc).split())[:300]}"
-    except Exception as exc:  # kernel died, kernel missing, unreadable notebook, ...
-        status, error = "failed", f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    except Exception as exc:  # a failed cell, the time budget, a dead or missing kernel, ...
+        status, error = _failure(exc, out_path, timeout)
     finally:
         pm_logger.removeHandler(collector)
     seconds = time.perf_counter() - started
