@@ -69,7 +69,7 @@ def test_the_cycle_finder_finds_a_circle_and_accepts_floors() -> None:
     assert find_cycle({"top": {"mid", "core"}, "mid": {"core"}, "core": set()}) is None
 
 
-def test_the_graph_sees_every_kind_of_import(tmp_path, monkeypatch) -> None:
+def test_the_graph_sees_every_kind_of_import() -> None:
     tree = ast.parse("from helpers.a import x\nimport helpers.b\nfrom helpers import c\nfrom . import d\n"
                      "def f():\n    from helpers.e import y\n")
     assert _imported_modules(tree, set("abcdef")) == set("abcde")
