@@ -156,7 +156,7 @@ def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndar
     y = _as_labels(y_true)
     p = as_probs(probs)
     confidence = p.max(axis=1)
-    correct = (p.argmax(axis=1) == y).astype(np.float64)
+    correct = (predict_labels(p) == y).astype(np.float64)  # top label
     bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
     counts = np.bincount(bins, minlength=n_bins).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

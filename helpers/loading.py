@@ -175,14 +175,19 @@ def read_image(path: str | Path) -> Image.Image:
 
 # ----------------------------------------------------------------------------- tensor cache
 
-def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """Decode one image (`read_image`), resize to a square: uint8 (3, S, S).
+def resized_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
+    """An RGB PIL image resized to a square, as uint8 (3, S, S): the model input of training and the app.
 
     Uses the same PIL bilinear resize as `v2.Resize` on a PIL image, so the cache holds exactly
     the pixels of the per-image path.
     """
-    image = read_image(path).resize((image_size, image_size), Image.BILINEAR)
+    image = image.resize((image_size, image_size), Image.BILINEAR)
     return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def load_image(path: str | Path, image_size: int) -> torch.Tensor:
+    """Decode one image (`read_image`) and resize it to a square (`resized_tensor`): uint8 (3, S, S)."""
+    return resized_tensor(read_image(path), image_size)
 
 
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:

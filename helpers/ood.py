@@ -7,8 +7,7 @@ falls below a threshold chosen on validation X-rays (`threshold_keeping`, e.g. k
   class (`invalid_class_score`) and the Mahalanobis distance of backbone features
   (`fit_mahalanobis`, `mahalanobis_score`); `ood_score` picks one of `OOD_METHODS` by name;
 - judging a score: `threshold_keeping`, `rejection_rate`, `ood_auroc`;
-- what the scores are computed from: `logits_and_features` (one pass gives both) and
-  `resize_u8` (images at the model's input size).
+- what the scores are computed from: `logits_and_features` (one pass gives both).
 
 Used by notebook 08 and, through `helpers.serve`, by the Streamlit app.
 """
@@ -21,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from helpers.core import model_device
@@ -169,14 +167,3 @@ def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: i
             logits.append(head(f).float().cpu())
             feats.append(f.float().cpu())
     return torch.cat(logits).numpy(), torch.cat(feats).numpy()
-
-
-def resize_u8(images_u8: torch.Tensor, image_size: int) -> torch.Tensor:
-    """Resize uint8 images (N, 3, H, W) to (N, 3, S, S) with PIL bilinear (as the tensor cache does)."""
-    if images_u8.shape[-1] == image_size and images_u8.shape[-2] == image_size:
-        return images_u8
-    out = torch.empty((len(images_u8), 3, image_size, image_size), dtype=torch.uint8)
-    for i, img in enumerate(images_u8):
-        pil = Image.fromarray(img.permute(1, 2, 0).numpy()).resize((image_size, image_size), Image.BILINEAR)
-        out[i] = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
-    return out

@@ -28,7 +28,7 @@ from PIL import Image, ImageOps
 from helpers.bundle import AppModel
 from helpers.core import logits_to_probs, model_device, predict_labels, to_numpy
 from helpers.gradcam import default_target_layer, grad_cam
-from helpers.loading import normalize, to_rgb
+from helpers.loading import normalize, resized_tensor, to_rgb
 from helpers.ood import logits_and_features, ood_score
 from helpers.plots import overlay
 from helpers.synthetic import chest_xray_image, synthetic_landscapes
@@ -145,8 +145,7 @@ class Analysis:
 def analyse_image(app: AppModel, image: Image.Image, notes: Sequence[str] = ()) -> Analysis:
     """Prediction, probability, OOD verdict and Grad-CAM for one RGB PIL image."""
     size = app.image_size
-    resized = image.convert("RGB").resize((size, size), Image.BILINEAR)
-    u8 = torch.from_numpy(np.asarray(resized).copy()).permute(2, 0, 1)[None]
+    u8 = resized_tensor(image.convert("RGB"), size)[None]  # the resize of the training images
     logits, features = logits_and_features(app.model, u8)
     probs = logits_to_probs(torch.from_numpy(logits))[0].numpy().astype(np.float64)
     names = app.class_names

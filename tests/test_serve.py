@@ -125,3 +125,18 @@ def test_analyse_upload_end_to_end(tiny_bundle):
     with pytest.raises(serve.UploadError):
         serve.analyse_upload(app, b"not an image")
 
+
+
+def test_the_app_feeds_the_model_the_pixels_training_feeds_it(tiny_bundle, tmp_path):
+    """One resize for both paths: the app's model input equals the tensor cache's image of the same file."""
+    from helpers.loading import load_image
+
+    _, path = tiny_bundle
+    app = bundle.load_bundle(path)
+    rng = np.random.default_rng(1)
+    picture = tmp_path / "xray.png"
+    Image.fromarray(rng.integers(0, 256, (97, 131), dtype=np.uint8), mode="L").save(picture)
+    analysis = serve.analyse_upload(app, picture.read_bytes())
+    cached = load_image(picture, app.image_size).permute(1, 2, 0).numpy()
+    assert analysis.image_u8.shape == (app.image_size, app.image_size, 3)
+    np.testing.assert_array_equal(analysis.image_u8, cached)
