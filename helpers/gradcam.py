@@ -15,6 +15,7 @@ reaches the classifier through the class token, so its patch tokens get zero gra
 
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -89,12 +90,30 @@ def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -
     return scores, classes
 
 
+def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Sequence[int],
+                    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """cam = ReLU(sum_k mean(dScore/dA_k) * A_k), upsampled to `size` and scaled to [0, 1] per map."""
+    if reshape_transform is None and activations.ndim == 3:
+        reshape_transform = vit_reshape_transform
+    if reshape_transform is not None:
+        activations, gradients = reshape_transform(activations), reshape_transform(gradients)
+    weights = gradients.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
+    cam = F.relu((weights * activations).sum(dim=1, keepdim=True))  # (N, 1, h, w)
+    cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    low = cam.amin(dim=(1, 2), keepdim=True)
+    high = cam.amax(dim=(1, 2), keepdim=True)
+    span = (high - low).clamp_min(torch.finfo(cam.dtype).tiny)  # no fixed epsilon: maps can be tiny
+    return torch.where(high > low, (cam - low) / span, torch.zeros_like(cam))
+
+
 def grad_cam(
     model: nn.Module,
     x: torch.Tensor,
     target_layer: nn.Module,
     class_idx: int | Sequence[int] | None = None,
     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    warn_blank: bool = True,
 ) -> np.ndarray:
     """Grad-CAM heatmaps (N, H, W) in [0, 1] for a normalised batch x (N, 3, H, W).
 
@@ -106,10 +125,19 @@ def grad_cam(
     replaces the layer's output by a detached copy that requires grad, so autograd tracks
     everything after the layer (and nothing before it, which also saves time). It runs outside
     `torch.inference_mode` and in eval mode; the model's train/eval state is restored afterwards.
+    `warn_blank=False`: no warning when every map is blank (the app shows a flat map instead).
+
+    Safe to call from several threads on one shared model (the app's sessions share one cached
+    model): the hook is registered for this call only, acts only on the forward pass of the thread
+    that registered it (a hook on a module fires for every thread's forward pass), and keeps what
+    it captures in this call's local dict; nothing of one call is stored on the model.
     """
     captured: dict[str, torch.Tensor] = {}
+    owner = threading.get_ident()
 
-    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if threading.get_ident() != owner:
+            return None  # the forward pass of another thread (another app session): leave it alone
         leaf = output.detach().requires_grad_(True)
         captured["activations"] = leaf
         return leaf
@@ -126,24 +154,14 @@ def grad_cam(
             activations = captured["activations"]
             (gradients,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
             if gradients is None or not gradients.any():
-                warnings.warn(
-                    "Grad-CAM: the class score has zero gradient at target_layer (an untrained head that "
-                    "starts at zero, or a layer that does not reach the output); heatmaps will be blank.",
-                    stacklevel=2,
-                )
+                if warn_blank:
+                    warnings.warn(
+                        "Grad-CAM: the class score has zero gradient at target_layer (an untrained head that "
+                        "starts at zero, or a layer that does not reach the output); heatmaps will be blank.",
+                        stacklevel=2,
+                    )
                 gradients = torch.zeros_like(activations)
-            activations, gradients = activations.detach(), gradients.detach()
-            if reshape_transform is None and activations.ndim == 3:
-                reshape_transform = vit_reshape_transform
-            if reshape_transform is not None:
-                activations, gradients = reshape_transform(activations), reshape_transform(gradients)
-            weights = gradients.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
-            cam = F.relu((weights * activations).sum(dim=1, keepdim=True))  # (N, 1, h, w)
-            cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            low = cam.amin(dim=(1, 2), keepdim=True)
-            high = cam.amax(dim=(1, 2), keepdim=True)
-            span = (high - low).clamp_min(torch.finfo(cam.dtype).tiny)  # no fixed epsilon: maps can be tiny
-            cam = torch.where(high > low, (cam - low) / span, torch.zeros_like(cam))
+            cam = _normalised_map(activations.detach(), gradients.detach(), x.shape[-2:], reshape_transform)
     finally:
         handle.remove()
         model.train(was_training)

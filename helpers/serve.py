@@ -159,9 +159,10 @@ def analyse_image(app: AppModel, image: Image.Image, notes: Sequence[str] = ()) 
         ood_threshold = float(ood["threshold"])
         in_dist = score >= ood_threshold
     x = normalize(u8.to(model_device(app.model)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # blank-map warning of untrained models; shown as a flat map
-        heatmap = grad_cam(app.model, x, default_target_layer(app.model), class_idx=pred)[0]
+    # No warnings.catch_warnings() here: it swaps the filters of the whole process, which is not
+    # thread-safe (two sessions at once can leave warnings switched off for good); the blank map of
+    # an untrained model is simply shown flat.
+    heatmap = grad_cam(app.model, x, default_target_layer(app.model), class_idx=pred, warn_blank=False)[0]
     image_np = u8[0].permute(1, 2, 0).numpy()
     return Analysis(names[pred], float(probs[pred]), {n: float(p) for n, p in zip(names, probs)}, threshold,
                     bool(in_dist), ood["method"] if ood else None, score, ood_threshold, image_np, heatmap,

@@ -140,3 +140,63 @@ def test_the_app_feeds_the_model_the_pixels_training_feeds_it(tiny_bundle, tmp_p
     cached = load_image(picture, app.image_size).permute(1, 2, 0).numpy()
     assert analysis.image_u8.shape == (app.image_size, app.image_size, 3)
     np.testing.assert_array_equal(analysis.image_u8, cached)
+
+
+# ----------------------------------------------------------------------------- several sessions at once
+
+@pytest.fixture(scope="module")
+def cam_app(tmp_path_factory) -> bundle.AppModel:
+    """A loaded app model whose Grad-CAM maps are not blank: MobileNetV2 at 64 px (a 2 x 2 map at
+    the target layer; at 32 px it is 1 x 1, so every heatmap is flat) with a random, non-zero head."""
+    import torch
+
+    from helpers.models import build_model, get_head
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 2, pretrained=False, head="gap_dropout", image_size=64).eval()
+    for layer in get_head(model).modules():
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+    path = tmp_path_factory.mktemp("cam_bundle") / "model.pt"
+    bundle.save_bundle(path, model, class_names=["NORMAL", "PNEUMONIA"], image_size=64, profile="smoke",
+                       threshold=0.5)
+    return bundle.load_bundle(path)
+
+
+def _concurrent_heatmaps(app: bundle.AppModel, images: list, n_threads: int) -> list[tuple[int, object]]:
+    """(image index, heatmap or exception) of every call, each thread analysing every image, all at once."""
+    import threading
+
+    barrier, results, lock = threading.Barrier(n_threads), [], threading.Lock()
+
+    def session(t: int) -> None:
+        barrier.wait()
+        for i in range(len(images)):
+            k = (t + i) % len(images)
+            try:
+                out: object = serve.analyse_image(app, images[k]).heatmap
+            except Exception as err:  # a wrong answer and a crash both count as wrong
+                out = err
+            with lock:
+                results.append((k, out))
+
+    threads = [threading.Thread(target=session, args=(t,)) for t in range(n_threads)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
+def test_concurrent_sessions_get_the_heatmap_of_their_own_image(cam_app, recwarn):
+    """Two app sessions share one cached model (st.cache_resource): each must get the Grad-CAM of
+    its own image, exactly as when it runs alone (issue 17: 25 of 48 were wrong)."""
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)) for _ in range(6)]
+    alone = [serve.analyse_image(cam_app, image).heatmap for image in images]
+    assert all(h.std() > 0.05 for h in alone)  # real maps, so a mix-up shows
+    assert not any(np.allclose(alone[0], h) for h in alone[1:])
+    results = _concurrent_heatmaps(cam_app, images, n_threads=8)
+    wrong = [k for k, h in results if isinstance(h, Exception) or not np.allclose(h, alone[k], atol=1e-5)]
+    assert len(results) == 48 and not wrong, f"{len(wrong)} of {len(results)} heatmaps wrong"
+    assert not [w for w in recwarn if "Grad-CAM" in str(w.message)]  # no blank-map warning leaks out
