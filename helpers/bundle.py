@@ -3,7 +3,9 @@
 - **Model bundle** (`save_bundle` / `load_bundle` -> `AppModel`): the weights plus architecture,
   class names, image size, decision and OOD thresholds and profile, in one file. Loaded with
   `torch.load(weights_only=True)`, so a downloaded bundle cannot run code; every problem with a
-  file is a `BundleError` that says what is wrong.
+  file is a `BundleError` that says what is wrong. Metadata that would load but give wrong answers
+  (class names in another order than the dataset's, a threshold outside [0, 1], broken OOD
+  settings) is refused at load and at save (`metadata_problems`).
 - **Finding the model** (`locate_model` -> `ModelLocation`): the path in $COURSE_MODEL_PATH,
   the default path (`default_model_path`), an earlier download, a download from
   $COURSE_MODEL_URL. A download is checked (not empty, a course bundle, the expected sha256)
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import socket
 import tempfile
@@ -32,7 +35,9 @@ import torch
 from torch import nn
 
 from helpers.config import project_root
+from helpers.datasets import DATASETS
 from helpers.models import build_model, get_head
+from helpers.ood import OOD_METHODS
 
 BUNDLE_FORMAT = "course-model-bundle/1"
 MODEL_PATH_ENV = "COURSE_MODEL_PATH"
@@ -76,6 +81,10 @@ def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str
         "torch_version": str(torch.__version__),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    problems = metadata_problems(bundle, _feature_width(model))
+    if problems:
+        raise ValueError(f"Not saving the model bundle {path}: " + "; ".join(problems)
+                         + ". Pass save_bundle the values of this training run (notebook 08).")
     tmp = path.with_name(path.name + ".tmp")
     torch.save(bundle, tmp)
     tmp.replace(path)
@@ -101,6 +110,122 @@ def _num_outputs(model: nn.Module) -> int:
     """Number of outputs of the model: out_features of the last nn.Linear of its head."""
     linears = [m for m in get_head(model).modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features
+
+
+def _feature_width(model: nn.Module) -> int:
+    """Width D of the pooled backbone features: in_features of the first nn.Linear of the head."""
+    return next(m for m in get_head(model).modules() if isinstance(m, nn.Linear)).in_features
+
+
+# ============================================================================ checking the metadata
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return _is_number(value) and float(value).is_integer()
+
+
+def _class_name_problems(meta: dict) -> list[str]:
+    """class_names: distinct strings, one per output (2 for a 1-output model), in the order of the
+    recorded dataset (`helpers.datasets.DATASETS`): output i of the model means class i of it."""
+    names, n_out = meta.get("class_names"), meta.get("num_outputs")
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        return [f"class_names is {names!r}: it must be a list of class names, one per model output"]
+    if len(set(names)) != len(names):
+        return [f"class_names {list(names)} names a class twice"]
+    problems = []
+    if not _is_whole(n_out) or n_out < 1:
+        problems.append(f"num_outputs is {n_out!r}: it must be a positive whole number")
+    elif len(names) != max(2, int(n_out)):
+        problems.append(f"class_names names {len(names)} classes but the model has {n_out} output(s) "
+                        f"(it needs {max(2, int(n_out))} class names)")
+    dataset = meta.get("dataset")
+    if dataset is not None and not isinstance(dataset, str):
+        problems.append(f"dataset is {dataset!r}: it must be the name of the training dataset")
+    spec = DATASETS.get(dataset) if isinstance(dataset, str) else None
+    expected = list(spec.class_names) if spec else []
+    canonical = [spec.canonical_class(n) for n in names] if spec else []
+    if spec and canonical != expected:
+        if len(canonical) == len(expected) and set(canonical) == set(expected):
+            problems.append(f"class_names {list(names)} are the classes of the '{dataset}' dataset in another "
+                            f"order; the dataset's order is {expected} (label i = output i), so every "
+                            "prediction would be shown under the wrong class name")
+        else:
+            problems.append(f"class_names {list(names)} are not the classes of its recorded dataset "
+                            f"'{dataset}', which are {expected} in this order")
+    return problems
+
+
+def _threshold_problems(meta: dict) -> list[str]:
+    """threshold: None (most probable class) or a finite number in [0, 1]; image_size: whole, >= 1."""
+    problems, t, size = [], meta.get("threshold"), meta.get("image_size")
+    if t is not None and not (_is_number(t) and math.isfinite(t) and 0 <= t <= 1):
+        problems.append(f"threshold is {t!r}: it must be a number from 0 to 1 (the decision threshold on "
+                        "the probability of the positive class, chosen on validation images) or None")
+    if not _is_whole(size) or size < 1:
+        problems.append(f"image_size is {size!r}: it must be a positive whole number of pixels")
+    return problems
+
+
+def _ood_problems(meta: dict, feature_width: int | None) -> list[str]:
+    """ood: None/{} (no check) or a known method, a finite threshold, keep_fraction in (0, 1] and,
+    for mahalanobis, params whose shapes fit the model (checked when `feature_width` is given)."""
+    ood = meta.get("ood")
+    if ood is None or (isinstance(ood, dict) and not ood):
+        return []
+    if not isinstance(ood, dict):
+        return [f"ood is a {type(ood).__name__}: it must be a dict (method, threshold, params) or None"]
+    method, t, keep = ood.get("method"), ood.get("threshold"), ood.get("keep_fraction")
+    problems = []
+    if method not in OOD_METHODS:
+        problems.append(f"ood.method is {method!r}: it must be one of {', '.join(OOD_METHODS)}")
+    if not (_is_number(t) and math.isfinite(t)):
+        problems.append(f"ood.threshold is {t!r}: it must be a finite number (images scoring below it are "
+                        "rejected)")
+    if keep is not None and not (_is_number(keep) and 0 < keep <= 1):
+        problems.append(f"ood.keep_fraction is {keep!r}: it must be a number in (0, 1]")
+    if method == "mahalanobis" and feature_width is not None:
+        problems += _mahalanobis_problems(ood.get("params"), feature_width, len(meta.get("class_names") or ()))
+    return problems
+
+
+def _mahalanobis_problems(params: Any, width: int, n_classes: int) -> list[str]:
+    """ood.params of helpers.ood.fit_mahalanobis: means (classes, D), precision (D, D), finite floats."""
+    if not isinstance(params, dict) or not {"means", "precision"} <= set(params):
+        held = sorted(params) if isinstance(params, dict) else repr(params)
+        return [f"ood.params holds {held}: the mahalanobis method needs 'means' and 'precision' "
+                "(helpers.ood.fit_mahalanobis)"]
+    problems = []
+    for name, shape in (("means", (n_classes, width)), ("precision", (width, width))):
+        value = params[name]
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            problems.append(f"ood.params.{name} is a {type(value).__name__}, not a tensor of floats")
+        elif tuple(value.shape) != shape:
+            problems.append(f"ood.params.{name} has shape {tuple(value.shape)}, but this model needs {shape} "
+                            f"({n_classes} classes, {width} backbone features)")
+        elif not torch.isfinite(value).all():
+            problems.append(f"ood.params.{name} holds NaN or infinite values")
+    return problems
+
+
+def metadata_problems(meta: dict, feature_width: int | None = None) -> list[str]:
+    """What is wrong with a bundle's metadata, one phrase per field (empty list: nothing).
+
+    Checked: class_names (against num_outputs and the order of the recorded dataset), threshold,
+    image_size, ood (method, threshold, keep_fraction; Mahalanobis params when `feature_width`,
+    the width of the model's backbone features, is given). `save_bundle` refuses to write and
+    `load_bundle` refuses to load a bundle with problems: it would load and give wrong answers.
+    """
+    return _class_name_problems(meta) + _threshold_problems(meta) + _ood_problems(meta, feature_width)
+
+
+def _refused(path: Path, problems: list[str]) -> BundleError:
+    return BundleError(f"The model file {path} cannot be used: its metadata is wrong, so the app would "
+                       "give wrong answers with it: " + "; ".join(problems) + ". Save the bundle again "
+                       "from notebook 08 (helpers.bundle.save_bundle records these fields from the training "
+                       f"run), or set {MODEL_PATH_ENV} to another model file.")
 
 
 @dataclass
@@ -158,8 +283,9 @@ def _read_error(path: Path, err: Exception) -> BundleError:
 def load_bundle(path: str | Path) -> AppModel:
     """Load a bundle written by `save_bundle` (safely: weights_only=True) and rebuild the model.
 
-    Every problem with the file (unreadable, not a bundle, missing keys, unknown architecture,
-    weights that do not fit the architecture) is a `BundleError` that says what is wrong.
+    Every problem with the file (unreadable, not a bundle, missing keys, metadata that would give
+    wrong answers (`metadata_problems`), unknown architecture, weights that do not fit the
+    architecture) is a `BundleError` that names the file and the field and says what to do.
     """
     path = Path(path)
     try:
@@ -173,6 +299,8 @@ def load_bundle(path: str | Path) -> AppModel:
     if missing:
         raise BundleError(f"The model file {path} is incomplete: it has no {', '.join(missing)}. "
                           "Save it again with helpers.bundle.save_bundle (notebook 08).")
+    if problems := metadata_problems(bundle):  # before the weights: they cannot mend wrong metadata
+        raise _refused(path, problems)
     try:
         model = build_model(bundle["arch"], bundle["num_outputs"], pretrained=False, head=bundle["head"],
                             image_size=bundle["image_size"])
@@ -182,9 +310,8 @@ def load_bundle(path: str | Path) -> AppModel:
         raise BundleError(f"The model file {path} does not fit its own description (arch "
                           f"{bundle['arch']!r}, {bundle['num_outputs']} output(s)): {type(err).__name__}: "
                           f"{reason}") from None
-    if len(bundle["class_names"]) != max(2, int(bundle["num_outputs"])):
-        raise BundleError(f"The model file {path} names {len(bundle['class_names'])} classes but the "
-                          f"model has {bundle['num_outputs']} output(s).")
+    if problems := _ood_problems(bundle, _feature_width(model)):  # the Mahalanobis shapes need the model
+        raise _refused(path, problems)
     model.pretrained = bool(bundle.get("pretrained", False))  # as trained, not as rebuilt here
     model.eval()
     meta = {k: v for k, v in bundle.items() if k != "state_dict"}
