@@ -408,6 +408,110 @@ CASES = [
 ]
 
 
+# ------------------------------------------------------------------ model files: metadata (issue 17, item 7)
+# A bundle whose weights are fine but whose metadata is wrong loaded and gave wrong answers (class
+# names in another order, a NaN threshold) or failed later with a message that blamed the image
+# (unknown OOD method, Mahalanobis params missing or of another width). Now refused at load.
+
+_GOOD_BUNDLE: dict[str, Any] = {}
+
+
+def _good_bundle_contents() -> dict:
+    """What save_bundle writes for a tiny valid model (MobileNetV2 at 32 px), built once per session."""
+    if not _GOOD_BUNDLE:
+        from helpers.models import build_model
+
+        torch.manual_seed(0)
+        model = build_model("mobilenet_v2", 2, pretrained=False, head="gap_dropout", image_size=32)
+        _GOOD_BUNDLE.update({
+            "format": BUNDLE_FORMAT, "arch": "mobilenet_v2", "head": "gap_dropout", "num_outputs": 2,
+            "class_names": ["NORMAL", "PNEUMONIA"], "image_size": 32, "dataset": "pneumonia", "threshold": 0.5,
+            "ood": {"method": "mahalanobis", "threshold": -10.0, "keep_fraction": 0.95,
+                    "params": {"means": torch.zeros(2, 1280), "precision": torch.eye(1280)}},
+            "state_dict": model.state_dict()})
+    return _GOOD_BUNDLE
+
+
+def _meta_bundle(tmp: Path, **changes: Any) -> bundle.AppModel:
+    """load_bundle of the tiny valid bundle with some metadata changed (ood_<key>= changes one OOD key)."""
+    contents = dict(_good_bundle_contents(), ood=dict(_good_bundle_contents()["ood"]))
+    for key, value in changes.items():
+        if key.startswith("ood_"):
+            contents["ood"][key[4:]] = value
+        else:
+            contents[key] = value
+    torch.save(contents, tmp / "model.pt")
+    return bundle.load_bundle(tmp / "model.pt")
+
+
+def _save_nan_threshold(tmp, mp):
+    from helpers.models import build_model
+
+    model = build_model("mobilenet_v2", 2, pretrained=False, head="gap_dropout", image_size=32)
+    return bundle.save_bundle(tmp / "model.pt", model, class_names=["NORMAL", "PNEUMONIA"], image_size=32,
+                              profile="smoke", threshold=float("nan"))
+
+
+def _check_good_bundle(app: bundle.AppModel) -> None:
+    assert app.class_names == ["NORMAL", "PNEUMONIA"] and app.meta["threshold"] == 0.5
+    assert app.meta["ood"]["method"] == "mahalanobis"
+
+
+_REFUSED = r"model\.pt cannot be used: its metadata is wrong.*"
+_WHAT_TO_DO = r".*Save the bundle again from notebook 08"
+CASES += [
+    Case("model files", "a valid bundle (the baseline of the rows below) loads", lambda tmp, mp: _meta_bundle(tmp),
+         check=_check_good_bundle, id="bundle-meta-baseline"),
+    Case("model files", "bundle with the class names in another order than its dataset's",
+         lambda tmp, mp: _meta_bundle(tmp, class_names=["PNEUMONIA", "NORMAL"]), bundle.BundleError,
+         _REFUSED + r"class_names \['PNEUMONIA', 'NORMAL'\] are the classes of the 'pneumonia' dataset in another "
+         r"order; the dataset's order is \['NORMAL', 'PNEUMONIA'\]" + _WHAT_TO_DO, id="bundle-class-order"),
+    Case("model files", "bundle with the class names of another dataset (fundus names, dataset pneumonia)",
+         lambda tmp, mp: _meta_bundle(tmp, class_names=["normal", "disease"]), bundle.BundleError,
+         _REFUSED + r"are not the classes of its recorded dataset 'pneumonia'" + _WHAT_TO_DO, id="bundle-class-other"),
+    Case("model files", "bundle with 3 class names for a 2-output model",
+         lambda tmp, mp: _meta_bundle(tmp, class_names=["NORMAL", "PNEUMONIA", "COVID19"]), bundle.BundleError,
+         _REFUSED + r"names 3 classes but the model has 2 output\(s\)", id="bundle-class-count"),
+    Case("model files", "bundle with the same class name twice",
+         lambda tmp, mp: _meta_bundle(tmp, class_names=["NORMAL", "NORMAL"]), bundle.BundleError,
+         _REFUSED + r"names a class twice", id="bundle-class-twice"),
+    Case("model files", "bundle with threshold NaN", lambda tmp, mp: _meta_bundle(tmp, threshold=float("nan")),
+         bundle.BundleError, _REFUSED + r"threshold is nan: it must be a number from 0 to 1" + _WHAT_TO_DO,
+         id="bundle-threshold-nan"),
+    Case("model files", "bundle with threshold 1.5", lambda tmp, mp: _meta_bundle(tmp, threshold=1.5),
+         bundle.BundleError, _REFUSED + r"threshold is 1.5: it must be a number from 0 to 1", id="bundle-threshold-high"),
+    Case("model files", "bundle with threshold -0.1", lambda tmp, mp: _meta_bundle(tmp, threshold=-0.1),
+         bundle.BundleError, _REFUSED + r"threshold is -0.1:", id="bundle-threshold-negative"),
+    Case("model files", "bundle with threshold '0.5' (a string)", lambda tmp, mp: _meta_bundle(tmp, threshold="0.5"),
+         bundle.BundleError, _REFUSED + r"threshold is '0.5':", id="bundle-threshold-string"),
+    Case("model files", "bundle with image_size 0", lambda tmp, mp: _meta_bundle(tmp, image_size=0),
+         bundle.BundleError, _REFUSED + r"image_size is 0: it must be a positive whole number", id="bundle-image-size-0"),
+    Case("model files", "bundle with an unknown OOD method", lambda tmp, mp: _meta_bundle(tmp, ood_method="odin"),
+         bundle.BundleError, _REFUSED + r"ood.method is 'odin': it must be one of msp, energy, mahalanobis",
+         id="bundle-ood-method"),
+    Case("model files", "bundle with OOD threshold NaN", lambda tmp, mp: _meta_bundle(tmp, ood_threshold=float("nan")),
+         bundle.BundleError, _REFUSED + r"ood.threshold is nan: it must be a finite number", id="bundle-ood-threshold-nan"),
+    Case("model files", "bundle with OOD threshold missing", lambda tmp, mp: _meta_bundle(tmp, ood_threshold=None),
+         bundle.BundleError, _REFUSED + r"ood.threshold is None", id="bundle-ood-threshold-missing"),
+    Case("model files", "bundle with keep_fraction 95 (percent, not a fraction)",
+         lambda tmp, mp: _meta_bundle(tmp, ood_keep_fraction=95), bundle.BundleError,
+         _REFUSED + r"ood.keep_fraction is 95: it must be a number in \(0, 1\]", id="bundle-ood-keep-fraction"),
+    Case("model files", "bundle with the mahalanobis method and no params",
+         lambda tmp, mp: _meta_bundle(tmp, ood_params={}), bundle.BundleError,
+         _REFUSED + r"ood.params holds \[\]: the mahalanobis method needs 'means' and 'precision'",
+         id="bundle-ood-no-params"),
+    Case("model files", "bundle with Mahalanobis params of another model (512 features, not 1280)",
+         lambda tmp, mp: _meta_bundle(tmp, ood_params={"means": torch.zeros(2, 512), "precision": torch.eye(512)}),
+         bundle.BundleError, _REFUSED + r"ood.params.means has shape \(2, 512\), but this model needs \(2, 1280\)",
+         id="bundle-ood-params-width"),
+    Case("model files", "bundle with NaN in the Mahalanobis precision matrix",
+         lambda tmp, mp: _meta_bundle(tmp, ood_params={"means": torch.zeros(2, 1280),
+                                                        "precision": torch.full((1280, 1280), float("nan"))}),
+         bundle.BundleError, _REFUSED + r"ood.params.precision holds NaN", id="bundle-ood-params-nan"),
+    Case("model files", "save_bundle with threshold NaN (refused before writing)", _save_nan_threshold, ValueError,
+         r"Not saving the model bundle .*model.pt: threshold is nan", id="save-bundle-threshold-nan"),
+]
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if case.error is not None:
