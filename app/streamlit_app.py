@@ -179,9 +179,12 @@ def main() -> None:
     except serve.UploadError as err:
         st.error(f"**{name}: {err}**")
         return
-    except Exception as err:  # never show a stack trace to the user
-        st.error(f"Something went wrong while analysing {name} ({type(err).__name__}). "
-                 "Please try another image.")
+    except Exception as err:  # never show a stack trace to the user, and do not blame the image
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        st.error(f"**The analysis of {name} failed** ({type(err).__name__}{': ' + reason if reason else ''}). "
+                 "The image passed the upload checks, so the fault lies in the model file "
+                 f"{_short(location.path)} or in the app: save the model again with notebook 08, and "
+                 "report this message if it persists.")
         return
     st.subheader(f"Result for {name}")
     show_analysis(analysis, app)

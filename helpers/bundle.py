@@ -198,13 +198,13 @@ def _mahalanobis_problems(params: Any, width: int, n_classes: int) -> list[str]:
         return [f"ood.params holds {held}: the mahalanobis method needs 'means' and 'precision' "
                 "(helpers.ood.fit_mahalanobis)"]
     problems = []
-    for name, shape in (("means", (n_classes, width)), ("precision", (width, width))):
+    for name, shape, why in (("means", (n_classes, width), f"one row per class, {width} backbone features"),
+                             ("precision", (width, width), f"{width} backbone features")):
         value = params[name]
         if not isinstance(value, torch.Tensor) or not value.is_floating_point():
             problems.append(f"ood.params.{name} is a {type(value).__name__}, not a tensor of floats")
         elif tuple(value.shape) != shape:
-            problems.append(f"ood.params.{name} has shape {tuple(value.shape)}, but this model needs {shape} "
-                            f"({n_classes} classes, {width} backbone features)")
+            problems.append(f"ood.params.{name} has shape {tuple(value.shape)}, but this model needs {shape} ({why})")
         elif not torch.isfinite(value).all():
             problems.append(f"ood.params.{name} holds NaN or infinite values")
     return problems

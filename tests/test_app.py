@@ -127,6 +127,34 @@ def test_bundle_with_bad_contents_gives_a_message_not_a_traceback(isolated, tmp_
     assert not at.file_uploader
 
 
+def test_bundle_with_classes_in_another_order_is_refused_at_load(isolated, tmp_path, bundle_path):
+    """Weights fine, class names swapped: the page refuses the file (it would name every answer wrong)."""
+    contents = torch.load(bundle_path, weights_only=True)
+    contents["class_names"] = ["PNEUMONIA", "NORMAL"]
+    bad = tmp_path / "swapped.pt"
+    torch.save(contents, bad)
+    isolated.setenv(bundle.MODEL_PATH_ENV, str(bad))
+    at = _run(AppTest.from_file(str(APP), default_timeout=60))
+    errors = " ".join(e.value for e in at.error)
+    assert "could not be loaded" in errors and "another order" in errors and "notebook 08" in errors
+    assert not at.file_uploader
+
+
+def test_a_failed_analysis_does_not_blame_the_image(isolated, bundle_path):
+    isolated.setenv(bundle.MODEL_PATH_ENV, str(bundle_path))
+
+    def broken(app, payload, **limits):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    isolated.setattr(serve, "analyse_upload", broken)
+    at = _run(AppTest.from_file(str(APP), default_timeout=60))
+    sample = next(o for o in at.radio[0].options if "chest X-ray" in o)
+    _ok(at.radio[0].set_value(sample).run())
+    errors = " ".join(e.value for e in at.error)
+    assert "analysis of sample_xray.png failed" in errors and "shapes cannot be multiplied" in errors
+    assert "model file" in errors and "another image" not in errors
+
+
 def test_app_prediction_matches_the_helper(bundle_path):
     """The page only lays out what serve.analyse_upload computes: same bytes, same answer."""
     app = bundle.load_bundle(bundle_path)
