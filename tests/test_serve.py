@@ -163,8 +163,8 @@ def cam_app(tmp_path_factory) -> bundle.AppModel:
     return bundle.load_bundle(path)
 
 
-def _concurrent_heatmaps(app: bundle.AppModel, images: list, n_threads: int) -> list[tuple[int, object]]:
-    """(image index, heatmap or exception) of every call, each thread analysing every image, all at once."""
+def _concurrent_analyses(app: bundle.AppModel, images: list, n_threads: int) -> list[tuple[int, object]]:
+    """(image index, Analysis or exception) of every call, each thread analysing every image, all at once."""
     import threading
 
     barrier, results, lock = threading.Barrier(n_threads), [], threading.Lock()
@@ -174,7 +174,7 @@ def _concurrent_heatmaps(app: bundle.AppModel, images: list, n_threads: int) -> 
         for i in range(len(images)):
             k = (t + i) % len(images)
             try:
-                out: object = serve.analyse_image(app, images[k]).heatmap
+                out: object = serve.analyse_image(app, images[k])
             except Exception as err:  # a wrong answer and a crash both count as wrong
                 out = err
             with lock:
@@ -193,10 +193,15 @@ def test_concurrent_sessions_get_the_heatmap_of_their_own_image(cam_app, recwarn
     its own image, exactly as when it runs alone (issue 17: 25 of 48 were wrong)."""
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)) for _ in range(6)]
-    alone = [serve.analyse_image(cam_app, image).heatmap for image in images]
-    assert all(h.std() > 0.05 for h in alone)  # real maps, so a mix-up shows
-    assert not any(np.allclose(alone[0], h) for h in alone[1:])
-    results = _concurrent_heatmaps(cam_app, images, n_threads=8)
-    wrong = [k for k, h in results if isinstance(h, Exception) or not np.allclose(h, alone[k], atol=1e-5)]
+    alone = [serve.analyse_image(cam_app, image) for image in images]
+    assert all(a.heatmap.std() > 0.05 for a in alone)  # real maps, so a mix-up shows
+    assert not any(np.allclose(alone[0].heatmap, a.heatmap) for a in alone[1:])
+    results = _concurrent_analyses(cam_app, images, n_threads=8)
+
+    def same(a: object, b: serve.Analysis) -> bool:
+        return (isinstance(a, serve.Analysis) and np.allclose(a.heatmap, b.heatmap, atol=1e-5)
+                and a.predicted == b.predicted and a.probability == pytest.approx(b.probability, abs=1e-6))
+
+    wrong = [k for k, a in results if not same(a, alone[k])]
     assert len(results) == 48 and not wrong, f"{len(wrong)} of {len(results)} heatmaps wrong"
     assert not [w for w in recwarn if "Grad-CAM" in str(w.message)]  # no blank-map warning leaks out
