@@ -81,8 +81,9 @@ def show_model_card(app: bundle.AppModel) -> None:
                          f"(profile '{app.profile}')")
     ood = meta.get("ood") or {}
     if ood:
-        st.sidebar.write(f"Out-of-distribution check: `{ood['method']}` score, threshold set to keep "
-                         f"{ood.get('keep_fraction', 0.95):.0%} of validation X-rays.")
+        keep = ood.get("keep_fraction")  # checked at load: None or a fraction
+        st.sidebar.write(f"Out-of-distribution check: `{ood['method']}` score"
+                         + (f", threshold set to keep {keep:.0%} of validation X-rays." if keep is not None else "."))
     st.sidebar.caption(f"File: {app.path}")
     if app.profile == "smoke" or meta.get("synthetic_data") or not meta.get("pretrained"):
         st.error(

@@ -158,14 +158,18 @@ def _class_name_problems(meta: dict) -> list[str]:
     return problems
 
 
-def _threshold_problems(meta: dict) -> list[str]:
-    """threshold: None (most probable class) or a finite number in [0, 1]; image_size: whole, >= 1."""
-    problems, t, size = [], meta.get("threshold"), meta.get("image_size")
+def _number_problems(meta: dict) -> list[str]:
+    """threshold: None (most probable class) or a finite number in [0, 1]; image_size: whole, >= 1;
+    metrics: a dict whose test_auc (shown on the page) is a number or absent."""
+    problems, t, size, metrics = [], meta.get("threshold"), meta.get("image_size"), meta.get("metrics")
     if t is not None and not (_is_number(t) and math.isfinite(t) and 0 <= t <= 1):
         problems.append(f"threshold is {t!r}: it must be a number from 0 to 1 (the decision threshold on "
                         "the probability of the positive class, chosen on validation images) or None")
     if not _is_whole(size) or size < 1:
         problems.append(f"image_size is {size!r}: it must be a positive whole number of pixels")
+    auc = metrics.get("test_auc") if isinstance(metrics, dict) else None
+    if metrics is not None and (not isinstance(metrics, dict) or (auc is not None and not _is_number(auc))):
+        problems.append(f"metrics is {metrics!r}: it must be a dict whose test_auc is a number")
     return problems
 
 
@@ -214,11 +218,11 @@ def metadata_problems(meta: dict, feature_width: int | None = None) -> list[str]
     """What is wrong with a bundle's metadata, one phrase per field (empty list: nothing).
 
     Checked: class_names (against num_outputs and the order of the recorded dataset), threshold,
-    image_size, ood (method, threshold, keep_fraction; Mahalanobis params when `feature_width`,
+    image_size, metrics.test_auc, ood (method, threshold, keep_fraction; Mahalanobis params when `feature_width`,
     the width of the model's backbone features, is given). `save_bundle` refuses to write and
     `load_bundle` refuses to load a bundle with problems: it would load and give wrong answers.
     """
-    return _class_name_problems(meta) + _threshold_problems(meta) + _ood_problems(meta, feature_width)
+    return _class_name_problems(meta) + _number_problems(meta) + _ood_problems(meta, feature_width)
 
 
 def _refused(path: Path, problems: list[str]) -> BundleError:
