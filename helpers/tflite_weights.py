@@ -218,7 +218,7 @@ def _batches(images: torch.Tensor | Iterable) -> Iterable[torch.Tensor]:
 
 @torch.no_grad()
 def restore_batchnorm_statistics(model: nn.Module, images: torch.Tensor | Iterable) -> int:
-    """Give each folded BatchNorm the mean and variance of its input on ``images``; returns how many.
+    """Give each folded BatchNorm the mean and variance of its input on ``images``; returns the image count.
 
     ``images``: a tensor (N, 3, H, W) or an iterable of such batches (or of (x, y) pairs), already
     normalised as the weights need. Eval outputs do not change: running_mean = mean, running_var =
@@ -239,9 +239,11 @@ def restore_batchnorm_statistics(model: nn.Module, images: torch.Tensor | Iterab
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(norms)]
     was_training = model.training
     model.eval()
+    seen = 0
     try:
         for x in _batches(images):
             model(x.to(next(model.parameters()).device))
+            seen += len(x)
     finally:
         for handle in handles:
             handle.remove()
@@ -258,7 +260,7 @@ def restore_batchnorm_statistics(model: nn.Module, images: torch.Tensor | Iterab
         bn.running_var.copy_(var)
         bn.weight.copy_((var + bn.eps).sqrt())
         bn.bias.copy_(folded_bias + mean)
-    return len(norms)
+    return seen
 
 
 # --------------------------------------------------------------------------- agreement with TensorFlow
@@ -340,13 +342,33 @@ def convert_tflite(path: str | Path, calibration_images=None, calibration_name: 
                       "in train mode collapses. Pass calibration_images (a few hundred training images) "
                       "or call restore_batchnorm_statistics(model, train_loader).", RuntimeWarning, stacklevel=2)
     else:
-        restore_batchnorm_statistics(model, images)
-        n_images = len(images) if isinstance(images, torch.Tensor) else -1
+        n_images = restore_batchnorm_statistics(model, images)
+    measured = _measured_agreement(model, path, calibration_images)
     return dict(format=FORMAT_VERSION, arch="mobilenet_v2", state_dict=model.state_dict(),
                 input_mean=INPUT_MEAN, input_std=INPUT_STD, padding="tf_same",
                 source=f"tflite-converted:{path.name}", sha256=sha,
                 calibration=_calibration_key(images, calibration_name) or "loader", calibration_images=n_images,
-                conversion_seconds=round(time.perf_counter() - start, 2), agreement=None)
+                conversion_seconds=round(time.perf_counter() - start, 2), agreement=measured)
+
+
+def _measured_agreement(model: nn.Module, path: Path, calibration_images, n: int = 24) -> dict | None:
+    """Agreement with TensorFlow's interpreter on the first ``n`` 224-px calibration images, when
+    ``ai-edge-litert`` is installed (a dev dependency); None otherwise."""
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return None
+    images = calibration_images() if callable(calibration_images) else calibration_images
+    if images is None:
+        return None
+    first = images[:n] if isinstance(images, torch.Tensor) else next(iter(_batches(images)))[:n]
+    if tuple(first.shape[-2:]) != (224, 224):
+        return None
+    mean, std = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), torch.tensor(INPUT_STD).view(1, 3, 1, 1)
+    u8 = ((first * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    model.input_mean, model.input_std = INPUT_MEAN, INPUT_STD
+    result = agreement(torch_logits(model, u8), interpreter_logits(path, u8))
+    return dict(result, on="the first calibration images")
 
 
 def default_cache_dir() -> Path:
