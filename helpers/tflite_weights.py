@@ -230,24 +230,26 @@ def restore_batchnorm_statistics(model: nn.Module, images: torch.Tensor | Iterab
 
     def hook(index: int):
         def record(_module, inputs):
-            x = inputs[0].double()
-            sums[index][0] = sums[index][0] + x.sum(dim=(0, 2, 3))
-            sums[index][1] = sums[index][1] + (x * x).sum(dim=(0, 2, 3))
-            sums[index][2] += x.numel() // x.shape[1]
+            x = inputs[0]
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+            n = x.numel() // x.shape[1]  # per-batch moments, accumulated as float64 sums
+            sums[index][0] = sums[index][0] + mean.double() * n
+            sums[index][1] = sums[index][1] + (var.double() + mean.double() ** 2) * n
+            sums[index][2] += n
         return record
 
     handles = [m.register_forward_pre_hook(hook(i)) for i, m in enumerate(norms)]
     was_training = model.training
-    model.eval()
+    model.eval().to(memory_format=torch.channels_last)  # about 1.5x faster on CPU for depthwise convs
     seen = 0
     try:
         for x in _batches(images):
-            model(x.to(next(model.parameters()).device))
+            model(x.to(next(model.parameters()).device, memory_format=torch.channels_last))
             seen += len(x)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
+        model.train(was_training).to(memory_format=torch.contiguous_format)
     if sums[0][2] == 0:
         raise ValueError("restore_batchnorm_statistics got no images: pass a tensor (N, 3, H, W) or a loader")
     for i, bn in enumerate(norms):
@@ -322,12 +324,15 @@ def _calibration_key(images, name: str | None) -> str | None:
     return None  # a loader or generator: no key, not cached
 
 
-def convert_tflite(path: str | Path, calibration_images=None, calibration_name: str | None = None) -> dict:
+def convert_tflite(path: str | Path, calibration_images=None, calibration_name: str | None = None,
+                   agreement_images: int = 24) -> dict:
     """Convert a MobileNetV2 1.0 .tflite file into a payload dict (state dict + metadata).
 
     ``calibration_images``: normalised images (N, 3, H, W) or batches of them, or a callable that
     returns them, for :func:`restore_batchnorm_statistics`; ``None`` keeps the folded BatchNorm
-    (exact in eval mode, collapses when fine-tuned: a warning says so).
+    (exact in eval mode, collapses when fine-tuned: a warning says so). When ``ai-edge-litert`` is
+    installed, the agreement with TensorFlow's interpreter is measured on the first
+    ``agreement_images`` calibration images (0: not measured) and stored with the weights.
     """
     import warnings
 
@@ -343,7 +348,7 @@ def convert_tflite(path: str | Path, calibration_images=None, calibration_name: 
                       "or call restore_batchnorm_statistics(model, train_loader).", RuntimeWarning, stacklevel=2)
     else:
         n_images = restore_batchnorm_statistics(model, images)
-    measured = _measured_agreement(model, path, calibration_images)
+    measured = _measured_agreement(model, path, calibration_images, agreement_images) if agreement_images else None
     return dict(format=FORMAT_VERSION, arch="mobilenet_v2", state_dict=model.state_dict(),
                 input_mean=INPUT_MEAN, input_std=INPUT_STD, padding="tf_same",
                 source=f"tflite-converted:{path.name}", sha256=sha,
@@ -362,8 +367,8 @@ def _measured_agreement(model: nn.Module, path: Path, calibration_images, n: int
     if images is None:
         return None
     first = images[:n] if isinstance(images, torch.Tensor) else next(iter(_batches(images)))[:n]
-    if tuple(first.shape[-2:]) != (224, 224):
-        return None
+    if tuple(first.shape[-2:]) != (224, 224):  # the interpreter takes 224 px: both see the same pixels
+        first = F.interpolate(first, size=(224, 224), mode="bilinear", align_corners=False)
     mean, std = torch.tensor(INPUT_MEAN).view(1, 3, 1, 1), torch.tensor(INPUT_STD).view(1, 3, 1, 1)
     u8 = ((first * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     model.input_mean, model.input_std = INPUT_MEAN, INPUT_STD
@@ -382,7 +387,7 @@ def cache_path(sha256: str, calibration: str, cache_dir: str | Path | None = Non
 
 
 def load_tflite_weights(path: str | Path, calibration_images=None, calibration_name: str | None = None,
-                        cache_dir: str | Path | None = None) -> dict:
+                        cache_dir: str | Path | None = None, agreement_images: int = 24) -> dict:
     """The converted payload of a .tflite file: from the cache when there, else converted and cached.
 
     The cache file is keyed by the file's sha256 and the calibration (``calibration_name``, or a
@@ -396,7 +401,7 @@ def load_tflite_weights(path: str | Path, calibration_images=None, calibration_n
         if payload.get("sha256") == sha and payload.get("calibration") == key:
             payload["cache"] = "hit"
             return payload
-    payload = convert_tflite(path, calibration_images, calibration_name)
+    payload = convert_tflite(path, calibration_images, calibration_name, agreement_images)
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")
