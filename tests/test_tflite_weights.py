@@ -277,3 +277,48 @@ def test_imagenet_falls_back_to_the_offline_copy(tflite_file, calibration, tmp_p
     assert model.weights_info["cache"] == "hit"
     assert model.input_mean == (0.5, 0.5, 0.5)
     assert offline_weights.find_offline("resnet18") is None  # only MobileNetV2 has an offline copy
+
+
+# --------------------------------------------------------------------------- without the shared files
+
+
+def test_weights_argument_and_pretrained_map_onto_each_other():
+    resolve = models._resolve_weights_argument
+    assert resolve(None, None) == "imagenet" and resolve(True, None) == "imagenet"
+    assert resolve(False, None) == "random" and resolve(None, "random") == "random"
+    assert str(resolve(None, "x/m.tflite")) == "x/m.tflite"
+    with pytest.raises(ValueError, match="contradicts"):
+        resolve(False, "imagenet")
+    with pytest.raises(ValueError, match="'imagenet', 'random' or the path"):
+        resolve(None, "ImageNet1k")
+
+
+def test_random_weights_record_their_source_and_imagenet_normalisation():
+    model = models.build_model("mobilenet_v2", 2, weights="random")
+    assert model.pretrained is False and model.weights_info["source"] == "random"
+    assert model.input_mean == offline_weights.IMAGENET_MEAN and model.input_std == offline_weights.IMAGENET_STD
+
+
+def test_without_an_offline_copy_imagenet_falls_back_loudly_to_random(monkeypatch, capsys):
+    def offline(arch):
+        raise urllib.error.URLError("no internet")
+
+    monkeypatch.setattr(models, "_load_pretrained", offline)
+    monkeypatch.setattr(offline_weights, "offline_dirs", lambda: [])
+    monkeypatch.setattr(models, "_ANNOUNCED", set())  # the full banner, whatever ran before
+    with pytest.warns(RuntimeWarning, match="COURSE_WEIGHTS_DIR"):
+        model = models.build_model("mobilenet_v2", 2, weights="imagenet")
+    assert model.pretrained is False and model.weights_info["source"] == "random"
+    assert "PRETRAINED WEIGHTS NOT AVAILABLE" in capsys.readouterr().out
+
+
+def test_torchvision_weights_carry_their_own_normalisation(monkeypatch):
+    monkeypatch.setattr(models, "_load_pretrained", lambda arch: torchvision.models.get_model(arch, weights=None))
+    model = models.build_model("resnet18", 2, weights="imagenet")
+    assert model.pretrained is True and model.weights_info["source"] == "torchvision"
+    assert model.input_mean == (0.485, 0.456, 0.406) and model.input_std == (0.229, 0.224, 0.225)
+
+
+def test_a_missing_weights_file_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        models.build_model("mobilenet_v2", 2, weights=tmp_path / "none.tflite")
