@@ -170,3 +170,16 @@ def xray_images(folder: str | Path, per_class: int = 12, size: int = 224):
     files = [f for c in sorted(p for p in Path(folder).iterdir() if p.is_dir())
              for f in sorted(c.glob("*.jp*g"))[:per_class]]
     return np.stack([_u8_rgb(Image.open(f).convert("RGB"), size) for f in files])
+
+
+def apply_weights_info(model: nn.Module, info: dict) -> nn.Module:
+    """Give a model rebuilt from random weights (e.g. to load a bundle's state dict) what its
+    original weights carried: TensorFlow SAME padding if ``info["padding"] == "tf_same"``, and
+    ``input_mean`` / ``input_std`` / ``weights_info``. The state_dict keys do not change, so
+    ``load_state_dict`` works before or after. Returns the model."""
+    if info.get("padding") == "tf_same":
+        tflite_weights.use_tf_same_padding(model)
+    model.input_mean, model.input_std = tuple(info["input_mean"]), tuple(info["input_std"])
+    model.weights_info = dict(info)
+    model.pretrained = info.get("source", "random") != "random"
+    return model

@@ -322,3 +322,14 @@ def test_torchvision_weights_carry_their_own_normalisation(monkeypatch):
 def test_a_missing_weights_file_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         models.build_model("mobilenet_v2", 2, weights=tmp_path / "none.tflite")
+
+
+def test_a_rebuilt_model_gets_padding_and_normalisation_back(restored):
+    """What a bundle needs: build from random, apply the saved weights_info, load the state dict."""
+    info = dict(source="tflite-converted:x.tflite", padding="tf_same", input_mean=(0.5,) * 3, input_std=(0.5,) * 3)
+    rebuilt = offline_weights.apply_weights_info(torchvision.models.mobilenet_v2(weights=None), info)
+    rebuilt.load_state_dict(restored.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(x), restored.eval()(x))
+    assert rebuilt.input_mean == (0.5,) * 3 and rebuilt.pretrained is True
