@@ -73,6 +73,7 @@ def interpreter():
 @pytest.mark.parametrize("images", ["natural", "xray"])
 def test_the_converted_network_agrees_with_tensorflows_interpreter(images, restored, tflite_file, interpreter):
     if images == "natural":
+        pytest.importorskip("skimage", reason="scikit-image (dev dependency) not installed")
         u8 = offline_weights.natural_images(224)
     else:
         if not (SHARED_PNEUMONIA / "test").is_dir():
@@ -94,6 +95,7 @@ def test_the_cat_photo_is_a_cat(restored):
 
 def test_torchvision_padding_would_not_agree(folded, tflite_file, interpreter):
     """The SAME padding matters: without it the same weights agree only loosely (README: ~0.8)."""
+    pytest.importorskip("skimage", reason="scikit-image (dev dependency) not installed")
     stock = torchvision.models.mobilenet_v2(weights=None).eval()
     stock.load_state_dict(folded.state_dict())  # same keys: the padding is not in the state dict
     u8 = offline_weights.natural_images(224, ("chelsea", "coffee", "rocket", "astronaut"))
