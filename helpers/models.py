@@ -6,7 +6,9 @@ docs still applies: the head lives in ``model.fc`` (ResNet), ``model.classifier`
 
 Every model returned by :func:`build_model` carries a few plain attributes:
 ``model.arch`` (str), ``model.pretrained`` (bool: were ImageNet weights really loaded),
-``model.head_kind``, ``model.freeze`` and ``model.image_size``.
+``model.weights_info`` (dict: source, file, sha256, padding, ...), ``model.input_mean`` and
+``model.input_std`` (the normalisation the weights need), ``model.head_kind``, ``model.freeze``
+and ``model.image_size``.
 
 Freezing policies (``freeze=``):
 
@@ -25,11 +27,14 @@ frozen, which stay in eval mode. ``helpers.train.fit`` uses it.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 import torchvision
 from torch import nn
+
+from helpers import offline_weights
 
 ARCHITECTURES: tuple[str, ...] = (
     "resnet18",
@@ -124,8 +129,9 @@ def _pretrained_warning(arch: str, error: Exception) -> None:
         "Continuing from RANDOM initialisation: this is not transfer learning, the numbers "
         "will be much worse and are NOT comparable to the reference results. "
         "model.pretrained is False (recorded in metrics.json). To fix: enable internet "
-        "(Kaggle: Settings -> Internet on) or put the torchvision weight file in "
-        "~/.cache/torch/hub/checkpoints/."
+        "(Kaggle: Settings -> Internet on), put the torchvision weight file in "
+        "~/.cache/torch/hub/checkpoints/, or (MobileNetV2) put mobilenet_v2_1.0_224_quant.tflite in "
+        "data/weights/ or in the folder named by $COURSE_WEIGHTS_DIR."
     )
     warnings.warn(message, RuntimeWarning, stacklevel=4)
     if arch in _ANNOUNCED:  # the full banner once per architecture, then a reminder
@@ -151,26 +157,52 @@ def _resize_vit(pretrained_vit: nn.Module, image_size: int) -> nn.Module:
     return model
 
 
-def _backbone_with_weights(arch: str, pretrained: bool, image_size: int) -> tuple[nn.Module, bool]:
-    """The torchvision model (with its ImageNet head) and whether weights were loaded."""
+def _torchvision_imagenet(arch: str, image_size: int) -> nn.Module:
+    """torchvision's DEFAULT ImageNet model (ViT-B/16 resized to ``image_size``)."""
+    model = _load_pretrained(arch)
+    if arch == "vit_b_16" and image_size != 224:
+        warnings.warn(
+            f"ViT-B/16 ImageNet weights were trained at 224 px; image_size={image_size}: "
+            "position embeddings are interpolated (bicubic) to the new patch grid. "
+            "Expect lower accuracy than at 224 px.",
+            UserWarning,
+            stacklevel=4,
+        )
+        model = _resize_vit(model, image_size)
+    return model
+
+
+def _backbone_with_weights(arch: str, weights: str | Path, image_size: int,
+                           calibration_images=None) -> tuple[nn.Module, dict]:
+    """The torchvision model (with its ImageNet head) and its weights_info (source "random" if none)."""
     vit_kwargs = {"image_size": image_size} if arch == "vit_b_16" else {}
-    if pretrained:
+    if weights == "imagenet":
         try:
-            model = _load_pretrained(arch)
+            return _torchvision_imagenet(arch, image_size), offline_weights.torchvision_info(arch)
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
-            _pretrained_warning(arch, error)
-        else:
-            if arch == "vit_b_16" and image_size != 224:
-                warnings.warn(
-                    f"ViT-B/16 ImageNet weights were trained at 224 px; image_size={image_size}: "
-                    "position embeddings are interpolated (bicubic) to the new patch grid. "
-                    "Expect lower accuracy than at 224 px.",
-                    UserWarning,
-                    stacklevel=3,
-                )
-                model = _resize_vit(model, image_size)
-            return model, True
-    return torchvision.models.get_model(arch, weights=None, **vit_kwargs), False
+            offline = offline_weights.find_offline(arch)
+            if offline is None:
+                _pretrained_warning(arch, error)
+            else:
+                print(f"torchvision's ImageNet weights for {arch} could not be loaded ({type(error).__name__}); "
+                      f"using the offline copy {offline}.", flush=True)
+                weights = offline
+    if weights not in ("imagenet", "random"):
+        return offline_weights.load_weights_file(arch, weights, calibration_images)
+    return torchvision.models.get_model(arch, weights=None, **vit_kwargs), offline_weights.random_info()
+
+
+def _resolve_weights_argument(pretrained: bool | None, weights: str | Path | None) -> str | Path:
+    """``weights`` from the two parameters; ``pretrained`` (older callers) maps to "imagenet"/"random"."""
+    if weights is None:
+        return "random" if pretrained is False else "imagenet"
+    if isinstance(weights, str) and weights in ("imagenet", "random"):
+        if pretrained is not None and pretrained != (weights == "imagenet"):
+            raise ValueError(f"pretrained={pretrained} contradicts weights={weights!r}: pass only weights=.")
+        return weights
+    if isinstance(weights, (str, Path)) and Path(weights).suffix in (".tflite", ".pt", ".pth"):
+        return Path(weights)
+    raise ValueError(f"weights={weights!r}: use 'imagenet', 'random' or the path of a .tflite / .pt file.")
 
 
 # --------------------------------------------------------------------------- building
@@ -180,18 +212,27 @@ def build_model(
     arch: str,
     num_outputs: int,
     *,
-    pretrained: bool = True,
+    pretrained: bool | None = None,
+    weights: str | Path | None = None,
     head: str = "linear",
     freeze: str = "none",
     image_size: int = 224,
+    calibration_images=None,
 ) -> nn.Module:
     """A torchvision ``arch`` with a new ``head`` of ``num_outputs`` logits and a freezing policy.
 
-    ``pretrained=True`` loads torchvision's DEFAULT ImageNet weights; when they cannot be
-    downloaded it warns loudly, continues from random initialisation and sets
-    ``model.pretrained = False``. ``image_size`` only matters for ViT-B/16 (a multiple of 16;
-    a pretrained ViT at a size other than 224 gets interpolated position embeddings).
-    CNNs accept any input size.
+    ``weights``: ``"imagenet"`` (the default) loads torchvision's DEFAULT ImageNet weights; when
+    they cannot be downloaded an offline copy is looked for (``helpers.offline_weights``:
+    ``$COURSE_WEIGHTS_DIR``, ``data/weights/``), else it warns loudly and continues from random
+    initialisation. ``"random"``: random initialisation. A path: a ``.tflite`` file (converted and
+    cached; ``calibration_images`` give its BatchNorm statistics) or a converted / state-dict ``.pt``.
+    ``pretrained=True/False`` (older callers) means ``"imagenet"`` / ``"random"``.
+
+    The model records ``model.pretrained`` (were ImageNet weights really loaded),
+    ``model.weights_info`` (source, file, sha256, padding, calibration, agreement) and the input
+    normalisation its weights need: ``model.input_mean``, ``model.input_std`` (tuples).
+    ``image_size`` only matters for ViT-B/16 (a multiple of 16; a pretrained ViT at a size
+    other than 224 gets interpolated position embeddings). CNNs accept any input size.
     """
     _check_choice(arch, ARCHITECTURES, "architecture")
     family = _family(arch)
@@ -202,13 +243,16 @@ def build_model(
     if arch == "vit_b_16" and (image_size % 16 != 0 or image_size < 16):
         raise ValueError(f"ViT-B/16 needs image_size to be a multiple of 16 (got {image_size}).")
 
-    model, loaded = _backbone_with_weights(arch, pretrained, image_size)
+    weights = _resolve_weights_argument(pretrained, weights)
+    model, info = _backbone_with_weights(arch, weights, image_size, calibration_images)
     head_attr = _HEAD_ATTR[family]
     new_head = make_head(_in_features(getattr(model, head_attr)), num_outputs, head)
     setattr(model, head_attr, new_head)
 
     model.arch = arch
-    model.pretrained = loaded
+    model.pretrained = info["source"] != "random"
+    model.weights_info = info
+    model.input_mean, model.input_std = tuple(info["input_mean"]), tuple(info["input_std"])
     model.head_kind = head
     model.image_size = image_size
     set_trainable(model, freeze)
