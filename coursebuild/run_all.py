@@ -246,7 +246,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--notebooks-dir", type=Path, default=root / "notebooks", help="folder of NN_*.ipynb")
     parser.add_argument(
-        "--timeout", type=float, help="seconds per notebook (default: " + ", ".join(f"{p} {s}" for p, s in PROFILE_TIMEOUT_S.items()) + ")"
+        "--timeout", type=float,
+        help="seconds per notebook (default: " + ", ".join(f"{p} {s}" for p, s in PROFILE_TIMEOUT_S.items()) + ")",
     )
     parser.add_argument(
         "--no-site", action="store_true",
