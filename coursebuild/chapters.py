@@ -17,7 +17,8 @@ from typing import Any
 import nbformat
 from papermill.execute import ERROR_MARKER_TAG
 
-from coursebuild.run_all import NOTEBOOK_PATTERN, RUNS_FILE
+from coursebuild.layout import NOTEBOOK_PATTERN, RUNS_FILE
+from helpers.config import metrics_path, read_fresh_metrics
 
 PROFILE_IN_SOURCE = re.compile(r"""^PROFILE\s*=\s*["'](\w+)["']""", re.MULTILINE)
 
@@ -91,18 +92,10 @@ def failing_cell(nb: nbformat.NotebookNode) -> str | None:
 
 def _metrics(stem: str, chapter: Chapter, notebooks_dir: Path) -> dict[str, Any] | None:
     """The chapter's metrics.json when this execution wrote it (same profile, not older)."""
-    output_dir = chapter.parameters.get("OUTPUT_DIR")
-    folder = Path(output_dir) if output_dir else notebooks_dir.resolve().parent / "assets" / stem
-    path = folder / "metrics.json"
-    if not path.is_file() or chapter.started is None:
+    if chapter.started is None:
         return None
-    if path.stat().st_mtime < chapter.started.timestamp() - 1.0:
-        return None  # left from an earlier run
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics if metrics.get("profile", chapter.profile) == chapter.profile else None
+    path = metrics_path(stem, chapter.parameters.get("OUTPUT_DIR"), root=notebooks_dir.resolve().parent)
+    return read_fresh_metrics(path, chapter.started, profile=chapter.profile)
 
 
 def load_chapter(path: Path, executed: bool, notebooks_dir: Path, last_run: list[str] | None) -> Chapter:

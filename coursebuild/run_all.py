@@ -33,15 +33,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coursebuild.results import PROFILES, collect_assets, write_results
+from coursebuild.layout import NOTEBOOK_PATTERN, RUNS_FILE
+from coursebuild.results import collect_assets, write_results
+from helpers.config import PROFILE_TIMEOUT_S, PROFILES, metrics_path, read_fresh_metrics
 
-NOTEBOOK_PATTERN = re.compile(r"^(\d{2})_.+\.ipynb$")
 KERNEL_NAME = "python3"
-DEFAULT_TIMEOUT = {"smoke": 900, "cpu": 3 * 3600, "full": 12 * 3600}
 # Silence the kernel's own console logging (e.g. "running over TCP without encryption"),
 # which would interleave with the progress lines; notebook errors still reach the outputs.
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=CRITICAL"]
-RUNS_FILE = "runs.json"
 
 
 @dataclass
@@ -139,13 +138,6 @@ def _describe_execution_error(exc: Any, executed_path: Path) -> str:
     return f"{where} (In [{exc.exec_count}]): {exc.ename}: {message} | cell starts: {_first_line(exc.source)}"
 
 
-def _expected_metrics_path(path: Path, parameters: dict[str, Any]) -> Path:
-    """Where the notebook writes metrics.json: OUTPUT_DIR, else <project>/assets/<stem>."""
-    output_dir = parameters.get("OUTPUT_DIR")
-    folder = Path(output_dir) if output_dir else path.resolve().parent.parent / "assets" / path.stem
-    return folder / "metrics.json"
-
-
 def _failure(exc: Exception, out_path: Path, timeout: float | None) -> tuple[str, str]:
     """(status, message) for an exception of papermill: a failed cell, the time budget, or anything else."""
     from papermill.exceptions import PapermillExecutionError
@@ -197,9 +189,10 @@ def run_notebook(path: Path | str, out_path: Path | str, parameters: dict[str, A
         pm_logger.removeHandler(collector)
     seconds = time.perf_counter() - started
 
-    metrics = _expected_metrics_path(path, parameters)
+    metrics = metrics_path(path.stem, parameters.get("OUTPUT_DIR"), root=path.resolve().parent.parent)
     # Only a metrics.json written by this run counts (not one left from an earlier run).
-    fresh = metrics.is_file() and metrics.stat().st_mtime >= started_wall - 1.0
+    since = dt.datetime.fromtimestamp(started_wall, dt.timezone.utc)
+    fresh = read_fresh_metrics(metrics, since, profile=parameters.get("PROFILE")) is not None
     return NotebookResult(
         name=path.stem,
         status=status,
@@ -242,7 +235,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m coursebuild.run_all",
         description="Execute the course notebooks with papermill, collect the results, build the website.",
     )
-    parser.add_argument("--profile", choices=PROFILES, default="smoke", help="notebook profile (default: smoke)")
+    parser.add_argument("--profile", choices=list(PROFILES), default="smoke", help="notebook profile (default: smoke)")
     parser.add_argument("--only", nargs="+", metavar="NN", help="run only these notebook numbers, e.g. --only 04 07")
     parser.add_argument("--data-dir", help='DATA_DIR passed to every notebook ("synthetic" or a folder)')
     parser.add_argument("--build-dir", type=Path, default=Path("_build"), help="output folder (default: _build)")
@@ -253,7 +246,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--notebooks-dir", type=Path, default=root / "notebooks", help="folder of NN_*.ipynb")
     parser.add_argument(
-        "--timeout", type=float, help="seconds per notebook (default: smoke 900, cpu 10800, full 43200)"
+        "--timeout", type=float,
+        help="seconds per notebook (default: " + ", ".join(f"{p} {s}" for p, s in PROFILE_TIMEOUT_S.items()) + ")",
     )
     parser.add_argument(
         "--no-site", action="store_true",
@@ -353,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no NN_*.ipynb notebooks in {args.notebooks_dir}", file=sys.stderr)
         return 2
 
-    timeout = args.timeout if args.timeout is not None else DEFAULT_TIMEOUT[args.profile]
+    timeout = args.timeout if args.timeout is not None else PROFILE_TIMEOUT_S[args.profile]
     # Kernels inherit this: idle OpenMP threads sleep rather than spin, which on a small shared
     # CPU made notebooks 2-3x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -30,7 +30,8 @@ import nbformat
 import pandas as pd
 
 from coursebuild.chapters import Chapter, load_chapters
-from coursebuild.results import PROFILES, SUMMARY_COLUMNS, course_tables, data_label, markdown_table, profile_note
+from coursebuild.results import SUMMARY_COLUMNS, course_tables, data_label, markdown_table, profile_note
+from helpers.config import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(__file__).resolve().parent / "sphinx"

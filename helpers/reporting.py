@@ -1,8 +1,10 @@
 """What a notebook leaves behind: metrics.json, the course's results tables, and the sentences
 every conclusion needs.
 
-- `write_metrics` writes `assets/<notebook>/metrics.json` in the schema of DESIGN.md;
-  `results_table` reads several of them back into one table (one row per model or run).
+- `write_metrics` (`metrics_record`, written) writes `assets/<notebook>/metrics.json` in the schema of CONTRIBUTING.md;
+  `results_table` reads several of them back into one table (one row per model or run), with
+  the run each row comes from; `output_problems` says when a folder's figures are not all from
+  the run its metrics.json names.
 - `with_ci` formats a metric with its bootstrap interval: `0.912 [0.890, 0.931]`.
 - `run_caveats` says, in the same words in every notebook, what a reduced run cannot show
   (smoke or cpu profile, synthetic images, no ImageNet weights).
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from helpers.config import Config, portable_data_dir
+from helpers.config import METRICS_FILE, Config, Run, now_iso, portable_data_dir
 
 
 def with_ci(block: dict[str, Any], key: str, digits: int = 3, missing: str = "undefined") -> str:
@@ -100,61 +103,94 @@ def to_jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_metrics(
-    out_dir: str | Path,
-    *,
-    notebook: str,
-    profile: str,
-    dataset: str,
-    data_dir: str | Path | None,
-    model: str,
-    pretrained: bool,
-    image_size: int,
-    class_names: Sequence[str],
-    threshold: float | None,
-    val: dict | None,
-    test: dict | None,
-    timing: dict | None,
-    device: str | torch.device,
-    runs: list[dict] | None = None,
-    **extra: Any,
-) -> dict[str, Any]:
-    """Write out_dir/metrics.json in the DESIGN.md schema (that key order, extra keys last); return the dict."""
+def _data_dir(run: Run, splits: Any) -> Any:
+    """The data folder(s) a run read: `splits.root`, one root per dataset for a mapping of splits
+    (notebook 00), else the run's DATA_DIR."""
+    if isinstance(splits, Mapping):
+        return {str(name): s.root for name, s in splits.items()}
+    return run.data_dir if splits is None else splits.root
+
+
+def metrics_record(run: Run, splits: Any, *, dataset: str, model: str | None, pretrained: bool,
+                   class_names: Sequence[str] | None = None, threshold: float | None = None,
+                   val: dict | None = None, test: dict | None = None, timing: dict | None = None,
+                   figures: Sequence[str] = (), runs: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
+    """This run's metrics.json as a dict, in the schema of CONTRIBUTING.md ("metrics.json").
+
+    The run's own facts come from `run` and `splits` (a `data.Splits`, a mapping of them, or None):
+    notebook, profile, data folder (made portable), image size, class names (unless given),
+    device, run id and start time. Keyword `extra` keys follow the schema keys; one that names a
+    schema key replaces it (notebook 00 gives `image_size=None`). `figures` lists the files this
+    run saved beside its metrics.json: any other figure in that folder is not this run's.
+    """
+    if class_names is None:
+        class_names = getattr(splits, "class_names", [])
     record: dict[str, Any] = {
-        "notebook": notebook,
-        "profile": profile,
-        "dataset": dataset,
-        "data_dir": portable_data_dir(data_dir),
-        "model": model,
-        "pretrained": pretrained,
-        "image_size": image_size,
-        "class_names": list(class_names),
-        "threshold": threshold,
-        "val": val,
-        "test": test,
-        "timing": timing,
-        "device": device,
+        "notebook": run.notebook, "profile": run.cfg.profile, "dataset": dataset,
+        "data_dir": portable_data_dir(_data_dir(run, splits)), "model": model, "pretrained": pretrained,
+        "image_size": run.cfg.image_size, "class_names": list(class_names), "threshold": threshold,
+        "val": val, "test": test, "timing": timing, "device": str(run.device),
     }
     if runs is not None:
         record["runs"] = runs
     record.update(extra)
-    record = to_jsonable(record)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    record.update(figures=list(figures), run_id=run.run_id, started_at=run.started_at, written_at=now_iso(),
+                  n_bootstrap=run.cfg.n_bootstrap)
+    return to_jsonable(record)
+
+
+def write_metrics(run: Run, splits: Any, *, dataset: str, model: str | None, pretrained: bool,
+                  **fields: Any) -> dict[str, Any]:
+    """Write `run.metrics_path` (`metrics_record` of the same arguments); return the dict.
+
+    Written last and atomically (a temporary file, then `os.replace`), so a reader sees the old
+    file or the new one, never half of one.
+    """
+    record = metrics_record(run, splits, dataset=dataset, model=model, pretrained=pretrained, **fields)
+    path = run.metrics_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{run.run_id}.tmp")
+    temporary.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
+    os.replace(temporary, path)
     return record
 
 
-def _load_metrics(item: str | Path | dict) -> dict:
+def output_problems(folder: str | Path, record: dict | None = None) -> list[str]:
+    """Why the outputs in `folder` might not all come from the run its metrics.json names.
+
+    Empty when they do: the metrics.json names its run (`run_id`), every figure it lists is there,
+    and no other figure (*.png) sits beside it. `record` is the folder's metrics.json, read if
+    not given.
+    """
+    folder = Path(folder)
+    if record is None:
+        try:
+            record = json.loads((folder / METRICS_FILE).read_text())
+        except (OSError, ValueError):
+            return [f"no readable {METRICS_FILE}"]
+    problems = [] if record.get("run_id") else ["no run id (written before runs had ids)"]
+    listed = {str(n) for n in record.get("figures") or []}
+    missing = sorted(n for n in listed if not (folder / n).is_file())
+    foreign = sorted(p.name for p in folder.glob("*.png") if p.name not in listed)
+    if missing:
+        problems.append("listed figures missing: " + ", ".join(missing))
+    if foreign:
+        problems.append("figures not from this run: " + ", ".join(foreign))
+    return problems
+
+
+def _load_metrics(item: str | Path | dict) -> tuple[dict, Path | None]:
+    """(the record, its folder or None for a dict)."""
     if isinstance(item, dict):
-        return item
+        return item, None
     path = Path(item)
     if path.is_dir():
-        path = path / "metrics.json"
-    return json.loads(path.read_text())
+        path = path / METRICS_FILE
+    return json.loads(path.read_text()), path.parent
 
 
 _CONTEXT_KEYS = ("notebook", "profile", "dataset", "model", "pretrained", "image_size")
+_RUN_KEYS = ("run_id", "started_at")
 
 
 def _metric_columns(block: dict | None, prefix: str) -> dict[str, Any]:
@@ -184,25 +220,45 @@ def _row(record: dict, parent: dict, run_name: str | None) -> dict[str, Any]:
         row.update(_metric_columns(record.get("test"), "test"))
     else:  # a run given as a bare metrics block is a test block
         row.update(_metric_columns(record, "test"))
+    row.update({key: parent.get(key, record.get(key)) for key in _RUN_KEYS})
     return row
 
 
-def results_table(paths_or_dicts: str | Path | dict | Sequence[str | Path | dict], *, include_main: bool = False):
+def _checks(records: list[tuple[dict, Path | None]]) -> list[str]:
+    """One "check" text per record: its folder's `output_problems`, and a note when the same
+    notebook comes from several runs (rows that would otherwise look alike)."""
+    runs_of: dict[Any, set] = {}
+    for record, _ in records:
+        runs_of.setdefault(record.get("notebook"), set()).add(record.get("run_id") or id(record))
+    checks = []
+    for record, folder in records:
+        problems = output_problems(folder, record) if folder is not None else []
+        if len(runs_of[record.get("notebook")]) > 1:
+            problems.append(f"{len(runs_of[record.get('notebook')])} runs of this notebook in the table")
+        checks.append("; ".join(problems) or "ok")
+    return checks
+
+
+def results_table(paths_or_dicts: str | Path | dict | Sequence[str | Path | dict], *, include_main: bool = False,
+                  headline: bool = False):
     """One row per model/run from several metrics.json files (paths, folders or dicts).
 
     A file with a "runs" list contributes one row per run (named by its "name", "run" or
-    "strategy" key); with `include_main=True` its top-level block is added as well.
+    "strategy" key); with `include_main=True` its top-level block is added as well, with
+    `headline=True` only its top-level block (one row per file: the course table of notebook 07).
     Columns: notebook, profile, dataset, model, pretrained, image_size, run, threshold, then
-    val_* and test_* metrics with *_lo/*_hi 95% intervals and *_recall_<class> columns.
+    val_* and test_* metrics with *_lo/*_hi 95% intervals and *_recall_<class> columns, then the
+    run the row comes from (run_id, started_at) and "check": "ok", or why the row's outputs may
+    mix runs (`output_problems`; several runs of one notebook in the same table).
     """
     items = [paths_or_dicts] if isinstance(paths_or_dicts, (str, Path, dict)) else list(paths_or_dicts)
+    loaded = [_load_metrics(item) for item in items]
     rows = []
-    for item in items:
-        record = _load_metrics(item)
-        runs = record.get("runs") or []
+    for (record, _), check in zip(loaded, _checks(loaded)):
+        runs = [] if headline else record.get("runs") or []
         if include_main or not runs:
-            rows.append(_row(record, {}, None))
+            rows.append({**_row(record, {}, None), "check": check})
         for i, run in enumerate(runs):
             name = run.get("name") or run.get("run") or run.get("strategy") or run.get("model") or f"run{i}"
-            rows.append(_row(run, record, str(name)))
+            rows.append({**_row(run, record, str(name)), "check": check})
     return pd.DataFrame(rows)

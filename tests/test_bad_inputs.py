@@ -11,6 +11,7 @@ nothing is downloaded (file:// URLs and a local silent socket stand in for the n
 from __future__ import annotations
 
 import io
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +314,16 @@ def _check_silent_host(location):
     assert location.path is None and "did not answer within 0.5 s" in location.messages[-1]
 
 
+def _run_read_only_output_dir(tmp, mp):
+    """A folder without write permission; as root (who may write anyway) a read-only sysfs folder."""
+    folder = tmp / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root ignores the permission bits
+        folder = Path("/sys/kernel")
+    return config.start_run("nb", "smoke", output_dir=str(folder))
+
+
 CASES = [
     # ------------------------------------------------------------------ folders
     Case("folders", "4-class chest X-ray folder given as the pneumonia dataset", _run_chest4_as_pneumonia,
@@ -405,6 +416,17 @@ CASES = [
          r"the limit is 20 MB", id="upload-too-big"),
     Case("uploads", "image of 20 x 20 pixels", lambda tmp, mp: serve.read_upload(_png(Image.new("L", (20, 20)))),
          serve.UploadError, r"only 20 x 20 pixels", id="upload-tiny"),
+    # ------------------------------------------------------------------ parameters checked in start_run (issue 17.8)
+    Case("parameters", "SEED = None", lambda tmp, mp: config.start_run("nb", "smoke", seed=None, output_dir=str(tmp)),
+         ValueError, r"SEED must be a whole number, got None: set SEED = 42", id="seed-none"),
+    Case("parameters", 'SEED = "42"', lambda tmp, mp: config.start_run("nb", "smoke", seed="42", output_dir=str(tmp)),
+         ValueError, r"SEED must be a whole number, got '42'", id="seed-text"),
+    Case("parameters", "read-only OUTPUT_DIR (found in start_run, before training)", _run_read_only_output_dir,
+         PermissionError, r"OUTPUT_DIR .* cannot be written to .*Set OUTPUT_DIR to a folder you may write to",
+         id="output-dir-read-only"),
+    Case("parameters", "OUTPUT_DIR below a file", lambda tmp, mp: config.start_run(
+         "nb", "smoke", output_dir=str(_write(tmp / "a_file", b"x") / "out")),
+         PermissionError, r"OUTPUT_DIR .*a_file/out' cannot be written to", id="output-dir-under-file"),
 ]
 
 

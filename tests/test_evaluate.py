@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from sklearn import metrics as skm
 from torch import nn
 
 from conftest import ROOT
+from helpers import config
 from helpers import evaluate as ev
 from helpers import reporting, tta
 
@@ -297,39 +300,49 @@ SCHEMA_KEYS = [
 ]
 
 
+def _run(out_dir, notebook="04_mobilenetv2_two_stage", profile="smoke", image_size=None):
+    """A `config.Run` writing into ``out_dir`` (what `start_run` returns, without its side effects)."""
+    cfg = config.apply_profile(profile, image_size=image_size)
+    return config.Run(notebook, cfg, None, Path(out_dir), torch.device("cpu"), 42)
+
+
 def test_write_metrics_schema_and_json(tmp_path) -> None:
     y, p = _random_case(0, 2, n=80)
     test_block = ev.compute_metrics(y, p, ["NORMAL", "PNEUMONIA"], threshold=0.4, n_bootstrap=100)
+    splits = SimpleNamespace(root=tmp_path, class_names=["NORMAL", "PNEUMONIA"])
+    run = _run(tmp_path / "assets" / "04", image_size=np.int64(64))
     record = reporting.write_metrics(
-        tmp_path / "assets" / "04",
-        notebook="04_mobilenetv2_two_stage", profile="smoke", dataset="pneumonia", data_dir=tmp_path,
-        model="mobilenet_v2", pretrained=np.bool_(False), image_size=np.int64(64),
-        class_names=("NORMAL", "PNEUMONIA"), threshold=np.float32(0.4),
-        val={"accuracy": np.float64(0.5), "auc": float("nan")}, test=test_block,
+        run, splits, dataset="pneumonia", model="mobilenet_v2", pretrained=np.bool_(False),
+        threshold=np.float32(0.4), val={"accuracy": np.float64(0.5), "auc": float("nan")}, test=test_block,
         timing={"train_seconds": np.float32(1.5), "train_images_per_second": float("inf")},
-        device=torch.device("cpu"), runs=[{"name": "a", "test": test_block}], epochs=2,
+        runs=[{"name": "a", "test": test_block}], epochs=2,
     )
     text = (tmp_path / "assets" / "04" / "metrics.json").read_text()
     loaded = json.loads(text)
     assert "NaN" not in text and "Infinity" not in text
     assert list(loaded)[: len(SCHEMA_KEYS)] == SCHEMA_KEYS
-    assert list(loaded)[len(SCHEMA_KEYS):] == ["runs", "epochs"]
+    assert list(loaded)[len(SCHEMA_KEYS):] == ["runs", "epochs", "figures", "run_id", "started_at",
+                                               "written_at", "n_bootstrap"]
     assert loaded == record
+    assert loaded["notebook"] == "04_mobilenetv2_two_stage" and loaded["profile"] == "smoke"
+    assert loaded["run_id"] == run.run_id and loaded["started_at"] == run.started_at
+    assert loaded["class_names"] == ["NORMAL", "PNEUMONIA"] and loaded["n_bootstrap"] == 200
     assert loaded["val"]["auc"] is None and loaded["timing"]["train_images_per_second"] is None
     assert loaded["pretrained"] is False and loaded["image_size"] == 64 and loaded["device"] == "cpu"
     assert loaded["threshold"] == pytest.approx(0.4) and (ROOT / loaded["data_dir"]).resolve() == tmp_path.resolve()
     for key in ("accuracy", "balanced_accuracy", "auc", "average_precision", "per_class", "confusion_matrix", "ci95"):
         assert key in loaded["test"]
+    assert [f.name for f in (tmp_path / "assets" / "04").iterdir()] == ["metrics.json"]  # no temporary file left
 
 
 def test_results_table_flattens_files_and_runs(tmp_path) -> None:
     y, p = _random_case(0, 2, n=80)
     block = ev.compute_metrics(y, p, ["NORMAL", "PNEUMONIA"], n_bootstrap=100)
-    common = dict(profile="smoke", dataset="pneumonia", data_dir=None, pretrained=False, image_size=64,
-                  class_names=["NORMAL", "PNEUMONIA"], threshold=0.5, timing={}, device="cpu")
-    reporting.write_metrics(tmp_path / "a", notebook="04_x", model="mobilenet_v2", val=block, test=block, **common)
+    common = dict(dataset="pneumonia", pretrained=False, class_names=["NORMAL", "PNEUMONIA"], threshold=0.5,
+                  timing={})
+    reporting.write_metrics(_run(tmp_path / "a", "04_x"), None, model="mobilenet_v2", val=block, test=block, **common)
     with_runs = reporting.write_metrics(
-        tmp_path / "b", notebook="05_y", model="resnet50", val=None, test=block,
+        _run(tmp_path / "b", "05_y"), None, model="resnet50", val=None, test=block,
         runs=[{"name": "plain_ce", "test": block}, {"strategy": "sampler", "model": "resnet18", "val": block, "test": block}],
         **common,
     )

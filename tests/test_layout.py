@@ -1,4 +1,5 @@
-"""The layout of `helpers`: modules in floors without import circles, short modules, short functions.
+"""The layout of `helpers`: modules in floors without import circles, short modules, short functions;
+and of `coursebuild` (the runner and website builder): no import circle either.
 
 Read with the standard library only (`ast` over the package), so the check runs without importing
 anything: an import hidden inside a function counts as much as one at the top.
@@ -13,36 +14,38 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "helpers"
+BUILDER = PACKAGE.parent / "coursebuild"
 MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60  # functions and classes, signature and docstring included
 
 
 @functools.cache
-def _trees() -> dict[str, ast.Module]:
-    return {f.stem: ast.parse(f.read_text(), filename=str(f)) for f in sorted(PACKAGE.glob("*.py"))}
+def _trees(package: Path = PACKAGE) -> dict[str, ast.Module]:
+    return {f.stem: ast.parse(f.read_text(), filename=str(f)) for f in sorted(package.glob("*.py"))}
 
 
-def _imported_modules(tree: ast.Module, modules: set[str]) -> set[str]:
-    """The helpers modules a module imports, wherever the import stands (top, function, TYPE_CHECKING)."""
+def _imported_modules(tree: ast.Module, modules: set[str], package: str = "helpers") -> set[str]:
+    """The modules of `package` a module imports, wherever the import stands (top, function, TYPE_CHECKING)."""
     found = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             base = node.module or ""
-            if node.level == 1 or base == "helpers":  # from . import x / from helpers import x
+            if node.level == 1 or base == package:  # from . import x / from helpers import x
                 found |= {a.name for a in node.names if a.name in modules}
-                base = "helpers." + base if node.level == 1 and base else base
-            if base.startswith("helpers."):
+                base = f"{package}." + base if node.level == 1 and base else base
+            if base.startswith(f"{package}."):
                 found.add(base.split(".")[1])
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("helpers.")}
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith(f"{package}.")}
     return found & modules
 
 
-def import_graph() -> dict[str, set[str]]:
-    """helpers module -> the helpers modules it imports."""
-    trees = _trees()
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """module of `package` (helpers by default) -> the modules of the same package it imports."""
+    trees = _trees(package)
     modules = set(trees) - {"__init__"}
-    return {name: _imported_modules(tree, modules) - {name} for name, tree in trees.items() if name != "__init__"}
+    return {name: _imported_modules(tree, modules, package.name) - {name}
+            for name, tree in trees.items() if name != "__init__"}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -78,6 +81,18 @@ def test_the_graph_sees_every_kind_of_import() -> None:
 def test_no_import_circle_among_helpers_modules() -> None:
     cycle = find_cycle(import_graph())
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
+
+
+def test_the_graph_reads_coursebuild_imports_too() -> None:
+    tree = ast.parse("from coursebuild.a import x\ndef f():\n    from coursebuild import b\nimport helpers.c\n")
+    assert _imported_modules(tree, set("abc"), "coursebuild") == {"a", "b"}
+
+
+def test_no_import_circle_among_coursebuild_modules() -> None:
+    graph = import_graph(BUILDER)
+    assert {"run_all", "site", "chapters", "results"} <= set(graph)
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle in coursebuild: " + " -> ".join(cycle or [])
 
 
 # The floors of README.md ("The package helpers"): a module imports only from its floor or below.

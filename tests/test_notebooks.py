@@ -1,7 +1,8 @@
 """Execute every course notebook top to bottom in the smoke profile (offline, CPU).
 
-Each notebook must write metrics.json with the DESIGN.md schema keys and the figures it lists
-under "figures" into its OUTPUT_DIR (here a temporary folder, so assets/ is never touched).
+Each notebook must write metrics.json with the schema keys of CONTRIBUTING.md ("metrics.json"), naming
+its run, and the figures it lists under "figures" (and no other) into its OUTPUT_DIR (here a
+temporary folder, so assets/ is never touched).
 The smoke runs keep their executed notebooks in one folder per test session (`smoke_run_dir`),
 laid out like the runner's `_build/`, so that test_site.py builds the website from them instead
 of executing the notebooks again. Notebook 04 runs a second time on the real shared pneumonia
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from helpers import reporting
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SCHEMA_KEYS = {"notebook", "profile", "dataset", "data_dir", "model", "pretrained", "image_size",
@@ -71,6 +73,9 @@ def _check_outputs(notebook: Path, metrics: dict, out_dir: Path) -> None:
         path = out_dir / name
         assert path.exists() and path.stat().st_size > 1000, f"missing or empty figure {name}"
         Image.open(path).verify()
+    assert metrics.get("run_id") and metrics.get("started_at"), "metrics.json should name its run"
+    problems = reporting.output_problems(out_dir, metrics)
+    assert not problems, f"{notebook.name}: outputs that do not belong to its run: {problems}"
 
 
 def test_notebooks_are_committed_clean_and_parameterised():

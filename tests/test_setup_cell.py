@@ -64,6 +64,14 @@ def test_setup_cell_is_the_same_in_every_notebook():
     assert "COURSE_REPO = " in cells[0] and "OMP_WAIT_POLICY" in cells[0]
 
 
+def test_setup_cell_is_short_and_collapsed_on_the_website():
+    """A student reads it at a glance; the website (myst-nb) shows it folded ("hide-input")."""
+    for path in NOTEBOOKS:
+        first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        assert len(first.source.splitlines()) <= 32, f"{path.name}: the setup cell grew past 32 lines"
+        assert "hide-input" in first.metadata.get("tags", []), f"{path.name}: setup cell not tagged hide-input"
+
+
 def test_installed_helpers_is_used_and_threads_are_set_before_torch(cell, tmp_path):
     probe = cell + "\nimport os, sys\nprint('OMP', os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)\n"
     done = _run([sys.executable, "-c", probe], tmp_path)

@@ -110,6 +110,15 @@ def _chapter(site: Path) -> str:
     pytest.fail(f"no executed chapter with a figure in the site: (banner, failed, images) {seen}")
 
 
+def test_the_setup_cell_is_collapsed_on_every_chapter(smoke_site: Path) -> None:
+    """The first code cell (tagged hide-input) is folded: myst-nb's "Show code cell source" toggle."""
+    for page in sorted((smoke_site / "chapters").glob("*.html")):
+        text = page.read_text(encoding="utf-8")
+        first_cell = re.search(r'<div class="cell[^"]*"', text)
+        assert first_cell and "tag_hide-input" in first_cell.group(0), (page.name, first_cell and first_cell.group(0))
+        assert "Show code cell source" in text, page.name
+
+
 def test_every_page_names_its_profile_and_the_chapters_are_in_order(smoke_site: Path) -> None:
     chapters = sorted((smoke_site / "chapters").glob("*.html"))
     assert [p.stem for p in chapters] == [p.stem for p in NOTEBOOKS]
