@@ -327,7 +327,7 @@ def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balan
 
 
 def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir: str | Path,
-                 name: str = "gradcam.png", target_layer: Any = None, vit: bool | str = "auto",
+                 name: str = "gradcam.png", target_layer: Any = None,
                  y_true: Sequence[int] | None = None, n: int = 8, alpha: float = 0.4,
                  threshold: float | None = None):
     """Up to `n` images (uint8 (N, 3, H, W)) above their Grad-CAM overlays (`helpers.gradcam.explain`).
@@ -342,7 +342,7 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images_u8 must have shape (N, 3, H, W), got {tuple(images.shape)}")
     images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-    probs, pred, heatmaps = gradcam.explain(model, images, target_layer=target_layer, vit=vit, threshold=threshold)
+    probs, pred, heatmaps = gradcam.explain(model, images, target_layer=target_layer, threshold=threshold)
     fig, axes = new_figure(nrows=2, ncols=len(images), figsize=(2.2 * len(images), 4.8), squeeze=False)
     for i, image in enumerate(images):
         title, color = f"pred {class_names[pred[i]]} ({probs[i, pred[i]]:.2f})", "black"
