@@ -16,7 +16,7 @@ import statistics
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers.models import build_model
+from helpers.models import build_model, head_parameters
 from helpers.core import pick_device, seed_everything
 from helpers.losses import make_criterion
 from helpers.train import fit_head_only
@@ -53,16 +53,18 @@ def main() -> None:
     seed_everything(0)
     model = build_model(args.arch, args.num_classes, pretrained=False, freeze="head", image_size=args.image_size)
     fast_model = copy.deepcopy(model)
-    common = dict(epochs=args.epochs, criterion=make_criterion("ce"), lr=1e-3, device=device, progress=False)
+    common = dict(epochs=args.epochs, criterion=make_criterion("ce"), progress=False)
 
     print(f"{args.arch}, {args.image_size} px, {args.n_train} train + {args.n_val} val images, "
           f"batch {args.batch_size}, {args.epochs} epochs, device {device}, {torch.get_num_threads()} threads")
     print("\n-- slow path: full forward through the frozen backbone every epoch")
-    slow = fit_head_only(model, synthetic_loader(args.n_train, args, True, 1), synthetic_loader(args.n_val, args, False, 2),
-                         use_feature_cache=False, **common)
+    slow = fit_head_only(model.to(device), synthetic_loader(args.n_train, args, True, 1),
+                         synthetic_loader(args.n_val, args, False, 2), use_feature_cache=False,
+                         optimizer=torch.optim.AdamW(head_parameters(model), lr=1e-3, weight_decay=0.0), **common)
     print("\n-- fast path: one feature pass, then epochs on cached features")
-    fast = fit_head_only(fast_model, synthetic_loader(args.n_train, args, True, 1),
-                         synthetic_loader(args.n_val, args, False, 2), use_feature_cache=True, **common)
+    fast = fit_head_only(fast_model.to(device), synthetic_loader(args.n_train, args, True, 1),
+                         synthetic_loader(args.n_val, args, False, 2), use_feature_cache=True,
+                         optimizer=torch.optim.AdamW(head_parameters(fast_model), lr=1e-3, weight_decay=0.0), **common)
 
     # Median over epochs (the first slow epoch also pays one-off warm-up costs).
     slow_epoch = statistics.median(slow["seconds"])

@@ -28,9 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +36,7 @@ from helpers.config import project_root
 from helpers.datasets import DATASETS
 from helpers.models import build_model, get_head
 from helpers.ood import OOD_METHODS
+from helpers.reporting import to_jsonable
 
 BUNDLE_FORMAT = "course-model-bundle/1"
 MODEL_PATH_ENV = "COURSE_MODEL_PATH"
@@ -74,8 +73,8 @@ def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str
         "dataset": dataset,
         "synthetic_data": bool(synthetic_data),
         "threshold": None if threshold is None else float(threshold),
-        "ood": _plain(ood) if ood is not None else None,
-        "metrics": _plain(metrics or {}),
+        "ood": _ood_block(ood) if ood is not None else None,
+        "metrics": to_jsonable(metrics or {}),
         "notes": notes,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "torch_version": str(torch.__version__),
@@ -91,19 +90,13 @@ def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str
     return path
 
 
-def _plain(value: Any) -> Any:
-    """Numbers/arrays -> plain Python or tensors, so the bundle loads with weights_only=True."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value.copy())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _ood_block(ood: dict) -> dict:
+    """The OOD settings as plain values (`reporting.to_jsonable`), their fitted `params` as CPU
+    tensors, so the bundle loads with weights_only=True."""
+    block = to_jsonable({k: v for k, v in ood.items() if k != "params"})
+    if "params" in ood:
+        block["params"] = {str(k): torch.as_tensor(v).detach().to("cpu", copy=True) for k, v in ood["params"].items()}
+    return block
 
 
 def _num_outputs(model: nn.Module) -> int:

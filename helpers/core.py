@@ -1,7 +1,8 @@
 """The small pieces every other module needs, written once.
 
-- numbers out of tensors (`to_numpy`, `as_label_tensor`), probabilities out of logits (`logits_to_probs`) and
-  class labels out of probabilities (`predict_labels`: a threshold for binary tasks, else argmax);
+- numbers out of tensors (`to_numpy`, `as_label_tensor`), the one-logit binary convention (`is_one_logit`),
+  probabilities out of logits (`logits_to_probs`) and class labels out of probabilities
+  (`predict_labels`: a threshold for binary tasks, else argmax);
 - devices: which one to use (`pick_device`), which one a model is on (`model_device`), moving a
   batch there (`to_device`) and mixed precision on CUDA (`amp_dtype`, `autocast`);
 - seeding (`seed_everything`) and progress bars (`progress_bar`).
@@ -41,14 +42,24 @@ def as_label_tensor(labels: Any) -> torch.Tensor:
     return torch.tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
 
 
+def is_one_logit(logits: Any) -> bool:
+    """Is `logits` (tensor or array) the output of a one-logit binary model: shape (N,) or (N, 1)?
+
+    The course's one convention for it (models trained with BCE): the logit z is the log-odds of
+    class 1, so P(class 1) = sigmoid(z) (`logits_to_probs`), class 1 wins when z > 0 and the
+    evidence for class 0 is -z. Anything else is (N, C), C >= 2 classes, read through a softmax.
+    """
+    return len(logits.shape) == 1 or logits.shape[1] == 1
+
+
 def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities (N, C), float32.
 
-    One logit per image (shape (N,) or (N, 1)) is a binary model: probs = [1 - p, p] with
+    One logit per image (`is_one_logit`) is a binary model: probs = [1 - p, p] with
     p = sigmoid(logit). Otherwise softmax over the classes.
     """
     logits = torch.as_tensor(logits).detach().float()
-    if logits.ndim == 1 or logits.shape[1] == 1:
+    if is_one_logit(logits):
         p = torch.sigmoid(logits.reshape(-1))
         return torch.stack([1.0 - p, p], dim=1)
     return torch.softmax(logits, dim=1)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from helpers import tta as tta_views
-from helpers.core import logits_to_probs, model_device, predict_labels, to_numpy
+from helpers.core import is_one_logit, logits_to_probs, model_device, predict_labels, to_numpy
 
 # --------------------------------------------------------------------------- arrays
 
@@ -390,11 +390,6 @@ def choose_threshold(y_true: Any, p_pos: Any, method: str = "youden", target: fl
     raise ValueError(f"Unknown method {method!r}. Known: 'youden', 'sensitivity'.")
 
 
-def apply_threshold(p_pos: Any, threshold: float) -> np.ndarray:
-    """Binary predictions (0/1 int64): 1 where p_pos >= threshold."""
-    return (to_numpy(p_pos) >= threshold).astype(np.int64)
-
-
 # --------------------------------------------------------------------------- temperature scaling
 
 
@@ -403,7 +398,7 @@ def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     from scipy.special import log_expit, logsumexp
 
     z = logits / temperature
-    if z.shape[1] == 1:  # sigmoid: -log sigmoid(z) for positives, -log sigmoid(-z) for negatives
+    if is_one_logit(z):  # sigmoid: -log sigmoid(z) for positives, -log sigmoid(-z) for negatives
         signed = np.where(labels == 1, z[:, 0], -z[:, 0])
         return float(-log_expit(signed).mean())
     return float((logsumexp(z, axis=1) - z[np.arange(len(labels)), labels]).mean())
@@ -411,7 +406,7 @@ def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
 
 def _as_logits(logits: Any) -> np.ndarray:
     z = to_numpy(logits).astype(np.float64)
-    return z[:, None] if z.ndim == 1 else z
+    return z.reshape(-1, 1) if is_one_logit(z) else z
 
 
 def fit_temperature(logits: Any, labels: Any) -> float:

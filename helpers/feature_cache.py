@@ -4,11 +4,14 @@ With the backbone frozen, its output for an image never changes: run it once ove
 (`extract_features`), keep the pooled features, and train the head on them for as many epochs as
 you like, at almost no cost. `feature_loader_like` serves the cached features with the batch size
 and sampling of the original loader. Only valid without random augmentation (`augments` tells).
+
+Two kinds of loader are understood: the course's `helpers.loading.TensorLoader` (through its
+public `ordered()`, `augments`, `batch_size`, `shuffle`, `sample_weights`, `drop_last`) and a torch
+`DataLoader`. Any other iterable of `(x, y)` batches is read as it is, in its own order.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Iterable
 
 import torch
@@ -21,40 +24,32 @@ from torch.utils.data import (
 )
 
 from helpers.core import amp_dtype, autocast, pick_device, progress_bar, to_device
+from helpers.loading import TensorLoader
 
 Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
 def ordered_loader(loader: Loader) -> Loader:
-    """The same data as `loader`, every image once, in a fixed order, without touching random state.
+    """The same data as `loader`, every image once, in a fixed order, without augmentation.
 
-    Works for a torch DataLoader and for loaders with `shuffle` / `sample_weights` /
-    `drop_last` attributes (like `helpers.loading.TensorLoader`); other iterables are used as they are.
+    A TensorLoader gives its `ordered()` view; a torch DataLoader is rebuilt over the same
+    dataset without shuffling or sampling; any other iterable is used as it is.
     """
+    if isinstance(loader, TensorLoader):
+        return loader.ordered()
     if isinstance(loader, DataLoader):
         return DataLoader(
             loader.dataset, batch_size=loader.batch_size or 1, shuffle=False,
             num_workers=loader.num_workers, collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory, generator=torch.Generator(),
         )
-    ordered = copy.copy(loader)
-    for attr, value in (("shuffle", False), ("sample_weights", None), ("drop_last", False)):
-        if hasattr(ordered, attr):
-            setattr(ordered, attr, value)
-    return ordered
+    return loader
 
 
 def augments(loader: Loader) -> bool:
-    """Does the loader apply random augmentation? (`augment` attribute: a name or a preset object.)"""
-    augment = getattr(loader, "augment", None)
-    if isinstance(augment, str):
-        return augment != "none"
-    if augment is None or augment is False:
-        return False
-    preset = getattr(type(augment), "preset", None)  # helpers.augment's BatchAugment.preset("none")
-    if callable(preset) and augment == preset("none"):
-        return bool(len(getattr(loader, "strong_classes", ())))
-    return True
+    """Does the loader apply random augmentation? Known for a TensorLoader (`loader.augments`);
+    a DataLoader's dataset transforms cannot be inspected, so they count as none."""
+    return isinstance(loader, TensorLoader) and loader.augments
 
 
 @torch.no_grad()
@@ -69,8 +64,7 @@ def extract_features(
     """Run a (frozen) backbone once over `loader`: (features (N, D) float32 CPU, labels (N,) int64).
 
     The backbone runs in eval mode (BatchNorm uses its running statistics). The loader is
-    read once in order, every image once (shuffling and weighted sampling are switched off
-    for a torch DataLoader or a loader with `shuffle`/`sample_weights` attributes).
+    read once in order, every image once (`ordered_loader`).
     Do not use loaders with random augmentation: the cache would freeze one random view.
     """
     device = pick_device(device)
@@ -89,17 +83,18 @@ def extract_features(
 def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Tensor) -> DataLoader:
     """A DataLoader over cached features that mimics `loader` (batch size, shuffling/sampler).
 
-    For a torch DataLoader with a `generator` the batch order is identical to the original's.
+    For a torch DataLoader with a `generator` the batch order is identical to the original's; a
+    TensorLoader's shuffling or weighted sampling is redrawn by torch; other iterables give
+    batches of 64 in order.
     """
     dataset = TensorDataset(features, labels)
-    if not isinstance(loader, DataLoader):
-        weights = getattr(loader, "sample_weights", None)
+    if isinstance(loader, TensorLoader):
+        weights = loader.sample_weights
         sampler = None if weights is None else WeightedRandomSampler(weights, len(dataset), replacement=True)
-        return DataLoader(
-            dataset, batch_size=getattr(loader, "batch_size", None) or 64, sampler=sampler,
-            shuffle=sampler is None and bool(getattr(loader, "shuffle", True)),
-            drop_last=bool(getattr(loader, "drop_last", False)),
-        )
+        return DataLoader(dataset, batch_size=loader.batch_size, sampler=sampler,
+                          shuffle=sampler is None and loader.shuffle, drop_last=loader.drop_last)
+    if not isinstance(loader, DataLoader):
+        return DataLoader(dataset, batch_size=64)
     generator = None
     if loader.generator is not None:  # same random state -> same batch order as the slow path
         generator = torch.Generator()
@@ -108,7 +103,7 @@ def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Te
     if isinstance(sampler, WeightedRandomSampler):
         sampler = WeightedRandomSampler(sampler.weights, sampler.num_samples, sampler.replacement, generator=generator)
     elif isinstance(sampler, RandomSampler):
-        sampler = RandomSampler(dataset, sampler.replacement, sampler._num_samples, generator=generator)
+        sampler = RandomSampler(dataset, sampler.replacement, sampler.num_samples, generator=generator)
     else:
         sampler = None
     return DataLoader(

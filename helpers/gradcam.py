@@ -8,8 +8,8 @@ confident model can look at the wrong place (a text marker, the edge of the film
 exactly what it is useful for spotting.
 
 For a ViT the layer output is a sequence of tokens (N, 1 + h*w, D); we drop the class token and
-fold the patch tokens back into an (N, D, h, w) grid (`vit_reshape_transform`). Use the tokens that
-*enter* the last block's attention (`encoder.layers[-1].ln_1`): the output of the last block only
+fold the patch tokens back into an (N, D, h, w) grid (`helpers.models.vit_tokens_to_map`). Use the
+tokens that *enter* the last block's attention (`encoder.layers[-1].ln_1`): the output of the last block only
 reaches the classifier through the class token, so its patch tokens get zero gradient.
 """
 
@@ -25,13 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.core import logits_to_probs, model_device, predict_labels
+from helpers.core import is_one_logit, logits_to_probs, model_device, predict_labels
 from helpers.loading import normalize
 from helpers.models import gradcam_target_layer, vit_tokens_to_map
-
-# ViT tokens (N, 1 + h*w, D) -> (N, D, h, w): drop the class token, fold patches into a grid.
-vit_reshape_transform = vit_tokens_to_map
-
 
 def _is_vit(model: nn.Module) -> bool:
     from torchvision.models import VisionTransformer
@@ -74,27 +70,24 @@ def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:
 def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The score to explain per sample, and the class index it belongs to.
 
-    A 1-logit (sigmoid) model has score +logit for class 1 and -logit for class 0.
+    A one-logit model (`helpers.core.is_one_logit`) has score +logit for class 1 and -logit for class 0.
     """
-    n = logits.shape[0]
-    if logits.ndim == 1:
-        logits = logits[:, None]
-    if class_idx is None:
-        classes = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
+    one_logit = is_one_logit(logits)
+    if class_idx is not None:
+        classes = torch.as_tensor(class_idx, device=logits.device).long().expand(logits.shape[0])
     else:
-        classes = torch.as_tensor(class_idx, device=logits.device).long().expand(n)
-    if logits.shape[1] == 1:
-        scores = torch.where(classes == 1, logits[:, 0], -logits[:, 0])
-    else:
-        scores = logits.gather(1, classes[:, None])[:, 0]
-    return scores, classes
+        classes = (logits.reshape(-1) > 0).long() if one_logit else logits.argmax(dim=1)
+    if one_logit:
+        z = logits.reshape(-1)
+        return torch.where(classes == 1, z, -z), classes
+    return logits.gather(1, classes[:, None])[:, 0], classes
 
 
 def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Sequence[int],
                     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
     """cam = ReLU(sum_k mean(dScore/dA_k) * A_k), upsampled to `size` and scaled to [0, 1] per map."""
     if reshape_transform is None and activations.ndim == 3:
-        reshape_transform = vit_reshape_transform
+        reshape_transform = vit_tokens_to_map
     if reshape_transform is not None:
         activations, gradients = reshape_transform(activations), reshape_transform(gradients)
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
@@ -119,7 +112,7 @@ def grad_cam(
 
     `class_idx`: the class to explain (an int, one per sample, or None = the predicted class).
     `reshape_transform`: turns the layer output into (N, K, h, w); token outputs of shape
-    (N, 1 + h*w, D) (ViT) are folded with `vit_reshape_transform` automatically.
+    (N, 1 + h*w, D) (ViT) are folded with `helpers.models.vit_tokens_to_map` automatically.
 
     How gradients reach the activations even when every parameter is frozen: a forward hook
     replaces the layer's output by a detached copy that requires grad, so autograd tracks
@@ -169,16 +162,15 @@ def grad_cam(
 
 
 def explain(model: nn.Module, images_u8: torch.Tensor, *, target_layer: nn.Module | None = None,
-            vit: bool | str = "auto", threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Probabilities (N, C), predicted classes (N,) and Grad-CAM heatmaps (N, H, W) of uint8 images.
 
     The prediction follows the rest of the course: `P(class 1) >= threshold` for a binary model
     when a threshold (chosen on validation) is given, else the most probable class; the heatmap
-    explains that predicted class. `target_layer=None` uses `default_target_layer(model)`;
-    `vit="auto"` detects a torchvision VisionTransformer and folds its tokens into a grid.
+    explains that predicted class. `target_layer=None` uses `default_target_layer(model)`; a ViT's
+    tokens are folded into a grid by `grad_cam` itself.
     """
     layer = usable_target_layer(model, target_layer if target_layer is not None else default_target_layer(model))
-    is_vit = _is_vit(model) if vit == "auto" else bool(vit)
     x = normalize(images_u8.to(model_device(model)))
     was_training = model.training
     model.eval()
@@ -186,6 +178,5 @@ def explain(model: nn.Module, images_u8: torch.Tensor, *, target_layer: nn.Modul
         probs = logits_to_probs(model(x)).cpu().numpy()
     model.train(was_training)
     predicted = predict_labels(probs, threshold)
-    heatmaps = grad_cam(model, x, layer, class_idx=predicted.tolist(),
-                        reshape_transform=vit_reshape_transform if is_vit else None)
+    heatmaps = grad_cam(model, x, layer, class_idx=predicted.tolist())
     return probs, predicted, heatmaps

@@ -12,6 +12,7 @@ models expect that); grayscale X-rays are replicated to 3 channels.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
@@ -276,8 +277,8 @@ class TensorLoader:
     """Batches from a uint8 image tensor, augmented per image, normalised, on `device`.
 
     A drop-in for a DataLoader in `fit`/`predict`: iterate to get `(x, y)` batches. `sample_weights`
-    draws each epoch's images with replacement (a weighted sampler); `strong_classes` get the
-    `strong` augmentation instead of `augment`."""
+    draws each epoch's images with replacement (a weighted sampler); `strong_classes` get the `strong`
+    augmentation instead of `augment`. `ordered()`: the same data once, in order."""
 
     def __init__(self, images: torch.Tensor, labels, *, batch_size: int = 32,
                  shuffle: bool = False, augment: str | BatchAugment = "none",
@@ -304,34 +305,45 @@ class TensorLoader:
     def dataset_size(self) -> int:
         return len(self.labels)
 
+    @property
+    def augments(self) -> bool:
+        """Random augmentation of the pixels? (Then a cached pass would keep one random view.)"""
+        return self.augment != BatchAugment.preset("none") or len(self.strong_classes) > 0
+
+    def ordered(self) -> "TensorLoader":
+        """The same images once each, in order, unaugmented, none dropped (shares images and generator)."""
+        view = copy.copy(self)
+        view.shuffle, view.sample_weights, view.drop_last = False, None, False
+        view.augment, view.strong_classes = BatchAugment.preset("none"), self.strong_classes[:0]
+        return view
+
     def __len__(self) -> int:
         n = self.dataset_size
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def _order(self) -> torch.Tensor:
-        n = self.dataset_size
-        if self.sample_weights is not None:
-            return torch.multinomial(self.sample_weights, n, replacement=True, generator=self.generator)
-        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-
-    def _augmented(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Pixel values 0..255 in, augmented (strong for `strong_classes`) out."""
-        if not len(self.strong_classes):
-            return self.augment(x, self.generator, 255.0)
-        is_strong = torch.isin(y, self.strong_classes).to(self.device)
-        if is_strong.any():
-            x[is_strong] = self.strong(x[is_strong], self.generator, 255.0)
-        if (~is_strong).any():
-            x[~is_strong] = self.augment(x[~is_strong], self.generator, 255.0)
-        return x
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order()
+        n = self.dataset_size
+        order = (torch.multinomial(self.sample_weights, n, replacement=True, generator=self.generator)
+                 if self.sample_weights is not None else
+                 torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n))
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             idx = order[start:start + self.batch_size]
             x = self._images[idx.to(self._images.device)].to(self.device, non_blocking=True).float()
             y = self.labels[idx]
-            yield normalize(self._augmented(x, y), scale=255.0), y.to(self.device, non_blocking=True)
+            x = _augment_batch(x, torch.isin(y, self.strong_classes), self.augment, self.strong, self.generator)
+            yield normalize(x, scale=255.0), y.to(self.device, non_blocking=True)
+
+
+def _augment_batch(x: torch.Tensor, is_strong: torch.Tensor, augment: BatchAugment, strong: BatchAugment,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    """Pixel values 0..255 in, augmented out: `strong` for the images `is_strong` (CPU) marks, `augment` for the rest."""
+    if not is_strong.any():
+        return augment(x, generator, 255.0)  # one call for the whole batch (the usual case)
+    is_strong = is_strong.to(x.device)
+    x[is_strong] = strong(x[is_strong], generator, 255.0)
+    if (~is_strong).any():
+        x[~is_strong] = augment(x[~is_strong], generator, 255.0)
+    return x
 
 
 # ----------------------------------------------------------------------------- balanced sampling

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from helpers.core import as_label_tensor
+from helpers.core import as_label_tensor, is_one_logit
 
 
 def class_weights(labels, num_classes: int) -> torch.Tensor:
@@ -45,7 +45,7 @@ class BCEWithIndexTargets(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if logits.ndim == 2 and logits.shape[1] != 1:
+        if not is_one_logit(logits):
             raise ValueError(
                 f"BCE expects one logit per image, got logits of shape {tuple(logits.shape)}. "
                 "Use make_criterion('ce') for a model with one output per class."

@@ -35,6 +35,7 @@ import torchvision
 from torch import nn
 
 from helpers import offline_weights
+from helpers.core import model_device
 
 ARCHITECTURES: tuple[str, ...] = (
     "resnet18",
@@ -328,7 +329,7 @@ def _placeholder_batchnorm(model: nn.Module) -> list[nn.modules.batchnorm._Batch
 
 
 @torch.no_grad()
-def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.device | str,
+def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
                               max_batches: int = 10) -> int:
     """Estimate the statistics of frozen BatchNorm layers that never had any; returns how many.
 
@@ -338,6 +339,7 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
     images through once with those layers in train mode ("precise BN") gives them real
     statistics. Layers with pretrained statistics are left alone: a model whose ImageNet weights
     were loaded (``model.pretrained``) is never touched, whatever values its statistics hold.
+    The batches run on ``device`` (default: the model's device).
     """
     if getattr(model, "pretrained", False):
         return 0
@@ -352,6 +354,7 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
         m.momentum = None  # cumulative average over the batches seen
         m.train()
     seen = 0
+    device = model_device(model) if device is None else device
     for x, _ in loader:
         model(x.to(device))
         seen += 1

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.core import model_device
+from helpers.core import is_one_logit, model_device
 from helpers.loading import normalize
 from helpers.models import backbone_and_head
 
@@ -30,7 +30,7 @@ from helpers.models import backbone_and_head
 def _two_or_more_columns(logits: Any) -> torch.Tensor:
     """Logits as (N, C) float tensor; one logit z (sigmoid model) becomes [0, z] (same softmax)."""
     z = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits).float()
-    if z.ndim == 1 or z.shape[1] == 1:
+    if is_one_logit(z):
         z = z.reshape(-1, 1)
         z = torch.cat([torch.zeros_like(z), z], dim=1)
     return z

@@ -108,18 +108,15 @@ def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves
 
 
 def _heatmap(ax, matrix: np.ndarray, class_names: Sequence[str], fmt: str, title: str, vmax: float) -> None:
-    image = ax.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax)
-    for i in range(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            color = "white" if matrix[i, j] > 0.6 * vmax else "black"
-            ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", color=color, fontsize=9)
-    ticks = np.arange(len(class_names))
-    ax.set_xticks(ticks, class_names, rotation=30, ha="right")
-    ax.set_yticks(ticks, class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    ax.figure.colorbar(image, ax=ax, shrink=0.8)
+    """One annotated seaborn heatmap: rows = true class, columns = predicted class."""
+    import seaborn as sns
+
+    sns.heatmap(matrix, ax=ax, annot=True, fmt=fmt, cmap="Blues", vmin=0, vmax=vmax, square=True,
+                linewidths=0.5, linecolor="white", annot_kws={"fontsize": 9}, cbar_kws={"shrink": 0.8},
+                xticklabels=list(class_names), yticklabels=list(class_names))
+    ax.set_xticklabels(ax.get_xticklabels(), rotation=30, ha="right")
+    ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
 
 
 def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "confusion_matrix.png"):
@@ -306,28 +303,26 @@ def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balan
                        title: str = "images per split and class"):
     """Number of images per split and class (grouped bars with the counts written on them)."""
     import pandas as pd
+    import seaborn as sns
 
     data = frame.copy()
     if "split" not in data:
         data["split"] = "all"
     counts = pd.crosstab(data["split"], data["class_name"])
     order = [s for s in ("train", "val", "test") if s in counts.index] + [s for s in counts.index if s not in ("train", "val", "test")]
-    counts = counts.loc[order]
-    fig, ax = new_figure(figsize=(1.6 + 1.6 * len(counts.index) * max(1, len(counts.columns) / 2), 4))
-    width = 0.8 / len(counts.columns)
-    x = np.arange(len(counts.index))
-    for k, class_name in enumerate(counts.columns):
-        bars = ax.bar(x + (k - (len(counts.columns) - 1) / 2) * width, counts[class_name], width, label=str(class_name))
+    long = counts.loc[order].rename_axis(index="split", columns="class").stack().rename("images").reset_index()
+    fig, ax = new_figure(figsize=(1.6 + 1.6 * len(order) * max(1, len(counts.columns) / 2), 4))
+    sns.barplot(data=long, x="split", y="images", hue="class", order=order, ax=ax)
+    for bars in ax.containers:
         ax.bar_label(bars, fontsize=8)
-    ax.set_xticks(x, counts.index)
-    ax.set(ylabel="images", title=title)
-    ax.legend(fontsize=8)
+    ax.set(xlabel="", ylabel="images", title=title)
+    ax.legend(fontsize=8, title=None)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, out_dir, name)
 
 
 def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir: str | Path,
-                 name: str = "gradcam.png", target_layer: Any = None, vit: bool | str = "auto",
+                 name: str = "gradcam.png", target_layer: Any = None,
                  y_true: Sequence[int] | None = None, n: int = 8, alpha: float = 0.4,
                  threshold: float | None = None):
     """Up to `n` images (uint8 (N, 3, H, W)) above their Grad-CAM overlays (`helpers.gradcam.explain`).
@@ -342,7 +337,7 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images_u8 must have shape (N, 3, H, W), got {tuple(images.shape)}")
     images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-    probs, pred, heatmaps = gradcam.explain(model, images, target_layer=target_layer, vit=vit, threshold=threshold)
+    probs, pred, heatmaps = gradcam.explain(model, images, target_layer=target_layer, threshold=threshold)
     fig, axes = new_figure(nrows=2, ncols=len(images), figsize=(2.2 * len(images), 4.8), squeeze=False)
     for i, image in enumerate(images):
         title, color = f"pred {class_names[pred[i]]} ({probs[i, pred[i]]:.2f})", "black"
@@ -400,6 +395,7 @@ def plot_run_comparison(
     `label_column` (default: "run" where filled, else "model").
     """
     import pandas as pd
+    import seaborn as sns
 
     frame = runs if isinstance(runs, pd.DataFrame) else pd.DataFrame(runs)
     missing = [m for m in metrics if m not in frame]
@@ -408,17 +404,22 @@ def plot_run_comparison(
     if label_column is None:
         label_column = "run" if "run" in frame and frame["run"].notna().all() else "model"
     labels = frame[label_column].astype(str).tolist() if label_column in frame else [str(i) for i in range(len(frame))]
-    x = np.arange(len(frame))
-    width = 0.8 / len(metrics)
+    long = pd.DataFrame([{"row": i, "metric": metric, "score": float(frame[metric].iloc[i]),
+                          "lo": float(frame[f"{metric}_lo"].iloc[i]) if f"{metric}_lo" in frame else np.nan,
+                          "hi": float(frame[f"{metric}_hi"].iloc[i]) if f"{metric}_hi" in frame else np.nan}
+                         for metric in metrics for i in range(len(labels))])  # one bar per row, even for equal labels
     fig, ax = new_figure(figsize=(max(6, 1.1 * len(frame) * max(1, len(metrics) / 1.5)), 4.2))
-    for k, metric in enumerate(metrics):
-        values = frame[metric].astype(float).to_numpy()
-        lo = frame[f"{metric}_lo"].astype(float).to_numpy() if f"{metric}_lo" in frame else np.full_like(values, np.nan)
-        hi = frame[f"{metric}_hi"].astype(float).to_numpy() if f"{metric}_hi" in frame else np.full_like(values, np.nan)
-        yerr = np.nan_to_num(np.vstack([values - lo, hi - values]), nan=0.0).clip(min=0)
-        ax.bar(x + (k - (len(metrics) - 1) / 2) * width, np.nan_to_num(values), width, yerr=yerr, capsize=3, label=metric)
-    ax.set_xticks(x, labels, rotation=20, ha="right")
-    ax.set(ylabel="score", ylim=(0, 1.05), title="comparison (whiskers: bootstrap 95% interval)")
+    sns.barplot(data=long.fillna({"score": 0.0}), x="row", y="score", hue="metric", order=range(len(labels)),
+                hue_order=list(metrics), errorbar=None, ax=ax)  # a missing score: a bar of height 0
+    for bars, metric in zip(list(ax.containers), metrics):  # the bootstrap intervals as whiskers, where known
+        rows = long[long["metric"] == metric]
+        known = rows[["score", "lo", "hi"]].notna().all(axis=1).to_numpy()
+        centres = np.array([bar.get_x() + bar.get_width() / 2 for bar in bars])[known]
+        score, lo, hi = (rows[c].to_numpy()[known] for c in ("score", "lo", "hi"))
+        ax.errorbar(centres, score, yerr=np.vstack([score - lo, hi - score]).clip(min=0), fmt="none",
+                    ecolor="black", capsize=3, linewidth=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    ax.set(xlabel="", ylabel="score", ylim=(0, 1.05), title="comparison (whiskers: bootstrap 95% interval)")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="lower right", title=None)
     return save_figure(fig, out_dir, name)

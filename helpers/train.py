@@ -3,15 +3,20 @@
 A "loader" is anything you can iterate to get `(x, y)` batches: a torch `DataLoader` or the
 course's `helpers.loading.TensorLoader`. `x` is a float image batch, `y` int64 class indices.
 
-`fit` is an epoch loop over two steps:
+`fit` trains the model on the device it is on. Per epoch:
 
 1. `train_epoch`: one `train_step` per batch (mixed precision and channels_last on CUDA,
    optional gradient clipping); frozen sub-modules stay in eval mode (`helpers.models.train_mode`);
 2. `eval_epoch`: loss, accuracy, balanced accuracy and AUC on the validation split
    (`helpers.evaluate.epoch_metrics`);
+3. checkpoint: when the monitored metric beats its best so far, the weights are saved;
+4. the learning-rate schedule steps.
 
-then the learning-rate schedule, the best-on-validation checkpoint and early stopping. At the end
-the best checkpoint is loaded back into the model.
+At the end the best checkpoint is loaded back into the model. `fit_two_stage` runs `fit` twice
+(head, then all layers) and labels the stages; `fit_head_only` trains a head on cached backbone
+features. A randomly initialised backbone whose frozen BatchNorm layers hold placeholder
+statistics needs `helpers.models.estimate_frozen_batchnorm` before training: the two wrappers
+call it, a notebook that calls `fit` on such a model calls it itself.
 """
 
 from __future__ import annotations
@@ -21,34 +26,20 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from helpers.core import (
-    amp_dtype,
-    autocast,
-    logits_to_probs,
-    pick_device,
-    progress_bar,
-    to_device,
-)
+from helpers.core import amp_dtype, autocast, logits_to_probs, model_device, progress_bar, to_device
 from helpers.evaluate import epoch_metrics
 from helpers.feature_cache import augments, extract_features, feature_loader_like
-from helpers.models import (
-    backbone_and_head,
-    estimate_frozen_batchnorm,
-    set_trainable,
-    train_mode,
-)
+from helpers.models import backbone_and_head, estimate_frozen_batchnorm, set_trainable, train_mode
 
 HISTORY_COLUMNS: list[str] = [
-    "epoch", "stage", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+    "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
     "val_balanced_accuracy", "val_auc", "lr", "seconds", "images_per_second",
 ]
 MONITORS: dict[str, str] = {  # metric -> "min" or "max"
@@ -148,58 +139,11 @@ def _check_monitor(monitor: str, val_loader: Loader | None) -> str:
     return "train_loss" if val_loader is None else monitor
 
 
-def _prepare(model: nn.Module, train_loader: Loader, criterion: Criterion, device: torch.device) -> list[nn.Parameter]:
-    """Move model and loss to `device`, estimate placeholder BatchNorm statistics; the trainable parameters."""
-    model.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    estimate_frozen_batchnorm(model, train_loader, device)
-    if isinstance(criterion, nn.Module):
-        criterion.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("No trainable parameters: check the freezing policy (helpers.models.set_trainable).")
-    return params
-
-
-@dataclass
-class _Checkpoint:
-    """The best-on-validation state, saved to `path` (a temporary file unless one is given)."""
-
-    path: Path
-    temporary: bool
-    monitor: str
-    best_value: float | None = None
-    best_epoch: int = 0
-    stale: int = 0  # epochs since the last improvement
-
-    @classmethod
-    def open(cls, path: str | Path | None, monitor: str) -> "_Checkpoint":
-        if path is None:
-            handle, name = tempfile.mkstemp(suffix=".pt", prefix="best_")
-            os.close(handle)
-            return cls(Path(name), True, monitor)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return cls(Path(path), False, monitor)
-
-    def update(self, model: nn.Module, epoch: int, value: float) -> bool:
-        """Save the model when `value` beats the best so far; whether it did."""
-        if not _is_better(value, self.best_value, MONITORS[self.monitor]):
-            self.stale += 1
-            return False
-        self.best_value, self.best_epoch, self.stale = value, epoch, 0
-        torch.save({"model_state_dict": model.state_dict(), "epoch": epoch, "monitor": self.monitor,
-                    "value": value}, self.path)
-        return True
-
-    def restore(self, model: nn.Module, device: torch.device) -> None:
-        state = torch.load(self.path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model_state_dict"])
-        print(f"Restored best epoch {self.best_epoch} ({self.monitor} = {self.best_value:.4f}).", flush=True)
-
-    def close(self) -> None:
-        if self.temporary:
-            self.path.unlink(missing_ok=True)
+def _temporary_file() -> Path:
+    """An empty temporary .pt file for the best checkpoint (deleted by `fit` at the end)."""
+    handle, name = tempfile.mkstemp(suffix=".pt", prefix="best_")
+    os.close(handle)
+    return Path(name)
 
 
 def _is_better(value: float, best: float | None, mode: str) -> bool:
@@ -225,14 +169,13 @@ def _make_scheduler(
 
 
 def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
-    stage = f"[{row['stage']}] " if row["stage"] is not None else ""
     val = (
         f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} "
         f"bacc {row['val_balanced_accuracy']:.3f} auc {row['val_auc']:.3f}"
         if not math.isnan(row["val_loss"]) else ""
     )
     return (
-        f"{stage}epoch {row['epoch']}/{epochs} | train loss {row['train_loss']:.4f} "
+        f"epoch {row['epoch']}/{epochs} | train loss {row['train_loss']:.4f} "
         f"acc {row['train_accuracy']:.3f}{val} | lr {row['lr']:.2e} | "
         f"{row['seconds']:.1f}s {row['images_per_second']:.0f} img/s{' *' if improved else ''}"
     )
@@ -247,75 +190,67 @@ def _step_scheduler(scheduler: Any | None, value: float) -> None:
         scheduler.step()
 
 
-def _history(rows: list[dict[str, Any]], best: _Checkpoint, seconds: float) -> pd.DataFrame:
-    history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    history.attrs.update(best_epoch=best.best_epoch, best_value=best.best_value, monitor=best.monitor,
-                         train_seconds=seconds)
-    if not best.temporary:
-        history.attrs["checkpoint_path"] = str(best.path)
-    return history
-
-
 # --------------------------------------------------------------------------- fit
 
 
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, epochs: int,
-        criterion: Criterion, optimizer: torch.optim.Optimizer | None = None, lr: float = 1e-3,
-        weight_decay: float = 0.0, scheduler: str | Any | None = None, monitor: str = "val_loss",
-        early_stopping: int | None = None, grad_clip: float | None = None, amp: bool = True,
-        checkpoint_path: str | Path | None = None, device: str | torch.device | None = None,
-        progress: bool = True, stage: Any = None) -> pd.DataFrame:
-    """Train `model` for up to `epochs` epochs and return the history (one row per epoch).
+        criterion: Criterion, optimizer: torch.optim.Optimizer, scheduler: str | Any | None = None,
+        monitor: str = "val_loss", grad_clip: float | None = None, amp: bool = True,
+        checkpoint_path: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """Train `model` where it is (`model.to(device)` first) for `epochs` epochs; the history, one row per epoch.
 
-    - `optimizer`: default AdamW(lr, weight_decay) over the trainable parameters.
-    - `scheduler`: None, `"plateau"` (ReduceLROnPlateau on `monitor`, factor 0.2,
-      patience 2) or `"cosine"` (cosine annealing over `epochs`).
-    - `monitor`: validation metric that picks the best epoch: `"val_loss"` (lower is
-      better), `"val_auc"`, `"val_balanced_accuracy"`, `"val_accuracy"`.
-    - `early_stopping`: stop after this many epochs without improvement of `monitor`.
-    - `checkpoint_path`: where the best state is saved (a dict with `model_state_dict`,
-      `epoch`, `monitor`, `value`); a temporary file when None. The best state is
-      loaded back into `model` at the end.
-    - `amp`: mixed precision on CUDA (bf16 where supported natively, else fp16 with a
-      GradScaler); ignored on CPU/MPS.
+    - `scheduler`: None, `"plateau"` (ReduceLROnPlateau on `monitor`, factor 0.2, patience 2),
+      `"cosine"` (cosine annealing over `epochs`) or a scheduler object (stepped once per epoch).
+    - `monitor`: the metric that picks the best epoch: `"val_loss"` (lower is better), `"val_auc"`,
+      `"val_balanced_accuracy"`, `"val_accuracy"` (`"train_loss"` without validation data).
+    - After every epoch that beats the best `monitor` so far, the weights are saved to
+      `checkpoint_path` (a temporary file when None); the best ones are loaded back at the end.
+    - `amp`: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler).
 
+    Columns: `HISTORY_COLUMNS` (`seconds`: the whole epoch; `images_per_second`: training only).
     `history.attrs`: `best_epoch`, `best_value`, `monitor`, `train_seconds`.
-    Columns: `HISTORY_COLUMNS`; `seconds` is the whole epoch (train + validation),
-    `images_per_second` the training pass only.
     """
-    monitor = _check_monitor(monitor, val_loader)
-    device = pick_device(device)
-    params = _prepare(model, train_loader, criterion, device)
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = _make_scheduler(scheduler, optimizer, epochs, MONITORS[monitor])
+    device, monitor = model_device(model), _check_monitor(monitor, val_loader)
+    mode = MONITORS[monitor]
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if isinstance(criterion, nn.Module):
+        criterion.to(device)
+    scheduler = _make_scheduler(scheduler, optimizer, epochs, mode)
     dtype = amp_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    best, rows, start = _Checkpoint.open(checkpoint_path, monitor), [], time.perf_counter()
-    prefix = f"{stage} " if stage is not None else ""
+    path = Path(checkpoint_path) if checkpoint_path is not None else _temporary_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows, best_epoch, best_value, start = [], 0, None, time.perf_counter()
     try:
         for epoch in range(1, epochs + 1):
-            t0, current_lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
             train = train_epoch(model, train_loader, criterion, optimizer, scaler, device, dtype, grad_clip,
-                                f"{prefix}epoch {epoch}/{epochs} train", progress)
+                                f"epoch {epoch}/{epochs} train", progress)
             train_seconds = time.perf_counter() - t0
             val = (_NO_VALIDATION if val_loader is None else
-                   eval_epoch(model, val_loader, criterion, device, dtype, f"{prefix}epoch {epoch} val", progress))
-            rows.append({"epoch": epoch, "stage": stage, "train_loss": train["train_loss"],
-                         "train_accuracy": train["train_accuracy"], **val, "lr": current_lr,
-                         "seconds": time.perf_counter() - t0,
-                         "images_per_second": train["n_images"] / max(train_seconds, 1e-9)})
-            improved = best.update(model, epoch, rows[-1][monitor])
-            print(_epoch_line(rows[-1], epochs, improved), flush=True)
-            _step_scheduler(sched, rows[-1][monitor])
-            if early_stopping is not None and best.stale >= early_stopping:
-                print(f"Early stopping: no improvement of {monitor} for {best.stale} epochs.", flush=True)
-                break
-        if rows:
-            best.restore(model, device)
+                   eval_epoch(model, val_loader, criterion, device, dtype, f"epoch {epoch} val", progress))
+            row = {"epoch": epoch, "train_loss": train["train_loss"], "train_accuracy": train["train_accuracy"],
+                   **val, "lr": lr, "seconds": time.perf_counter() - t0,
+                   "images_per_second": train["n_images"] / max(train_seconds, 1e-9)}
+            rows.append(row)
+            improved = _is_better(row[monitor], best_value, mode)
+            if improved:  # checkpoint: the best weights so far
+                best_epoch, best_value = epoch, row[monitor]
+                torch.save({"model_state_dict": model.state_dict(), "epoch": epoch, "monitor": monitor,
+                            "value": best_value}, path)
+            print(_epoch_line(row, epochs, improved), flush=True)
+            _step_scheduler(scheduler, row[monitor])
+        if best_epoch:  # back to the best checkpoint
+            model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model_state_dict"])
+            print(f"Restored best epoch {best_epoch} ({monitor} = {best_value:.4f}).", flush=True)
     finally:
-        best.close()
-    return _history(rows, best, time.perf_counter() - start)
+        if checkpoint_path is None:
+            path.unlink(missing_ok=True)
+    history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
+    history.attrs.update(best_epoch=best_epoch, best_value=best_value, monitor=monitor,
+                         train_seconds=time.perf_counter() - start)
+    return history
 
 
 # --------------------------------------------------------------------------- two stages
@@ -336,21 +271,27 @@ def fit_two_stage(
 ) -> pd.DataFrame:
     """Stage 1: train the head with the backbone frozen; stage 2: unfreeze and train at a lower lr.
 
-    Each stage runs :func:`fit` with its own optimizer and best-checkpoint; other keyword
-    arguments (criterion, scheduler, monitor, ...) go to both. If stage 2 never beats the
-    best stage-1 value of `monitor`, the stage-1 weights are restored. The history has
-    `stage` 1 or 2 and continuous `epoch` numbers; `attrs["best_stage"]` says which won.
+    Each stage is one :func:`fit` with its own AdamW optimizer (over the parameters that stage
+    trains) and its own best checkpoint; other keyword arguments (criterion, scheduler, monitor,
+    ...) go to both. If stage 2 never beats the best stage-1 value of `monitor`, the stage-1
+    weights are restored. The history has a `stage` column (1 or 2) and continuous `epoch`
+    numbers; `attrs["best_stage"]` says which stage won.
     """
-    for key in ("optimizer", "epochs", "lr", "stage"):
+    for key in ("optimizer", "epochs"):
         if key in fit_kwargs:
             raise TypeError(f"fit_two_stage sets {key!r} itself for each stage; do not pass it.")
-
-    set_trainable(model, stage1_freeze)
-    h1 = fit(model, train_loader, val_loader, epochs=stage1_epochs, lr=stage1_lr, stage=1, **fit_kwargs)
-    stage1_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-    set_trainable(model, stage2_freeze)
-    h2 = fit(model, train_loader, val_loader, epochs=stage2_epochs, lr=stage2_lr, stage=2, **fit_kwargs)
+    histories = []
+    for stage, epochs, lr, freeze in ((1, stage1_epochs, stage1_lr, stage1_freeze),
+                                      (2, stage2_epochs, stage2_lr, stage2_freeze)):
+        set_trainable(model, freeze)
+        estimate_frozen_batchnorm(model, train_loader)  # only for frozen BatchNorm without ImageNet statistics
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        print(f"Stage {stage}: freeze {freeze!r}, lr {lr:g}, {epochs} epoch(s)", flush=True)
+        history = fit(model, train_loader, val_loader, epochs=epochs, optimizer=optimizer, **fit_kwargs)
+        histories.append(history.assign(stage=stage)[["epoch", "stage", *history.columns[1:]]])
+        if stage == 1:
+            stage1_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    h1, h2 = histories
 
     mode = MONITORS[h1.attrs["monitor"]]
     stage2_wins = len(h2) > 0 and _is_better(h2.attrs["best_value"], h1.attrs["best_value"], mode)
@@ -359,8 +300,7 @@ def fit_two_stage(
         print("Stage 2 did not beat stage 1 on validation: restoring the stage-1 weights.", flush=True)
         model.load_state_dict(stage1_state)
 
-    h2 = h2.assign(epoch=h2["epoch"] + len(h1))
-    history = pd.concat([h1, h2], ignore_index=True)
+    history = pd.concat([h1, h2.assign(epoch=h2["epoch"] + len(h1))], ignore_index=True)
     best = h1 if best_stage == 1 else h2
     history.attrs.update(
         best_stage=best_stage,
@@ -385,20 +325,22 @@ def fit_head_only(
     use_feature_cache: bool = True,
     **fit_kwargs: Any,
 ) -> pd.DataFrame:
-    """Train only the head of `model` (backbone frozen, in eval mode).
+    """Train only the head of `model` (backbone frozen, in eval mode), where the model is.
 
     `use_feature_cache=True`: run the backbone once over the train and val data
     (:func:`extract_features`) and train the head on the stored features: every epoch
     then costs almost nothing. It gives the same head as the slow path (a full forward
-    pass per batch) as long as the loader has no random augmentation; a loader whose
-    `augment` is not "none" is refused. With a torch DataLoader that has a `generator`
-    even the batch order is the same as on the slow path (tested); other loaders get
-    the same batch size and shuffling/weighted sampling, with their own random order.
-    `use_feature_cache=False` is plain :func:`fit`.
+    pass per batch) as long as the loader has no random augmentation; a loader that
+    augments (`TensorLoader.augments`) is refused. With a torch DataLoader that has a
+    `generator` even the batch order is the same as on the slow path (tested); a
+    TensorLoader's features get the same batch size and shuffling/weighted sampling, with
+    their own random order. `use_feature_cache=False` is plain :func:`fit`.
+    `fit_kwargs` go to :func:`fit` (an `optimizer` over the head's parameters, ...).
     `history.attrs["feature_seconds"]` is the one-off feature pass, included in
     `attrs["train_seconds"]`.
     """
     set_trainable(model, "head")
+    estimate_frozen_batchnorm(model, train_loader)  # only for frozen BatchNorm without ImageNet statistics
     if not use_feature_cache:
         return fit(model, train_loader, val_loader, epochs=epochs, criterion=criterion, **fit_kwargs)
     if augments(train_loader):
@@ -407,16 +349,15 @@ def fit_head_only(
             "Use a loader with augment='none' or fit_head_only(..., use_feature_cache=False)."
         )
 
-    device = pick_device(fit_kwargs.get("device"))
+    device = model_device(model)
     amp, progress = fit_kwargs.get("amp", True), fit_kwargs.get("progress", True)
     backbone, head = backbone_and_head(model)
-    estimate_frozen_batchnorm(model.to(device), train_loader, device)  # random init only
     t0 = time.perf_counter()
     train_f, train_y = extract_features(backbone, train_loader, device, amp=amp, progress=progress)
     val_data = None
     if val_loader is not None:
-        val_f, val_y = extract_features(backbone, val_loader, device, amp=amp, progress=progress)
-        val_data = DataLoader(TensorDataset(val_f, val_y), batch_size=getattr(val_loader, "batch_size", None) or 64)
+        val_data = feature_loader_like(val_loader, *extract_features(backbone, val_loader, device, amp=amp,
+                                                                     progress=progress))
     feature_seconds = time.perf_counter() - t0
     print(f"Feature cache: {len(train_f)} train images -> {tuple(train_f.shape)} in {feature_seconds:.1f}s", flush=True)
 

@@ -18,6 +18,7 @@ from conftest import ROOT
 from helpers import config
 from helpers import evaluate as ev
 from helpers import reporting, tta
+from helpers.core import is_one_logit, logits_to_probs, predict_labels
 
 
 def _random_case(seed: int, n_classes: int, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +151,7 @@ def test_youden_separates_a_separable_case() -> None:
     p = np.r_[neg, pos]
     t = ev.choose_threshold(y, p, method="youden")
     assert neg.max() < t <= pos.min()
-    assert (ev.apply_threshold(p, t) == y).all()
+    assert (predict_labels(binary(p), t) == y).all()
 
 
 def test_sensitivity_target_is_met_by_the_highest_threshold() -> None:
@@ -159,7 +160,7 @@ def test_sensitivity_target_is_met_by_the_highest_threshold() -> None:
     p = np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1)
     for target in (0.8, 0.9, 0.95):
         t = ev.choose_threshold(y, p, method="sensitivity", target=target)
-        sensitivity = (ev.apply_threshold(p, t)[y == 1] == 1).mean()
+        sensitivity = (predict_labels(binary(p), t)[y == 1] == 1).mean()
         assert sensitivity >= target
         # any higher observed score as threshold would miss the target
         higher = np.unique(p[p > t])
@@ -168,8 +169,28 @@ def test_sensitivity_target_is_met_by_the_highest_threshold() -> None:
         ev.choose_threshold(y, p, method="f1")
 
 
-def test_apply_threshold_is_inclusive() -> None:
-    assert ev.apply_threshold(np.array([0.2, 0.5, 0.7]), 0.5).tolist() == [0, 1, 1]
+def binary(p_pos: np.ndarray) -> np.ndarray:
+    """(N,) P(class 1) as the (N, 2) probabilities predict_labels reads."""
+    return np.stack([1 - p_pos, p_pos], axis=1)
+
+
+def test_predict_labels_threshold_is_inclusive_and_binary_only() -> None:
+    assert predict_labels(binary(np.array([0.2, 0.5, 0.7])), 0.5).tolist() == [0, 1, 1]
+    assert predict_labels(binary(np.array([0.2, 0.5, 0.7])), None).tolist() == [0, 0, 1]  # argmax: ties -> 0
+    three = np.array([[0.5, 0.3, 0.2], [0.1, 0.3, 0.6]])
+    assert predict_labels(three, 0.1).tolist() == [0, 2]  # a threshold means nothing for 3 classes
+    assert not hasattr(ev, "apply_threshold"), "one home for thresholding: helpers.core.predict_labels"
+
+
+def test_one_logit_convention_has_one_home() -> None:
+    """(N,) and (N, 1) logits are a binary model everywhere: P(class 1) = sigmoid(z)."""
+    z = np.array([-2.0, 0.0, 3.0])
+    assert is_one_logit(z) and is_one_logit(z[:, None]) and is_one_logit(torch.tensor(z))
+    assert not is_one_logit(np.zeros((3, 2))) and not is_one_logit(torch.zeros(3, 4))
+    sigmoid = 1 / (1 + np.exp(-z))
+    np.testing.assert_allclose(logits_to_probs(torch.tensor(z)).numpy()[:, 1], sigmoid, rtol=1e-6)
+    np.testing.assert_allclose(ev.apply_temperature(z, 1.0)[:, 1], sigmoid, rtol=1e-6)
+    np.testing.assert_allclose(ev.apply_temperature(z[:, None], 2.0)[:, 1], 1 / (1 + np.exp(-z / 2)), rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------- calibration

@@ -12,12 +12,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.container import BarContainer  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
 from helpers import evaluate as ev  # noqa: E402
-from helpers import gradcam, plots  # noqa: E402
+from helpers import gradcam, models, plots  # noqa: E402
 
 
 def assert_png(path) -> None:
@@ -122,7 +123,8 @@ def test_gradcam_on_vit_tokens() -> None:
     assert heat.shape == (2, 32, 32)
     assert np.isfinite(heat).all() and heat.max() == pytest.approx(1.0)
     tokens = torch.randn(2, 1 + 16, 5)
-    grid = gradcam.vit_reshape_transform(tokens)
+    grid = models.vit_tokens_to_map(tokens)  # what grad_cam applies to token outputs by itself
+    assert not hasattr(gradcam, "vit_reshape_transform")
     assert grid.shape == (2, 5, 4, 4)
     assert torch.equal(grid[1, :, 0, 1], tokens[1, 2])  # patch 1 (row 0, col 1) is token 2
 
@@ -173,10 +175,23 @@ def test_plot_history(tmp_path) -> None:
     assert len(fig.axes) == 3
 
 
+def _annotations(ax) -> np.ndarray:
+    """The numbers written on a heatmap, placed by their cell (row = y, column = x)."""
+    cells = {(int(t.get_position()[1]), int(t.get_position()[0])): float(t.get_text()) for t in ax.texts}
+    shape = (max(r for r, _ in cells) + 1, max(c for _, c in cells) + 1)
+    return np.array([[cells[(r, c)] for c in range(shape[1])] for r in range(shape[0])])
+
+
 def test_plot_confusion_matrix(tmp_path) -> None:
-    fig = plots.plot_confusion_matrix([[5, 1, 0], [2, 7, 1], [0, 0, 0]], ["a", "b", "c"], tmp_path, name="cm.png")
+    cm = np.array([[5, 1, 0], [2, 7, 1], [0, 0, 0]])
+    fig = plots.plot_confusion_matrix(cm, ["a", "b", "c"], tmp_path, name="cm.png")
     assert_png(tmp_path / "cm.png")
-    assert len([ax for ax in fig.axes if ax.images]) == 2  # counts and row-normalised side by side
+    counts, rates = [ax for ax in fig.axes if ax.texts]  # counts and row-normalised side by side
+    assert np.array_equal(_annotations(counts), cm), "the counts written on the cells are the matrix"
+    expected = np.round(cm / np.maximum(cm.sum(axis=1, keepdims=True), 1), 2)  # an empty row shows zeros
+    np.testing.assert_array_equal(_annotations(rates), expected)
+    assert [t.get_text() for t in counts.get_xticklabels()] == ["a", "b", "c"]
+    assert (counts.get_xlabel(), counts.get_ylabel()) == ("predicted", "true")
 
 
 def test_plot_roc_pr_binary_and_multiclass(tmp_path, binary_case) -> None:
@@ -234,6 +249,11 @@ def test_plot_run_comparison(tmp_path) -> None:
     fig = plots.plot_run_comparison(runs, ["test_balanced_accuracy", "test_auc"], tmp_path)
     assert_png(tmp_path / "comparison.png")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["plain", "weighted", "sampler"]
+    bar_groups = [c for c in fig.axes[0].containers if isinstance(c, BarContainer)]
+    heights = [[bar.get_height() for bar in bars] for bars in bar_groups]
+    np.testing.assert_allclose(heights, [[0.7, 0.8, 0.78], [0.85, 0.88, 0.0]])  # a missing AUC: no visible bar
+    same_model = plots.plot_run_comparison(runs, ["test_auc"], tmp_path, name="c2.png", label_column="model")
+    assert len(same_model.axes[0].containers[0]) == 3, "one bar per row, even when labels repeat"
     with pytest.raises(ValueError, match="Unknown metric"):
         plots.plot_run_comparison(runs, ["test_f1"], tmp_path)
 
@@ -258,8 +278,11 @@ def test_plot_sample_grid_and_class_balance(tmp_path) -> None:
     assert sum(bool(ax.images) for ax in fig.axes) == 6
     fig = plots.plot_class_balance(frame, tmp_path / "out")
     assert_png(tmp_path / "out" / "class_balance.png")
-    heights = sorted(int(bar.get_height()) for bar in fig.axes[0].patches)
+    ax = fig.axes[0]
+    heights = sorted(int(bar.get_height()) for bars in ax.containers for bar in bars)
     assert heights == [2, 2, 2, 2, 4, 4]
+    assert sorted(int(t.get_text()) for t in ax.texts) == heights  # each bar carries its count
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["train", "val", "test"]
 
 
 def test_plot_gradcam_cnn_and_vit(tmp_path) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
+import inspect
 import math
 
 import numpy as np
@@ -14,11 +14,13 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import feature_cache
+from helpers import models as models_mod
 from helpers import train as train_mod
 from helpers.core import logits_to_probs, pick_device, seed_everything
 from helpers.feature_cache import extract_features
+from helpers.loading import TensorLoader
 from helpers.losses import make_criterion
-from helpers.models import build_model
+from helpers.models import build_model, head_parameters
 from helpers.train import HISTORY_COLUMNS, fit, fit_head_only, fit_two_stage
 
 SIZE = 32
@@ -45,6 +47,11 @@ def tiny_cnn() -> nn.Module:
 def loader(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=g)
+
+
+def adamw(params, lr: float) -> torch.optim.AdamW:
+    """AdamW without weight decay over the trainable parameters."""
+    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
 # --------------------------------------------------------------------------- small pieces
@@ -127,9 +134,11 @@ def test_fit_learns_a_simple_problem() -> None:
     seed_everything(0)
     x, y = squares(64, seed=0)
     xv, yv = squares(32, seed=1)
+    model = tiny_cnn()
     history = fit(
-        tiny_cnn(), loader(x, y, 16, shuffle=True), loader(xv, yv, 16),
-        epochs=6, criterion=make_criterion("ce"), lr=5e-2, monitor="val_loss", progress=False,
+        model, loader(x, y, 16, shuffle=True), loader(xv, yv, 16),
+        epochs=6, criterion=make_criterion("ce"), optimizer=adamw(model.parameters(), 5e-2), monitor="val_loss",
+        progress=False,
     )
     assert list(history.columns) == HISTORY_COLUMNS
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
@@ -153,7 +162,7 @@ def test_fit_restores_the_best_checkpoint(tmp_path) -> None:
     model = tiny_cnn()
     path = tmp_path / "best.pt"
     history = fit(
-        model, train_dl, val_dl, epochs=5, criterion=make_criterion("ce"), lr=3e-2,
+        model, train_dl, val_dl, epochs=5, criterion=make_criterion("ce"), optimizer=adamw(model.parameters(), 3e-2),
         monitor="val_loss", checkpoint_path=path, progress=False,
     )
     best_epoch = history.attrs["best_epoch"]
@@ -172,18 +181,35 @@ def test_fit_restores_the_best_checkpoint(tmp_path) -> None:
     assert val_loss == pytest.approx(history["val_loss"].iloc[best_epoch - 1], rel=1e-5)
 
 
-def test_fit_monitor_auc_early_stopping_and_plateau() -> None:
+def test_fit_monitor_auc_and_plateau() -> None:
     seed_everything(0)
     train_dl, val_dl, _, _ = flipped_problem()
+    model = tiny_cnn()
     history = fit(
-        tiny_cnn(), train_dl, val_dl, epochs=12, criterion=make_criterion("ce"), lr=3e-2,
-        monitor="val_auc", early_stopping=3, scheduler="plateau", progress=False,
+        model, train_dl, val_dl, epochs=8, criterion=make_criterion("ce"), optimizer=adamw(model.parameters(), 3e-2),
+        monitor="val_auc", scheduler="plateau", progress=False,
     )
     best_epoch = history.attrs["best_epoch"]
-    assert best_epoch == int(history["val_auc"].idxmax()) + 1
-    assert len(history) == best_epoch + 3 < 12  # stopped 3 epochs after the best
+    assert best_epoch == int(history["val_auc"].idxmax()) + 1 and len(history) == 8
     lrs = history["lr"].to_numpy()
-    assert (np.diff(lrs) <= 0).all()
+    assert (np.diff(lrs) <= 0).all() and lrs[-1] < lrs[0]  # the plateau schedule lowered the rate
+
+
+def test_fit_reads_like_the_loop_it_is() -> None:
+    """At most 12 parameters, no `stage`; no BatchNorm estimation hidden inside (an explicit call)."""
+    parameters = inspect.signature(fit).parameters
+    assert len(parameters) <= 12 and "stage" not in parameters and "device" not in parameters
+    assert "estimate_frozen_batchnorm" not in inspect.getsource(fit)
+    seed_everything(0)
+    x, y = squares(16, seed=9)
+    model = build_model("mobilenet_v2", 2, pretrained=False, freeze="head")
+    frozen_bn = model.features[0][1]
+    fit(model, loader(x, y, 8), None, epochs=1, criterion=make_criterion("ce"),
+        optimizer=adamw(model.parameters(), 1e-3), progress=False)
+    assert torch.equal(frozen_bn.running_mean, torch.zeros_like(frozen_bn.running_mean)), \
+        "fit must leave frozen BatchNorm statistics alone; helpers.models.estimate_frozen_batchnorm is explicit"
+    assert models_mod.estimate_frozen_batchnorm(model, loader(x, y, 8)) > 0  # on the model's device
+    assert not torch.equal(frozen_bn.running_mean, torch.zeros_like(frozen_bn.running_mean))
 
 
 def test_fit_cosine_schedule_and_bce_one_logit() -> None:
@@ -191,7 +217,7 @@ def test_fit_cosine_schedule_and_bce_one_logit() -> None:
     x, y = squares(16, seed=3)
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 1))
     history = fit(
-        model, loader(x, y, 8), loader(x, y, 8), epochs=4, lr=1e-2, scheduler="cosine",
+        model, loader(x, y, 8), loader(x, y, 8), epochs=4, optimizer=adamw(model.parameters(), 1e-2), scheduler="cosine",
         criterion=make_criterion("bce", pos_weight=torch.tensor([2.0])), progress=False,
     )
     expected = [1e-2 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
@@ -204,7 +230,7 @@ def test_fit_cosine_schedule_and_bce_one_logit() -> None:
 
 def _with_batchnorm_statistics(model: nn.Module) -> nn.Module:
     """Give every BatchNorm real-looking statistics, as ImageNet weights would (not the
-    placeholders mean 0 / var 1 that fit() estimates for frozen layers)."""
+    placeholders mean 0 / var 1 that estimate_frozen_batchnorm replaces in frozen layers)."""
     generator = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -226,7 +252,8 @@ def test_fit_two_stage_changes_trainable_sets(monkeypatch) -> None:
         history = real_fit(model, *args, **kwargs)
         backbone = {k: v for k, v in model.state_dict().items() if k.startswith("features.")}
         unchanged = all(torch.equal(backbone_before[k], v) for k, v in backbone.items())
-        calls.append({"trainable": trainable, "lr": kwargs["lr"], "stage": kwargs["stage"], "unchanged": unchanged})
+        lr = kwargs["optimizer"].param_groups[0]["lr"]
+        calls.append({"trainable": trainable, "lr": lr, "unchanged": unchanged, "columns": list(history.columns)})
         return history
 
     monkeypatch.setattr(train_mod, "fit", spy)
@@ -236,16 +263,34 @@ def test_fit_two_stage_changes_trainable_sets(monkeypatch) -> None:
     )
     all_names = {n for n, _ in model.named_parameters()}
     assert calls[0]["trainable"] == {"classifier.1.weight", "classifier.1.bias"}
-    assert calls[0]["lr"] == 1e-3 and calls[0]["stage"] == 1
+    assert calls[0]["lr"] == 1e-3 and calls[0]["columns"] == HISTORY_COLUMNS  # fit knows nothing of stages
     assert calls[0]["unchanged"], "stage 1 must not touch the frozen backbone (weights and BN statistics)"
     assert calls[1]["trainable"] == all_names
-    assert calls[1]["lr"] == 1e-5 and calls[1]["stage"] == 2
+    assert calls[1]["lr"] == 1e-5
     assert not calls[1]["unchanged"], "stage 2 trains the backbone"
+    assert list(history.columns) == ["epoch", "stage", *HISTORY_COLUMNS[1:]]
     assert history["stage"].tolist() == [1, 1, 2]
     assert history["epoch"].tolist() == [1, 2, 3]
     assert history.attrs["best_stage"] in (1, 2)
     with pytest.raises(TypeError, match="optimizer"):
         fit_two_stage(model, [], [], stage1_epochs=1, stage2_epochs=1, optimizer=None, criterion=None)
+
+
+def test_fit_two_stage_estimates_placeholder_batchnorm_before_stage_1(monkeypatch) -> None:
+    seed_everything(0)
+    x, y = squares(16, seed=4)
+    model = build_model("mobilenet_v2", 2, pretrained=False, head="gap_dropout")  # random init: placeholders
+    placeholders: list[int] = []
+    real_fit = train_mod.fit
+
+    def spy(model: nn.Module, *args, **kwargs) -> pd.DataFrame:
+        placeholders.append(len(models_mod._placeholder_batchnorm(model)))
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "fit", spy)
+    fit_two_stage(model, loader(x, y, 8), None, stage1_epochs=1, stage2_epochs=1, criterion=make_criterion("ce"),
+                  progress=False)
+    assert placeholders == [0, 0], "fit_two_stage calls estimate_frozen_batchnorm itself, before each stage"
 
 
 # --------------------------------------------------------------------------- embedding cache
@@ -268,12 +313,14 @@ def test_feature_cache_reaches_the_same_head_as_the_slow_path() -> None:
     slow_model = _with_batchnorm_statistics(build_model("resnet18", 2, pretrained=False, head="mlp"))  # mlp: two dropouts
     fast_model = copy.deepcopy(slow_model)
     backbone_before = copy.deepcopy(slow_model.state_dict())
-    kwargs = dict(epochs=3, criterion=make_criterion("ce"), lr=1e-2, monitor="val_loss", progress=False)
+    kwargs = dict(epochs=3, criterion=make_criterion("ce"), monitor="val_loss", progress=False)
 
     seed_everything(0)
-    slow = fit_head_only(slow_model, loader(x, y, 4, shuffle=True), loader(xv, yv, 4), use_feature_cache=False, **kwargs)
+    slow = fit_head_only(slow_model, loader(x, y, 4, shuffle=True), loader(xv, yv, 4), use_feature_cache=False,
+                         optimizer=adamw(head_parameters(slow_model), 1e-2), **kwargs)
     seed_everything(0)
-    fast = fit_head_only(fast_model, loader(x, y, 4, shuffle=True), loader(xv, yv, 4), use_feature_cache=True, **kwargs)
+    fast = fit_head_only(fast_model, loader(x, y, 4, shuffle=True), loader(xv, yv, 4), use_feature_cache=True,
+                         optimizer=adamw(head_parameters(fast_model), 1e-2), **kwargs)
 
     assert list(fast.columns) == list(slow.columns) == HISTORY_COLUMNS
     np.testing.assert_allclose(fast["train_loss"], slow["train_loss"], rtol=1e-4, atol=1e-5)
@@ -289,51 +336,51 @@ def test_feature_cache_reaches_the_same_head_as_the_slow_path() -> None:
     assert not torch.equal(slow_model.fc[1].weight, backbone_before["fc.1.weight"])
 
 
-class ToyLoader:
-    """Duck-typed like the course's TensorLoader: shuffle, sample_weights, augment attributes."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, augment: object = "none") -> None:
-        self.x, self.y, self.batch_size, self.augment = x, y, batch_size, augment
-        self.shuffle, self.sample_weights, self.drop_last = True, torch.ones(len(y)), True
-
-    def __len__(self) -> int:
-        n = len(self.y)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def __iter__(self):
-        n = len(self.y)
-        if self.sample_weights is not None:
-            order = torch.multinomial(self.sample_weights, n, replacement=True)
-        else:
-            order = torch.randperm(n) if self.shuffle else torch.arange(n)
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            idx = order[start : start + self.batch_size]
-            yield self.x[idx], self.y[idx]
+def uint8_images(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`squares` as the uint8 images a TensorLoader holds."""
+    x, y = squares(n, seed)
+    return ((x + 1.0).clamp(0, 2) * 127).to(torch.uint8), y
 
 
-def test_feature_cache_with_duck_typed_loaders_and_augmentation_refusal() -> None:
-    x, y = squares(10, seed=8)
-    toy = ToyLoader(x, y, 4)
+def test_tensor_loader_ordered_view_and_augments() -> None:
+    images, y = uint8_images(10, seed=8)
+    random = TensorLoader(images, y, batch_size=4, shuffle=True, augment="light", sample_weights=torch.ones(10),
+                          drop_last=True, seed=0)
+    ordered = random.ordered()
+    assert random.augments and not ordered.augments
+    assert (random.shuffle, random.drop_last, len(random)) == (True, True, 2)  # the original is untouched
+    assert random.sample_weights is not None and random.augment != ordered.augment
+    batches = list(ordered)
+    assert torch.equal(torch.cat([b[1] for b in batches]), y), "every image once, in order"
+    plain = TensorLoader(images, y, batch_size=4)
+    assert not plain.augments
+    for (xa, ya), (xb, yb) in zip(batches, plain):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb), "no augmentation in the ordered view"
+    assert TensorLoader(images, y, strong_classes=[1]).augments  # strong augmentation for class 1
+
+
+def test_feature_cache_with_tensor_loaders_and_augmentation_refusal() -> None:
+    images, y = uint8_images(10, seed=8)
+    train_loader = TensorLoader(images, y, batch_size=4, shuffle=True, sample_weights=torch.ones(10),
+                                drop_last=True, seed=0)
     backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 5))
-    _, labels = extract_features(backbone, toy, "cpu", progress=False)
+    _, labels = extract_features(backbone, train_loader, "cpu", progress=False)
     assert torch.equal(labels, y), "every image once, in order (no sampling, no dropped last batch)"
-    assert toy.shuffle and toy.sample_weights is not None and toy.drop_last  # the original is untouched
+
+    features = torch.randn(10, 5)
+    served = feature_cache.feature_loader_like(train_loader, features, y)
+    assert served.batch_size == 4 and served.drop_last and isinstance(served.sampler, torch.utils.data.WeightedRandomSampler)
+    assert not feature_cache.augments(train_loader) and not feature_cache.augments([(features, y)])
 
     model = build_model("mobilenet_v2", 2, pretrained=False)
-    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4)]  # a plain list works too
-    history = fit_head_only(model, toy, batches, epochs=2, criterion=make_criterion("ce"), progress=False)
+    x, _ = squares(10, seed=8)
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4)]  # a plain list works as validation data
+    history = fit_head_only(model, train_loader, batches, epochs=2, criterion=make_criterion("ce"),
+                            optimizer=adamw(head_parameters(model), 1e-3), progress=False)
     assert len(history) == 2 and history["val_loss"].notna().all()
 
-    with pytest.raises(ValueError, match="augment"):
-        fit_head_only(model, ToyLoader(x, y, 4, augment="light"), batches, epochs=1, criterion=make_criterion("ce"))
-
-    @dataclasses.dataclass
-    class Augment:
-        rotate: float = 10.0
-
-        @staticmethod
-        def preset(name: str) -> "Augment":
-            return Augment(0.0) if name == "none" else Augment()
-
-    assert not feature_cache.augments(ToyLoader(x, y, 4, augment=Augment.preset("none")))
-    assert feature_cache.augments(ToyLoader(x, y, 4, augment=Augment.preset("light")))
+    for augmenting in (TensorLoader(images, y, augment="light"), TensorLoader(images, y, strong_classes=[0])):
+        assert feature_cache.augments(augmenting)
+        with pytest.raises(ValueError, match="augment"):
+            fit_head_only(model, augmenting, batches, epochs=1, criterion=make_criterion("ce"),
+                          optimizer=adamw(head_parameters(model), 1e-3))
