@@ -1,0 +1,192 @@
+"""The exercises: `helpers.exercises` itself, every exercise's check, and the exercise notebooks.
+
+Each check is tested in this process: the notebook's code cells (all but the students' answer
+cells) run in a namespace, then its reference solution must pass, a blank must say "not attempted
+yet", and the typical wrong answers of WRONG must fail with their own message. Then each exercise
+notebook is executed in the smoke profile twice with papermill: with its blanks, and with the
+solutions filled in (every check must print ✓).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import papermill
+import pytest
+import torch
+
+from conftest import ROOT
+from helpers.exercises import Exercise, ____, is_blank, same
+
+EXERCISE_NOTEBOOKS = sorted((ROOT / "notebooks" / "exercises").glob("[0-9][0-9]_*_exercises.ipynb"))
+CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+GENERIC = "is not what this run's data gives"
+
+# (notebook number, exercise) -> typical wrong answers: (code defining `answer`, a word of the message)
+WRONG: dict[tuple[str, str], list[tuple[str, str]]] = {
+    ("00", "q1"): [("answer = len(names)", "number of images"),
+                   ("answer = len({n.replace('_', '-').split('-')[0] for n in names})", "IM-xxxx")],
+    ("00", "q2"): [("answer = int(naive_val['patient_id'].isin(set(naive_train['patient_id'])).sum())", "images"),
+                   ("answer = 0", "grouped split")],
+    ("00", "q3"): [("c = splits.train['class_name'].value_counts(); answer = c.min() / c.max()", "below 1")],
+    ("00", "q4"): [("answer = 'B'", "compare the two bars"), ("answer = 'D'", "choose one of")],
+}
+
+
+# --------------------------------------------------------------------------- the module
+
+
+def _printed(call) -> str:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        call()
+    return buffer.getvalue()
+
+
+def test_blanks_are_recognised_everywhere() -> None:
+    assert is_blank(____) and is_blank(...) and is_blank(NotImplemented)
+    assert is_blank((1.0, ____)) and is_blank([____]) and is_blank({"a": ...})
+    assert not is_blank(0) and not is_blank(None) and not is_blank("A") and not is_blank(np.zeros(2))
+
+
+def test_same_compares_numbers_shapes_tensors_and_strings() -> None:
+    assert same(torch.tensor([1.0, 2.0]), np.array([1.0, 2.0 + 1e-9]))
+    assert not same(np.ones(3), np.ones((3, 1)))
+    assert same(" b ", "B") and not same("A", "B")
+    assert same({1, 2}, {2, 1})
+
+
+def test_check_prints_a_line_returns_a_bool_and_never_raises() -> None:
+    q = Exercise("qx", reference=lambda: np.arange(3.0), hint="count", solution="answer = np.arange(3.0)",
+                 mistakes=[(lambda: np.arange(3.0)[::-1], "wrong class order: reversed."),
+                           (lambda a: np.max(a) > 100, "far too large.")])
+    assert q.check(np.arange(3.0)) is True
+    assert "✓ qx: correct." in _printed(lambda: q.check(np.arange(3.0)))
+    assert "○ qx: not attempted yet" in _printed(lambda: q.check(____))
+    assert "✗ qx: wrong class order" in _printed(lambda: q.check(np.array([2.0, 1.0, 0.0])))
+    assert "✗ qx: far too large." in _printed(lambda: q.check(np.array([0.0, 1.0, 1e3])))
+    assert "✗ qx: wrong shape: expected (3,), got (2,)" in _printed(lambda: q.check(np.zeros(2)))
+    assert GENERIC in _printed(lambda: q.check(np.zeros(3)))
+    assert q.check("not a number") is False and q.check(None) is False
+    assert "answer = np.arange(3.0)" in _printed(q.solution) and "count" in _printed(q.hint)
+
+
+def test_multiple_choice_checks_the_letter() -> None:
+    q = Exercise("qm", reference=lambda: "B", choices={"A": "x", "B": "y"}, hint="h", solution="answer = 'B'")
+    assert q.diagnose(" b ")[0] is True
+    assert q.diagnose("C") == (False, "choose one of 'A', 'B', not 'C'.")
+    assert q.diagnose("A")[0] is False
+
+
+# --------------------------------------------------------------------------- every exercise's check
+
+
+def _exercise_cells(nb: nbformat.NotebookNode) -> dict[str, nbformat.NotebookNode]:
+    return {c.metadata["exercise"]: c for c in nb.cells if c.cell_type == "code" and "exercise" in c.metadata}
+
+
+@pytest.fixture(scope="module", params=EXERCISE_NOTEBOOKS, ids=lambda p: p.name[:2])
+def namespace(request, tmp_path_factory) -> tuple[str, dict]:
+    """(notebook number, its namespace) after running every code cell but the answer cells, in this process."""
+    nb = nbformat.read(request.param, as_version=4)
+    ns: dict = {"__name__": "__exercises__"}
+    out = tmp_path_factory.mktemp("exercises")
+    with contextlib.redirect_stdout(io.StringIO()):
+        for cell in nb.cells:
+            if cell.cell_type != "code" or "exercise" in cell.metadata:
+                continue
+            source = cell.source
+            if "parameters" in cell.metadata.get("tags", []):
+                source += f"\nPROFILE = 'smoke'\nOUTPUT_DIR = {str(out)!r}"
+            exec(compile(source, f"{request.param.name}", "exec"), ns)
+    return request.param.name[:2], ns
+
+
+def _answer(ns: dict, source: str):
+    scope = dict(ns)
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(source, scope)
+    return scope["answer"]
+
+
+def test_every_exercise_passes_its_solution_says_blank_and_knows_wrong_answers(namespace) -> None:
+    number, ns = namespace
+    exercises = {k: v for k, v in ns.items() if isinstance(v, Exercise)}
+    assert exercises, "no exercise defined"
+    for name, q in exercises.items():
+        ok, message = q.diagnose(_answer(ns, q.solution_code))
+        assert ok is True, f"{number} {name}: the reference solution fails: {message}"
+        ok, message = q.diagnose(____)
+        assert ok is None and "not attempted yet" in message
+        wrong = WRONG.get((number, name))
+        assert wrong, f"{number} {name}: list at least one typical wrong answer in WRONG"
+        for source, word in wrong:
+            ok, message = q.diagnose(_answer(ns, source))
+            assert ok is False and word in message and GENERIC not in message, (number, name, source, message)
+
+
+def test_each_chapter_has_its_exercises() -> None:
+    """At least 3 exercises per chapter (2 for 01 and 03), 25 or more in all, in a notebook named after it."""
+    stems = {p.name.removesuffix("_exercises.ipynb") for p in EXERCISE_NOTEBOOKS}
+    assert stems == {p.stem for p in CHAPTERS}, stems ^ {p.stem for p in CHAPTERS}
+    counts = {p.name[:2]: len(_exercise_cells(nbformat.read(p, as_version=4))) for p in EXERCISE_NOTEBOOKS}
+    assert all(n >= (2 if k in ("01", "03") else 3) for k, n in counts.items()), counts
+    assert sum(counts.values()) >= 25, counts
+
+
+def test_exercise_notebooks_have_the_course_shape() -> None:
+    setup = nbformat.read(CHAPTERS[0], as_version=4).cells[1].source
+    for path in EXERCISE_NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+        assert nb.cells[1].source == setup, f"{path.name}: the setup cell differs from the chapters'"
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1 and all(f"{n} =" in tagged[0].source for n in ("PROFILE", "DATA_DIR", "SEED", "OUTPUT_DIR"))
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
+        for q, cell in _exercise_cells(nb).items():
+            assert "____" in cell.source and f"{q}.check(answer)" in cell.source
+            assert f"# {q}.hint()" in cell.source and f"# {q}.solution()" in cell.source
+        details = [c.source for c in nb.cells if c.cell_type == "markdown" and "<details>" in c.source]
+        assert len(details) == len(_exercise_cells(nb)), f"{path.name}: one folded hint/solution per exercise"
+
+
+# --------------------------------------------------------------------------- the notebooks, executed
+
+
+def _execute(path: Path, tmp_path: Path, solved: bool) -> str:
+    nb = nbformat.read(path, as_version=4)
+    if solved:
+        for q, cell in _exercise_cells(nb).items():
+            cell.source = f"exec({q}.solution_code)\n{q}.check(answer)"
+    source = tmp_path / path.name
+    nbformat.write(nb, source)
+    executed = tmp_path / f"executed_{path.name}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MPLBACKEND", raising=False)
+        papermill.execute_notebook(str(source), str(executed), cwd=str(path.parent), kernel_name="python3",
+                                   progress_bar=False, parameters=dict(PROFILE="smoke", OUTPUT_DIR=str(tmp_path)))
+    done = nbformat.read(executed, as_version=4)
+    return "\n".join(o.get("text", "") for c in done.cells if c.cell_type == "code" for o in c.outputs)
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: p.name[:2])
+def test_exercise_notebook_runs_with_its_blanks(path: Path, tmp_path: Path) -> None:
+    text = _execute(path, tmp_path, solved=False)
+    n = len(_exercise_cells(nbformat.read(path, as_version=4)))
+    assert text.count("not attempted yet") == n, text
+    assert "✗" not in text and "✓" not in text
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: p.name[:2])
+def test_exercise_notebook_passes_with_its_solutions(path: Path, tmp_path: Path) -> None:
+    text = _execute(path, tmp_path, solved=True)
+    for q in _exercise_cells(nbformat.read(path, as_version=4)):
+        assert f"✓ {q}: correct." in text, f"{path.name}: {q} did not pass:\n{text}"
+    assert "✗" not in text
