@@ -3,8 +3,8 @@
 Each check is tested in this process: the notebook's code cells (all but the students' answer
 cells) run in a namespace, then its reference solution must pass, a blank must say "not attempted
 yet", and the typical wrong answers of WRONG must fail with their own message. Then each exercise
-notebook is executed in the smoke profile twice with papermill: with its blanks, and with the
-solutions filled in (every check must print ✓).
+notebook is executed in the smoke profile with papermill: with its blanks (each check says "not
+attempted yet"), then, in the same kernel, with every solution (each check must print ✓).
 """
 
 from __future__ import annotations
@@ -208,11 +208,15 @@ def test_exercise_notebooks_have_the_course_shape() -> None:
 # --------------------------------------------------------------------------- the notebooks, executed
 
 
-def _execute(path: Path, tmp_path: Path, solved: bool) -> str:
+def _execute(path: Path, tmp_path: Path) -> tuple[str, str]:
+    """Run the notebook as committed (blanks left blank), then in the same kernel every solution.
+
+    One kernel per notebook (not two) keeps the run short on 2 shared cores: (text printed by the
+    notebook's own cells, text printed by the appended solution cells)."""
     nb = nbformat.read(path, as_version=4)
-    if solved:
-        for q, cell in _exercise_cells(nb).items():
-            cell.source = f"exec({q}.solution_code)\n{q}.check(answer)"
+    added = [nbformat.v4.new_code_cell(f"exec({q}.solution_code)\n{q}.check(answer)") for q in _exercise_cells(nb)]
+    n_added = len(added)
+    nb.cells += added
     source = tmp_path / path.name
     nbformat.write(nb, source)
     executed = tmp_path / f"executed_{path.name}"
@@ -220,23 +224,18 @@ def _execute(path: Path, tmp_path: Path, solved: bool) -> str:
         patch.delenv("MPLBACKEND", raising=False)
         papermill.execute_notebook(str(source), str(executed), cwd=str(path.parent), kernel_name="python3",
                                    progress_bar=False, parameters=dict(PROFILE="smoke", OUTPUT_DIR=str(tmp_path)))
-    done = nbformat.read(executed, as_version=4)
-    return "\n".join(o.get("text", "") for c in done.cells if c.cell_type == "code" for o in c.outputs)
+    cells = nbformat.read(executed, as_version=4).cells
+    texts = ["\n".join(o.get("text", "") for o in c.get("outputs", [])) for c in cells]
+    return "\n".join(texts[:-n_added]), "\n".join(texts[-n_added:])
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: p.name[:2])
-def test_exercise_notebook_runs_with_its_blanks(path: Path, tmp_path: Path) -> None:
-    text = _execute(path, tmp_path, solved=False)
-    n = len(_exercise_cells(nbformat.read(path, as_version=4)))
-    assert text.count("not attempted yet") == n, text
-    assert "✗" not in text and "✓" not in text
-
-
-@pytest.mark.notebook
-@pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: p.name[:2])
-def test_exercise_notebook_passes_with_its_solutions(path: Path, tmp_path: Path) -> None:
-    text = _execute(path, tmp_path, solved=True)
-    for q in _exercise_cells(nbformat.read(path, as_version=4)):
-        assert f"✓ {q}: correct." in text, f"{path.name}: {q} did not pass:\n{text}"
-    assert "✗" not in text
+def test_exercise_notebook_runs_with_its_blanks_then_passes_with_its_solutions(path: Path, tmp_path: Path) -> None:
+    blank, solved = _execute(path, tmp_path)
+    exercises = _exercise_cells(nbformat.read(path, as_version=4))
+    assert blank.count("not attempted yet") == len(exercises), blank
+    assert "✗" not in blank and "✓" not in blank
+    for q in exercises:
+        assert f"✓ {q}: correct." in solved, f"{path.name}: {q} did not pass:\n{solved}"
+    assert "✗" not in solved
