@@ -107,37 +107,9 @@ class Exercise:
         self.mistakes, self.choices = list(mistakes), choices
         self._compare = compare or (lambda a, r: same(a, r, rtol, atol))
 
-    def _report(self, ok: bool, message: str) -> bool:
-        print(f"{'✓' if ok else '✗'} {self.name}: {message}")
-        return ok
-
-    def _matches(self, test: Any, answer: Any) -> bool:
-        try:
-            if callable(test) and getattr(test, "__code__", None) is not None and test.__code__.co_argcount == 1:
-                return bool(test(answer))
-            return self._compare(answer, _value(test))
-        except Exception:  # a test that cannot even run on this answer does not match it
-            return False
-
     def diagnose(self, answer: Any) -> tuple[bool | None, str]:
         """(True, message) when right, (False, what is wrong) when wrong, (None, ...) when blank."""
-        if is_blank(answer):
-            return None, f"not attempted yet: replace ____ with your answer ({self.name}.hint() helps)."
-        if self.choices is not None:
-            answer = str(answer).strip().upper()
-            if answer not in self.choices:
-                return False, f"choose one of {', '.join(map(repr, self.choices))}, not {answer!r}."
-        reference = _value(self._reference)
-        if self._matches(lambda a: self._compare(a, reference), answer):
-            return True, "correct."
-        for test, message in self.mistakes:
-            if self._matches(test, answer):
-                return False, message
-        a, r = _numeric(answer), _numeric(reference)
-        if self.choices is None and a is not None and r is not None and a.shape != r.shape:
-            return False, f"wrong shape: expected {r.shape}, got {a.shape}."
-        return False, (f"{_summary(answer)} is not what this run's data gives; "
-                       f"{self.name}.hint() may help.")
+        return _diagnose(self, answer)
 
     def check(self, answer: Any) -> bool:
         """Print a ✓ / ✗ line (or "not attempted yet") and return whether the answer is right."""
@@ -145,7 +117,8 @@ class Exercise:
         if ok is None:
             print(f"○ {self.name}: {message}")
             return False
-        return self._report(ok, message)
+        print(f"{'✓' if ok else '✗'} {self.name}: {message}")
+        return ok
 
     def hint(self) -> None:
         print(f"Hint ({self.name}): {self._hint}")
@@ -155,6 +128,35 @@ class Exercise:
 
     def __repr__(self) -> str:
         return f"Exercise({self.name!r}): {self.name}.check(answer), {self.name}.hint(), {self.name}.solution()"
+
+
+def _matches(compare: Callable[[Any, Any], bool], test: Any, answer: Any) -> bool:
+    """Whether `answer` matches `test`: a function answer -> bool, or a value (or a function computing it)."""
+    try:
+        if callable(test) and getattr(test, "__code__", None) is not None and test.__code__.co_argcount == 1:
+            return bool(test(answer))
+        return compare(answer, _value(test))
+    except Exception:  # a test that cannot even run on this answer does not match it
+        return False
+
+
+def _diagnose(q: Exercise, answer: Any) -> tuple[bool | None, str]:
+    if is_blank(answer):
+        return None, f"not attempted yet: replace ____ with your answer ({q.name}.hint() helps)."
+    if q.choices is not None:
+        answer = str(answer).strip().upper()
+        if answer not in q.choices:
+            return False, f"choose one of {', '.join(map(repr, q.choices))}, not {answer!r}."
+    reference = _value(q._reference)
+    if _matches(q._compare, lambda a: q._compare(a, reference), answer):
+        return True, "correct."
+    for test, message in q.mistakes:
+        if _matches(q._compare, test, answer):
+            return False, message
+    a, r = _numeric(answer), _numeric(reference)
+    if q.choices is None and a is not None and r is not None and a.shape != r.shape:
+        return False, f"wrong shape: expected {r.shape}, got {a.shape}."
+    return False, f"{_summary(answer)} is not what this run's data gives; {q.name}.hint() may help."
 
 
 class StandIn(nn.Module):
