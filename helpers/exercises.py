@@ -18,6 +18,7 @@ Kept libraries did not fit a Kaggle kernel with the internet off (see notebooks/
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -103,7 +104,7 @@ class Exercise:
                  compare: Callable[[Any, Any], bool] | None = None,
                  rtol: float = 1e-4, atol: float = 1e-6) -> None:
         self.name, self._reference, self._hint = name, reference, hint
-        self.solution_code = solution.strip()
+        self.solution_code = textwrap.dedent(solution).strip()
         self.mistakes, self.choices = list(mistakes), choices
         self._compare = compare or (lambda a, r: same(a, r, rtol, atol))
 

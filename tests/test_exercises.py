@@ -162,9 +162,13 @@ def test_every_exercise_passes_its_solution_says_blank_and_knows_wrong_answers(n
     number, ns = namespace
     exercises = {k: v for k, v in ns.items() if isinstance(v, Exercise)}
     assert exercises, "no exercise defined"
-    for name, q in exercises.items():
-        ok, message = q.diagnose(_answer(ns, q.solution_code))
+    for name, q in exercises.items():  # the solutions run one after another in the notebook's namespace, as in the kernel
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(q.solution_code, ns)
+        ok, message = q.diagnose(ns["answer"])
         assert ok is True, f"{number} {name}: the reference solution fails: {message}"
+    for name, q in exercises.items():  # and no later solution has changed what an earlier check computes
+        assert q.diagnose(_answer(ns, q.solution_code))[0] is True, f"{number} {name}: a later solution broke this check"
         ok, message = q.diagnose(____)
         assert ok is None and "not attempted yet" in message
         wrong = WRONG.get((number, name))
