@@ -13,7 +13,8 @@ way, each with the one sentence that says what is wrong::
 
 A blank (`____`, `...` or `NotImplemented`, also inside a tuple, list or dict) makes `check` say
 "not attempted yet" and the notebook goes on, so Run All, papermill and CI never stop on it.
-Kept libraries did not fit a Kaggle kernel with the internet off (see notebooks/exercises/).
+Why not otter-grader, nbautoeval or jupyterquiz: none is in a Kaggle kernel, where the internet may
+be off; otter-grader also needs a grading setup, and jupyterquiz checks in JavaScript, not in the kernel.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def stand_in_model(images: torch.Tensor, labels: Any, n_outputs: int, *, steps: 
     """Train a `StandIn` on (images, labels) with full-batch Adam: 1 output = BCE, more = CE."""
     seed_everything(seed)
     model = StandIn(n_outputs)
-    y = torch.as_tensor(to_numpy(labels)).long()
+    y = torch.as_tensor(np.array(to_numpy(labels), dtype=np.int64))  # a copy: label columns can be read-only
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
