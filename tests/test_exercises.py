@@ -3,8 +3,8 @@
 Each check is tested in this process: the notebook's code cells (all but the students' answer
 cells) run in a namespace, then its reference solution must pass, a blank must say "not attempted
 yet", and the typical wrong answers of WRONG must fail with their own message. Then each exercise
-notebook is executed in the smoke profile with papermill: with its blanks (each check says "not
-attempted yet"), then, in the same kernel, with every solution (each check must print ✓).
+notebook is executed in the smoke profile (nbclient, one kernel for all, reset between them): with
+its blanks (each check says "not attempted yet"), then with every solution (each must print ✓).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import nbformat
 import numpy as np
-import papermill
 import pytest
 import torch
 
@@ -212,31 +211,56 @@ def test_exercise_notebooks_have_the_course_shape() -> None:
 # --------------------------------------------------------------------------- the notebooks, executed
 
 
-def _execute(path: Path, tmp_path: Path) -> tuple[str, str]:
-    """Run the notebook as committed (blanks left blank), then in the same kernel every solution.
-
-    One kernel per notebook (not two) keeps the run short on 2 shared cores: (text printed by the
-    notebook's own cells, text printed by the appended solution cells)."""
+def _with_solutions(path: Path) -> tuple[nbformat.NotebookNode, int]:
+    """The notebook as committed, the smoke parameters injected after its parameters cell, then one
+    cell per exercise that runs its solution and check: (notebook, number of appended cells)."""
     nb = nbformat.read(path, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])) + 1
+    nb.cells.insert(at, nbformat.v4.new_code_cell('PROFILE = "smoke"'))
     added = [nbformat.v4.new_code_cell(f"exec({q}.solution_code)\n{q}.check(answer)") for q in _exercise_cells(nb)]
-    n_added = len(added)
     nb.cells += added
-    source = tmp_path / path.name
-    nbformat.write(nb, source)
-    executed = tmp_path / f"executed_{path.name}"
+    return nb, len(added)
+
+
+@pytest.fixture(scope="module")
+def executed() -> dict[str, tuple[str, str] | Exception]:
+    """Every exercise notebook executed top to bottom in ONE kernel (nbclient), its namespace reset
+    between notebooks: the blanks as committed, then every solution. Sharing the kernel saves each
+    notebook the ~10-30 s of importing torch/torchvision on 2 busy cores. Per notebook: (text of its
+    own cells, text of the solution cells), or the error that stopped it."""
+    from nbclient import NotebookClient
+    from nbclient.exceptions import CellExecutionError
+
+    results: dict[str, tuple[str, str] | Exception] = {}
+    first, _ = _with_solutions(EXERCISE_NOTEBOOKS[0])
+    client = NotebookClient(first, kernel_name="python3", timeout=300,
+                            resources={"metadata": {"path": str(EXERCISE_NOTEBOOKS[0].parent)}})
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MPLBACKEND", raising=False)
-        papermill.execute_notebook(str(source), str(executed), cwd=str(path.parent), kernel_name="python3",
-                                   progress_bar=False, parameters=dict(PROFILE="smoke", OUTPUT_DIR=str(tmp_path)))
-    cells = nbformat.read(executed, as_version=4).cells
-    texts = ["\n".join(o.get("text", "") for o in c.get("outputs", [])) for c in cells]
-    return "\n".join(texts[:-n_added]), "\n".join(texts[-n_added:])
+        with client.setup_kernel():
+            for path in EXERCISE_NOTEBOOKS:
+                nb, n_added = _with_solutions(path)
+                client.nb = nb
+                reset = nbformat.v4.new_code_cell("%reset -f")
+                client.execute_cell(reset, 0)
+                try:
+                    for i, cell in enumerate(nb.cells):
+                        if cell.cell_type == "code":
+                            client.execute_cell(cell, i)
+                except CellExecutionError as err:
+                    results[path.name] = err
+                    continue
+                texts = ["\n".join(o.get("text", "") for o in c.get("outputs", [])) for c in nb.cells]
+                results[path.name] = ("\n".join(texts[:-n_added]), "\n".join(texts[-n_added:]))
+    return results
 
 
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", EXERCISE_NOTEBOOKS, ids=lambda p: p.name[:2])
-def test_exercise_notebook_runs_with_its_blanks_then_passes_with_its_solutions(path: Path, tmp_path: Path) -> None:
-    blank, solved = _execute(path, tmp_path)
+def test_exercise_notebook_runs_with_its_blanks_then_passes_with_its_solutions(path: Path, executed) -> None:
+    result = executed[path.name]
+    assert not isinstance(result, Exception), f"{path.name} stopped: {result}"
+    blank, solved = result
     exercises = _exercise_cells(nbformat.read(path, as_version=4))
     assert blank.count("not attempted yet") == len(exercises), blank
     assert "✗" not in blank and "✓" not in blank
