@@ -23,13 +23,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from helpers.augment import BatchAugment
 from helpers.core import as_label_tensor
 from helpers.data import DataSplits
+from helpers.dicom import is_dicom, read_dicom
+from helpers.scan import display_path, exif_orientation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -166,11 +168,43 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
     return image, notes
 
 
+def oriented_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """A decoded image turned as its EXIF orientation says, then `to_rgb`: the one conversion of
+    training, the cache, the grids and the app (`helpers.serve.read_upload`)."""
+    notes: list[str] = []
+    if (orientation := exif_orientation(image)) != 1:
+        try:
+            image = ImageOps.exif_transpose(image)
+            notes.append(f"rotated according to its EXIF orientation ({orientation})")
+        except Exception:  # a broken EXIF block should not block an otherwise good image
+            pass
+    rgb, converted = to_rgb(image)
+    return rgb, notes + converted
+
+
+def read_image_with_notes(path: str | Path) -> tuple[Image.Image, list[str]]:
+    """Decode an image file (DICOM through `helpers.dicom.read_dicom`) into 8-bit RGB, with notes.
+
+    A file that was listed by the scan but is gone now gives a FileNotFoundError that says so.
+    """
+    try:
+        if is_dicom(path):
+            image, notes = read_dicom(path)
+            rgb, converted = oriented_rgb(image)
+            return rgb, notes + converted
+        with Image.open(path) as im:
+            im.load()
+            rgb, notes = oriented_rgb(im)
+            return (im.copy() if rgb is im else rgb), notes  # the file closes here: keep no lazy image
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"The image {display_path(path)} is gone (deleted or moved after the dataset was scanned). "
+            "Run load_splits again to re-scan the folder, or put the file back.") from None
+
+
 def read_image(path: str | Path) -> Image.Image:
-    """Decode an image file into 8-bit RGB with `to_rgb` (the app's conversion, too)."""
-    with Image.open(path) as im:
-        rgb = to_rgb(im)[0]
-        return im.copy() if rgb is im else rgb  # the file closes here: keep no lazy image
+    """Decode an image file into 8-bit RGB exactly as the app does (`read_image_with_notes`)."""
+    return read_image_with_notes(path)[0]
 
 
 # ----------------------------------------------------------------------------- tensor cache
