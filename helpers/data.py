@@ -29,12 +29,16 @@ from helpers.scan import (
     duplicate_groups,
     duplicate_note,
     exclusion_notes,
+    IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS,
     NEAR_DUPLICATE_CORRELATION,
+    SPLIT_ALIASES as _SPLIT_ALIASES,
     find_duplicates,
     list_dataset,
 )
 from helpers.synthetic import is_synthetic_dataset, make_synthetic_dataset
 
+IMAGE_EXTENSIONS = _IMAGE_EXTENSIONS  # the file types a class folder's images may have (helpers.scan)
+SPLIT_ALIASES = _SPLIT_ALIASES  # split folder names, matched without regard to case (helpers.scan)
 # The official pneumonia val/ holds 16 images (0.3% of train): far too few to select a model.
 # A provided val/ under both limits is folded into train and a real one carved instead.
 MIN_USEFUL_VAL_IMAGES = 50
@@ -290,6 +294,17 @@ def _require_every_class(frame: pd.DataFrame, spec: DatasetSpec, carved: tuple[s
                              "Every split must hold every class, or its metrics are undefined.")
 
 
+def _scan_notes(frame: pd.DataFrame, root: Path, name: str, synthetic: bool) -> list[str]:
+    """The notes on what the scan used, skipped and left out."""
+    notes = [f"Data: {root}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
+    if skipped := frame.attrs.get("skipped"):
+        notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
+    if unknown := frame.attrs.get("unknown_folders"):
+        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: "
+                     + ", ".join(unknown))
+    return notes + exclusion_notes(frame.attrs.get("excluded", []), frame.attrs.get("nested", []))
+
+
 def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42,
                 val_fraction: float = 0.15, test_fraction: float = 0.15,
                 max_per_class: int | None = None, check_images: bool = True) -> DataSplits:
@@ -316,13 +331,7 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     frame = scan_dataset(root, name, check_images=check_images)
     skipped, pairs = list(frame.attrs.get("skipped", [])), list(frame.attrs.get("duplicate_pairs", []))
     excluded = list(frame.attrs.get("excluded", []))
-    notes = [f"Data: {root}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
-    if skipped:
-        notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
-    if unknown := frame.attrs.get("unknown_folders"):
-        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: "
-                     + ", ".join(unknown))
-    notes += exclusion_notes(excluded, frame.attrs.get("nested", []))
+    notes = _scan_notes(frame, root, name, synthetic)
     n_val, n_train = int((frame["split"] == "val").sum()), int((frame["split"] == "train").sum())
     if 0 < n_val < MIN_USEFUL_VAL_IMAGES and n_val < MIN_USEFUL_VAL_FRACTION * n_train:
         frame.loc[frame["split"] == "val", "split"] = "train"
