@@ -180,7 +180,9 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
         paths = frame["path"].to_numpy()
         pairs = [dict(path_a=paths[a], path_b=paths[b], kind=k, similarity=round(s, 4))
                  for a, b, k, s in found.itertuples(index=False)]
-    frame.attrs.update(skipped=skipped, unknown_folders=listing.unknown, excluded=listing.excluded,
+    marker = display_path(root / ".complete")  # the generator's own completion marker
+    excluded = [e for e in listing.excluded if not (e[0] == marker and is_synthetic_dataset(root))]
+    frame.attrs.update(skipped=skipped, unknown_folders=listing.unknown, excluded=excluded,
                        nested=listing.nested, duplicate_pairs=pairs)
     _warn(frame, name, spec)
     return frame

@@ -13,11 +13,11 @@ from typing import Any
 # 0 or 1 and a bootstrap interval of zero width ([1.000, 1.000]), which reads as certainty. Below 10
 # images a recall moves by 10 points or more per image, wider than any difference the course compares.
 MIN_CLASS_IMAGES = 10
-TOO_FEW_METRICS = ("balanced_accuracy", "auc", "average_precision")  # depend on every class
 
 
 def flag_too_few(metrics: dict[str, Any], names: list[str], notes: list[str]) -> None:
-    """Mark classes with 0 < support < MIN_CLASS_IMAGES: `too_few` {class: images}, no intervals."""
+    """Mark classes with 0 < support < MIN_CLASS_IMAGES: `too_few` {class: images}; their recall
+    (sensitivity, specificity) loses its interval, which would read as certainty."""
     support = {n: metrics["per_class"][n]["support"] for n in names}
     too_few = {n: k for n, k in support.items() if 0 < k < MIN_CLASS_IMAGES}
     if not too_few:
@@ -28,12 +28,9 @@ def flag_too_few(metrics: dict[str, Any], names: list[str], notes: list[str]) ->
         (ci.get("recall") or {})[name] = None
         if len(names) == 2:
             ci["specificity" if name == names[0] else "sensitivity"] = None
-    for key in TOO_FEW_METRICS:
-        ci[key] = None
     notes.append("too few images to measure: " + ", ".join(f"{n} {k}" for n, k in too_few.items())
-                 + f" (fewer than {MIN_CLASS_IMAGES}): their recall, balanced accuracy and AUC are "
-                 "given without intervals and say little")
-
+                 + f" (fewer than {MIN_CLASS_IMAGES}): their recall is given without an interval and "
+                 "says little; balanced accuracy and AUC rest on it too")
 
 
 def too_few_for(block: dict[str, Any], key: str) -> str:
@@ -43,6 +40,6 @@ def too_few_for(block: dict[str, Any], key: str) -> str:
         too_few = {n: k for n, k in too_few.items() if n == names[0]}
     elif key == "sensitivity" and names:
         too_few = {n: k for n, k in too_few.items() if n == names[-1]}
-    elif key not in TOO_FEW_METRICS:
+    elif key != "recall":
         return ""
     return ", ".join(f"{k} {n} image{'s' if k > 1 else ''}" for n, k in too_few.items())
