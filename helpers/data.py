@@ -334,6 +334,8 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     skipped, pairs = list(frame.attrs.get("skipped", [])), list(frame.attrs.get("duplicate_pairs", []))
     excluded = list(frame.attrs.get("excluded", []))
     notes = _scan_notes(frame, root, name, synthetic)
+    near_checked = frame.attrs.get("near_checked", True)
+    frame.attrs = {}  # pandas deep-copies attrs in every operation (each group of a groupby): keep none
     n_val, n_train = int((frame["split"] == "val").sum()), int((frame["split"] == "train").sum())
     if 0 < n_val < MIN_USEFUL_VAL_IMAGES and n_val < MIN_USEFUL_VAL_FRACTION * n_train:
         frame.loc[frame["split"] == "val", "split"] = "train"
@@ -357,7 +359,7 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     duplicates = cross_split_duplicates(frame, pairs)
     if note := duplicate_note(duplicates):
         notes.append(note)
-    if check_images and not frame.attrs.get("near_checked", True):
+    if check_images and not near_checked:
         notes.append("Near duplicates (re-encoded or resized copies) were not searched: " +
                      ("generated images share one template." if synthetic else "too many of these "
                       "images look alike at thumbnail scale to tell copies apart; only exact "
