@@ -344,7 +344,8 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     missing = tuple(s for s in ("val", "test") if not (frame["split"] == s).any())
     if missing:
         frame["group"] = duplicate_groups(frame, pairs)
-        joined = frame["patient_id"].nunique() - frame["group"].nunique()
+        train = frame[frame["split"] == "train"]
+        joined = train["patient_id"].nunique() - train["group"].nunique()
         frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction,
                              seed=seed, carve=missing, group_by="group").drop(columns="group")
         notes.append(f"Carved {' and '.join(missing)} out of train/ by patient "
