@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,7 +245,8 @@ def check_image(path: Path) -> ImageCheck | str:
         thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR))
         return ImageCheck(size[0], size[1], digest, thumb)
     except Exception as err:  # PIL and pydicom raise many types for broken files
-        return f"{type(err).__name__}: {err}"
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
+        return f"{type(err).__name__}: {message}"
 
 
 def _low_frequencies(v: np.ndarray, k: int = 8) -> np.ndarray:
