@@ -18,20 +18,27 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from helpers.datasets import (
-    DatasetNotFoundError,
-    DatasetSpec,
-    class_folders,
-    get_spec,
-    locate_dataset,
-    split_class_folders,
+from helpers.datasets import DatasetNotFoundError, DatasetSpec, get_spec, locate_dataset
+from helpers.scan import (
+    THUMB,
+    Listing,
+    check_image,
+    cross_split_duplicates,
+    display_path,
+    duplicate_groups,
+    duplicate_note,
+    exclusion_notes,
+    IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS,
+    NEAR_DUPLICATE_CORRELATION,
+    SPLIT_ALIASES as _SPLIT_ALIASES,
+    find_duplicates,
+    list_dataset,
 )
 from helpers.synthetic import is_synthetic_dataset, make_synthetic_dataset
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+IMAGE_EXTENSIONS = _IMAGE_EXTENSIONS  # the file types a class folder's images may have (helpers.scan)
+SPLIT_ALIASES = _SPLIT_ALIASES  # split folder names, matched without regard to case (helpers.scan)
 # The official pneumonia val/ holds 16 images (0.3% of train): far too few to select a model.
 # A provided val/ under both limits is folded into train and a real one carved instead.
 MIN_USEFUL_VAL_IMAGES = 50
@@ -86,46 +93,17 @@ def parse_subtype(filename: str, class_name: str) -> str:
     return "normal" if class_name.upper() == "NORMAL" else "unknown"
 
 
-def _check_image(path: Path) -> tuple[int, int] | str:
-    """(width, height) of a decodable image, or the reason it cannot be used.
-
-    JPEGs are decoded in draft mode (at 1/8 scale): every byte is still read, so truncated
-    files fail, but it costs a fraction of a full decode.
-    """
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.draft("L", (max(1, size[0] // 8), max(1, size[1] // 8)))
-            im.load()
-        return size
-    except Exception as err:  # PIL raises many types for broken files
-        return f"{type(err).__name__}: {err}"
-
-
-def _list_images(folder: Path | None) -> tuple[list[Path], list[Path]]:
-    """Image files of a class folder, and the broken symbolic links among them."""
-    files: list[Path] = []
-    broken: list[Path] = []
-    entries = folder.iterdir() if folder is not None else []
-    for f in entries:
-        if f.name.startswith(".") or f.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        if f.is_symlink() and not f.exists():
-            broken.append(f)
-        elif f.is_file():
-            files.append(f)
-    return sorted(files), sorted(broken)
-
-
-def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Decode-check every image: the readable rows (with width, height) and (path, reason) of the rest."""
+def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]], np.ndarray]:
+    """Decode-check every image once (`scan.check_image`): the readable rows (with width, height,
+    content_hash), (path, reason) of the rest, and the thumbnails of the readable rows."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
-        checks = list(pool.map(_check_image, map(Path, frame["path"])))
+        checks = list(pool.map(check_image, map(Path, frame["path"])))
     bad = np.array([isinstance(c, str) for c in checks], dtype=bool)
-    skipped = [(p, c) for p, c, b in zip(frame["path"], checks, bad) if b]
-    sizes = [c if not b else (0, 0) for c, b in zip(checks, bad)]
-    frame["width"], frame["height"] = [s[0] for s in sizes], [s[1] for s in sizes]
+    skipped = [(display_path(p), c) for p, c, b in zip(frame["path"], checks, bad) if b]
+    good = [c for c in checks if not isinstance(c, str)]
     kept = frame[~bad].reset_index(drop=True)
+    kept["width"], kept["height"] = [c.width for c in good], [c.height for c in good]
+    kept["content_hash"] = [c.digest for c in good]
     lost = set(zip(frame["split"], frame["class_name"])) - set(zip(kept["split"], kept["class_name"]))
     if lost:
         split, class_name = sorted(lost)[0]
@@ -133,83 +111,102 @@ def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str,
                  if b and sp == split and cn == class_name)
         raise ValueError(
             f"Every image of class {class_name} in the {split} split is unreadable (e.g. "
-            f"{frame['path'].iloc[i]}: {checks[i]}): the split would silently lose the class. "
-            "Replace the files (check the download) or point DATA_DIR at a good copy.")
-    return kept, skipped
+            f"{display_path(frame['path'].iloc[i])}: {checks[i]}): the split would silently lose the "
+            "class. Replace the files (check the download) or point DATA_DIR at a good copy.")
+    thumbs = np.stack([c.thumb for c in good]) if good else np.zeros((0, THUMB, THUMB), np.uint8)
+    return kept, skipped, thumbs
 
 
-def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> pd.DataFrame:
-    """One row per image: path, label, class_name, split, patient_id, subtype, width, height.
-
-    Looks at `root/{train,val|valid|validation,test}/<class>/` (or `root/<class>/`, taken as
-    train). Hidden files, `.DS_Store`, `__MACOSX` and non-image files are ignored. Unreadable or
-    corrupt images and broken symbolic links are skipped, counted and reported
-    (`df.attrs["skipped"]`); folders that are no class of the dataset are listed in
-    `df.attrs["unknown_folders"]` with a warning. A split without images of some class (folder
-    missing, empty, or every file unreadable) is an error naming the split and the class: the
-    model would silently never see (or never be tested on) that class.
-    """
-    spec = get_spec(name)
-    root = Path(root)
-    split_dirs = {SPLIT_ALIASES[d.name.lower()]: d for d in sorted(root.iterdir())
-                  if d.is_dir() and d.name.lower() in SPLIT_ALIASES} if root.is_dir() else {}
-    if not split_dirs and len(class_folders(root, spec)) >= 2:
-        split_dirs = {"train": root}
-    if "train" not in split_dirs:
-        raise DatasetNotFoundError(
-            f"{root} has no train/ folder with class folders {list(spec.class_names)}."
-        )
-    rows, broken, unknown = [], [], []
+def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec) -> list[dict]:
+    """One row per used image; a split without images of a class is an error naming both."""
+    found = {(split, c) for split, c, _ in listing.files}
     for split, split_dir in split_dirs.items():
-        classes, extra = split_class_folders(split_dir, spec)
-        unknown += extra
         for class_name in spec.class_names:
-            files, dead = _list_images(classes.get(class_name))
-            broken += dead
-            if not files:
-                where = classes.get(class_name) or split_dir / class_name
+            if (split, class_name) not in found:
+                where = listing.class_dirs.get((split, class_name)) or split_dir / class_name
                 raise ValueError(
                     f"The {split} split has no images of class {class_name}: class folder {where} "
                     f"is missing or holds no images. Every class {list(spec.class_names)} needs "
-                    f"images in {split_dir}; check the download or point DATA_DIR at the right folder."
-                )
-            label = spec.class_names.index(class_name)
-            rows += [dict(path=str(f), label=label, class_name=class_name, split=split,
-                          patient_id=parse_patient_id(f.name),
-                          subtype=parse_subtype(f.name, class_name)) for f in files]
-    frame = pd.DataFrame(rows)
-    skipped = [(str(p), "broken symbolic link (its target does not exist)") for p in broken]
-    if check_images:
-        frame, unreadable = _drop_unreadable(frame)
-        skipped += unreadable
+                    f"images in {split_dir}; check the download or point DATA_DIR at the right folder.")
+    names = [os.path.basename(f) for _, _, f in listing.files]
+    return [dict(path=f, label=spec.class_names.index(c), class_name=c, split=split,
+                 patient_id=parse_patient_id(n), subtype=parse_subtype(n, c))
+            for (split, c, f), n in zip(listing.files, names)]
+
+
+def _warn(frame: pd.DataFrame, name: str, spec: DatasetSpec) -> None:
+    skipped, unknown = frame.attrs["skipped"], frame.attrs["unknown_folders"]
     if skipped:
         warnings.warn(f"Skipped {len(skipped)} unreadable image(s) of {len(frame) + len(skipped)} "
                       f"(listed in frame.attrs['skipped']), e.g. {skipped[0][0]} ({skipped[0][1]})",
-                      stacklevel=2)
+                      stacklevel=3)
     if unknown:
         warnings.warn(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset "
-                      f"{list(spec.class_names)}: {unknown}", stacklevel=2)
-    frame.attrs["skipped"], frame.attrs["unknown_folders"] = skipped, unknown
+                      f"{list(spec.class_names)}: {unknown}", stacklevel=3)
+
+
+def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> pd.DataFrame:
+    """One row per image: path, label, class_name, split, patient_id, subtype, width, height,
+    content_hash.
+
+    Looks at `root/{train,val|valid|validation,test}/<class>/` (or `root/<class>/`, taken as
+    train); folder names match without regard to case, and two folders of the same meaning are
+    an error naming both. Images in sub-folders of a class folder belong to that class
+    (`attrs["nested"]`). Every other file is counted by reason in `attrs["excluded"]` (path,
+    `scan.REASONS` key): hidden files, `__MACOSX`, non-images, unsupported formats, images
+    outside any class folder, a nested copy of the dataset. Unreadable or corrupt images and
+    broken symbolic links are skipped, counted and reported (`attrs["skipped"]`); folders that
+    are no class of the dataset are listed in `attrs["unknown_folders"]` with a warning. Exact
+    and near duplicate pairs (`scan.find_duplicates`, from the same decoding pass) are in
+    `attrs["duplicate_pairs"]`. A split without images of some class is an error naming the
+    split and the class: the model would silently never see (or be tested on) that class.
+    """
+    spec = get_spec(name)
+    root = Path(root)
+    listing, split_dirs = list_dataset(root, spec) if root.is_dir() else (Listing(), {})
+    if "train" not in split_dirs:
+        raise DatasetNotFoundError(
+            f"{root} has no train/ folder with class folders {list(spec.class_names)}.")
+    frame = pd.DataFrame(_rows(listing, split_dirs, spec))
+    skipped = [(display_path(p), "broken symbolic link (its target does not exist)") for p in listing.broken]
+    pairs: list[dict] = []
+    if check_images:
+        frame, unreadable, thumbs = _drop_unreadable(frame)
+        skipped += unreadable
+        generated = is_synthetic_dataset(root)  # generated images share one template: exact only
+        found = find_duplicates(list(frame["content_hash"]), thumbs, near=2.0 if generated else
+                                NEAR_DUPLICATE_CORRELATION)
+        frame.attrs["near_checked"] = bool(found.attrs["near_checked"])
+        paths = frame["path"].to_numpy()
+        pairs = [dict(path_a=paths[a], path_b=paths[b], kind=k, similarity=round(s, 4))
+                 for a, b, k, s in found.itertuples(index=False)]
+    marker = display_path(root / ".complete")  # the generator's own completion marker
+    excluded = [e for e in listing.excluded if not (e[0] == marker and is_synthetic_dataset(root))]
+    frame.attrs.update(skipped=skipped, unknown_folders=listing.unknown, excluded=excluded,
+                       nested=listing.nested, duplicate_pairs=pairs)
+    _warn(frame, name, spec)
     return frame
 
 
 # ----------------------------------------------------------------------------- splitting
 
 def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 seed: int = 42, carve: tuple[str, ...] = ("val", "test")) -> pd.DataFrame:
-    """Move whole patients from train into the splits named in `carve`, per class.
+                 seed: int = 42, carve: tuple[str, ...] = ("val", "test"),
+                 group_by: str = "patient_id") -> pd.DataFrame:
+    """Move whole patients (groups of `group_by`) from train into the splits named in `carve`, per class.
 
     Patients are shuffled within each class (a patient's class is their most frequent label)
     and taken until each new split holds its fraction of that class's images, so every split
     keeps the class balance of the whole and no patient appears in two splits. A carved split
     that would get no patient of a class (few patients, large first patients) takes the last
     train patient of that class in the shuffled order, as long as train keeps at least one.
+    `load_splits` groups by patient joined with duplicate images (`scan.duplicate_groups`).
     """
     frame = frame.copy()
     fractions = {"val": val_fraction, "test": test_fraction}
     train = frame[frame["split"] == "train"]
-    patients = train.groupby("patient_id")["label"].agg(lambda s: s.mode().iloc[0]).rename("label")
-    sizes = train.groupby("patient_id").size().rename("n")
+    patients = train.groupby(group_by)["label"].agg(lambda s: s.mode().iloc[0]).rename("label")
+    sizes = train.groupby(group_by).size().rename("n")
     table = pd.concat([patients, sizes], axis=1)
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
@@ -228,7 +225,7 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
                 chosen[in_train[-1]] = split
         assignment.update(chosen)
     is_train = frame["split"] == "train"
-    frame.loc[is_train, "split"] = frame.loc[is_train, "patient_id"].map(assignment)
+    frame.loc[is_train, "split"] = frame.loc[is_train, group_by].map(assignment)
     return frame
 
 
@@ -263,6 +260,9 @@ class DataSplits:
     synthetic: bool = False
     notes: list[str] = field(default_factory=list)
     carved: tuple[str, ...] = ()  # splits carved out of train/ (not provided by the dataset)
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, scan.REASONS key) not used
+    duplicates: pd.DataFrame = field(default_factory=lambda: cross_split_duplicates(
+        pd.DataFrame(columns=["path", "split", "class_name"]), []))  # pairs of copies in two splits
 
     @property
     def train(self) -> pd.DataFrame:
@@ -296,6 +296,17 @@ def _require_every_class(frame: pd.DataFrame, spec: DatasetSpec, carved: tuple[s
                              "Every split must hold every class, or its metrics are undefined.")
 
 
+def _scan_notes(frame: pd.DataFrame, root: Path, name: str, synthetic: bool) -> list[str]:
+    """The notes on what the scan used, skipped and left out."""
+    notes = [f"Data: {root}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
+    if skipped := frame.attrs.get("skipped"):
+        notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
+    if unknown := frame.attrs.get("unknown_folders"):
+        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: "
+                     + ", ".join(unknown))
+    return notes + exclusion_notes(frame.attrs.get("excluded", []), frame.attrs.get("nested", []))
+
+
 def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42,
                 val_fraction: float = 0.15, test_fraction: float = 0.15,
                 max_per_class: int | None = None, check_images: bool = True) -> DataSplits:
@@ -320,13 +331,11 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     root = make_synthetic_dataset(name, seed=seed) if generate else locate_dataset(name, data_dir)
     synthetic = generate or is_synthetic_dataset(root)
     frame = scan_dataset(root, name, check_images=check_images)
-    skipped = list(frame.attrs.get("skipped", []))
-    notes = [f"Data: {root}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
-    if skipped:
-        notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
-    if unknown := frame.attrs.get("unknown_folders"):
-        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: "
-                     + ", ".join(unknown))
+    skipped, pairs = list(frame.attrs.get("skipped", [])), list(frame.attrs.get("duplicate_pairs", []))
+    excluded = list(frame.attrs.get("excluded", []))
+    notes = _scan_notes(frame, root, name, synthetic)
+    near_checked = frame.attrs.get("near_checked", True)
+    frame.attrs = {}  # pandas deep-copies attrs in every operation (each group of a groupby): keep none
     n_val, n_train = int((frame["split"] == "val").sum()), int((frame["split"] == "train").sum())
     if 0 < n_val < MIN_USEFUL_VAL_IMAGES and n_val < MIN_USEFUL_VAL_FRACTION * n_train:
         frame.loc[frame["split"] == "val", "split"] = "train"
@@ -334,13 +343,27 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
                      "on, so it was folded into train and a validation split carved instead.")
     missing = tuple(s for s in ("val", "test") if not (frame["split"] == s).any())
     if missing:
+        frame["group"] = duplicate_groups(frame, pairs)
+        train = frame[frame["split"] == "train"]
+        joined = train["patient_id"].nunique() - train["group"].nunique()
         frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction,
-                             seed=seed, carve=missing)
+                             seed=seed, carve=missing, group_by="group").drop(columns="group")
         notes.append(f"Carved {' and '.join(missing)} out of train/ by patient "
-                     f"({frame['patient_id'].nunique()} patient ids), stratified by class.")
+                     f"({frame['patient_id'].nunique()} patient ids"
+                     + (f"; {joined} joined with another because they share duplicate images"
+                        if joined else "") + "), stratified by class.")
     frame = subsample(frame, max_per_class, seed=seed).reset_index(drop=True)
     if max_per_class is not None:
         notes.append(f"Subsampled to at most {max_per_class} images per class and split, keeping "
                      "each split's class balance (profile setting).")
     _require_every_class(frame, spec, missing)
-    return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes, missing)
+    duplicates = cross_split_duplicates(frame, pairs)
+    if note := duplicate_note(duplicates):
+        notes.append(note)
+    if check_images and not near_checked:
+        notes.append("Near duplicates (re-encoded or resized copies) were not searched: " +
+                     ("generated images share one template." if synthetic else "too many of these "
+                      "images look alike at thumbnail scale to tell copies apart; only exact "
+                      "copies (same bytes) were searched."))
+    return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes, missing,
+                      excluded, duplicates)

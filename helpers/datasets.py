@@ -81,17 +81,20 @@ def get_spec(name: str) -> DatasetSpec:
 
 def class_folders(folder: Path, spec: DatasetSpec) -> list[Path]:
     """Sub-folders of `folder` that are class folders of `spec` (any spelling it knows)."""
-    if not folder.is_dir():
-        return []
-    return [d for d in folder.iterdir() if d.is_dir() and spec.canonical_class(d.name)]
+    return [d for d in _subfolders(folder) if spec.canonical_class(d.name)]
 
 
 def visible_folders(folder: Path) -> list[Path]:
     """Sub-folders that could be class folders: not hidden, not `__MACOSX`."""
-    if not folder.is_dir():
+    return sorted(d for d in _subfolders(folder) if d.name not in IGNORED_DIRS and not d.name.startswith("."))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Sub-folders of `folder`; none when it is no folder or cannot be read (the scan reports that)."""
+    try:
+        return [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
+    except OSError:
         return []
-    return sorted(d for d in folder.iterdir()
-                  if d.is_dir() and d.name not in IGNORED_DIRS and not d.name.startswith("."))
 
 
 def _foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
@@ -130,6 +133,11 @@ def split_class_folders(split_dir: Path, spec: DatasetSpec) -> tuple[dict[str, P
         canonical = spec.canonical_class(d.name)
         if canonical is None:
             unknown.append(str(d))
+        elif canonical in classes:
+            raise ValueError(
+                f"Two folders mean the same class {canonical!r}: {classes[canonical]} and {d} (class "
+                "folder names match without regard to case and spelling). Merge them into one or "
+                "remove one, so that no image is silently left out.")
         else:
             classes[canonical] = d
     return classes, unknown

@@ -22,6 +22,7 @@ from torch import nn
 
 from helpers import tta as tta_views
 from helpers.core import is_one_logit, logits_to_probs, model_device, predict_labels, to_numpy
+from helpers.measurable import flag_too_few
 
 # --------------------------------------------------------------------------- arrays
 
@@ -286,8 +287,8 @@ def compute_metrics(
     one-vs-rest), average_precision, [binary: sensitivity, specificity, threshold], ece, n,
     per_class {name: precision, recall, f1, support}, confusion_matrix (rows = true class),
     ci95 {accuracy, balanced_accuracy, auc, [binary: sensitivity, specificity]: [lo, hi],
-    recall: {name: [lo, hi]}} (percentile bootstrap, `n_bootstrap` resamples), and `notes`
-    when something could not be computed (e.g. a class is absent).
+    recall: {name: [lo, hi]}} (percentile bootstrap, `n_bootstrap` resamples), `too_few` {class:
+    images} under `measurable.MIN_CLASS_IMAGES` (intervals None), and `notes` on what was not measured.
 
     Binary predictions are `probs[:, 1] >= threshold` (default 0.5); multi-class use argmax.
     Values are plain Python numbers; undefined ones are None.
@@ -323,6 +324,7 @@ def compute_metrics(
                    confusion_matrix=cm.tolist())
     metrics["ci95"] = (_bootstrap_ci(y, p, y_pred, int(n_bootstrap), seed, auc_classes, names) if n_bootstrap > 0
                        else {"accuracy": None, "balanced_accuracy": None, "auc": None})
+    flag_too_few(metrics, names, notes)
     if notes:
         metrics["notes"] = notes
     return metrics

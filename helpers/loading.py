@@ -24,13 +24,16 @@ from typing import Iterator, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from helpers.augment import BatchAugment
 from helpers.core import as_label_tensor
 from helpers.data import DataSplits
+from helpers.dicom import is_dicom, read_dicom
+from helpers.pixels import to_rgb
+from helpers.scan import display_path, exif_orientation
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -103,75 +106,50 @@ class ImageFileDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------- reading pixels
-# One function turns any decoded image into the 8-bit RGB a model sees: `to_rgb`. Training
-# (`load_image`, `ImageFileDataset`) and the app (`helpers.serve.read_upload`) both call it, so a
-# file gives the same pixels in both.
+# One reading turns any file into the 8-bit RGB a model sees: `read_image_with_notes` (DICOM through
+# `helpers.dicom`, then the EXIF orientation and `helpers.pixels.to_rgb`: `oriented_rgb`). Training,
+# the cache, the grids and the app (`helpers.serve.read_upload`) all use it: the same pixels everywhere.
 
-HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-ALPHA_BACKGROUND = (0, 0, 0)  # transparency is composited onto black, the background of a radiograph
-
-
-def _rescale_high_bit_depth(image: Image.Image) -> tuple[Image.Image, str]:
-    """16/32-bit integer or float grayscale -> 8-bit "L", by the bit depth its values use.
-
-    `image.convert("L")` clips every value above 255 to white: a 12-bit X-ray stored as a 16-bit
-    PNG (values up to 4095) comes out almost entirely white. Integer values are divided by the
-    full scale of the smallest bit depth (8, 10, 12, 14, 16, 32) that holds their maximum, so
-    0 stays black and a 12-bit 4095 becomes 255; floats in [0, 1] are scaled by 255; anything
-    else (negative values, other floats) is stretched from its own minimum to its maximum.
-    """
-    values = np.asarray(image, dtype=np.float64)
-    if values.ndim == 3:  # e.g. a 2-channel 16-bit image opened as an array: keep the first
-        values = values[..., 0]
-    lo, hi = float(values.min()), float(values.max())
-    if image.mode != "F" and lo >= 0:
-        bits = next(b for b in (8, 10, 12, 14, 16, 32) if hi <= 2 ** b - 1)
-        scaled = values * (255.0 / (2 ** bits - 1))
-        how = f"as {bits}-bit values (0 -> black, {2 ** bits - 1} -> white)"
-    elif image.mode == "F" and lo >= 0 and hi <= 1:
-        scaled, how = values * 255.0, "as values in [0, 1]"
-    else:
-        span = hi - lo if hi > lo else 1.0
-        scaled = (values - lo) / span * 255.0
-        how = "by its own range (minimum -> black, maximum -> white)"
-    note = f"{image.mode} image (values {lo:g}..{hi:g}) rescaled to 8 bits {how}"
-    return Image.fromarray(np.round(np.clip(scaled, 0, 255)).astype(np.uint8), mode="L"), note
-
-
-def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-    """Any PIL image -> 8-bit RGB, and notes on what was converted.
-
-    Grayscale is replicated to 3 channels; palette images are expanded; transparency (RGBA, LA,
-    palette with transparency) is composited onto `ALPHA_BACKGROUND` (black); 16/32-bit
-    grayscale is rescaled by its bit depth (see `_rescale_high_bit_depth`), never clipped.
-    """
+def oriented_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
+    """A decoded image turned as its EXIF orientation says, then `to_rgb`: the one conversion of
+    training, the cache, the grids and the app (`helpers.serve.read_upload`)."""
     notes: list[str] = []
-    if image.mode in HIGH_BIT_DEPTH_MODES:
-        image, note = _rescale_high_bit_depth(image)
-        notes.append(note)
-    if image.mode in ("P", "PA"):
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "La", "RGBa"):
-        alpha = image.getchannel("A")
-        if alpha.getextrema()[0] < 255:
-            notes.append("transparent areas were flattened onto black")
-        background = Image.new("RGB", image.size, ALPHA_BACKGROUND)
-        background.paste(image.convert("RGB"), mask=alpha)
-        image = background
-    if image.mode in ("L", "1"):
-        notes.append("grayscale image replicated to 3 channels (RGB)")
-    elif image.mode != "RGB":
-        notes.append(f"converted from {image.mode} to RGB")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return image, notes
+    if (orientation := exif_orientation(image)) != 1:
+        try:
+            image = ImageOps.exif_transpose(image)
+            notes.append(f"rotated according to its EXIF orientation ({orientation})")
+        except Exception:  # a broken EXIF block should not block an otherwise good image
+            pass
+    rgb, converted = to_rgb(image)
+    return rgb, notes + converted
+
+
+def read_image_with_notes(path: str | Path) -> tuple[Image.Image, list[str]]:
+    """Decode an image file (DICOM through `helpers.dicom.read_dicom`) into 8-bit RGB, with notes.
+
+    A file that was listed by the scan but is gone now gives a FileNotFoundError that says so.
+    """
+    try:
+        if is_dicom(path):
+            image, notes = read_dicom(path)
+            rgb, converted = oriented_rgb(image)
+            return rgb, notes + converted
+        with Image.open(path) as im:
+            im.load()
+            rgb, notes = oriented_rgb(im)
+            return (im.copy() if rgb is im else rgb), notes  # the file closes here: keep no lazy image
+    except FileNotFoundError:
+        raise _gone(path) from None
+
+
+def _gone(path: str | Path) -> FileNotFoundError:
+    return FileNotFoundError(f"The image {display_path(path)} is gone (deleted or moved after the dataset "
+                             "was scanned). Run load_splits again to re-scan the folder, or put it back.")
 
 
 def read_image(path: str | Path) -> Image.Image:
-    """Decode an image file into 8-bit RGB with `to_rgb` (the app's conversion, too)."""
-    with Image.open(path) as im:
-        rgb = to_rgb(im)[0]
-        return im.copy() if rgb is im else rgb  # the file closes here: keep no lazy image
+    """Decode an image file into 8-bit RGB exactly as the app does (`read_image_with_notes`)."""
+    return read_image_with_notes(path)[0]
 
 
 # ----------------------------------------------------------------------------- tensor cache
@@ -203,11 +181,34 @@ def to_grayscale(images: torch.Tensor) -> torch.Tensor:
     return torch.stack([luma, luma, luma], dim=-3)
 
 
+# Bump when the pixels a file gives change in a way the source fingerprint below cannot see.
+PREPROCESS_VERSION = 2
+
+
+def _preprocess_fingerprint() -> str:
+    """A hash of the code that turns a file into cached pixels (and the library versions): a
+    cache made by other preprocessing code is never reused."""
+    import inspect
+
+    import PIL
+
+    from helpers import dicom, pixels
+
+    code = (pixels, oriented_rgb, read_image_with_notes, resized_tensor, to_grayscale, dicom)
+    parts = [inspect.getsource(f) for f in code] + [PIL.__version__, str(PREPROCESS_VERSION)]
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+
 def _cache_key(paths: Sequence[str], image_size: int) -> str:
-    digest = hashlib.sha1(str(image_size).encode())
+    """Keyed on the preprocessing code, the size and every file's path and content (a hash of its
+    bytes: a file replaced with the same modification time still gets a new key)."""
+    digest = hashlib.sha1(f"{_preprocess_fingerprint()}|{image_size}".encode())
     for p in paths:
-        digest.update(p.encode())
-        digest.update(str(os.path.getmtime(p)).encode())
+        digest.update(os.fsencode(p))
+        try:
+            digest.update(hashlib.blake2b(Path(p).read_bytes(), digest_size=16).digest())
+        except FileNotFoundError:
+            raise _gone(p) from None
     return digest.hexdigest()[:16]
 
 
@@ -230,8 +231,9 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
                  num_threads: int | None = None, grayscale: bool = False) -> torch.Tensor:
     """Decode and resize every image of `frame` once: uint8 tensor (N, 3, S, S), frame order.
 
-    With `cache_dir`, the tensor is also saved there (keyed by the file list, modification times
-    and size) and loaded from disk next time. Decoding runs in threads (PIL releases the GIL).
+    With `cache_dir`, the tensor is also saved there (keyed by the files' paths and contents, the
+    size and the preprocessing code: `_cache_key`; written to a temporary file, then renamed) and
+    loaded from disk next time. Decoding runs in threads (PIL releases the GIL).
     `grayscale=True` stores every image as three equal channels (`to_grayscale`).
     """
     paths = [str(p) for p in frame["path"]]
@@ -248,9 +250,14 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i, image in enumerate(pool.map(lambda p: load_image(p, image_size), paths)):
             out[i] = to_grayscale(image) if grayscale else image
-    if target is not None:
+    if target is not None:  # written whole or not at all: a killed run leaves no half file
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(out, target)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+        try:
+            torch.save(out, partial)
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
     return out
 
 
@@ -278,19 +285,20 @@ class TensorLoader:
 
     A drop-in for a DataLoader in `fit`/`predict`: iterate to get `(x, y)` batches. `sample_weights`
     draws each epoch's images with replacement (a weighted sampler); `strong_classes` get the `strong`
-    augmentation instead of `augment`. `ordered()`: the same data once, in order."""
+    augmentation instead of `augment`; `drop_single` drops a last batch of one image. `ordered()`: the
+    same data once, in order."""
 
     def __init__(self, images: torch.Tensor, labels, *, batch_size: int = 32,
                  shuffle: bool = False, augment: str | BatchAugment = "none",
                  strong: str | BatchAugment = "strong", strong_classes: Sequence[int] = (),
                  sample_weights: torch.Tensor | None = None, device: str | torch.device = "cpu",
-                 drop_last: bool = False, seed: int | None = None):
+                 drop_last: bool = False, seed: int | None = None, drop_single: bool = False):
         self.device = torch.device(device)
         self.grayscale, self._images = _compact(images, self.device)
         self.labels = as_label_tensor(labels)
         if len(self.labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.batch_size, self.shuffle, self.drop_last, self.drop_single = batch_size, shuffle, drop_last, drop_single
         self.augment, self.strong = _as_augment(augment), _as_augment(strong)
         self.strong_classes = torch.as_tensor(list(strong_classes), dtype=torch.long)
         self.sample_weights = sample_weights
@@ -313,13 +321,13 @@ class TensorLoader:
     def ordered(self) -> "TensorLoader":
         """The same images once each, in order, unaugmented, none dropped (shares images and generator)."""
         view = copy.copy(self)
-        view.shuffle, view.sample_weights, view.drop_last = False, None, False
+        view.shuffle, view.sample_weights, view.drop_last, view.drop_single = False, None, False, False
         view.augment, view.strong_classes = BatchAugment.preset("none"), self.strong_classes[:0]
         return view
 
     def __len__(self) -> int:
-        n = self.dataset_size
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        full, rest = divmod(self.dataset_size, self.batch_size)  # drop_single: a last batch of one goes
+        return full if self.drop_last or (self.drop_single and rest == 1 and full) else full + (rest > 0)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n = self.dataset_size
@@ -376,6 +384,8 @@ def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *,
     `loaders[split].images`). `fast=False`: the per-image `ImageFileDataset` + `DataLoader`.
     `balanced_sampler=True` draws training images with inverse class-frequency weights.
     `grayscale=True` feeds every image as three equal channels (colour casts removed).
+    A last training batch of a single image is dropped (BatchNorm cannot normalise one value per
+    channel: "Expected more than 1 value per channel"); every other image is kept.
     """
     loaders = {}
     for split in ("train", "val", "test"):
@@ -387,7 +397,7 @@ def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *,
                 cache_images(frame, image_size, cache_dir=cache_dir, grayscale=grayscale), frame["label"],
                 batch_size=batch_size, shuffle=train, augment=augment if train else "none",
                 strong_classes=strong_classes if train else (), sample_weights=weights,
-                device=device, seed=seed if train else None)
+                device=device, seed=seed if train else None, drop_single=train)
         else:
             strong_tf = pil_transforms(image_size, True, True, grayscale) if train else None
             aug_on = train and augment != "none"
@@ -395,7 +405,8 @@ def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *,
                                        strong_transform=strong_tf,
                                        strong_classes=strong_classes if train else ())
             sampler = make_weighted_sampler(frame["label"], seed=seed) if train and balanced_sampler else None
-            loaders[split] = DataLoader(dataset, batch_size=batch_size,
+            single = train and len(frame) % batch_size == 1 and len(frame) > batch_size
+            loaders[split] = DataLoader(dataset, batch_size=batch_size, drop_last=single,
                                         shuffle=train and sampler is None, sampler=sampler,
                                         num_workers=num_workers,
                                         pin_memory=torch.device(device).type == "cuda")

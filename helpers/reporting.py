@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 
 from helpers.config import METRICS_FILE, Config, Run, now_iso, portable_data_dir
+from helpers.measurable import too_few_for
 
 
 def with_ci(block: dict[str, Any], key: str, digits: int = 3, missing: str = "undefined") -> str:
@@ -32,7 +33,8 @@ def with_ci(block: dict[str, Any], key: str, digits: int = 3, missing: str = "un
     `block` is a `compute_metrics` block (`key` = "auc", interval in `block["ci95"]`) or a row of
     `results_table` (`key` = "test_auc", interval in "test_auc_lo" / "test_auc_hi"). An undefined
     metric (e.g. the AUC of a split holding one class) gives `missing`, so a table or a sentence
-    says so instead of crashing on None; a metric without interval gives just the value.
+    says so instead of crashing on None; a metric resting on a class with too few images
+    (`block["too_few"]`) says so instead of an interval; one without interval gives the value.
     """
     value = block.get(key)
     if "ci95" in block:
@@ -41,6 +43,8 @@ def with_ci(block: dict[str, Any], key: str, digits: int = 3, missing: str = "un
         interval = [block.get(f"{key}_lo"), block.get(f"{key}_hi")]
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return missing
+    if few := too_few_for(block, key):
+        return f"{value:.{digits}f} (too few to measure: {few})"
     if not interval or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in interval):
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"

@@ -23,12 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from helpers.bundle import AppModel
 from helpers.core import logits_to_probs, model_device, predict_labels, to_numpy
 from helpers.gradcam import default_target_layer, grad_cam
-from helpers.loading import normalize, resized_tensor, to_rgb
+from helpers.dicom import DicomError, is_dicom, read_dicom
+from helpers.loading import normalize, oriented_rgb, resized_tensor
 from helpers.ood import logits_and_features, ood_score
 from helpers.plots import overlay
 from helpers.synthetic import chest_xray_image, synthetic_landscapes
@@ -66,7 +67,7 @@ def read_upload(
 
     Order of checks: empty or too many bytes -> can PIL identify it -> pixel count (read from the
     header, before decoding, so a 'decompression bomb' is never decoded) -> full decode (catches
-    truncated files) -> EXIF rotation -> conversion to 8-bit RGB (`helpers.loading.to_rgb`, the
+    truncated files) -> EXIF rotation and 8-bit RGB (`helpers.loading.oriented_rgb`, the
     same conversion the training images get).
     """
     if data is None or len(data) == 0:
@@ -74,6 +75,8 @@ def read_upload(
     if len(data) > max_bytes:
         raise UploadError(f"The file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB. "
                           "Please upload a smaller image (a chest X-ray exported as PNG or JPEG).")
+    if is_dicom(data):
+        return _read_dicom_upload(data, max_pixels, min_side)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
@@ -101,16 +104,22 @@ def read_upload(
         except Exception:  # OSError "image file is truncated", SyntaxError for broken chunks, ...
             raise UploadError("The image file is truncated or corrupt (it could not be decoded completely). "
                               "Please export or download it again.") from None
-    try:
-        rotated = ImageOps.exif_transpose(image)
-    except Exception:  # a broken EXIF block should not block an otherwise good image
-        rotated = image
-    if rotated is not image:
-        if rotated.size != image.size or rotated.tobytes() != image.tobytes():
-            notes.append("rotated according to its EXIF orientation")
-        image = rotated
-    rgb, convert_notes = to_rgb(image)
+    rgb, convert_notes = oriented_rgb(image)  # EXIF orientation + to_rgb: exactly what training does
     return ValidatedImage(rgb, fmt, mode, (width, height), notes + convert_notes)
+
+
+def _read_dicom_upload(data: bytes, max_pixels: int, min_side: int) -> ValidatedImage:
+    """A DICOM upload, read by `helpers.dicom.read_dicom` as training reads a `.dcm` file."""
+    try:
+        image, notes = read_dicom(data)
+    except DicomError as err:
+        raise UploadError(f"This DICOM file cannot be shown: {err}") from None
+    width, height = image.size
+    if width * height > max_pixels or min(width, height) < min_side:
+        raise UploadError(f"The DICOM image is {width} x {height} pixels; it must have at least {min_side} "
+                          f"pixels per side and at most {max_pixels / 1e6:.0f} megapixels.")
+    rgb, convert_notes = oriented_rgb(image)
+    return ValidatedImage(rgb, "DICOM", image.mode, (width, height), notes + convert_notes)
 
 
 # ============================================================================ one image, end to end

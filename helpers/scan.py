@@ -1,0 +1,389 @@
+"""Walking a dataset folder: every file is used or counted by reason, and duplicates are found.
+
+`list_dataset` visits every file under a dataset root once and sorts it: an image of a class
+folder of a split (used, also from sub-folders of the class folder), or excluded with a reason
+(`REASONS`: hidden or system, not an image, unsupported format, outside any class folder, in a
+nested copy of the dataset, ...). Split and class folders match without regard to case; two
+folders that mean the same (`val/` and `valid/`, `NORMAL/` and `normal/`) are an error naming
+both. `check_image` decodes an image once (JPEG in draft mode) and returns its size, a content
+hash and a small thumbnail; `find_duplicates` turns those into exact (same bytes) and near
+(re-encoded, resized) duplicate pairs. `helpers.data.scan_dataset` puts it all in a table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from helpers.datasets import IGNORED_DIRS, DatasetSpec, find_dataset_root, split_class_folders
+from helpers.dicom import DICOM_EXTENSIONS, is_dicom, read_dicom
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS}
+# Image formats a folder may hold that the course does not read: counted as "unsupported format"
+# (convert them to PNG), not as "not an image".
+OTHER_IMAGE_EXTENSIONS = {".webp", ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".svg",
+                          ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".psd", ".raw", ".nii", ".nrrd",
+                          ".mha", ".mhd", ".jfif", ".jpe"}
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+REASONS = {
+    "hidden": "hidden or system files (names starting with '.', __MACOSX, .ipynb_checkpoints)",
+    "not_image": "files that are not images",
+    "unsupported": "images in a format the course does not read (convert them to PNG or JPEG)",
+    "outside": "images outside any class folder (loose in the root or a split folder, or in a "
+               "folder that is no class of the dataset)",
+    "ambiguous": "images in a folder named like another class or split, below a class folder",
+    "duplicate_folder": "images in a nested copy of the dataset (a duplicate folder)",
+    "bad_name": "files whose name is not valid UTF-8 (rename them, e.g. with convmv)",
+    "unreadable_folder": "folders that could not be read (permission denied)",
+}
+THUMB = 32  # side of the grayscale thumbnail kept per image for near-duplicate search
+# Near duplicates: the correlation of two images' mean-centred 32 x 32 thumbnails. Measured on
+# the real pneumonia set (5,840 images): no two different images correlate above 0.98, while
+# copies of an image correlate 0.9997 or more re-encoded (JPEG q50, PNG, upscaled to 512 px) and
+# 0.989 to 0.993 when shrunk to 150 px. 64-bit perceptual hashes (imagehash pHash/dHash) do not
+# separate them on chest X-rays: unrelated radiographs lie a median 8 bits apart, shrunk copies
+# up to 12.
+NEAR_DUPLICATE_CORRELATION = 0.99
+MIN_THUMB_STD = 2.0  # a thumbnail flatter than this (grey levels) has no structure to compare
+# An image with more near matches than this is in a crowd that thumbnails cannot tell apart (real
+# fundus photographs: a bright disc on black, 26,000 pairs above the threshold among 2,607 images;
+# generated images): its near matches are dropped and counted as inconclusive, not grouped.
+MAX_NEAR_MATCHES = 3
+# When more than this fraction of a dataset is such a crowd (real fundus: 24%; pneumonia: 0), the
+# thumbnails cannot tell its images apart at all: no near pair is reported, only exact ones.
+MAX_CROWDED_FRACTION = 0.05
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an image (1: as stored; 2-8: to be turned), 1 when unreadable."""
+    try:
+        value = int(image.getexif().get(0x0112, 1))  # ExifTags.Base.Orientation
+    except Exception:  # a broken EXIF block: use the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def display_path(path: str | Path) -> str:
+    """A path that prints: bytes of a non-UTF-8 name shown as \\x escapes."""
+    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
+
+
+@dataclass
+class Listing:
+    """What `list_dataset` found: the used images and everything else by reason."""
+
+    files: list[tuple[str, str, str]] = field(default_factory=list)  # (split, class, path)
+    excluded: list[tuple[str, str]] = field(default_factory=list)  # (display path, REASONS key)
+    broken: list[Path] = field(default_factory=list)  # symbolic links to nothing
+    nested: list[str] = field(default_factory=list)  # used images from sub-folders of class folders
+    unknown: list[str] = field(default_factory=list)  # folders that are no class of the dataset
+    class_dirs: dict[tuple[str, str], Path] = field(default_factory=dict)  # (split, class) -> folder
+
+
+def _entries(folder: Path, must_read: bool, listing: Listing) -> list[os.DirEntry]:
+    """The entries of a folder; an unreadable one is an error where images would go missing."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted(it, key=lambda e: e.name)
+    except PermissionError as err:
+        if must_read:
+            raise PermissionError(
+                f"Cannot read the folder {display_path(folder)} ({err.strerror}): its images would be "
+                f"missing from the dataset. Make it readable (chmod -R a+rX '{display_path(folder)}') "
+                "or move it out of the dataset folder.") from None
+        listing.excluded.append((display_path(folder), "unreadable_folder"))
+        return []
+
+
+def _one_per_meaning(folders: list[Path], meaning, what: str) -> dict[str, Path]:
+    """{meaning: folder}; two folders with the same meaning are an error naming both."""
+    found: dict[str, Path] = {}
+    for d in folders:
+        key = meaning(d.name)
+        if key is None:
+            continue
+        if key in found:
+            raise ValueError(
+                f"Two folders mean the same {what} {key!r}: {display_path(found[key])} and "
+                f"{display_path(d)} (folder names match without regard to case and spelling). "
+                "Merge them into one or remove one, so that no image is silently left out.")
+        found[key] = d
+    return found
+
+
+def _visible_dirs(folder: Path, listing: Listing) -> list[Path]:
+    return [Path(e.path) for e in _entries(folder, True, listing) if e.is_dir()
+            and e.name not in IGNORED_DIRS and not e.name.startswith(".")]
+
+
+def split_folders(root: Path, spec: DatasetSpec, listing: Listing) -> dict[str, Path]:
+    """{split: folder} of a dataset root; a root of class folders is the train split."""
+    dirs = _visible_dirs(root, listing)
+    splits = _one_per_meaning(dirs, lambda n: SPLIT_ALIASES.get(n.lower()), "split")
+    classes = _one_per_meaning(dirs, spec.canonical_class, "class")
+    return splits if splits or len(classes) < 2 else {"train": root}
+
+
+def class_folders_of(split_dir: Path, spec: DatasetSpec, listing: Listing) -> dict[str, Path]:
+    """{class: folder} of one split folder (unknown folders go to `listing.unknown`)."""
+    _visible_dirs(split_dir, listing)  # an unreadable split folder is an error that says so
+    classes, unknown = split_class_folders(split_dir, spec)  # refuses another dataset's classes
+    listing.unknown += [u for u in unknown if SPLIT_ALIASES.get(Path(u).name.lower()) is None]
+    return classes
+
+
+def _file_reason(entry: os.DirEntry, context: str) -> str | None:
+    """Why a file is not used (a REASONS key), or None when it is an image of a class folder."""
+    name, suffix = entry.name, os.path.splitext(entry.name)[1].lower()
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "bad_name"
+    if name.startswith(".") or context == "hidden":
+        return "hidden"
+    if suffix not in IMAGE_EXTENSIONS:
+        return "unsupported" if suffix in OTHER_IMAGE_EXTENSIONS else "not_image"
+    return None if context == "class" else context
+
+
+def _dir_context(entry: os.DirEntry, context: str, used: dict[str, tuple[str, str]],
+                 spec: DatasetSpec, top: bool, split_paths: set[str]) -> str:
+    """The context of a sub-folder: class, hidden, ambiguous, duplicate_folder or outside."""
+    if entry.name.startswith(".") or entry.name in IGNORED_DIRS or context == "hidden":
+        return "hidden"
+    if entry.path in used:
+        return "class"
+    if entry.path in split_paths:
+        return "outside"  # a split folder: its loose files are outside any class folder
+    if context == "class":
+        named = spec.canonical_class(entry.name) or SPLIT_ALIASES.get(entry.name.lower())
+        return "ambiguous" if named else "class"
+    if top and context == "outside" and find_dataset_root(Path(entry.path), spec, max_depth=2):
+        return "duplicate_folder"
+    return context
+
+
+def list_dataset(root: Path, spec: DatasetSpec) -> tuple[Listing, dict[str, Path]]:
+    """Every file under `root`, sorted into used images and reasons; and the split folders."""
+    listing = Listing()
+    splits = split_folders(root, spec, listing)
+    listing.class_dirs = {(split, c): d for split, folder in splits.items()
+                          for c, d in class_folders_of(folder, spec, listing).items()}
+    used = {str(d): key for key, d in listing.class_dirs.items()}
+    seen: set[str] = set()
+    split_paths = {str(p) for p in splits.values()}
+
+    def walk(folder: Path, context: str, owner: tuple[str, str] | None, depth: int) -> None:
+        if os.path.realpath(folder) in seen:  # a symbolic link back up the tree
+            return
+        seen.add(os.path.realpath(folder))
+        must_read = context == "class" or folder == root or str(folder) in split_paths
+        for entry in _entries(folder, must_read, listing):
+            if entry.is_dir():
+                sub = _dir_context(entry, context, used, spec, depth < 2, split_paths)
+                walk(Path(entry.path), sub, used.get(entry.path, owner), depth + 1)
+                continue
+            reason = _file_reason(entry, context)
+            if reason is not None:
+                listing.excluded.append((display_path(entry.path), reason))
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                listing.broken.append(Path(entry.path))
+            elif owner is not None:
+                listing.files.append((owner[0], owner[1], entry.path))
+                if str(folder) not in used:
+                    listing.nested.append(entry.path)
+
+    walk(root, "outside", None, 0)
+    listing.files.sort()
+    return listing, splits
+
+
+# ----------------------------------------------------------------------------- decoding once
+
+@dataclass
+class ImageCheck:
+    """A decodable image: its size, a hash of its bytes and a small grayscale thumbnail."""
+
+    width: int
+    height: int
+    digest: str
+    thumb: np.ndarray  # uint8 (THUMB, THUMB)
+
+
+def check_image(path: Path) -> ImageCheck | str:
+    """Decode an image once: `ImageCheck`, or the reason it cannot be used.
+
+    The bytes are read once and hashed (exact duplicates); JPEGs are decoded in draft mode (at
+    1/8 scale): every byte is still read, so truncated files fail, at a fraction of a full decode.
+    The EXIF orientation is applied, as training and the app do.
+    """
+    try:
+        payload = path.read_bytes()
+        digest = hashlib.blake2b(payload, digest_size=16).hexdigest()
+        if is_dicom(path) or is_dicom(payload):
+            image = read_dicom(payload)[0]
+            size = image.size
+        else:
+            with Image.open(io.BytesIO(payload)) as im:
+                size = im.size
+                im.draft("L", (max(THUMB, size[0] // 8), max(THUMB, size[1] // 8)))  # never below the thumbnail
+                im.load()
+                image = im
+                if exif_orientation(im) != 1:
+                    image = ImageOps.exif_transpose(im)
+                    size = size if image.size == im.size else (size[1], size[0])
+        gray = image if image.mode == "L" else image.convert("L")
+        thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR))
+        return ImageCheck(size[0], size[1], digest, thumb)
+    except Exception as err:  # PIL and pydicom raise many types for broken files
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
+        return f"{type(err).__name__}: {message}"
+
+
+def _low_frequencies(v: np.ndarray, k: int = 8) -> np.ndarray:
+    """The k x k lowest 2-D DCT coefficients (orthonormal, as pHash uses) of unit thumbnails (N, T*T)."""
+    n = np.arange(THUMB)
+    basis = np.sqrt(2.0 / THUMB) * np.cos(np.pi * (2 * n[None, :] + 1) * np.arange(k)[:, None] / (2 * THUMB))
+    basis[0] /= np.sqrt(2.0)  # orthonormal DCT-II rows (k, THUMB)
+    basis = basis.astype(np.float32)
+    images = v.reshape(len(v), THUMB, THUMB)
+    return np.einsum("ki,nij,lj->nkl", basis, images, basis, optimize=True).reshape(len(v), k * k)
+
+
+def _near_pairs(v: np.ndarray, near: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index pairs (a < b) of unit vectors with a . b >= near, and their similarity.
+
+    Candidates come from a k-d tree over the 6 x 6 lowest DCT coefficients (a projection onto
+    orthonormal vectors never lengthens a difference, so no near pair is missed, and the tree
+    avoids comparing all N^2 pairs); each candidate is then verified on the whole thumbnail.
+    """
+    from scipy.spatial import cKDTree
+
+    radius = float(np.sqrt(2.0 * (1.0 - near))) + 1e-4  # |u - w| of unit vectors at similarity `near`
+    pairs = cKDTree(_low_frequencies(v, 6)).query_pairs(radius, output_type="ndarray")
+    a, b = np.sort(pairs, axis=1).T if len(pairs) else (np.zeros(0, int), np.zeros(0, int))
+    sims = np.concatenate([np.einsum("nd,nd->n", v[a[i:i + 4096]], v[b[i:i + 4096]])
+                           for i in range(0, len(a), 4096)]) if len(a) else np.zeros(0, np.float32)
+    ok = sims >= near
+    return a[ok], b[ok], sims[ok]
+
+
+def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEAR_DUPLICATE_CORRELATION) -> pd.DataFrame:
+    """Pairs (a, b) of row indices, a < b: `kind` "exact" (same bytes) or "near", and `similarity`.
+
+    Near: the correlation of the mean-centred thumbnails is at least `near`
+    (`NEAR_DUPLICATE_CORRELATION`; `near > 1` turns it off); flat thumbnails take part only in
+    exact matching, and images with more than `MAX_NEAR_MATCHES` near matches are left out
+    (counted in `attrs["inconclusive"]`); where they are over `MAX_CROWDED_FRACTION` of the
+    images, no near pair is reported (`attrs["near_checked"]` False).
+    """
+    rows: list[tuple[int, int, str, float]] = []
+    by_digest = pd.Series(range(len(digests))).groupby(pd.Series(digests, dtype=object)).agg(list)
+    for members in by_digest[by_digest.map(len) > 1]:
+        rows += [(a, b, "exact", 1.0) for i, a in enumerate(members) for b in members[i + 1:]]
+    x = thumbs.reshape(len(thumbs), -1).astype(np.float32)
+    x -= x.mean(axis=1, keepdims=True)
+    keep = np.flatnonzero(x.std(axis=1) >= MIN_THUMB_STD)
+    crowded = 0
+    if len(keep) > 1 and near <= 1.0:
+        v = x[keep] / np.linalg.norm(x[keep], axis=1, keepdims=True)
+        a, b, sims = _near_pairs(v, near)
+        matches = np.bincount(np.concatenate([a, b]), minlength=len(v))
+        clear = (matches[a] <= MAX_NEAR_MATCHES) & (matches[b] <= MAX_NEAR_MATCHES)
+        crowded = int((matches > MAX_NEAR_MATCHES).sum())
+        clear &= crowded <= MAX_CROWDED_FRACTION * len(v)
+        digest_of = np.asarray(digests, dtype=object)
+        rows += [(int(keep[i]), int(keep[j]), "near", round(float(sim), 4))
+                 for i, j, sim in zip(a[clear], b[clear], sims[clear]) if digest_of[keep[i]] != digest_of[keep[j]]]
+    found = pd.DataFrame(rows, columns=["a", "b", "kind", "similarity"])
+    found.attrs["inconclusive"] = crowded  # images whose near matches were too many to trust
+    found.attrs["near_checked"] = near <= 1.0 and crowded <= MAX_CROWDED_FRACTION * max(len(keep), 1)
+    return found
+
+
+# ----------------------------------------------------------------------------- what the scan found
+
+def duplicate_groups(frame: pd.DataFrame, pairs: list[dict], key: str = "patient_id") -> pd.Series:
+    """One group label per row: the rows' `key` (patient ids), joined wherever two images are
+    duplicates, so that carving keeps every copy of an image on the same side."""
+    parent = {k: k for k in frame[key].astype(str)}
+
+    def find(k: str) -> str:
+        while parent[k] != k:
+            parent[k] = parent[parent[k]]
+            k = parent[k]
+        return k
+
+    of_path = dict(zip(frame["path"], frame[key].astype(str)))
+    for pair in pairs:
+        a, b = of_path.get(pair["path_a"]), of_path.get(pair["path_b"])
+        if a is not None and b is not None and find(a) != find(b):
+            ra, rb = sorted((find(a), find(b)))
+            parent[rb] = ra
+    return frame[key].astype(str).map(find)
+
+
+SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+
+
+def cross_split_duplicates(frame: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
+    """The duplicate pairs whose two images lie in different splits of `frame` (earlier split first):
+    path, split and class of each image, kind ("exact"/"near") and similarity."""
+    info = frame.set_index("path")[["split", "class_name"]]
+    rows = []
+    for pair in pairs:
+        a, b = pair["path_a"], pair["path_b"]
+        if a not in info.index or b not in info.index or info.at[a, "split"] == info.at[b, "split"]:
+            continue
+        if SPLIT_ORDER[info.at[a, "split"]] > SPLIT_ORDER[info.at[b, "split"]]:
+            a, b = b, a
+        rows.append(dict(path_a=a, split_a=info.at[a, "split"], class_a=info.at[a, "class_name"],
+                         path_b=b, split_b=info.at[b, "split"], class_b=info.at[b, "class_name"],
+                         kind=pair["kind"], similarity=pair["similarity"]))
+    columns = ["path_a", "split_a", "class_a", "path_b", "split_b", "class_b", "kind", "similarity"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def duplicate_note(duplicates: pd.DataFrame) -> str | None:
+    """A sentence on the duplicates across splits, or None when there are none."""
+    if duplicates.empty:
+        return None
+    kinds = duplicates["kind"].value_counts()
+    where = (duplicates["split_a"] + "-" + duplicates["split_b"]).value_counts()
+    conflict = int((duplicates["class_a"] != duplicates["class_b"]).sum())
+    return (f"Duplicates across splits: {int(kinds.get('exact', 0))} exact (same bytes) and "
+            f"{int(kinds.get('near', 0))} near (re-encoded or resized) pair(s) of images in two "
+            f"splits ({', '.join(f'{k} {v}' for k, v in where.items())})"
+            + (f", {conflict} of them with different labels" if conflict else "")
+            + "; see splits.duplicates. A model scored on a copy of a training image looks better "
+            "than it is: they come from the provided splits (carved splits keep copies together).")
+
+
+def exclusion_notes(excluded: list[tuple[str, str]], nested: list[str]) -> list[str]:
+    """Sentences that count the files not used, by reason (with an example each), and the nested images used."""
+    notes = []
+    if excluded:
+        by_reason: dict[str, list[str]] = {}
+        for path, reason in excluded:
+            by_reason.setdefault(reason, []).append(path)
+        parts = []
+        for reason, paths in by_reason.items():
+            suffixes = pd.Series([Path(p).suffix.lower() or "(none)" for p in paths]).value_counts()
+            kinds = (" [" + ", ".join(f"{k} {v}" for k, v in suffixes.head(5).items()) + "]"
+                     if reason in ("unsupported", "not_image") else "")
+            parts.append(f"{len(paths)} {REASONS[reason]}{kinds}, e.g. {paths[0]}")
+        notes.append(f"Not used: {len(excluded)} file(s) or folder(s) under the root: " + "; ".join(parts)
+                     + " (listed in splits.excluded).")
+    if nested:
+        notes.append(f"Used {len(nested)} image(s) from sub-folders of class folders, with the class of "
+                     f"the folder above (e.g. {display_path(nested[0])}).")
+    return notes
