@@ -229,18 +229,22 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
     return frame
 
 
-def subsample(frame: pd.DataFrame, max_per_class: int | None, seed: int = 42) -> pd.DataFrame:
+def subsample(frame: pd.DataFrame, max_per_class: int | None, seed: int = 42,
+              keep: tuple[str, ...] = ()) -> pd.DataFrame:
     """A random, reproducible subset in which no class of a split has more than `max_per_class`.
 
     Every class of a split is scaled by the same factor (the largest class gets exactly
     `max_per_class`), so the subset keeps the class balance of the full split: capping each
     class separately would make an imbalanced dataset balanced and hide what weighted losses,
-    samplers and thresholds are for.
+    samplers and thresholds are for. Splits named in `keep` stay whole.
     """
     if max_per_class is None:
         return frame
     parts = []
-    for _, split in frame.groupby("split", sort=True):
+    for name, split in frame.groupby("split", sort=True):
+        if name in keep:
+            parts.append(split)
+            continue
         factor = min(1.0, max_per_class / split["label"].value_counts().max())
         for _, group in split.groupby("label", sort=True):
             n = max(1, round(len(group) * factor))
@@ -352,10 +356,14 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
                      f"({frame['patient_id'].nunique()} patient ids"
                      + (f"; {joined} joined with another because they share duplicate images"
                         if joined else "") + "), stratified by class.")
-    frame = subsample(frame, max_per_class, seed=seed).reset_index(drop=True)
+    # A provided test split stays whole: evaluating it is cheap, and its numbers then compare with
+    # what others report on the same images.
+    whole = () if "test" in missing else ("test",)
+    frame = subsample(frame, max_per_class, seed=seed, keep=whole).reset_index(drop=True)
     if max_per_class is not None:
         notes.append(f"Subsampled to at most {max_per_class} images per class and split, keeping "
-                     "each split's class balance (profile setting).")
+                     "each split's class balance (profile setting)"
+                     + ("; the provided test split is kept whole." if whole else "."))
     _require_every_class(frame, spec, missing)
     duplicates = cross_split_duplicates(frame, pairs)
     if note := duplicate_note(duplicates):

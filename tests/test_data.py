@@ -135,7 +135,9 @@ def test_provided_splits_are_kept_and_tiny_val_is_folded(tmp_path, synthetic_roo
 
 def test_subsample_caps_every_split_and_class(synthetic_root):
     splits = data.load_splits("chest4", synthetic_root("chest4"), max_per_class=5)
-    assert (splits.counts().to_numpy() == 5).all()
+    counts = splits.counts()
+    assert (counts.loc[["train", "val"]].to_numpy() == 5).all()
+    assert (counts.loc["test"].to_numpy() == 12).all()  # the synthetic set's own test split, whole
 
 
 # ----------------------------------------------------------------------------- scanning
@@ -432,3 +434,17 @@ def test_portable_data_dir_resolves_a_folder_relative_to_the_working_directory(t
     (root / "data").mkdir(exist_ok=True)
     monkeypatch.chdir(root / "data")  # like a notebook run from notebooks/ with DATA_DIR="../data"
     assert config.portable_data_dir("../data") == "data"
+
+
+def test_subsample_keeps_a_provided_test_split_whole(tmp_path):
+    """The cpu profile caps train/val, but a dataset's own test split is evaluated whole."""
+    for split, n_normal, n_pneu in (("train", 30, 60), ("test", 12, 20)):
+        for cls, n in (("NORMAL", n_normal), ("PNEUMONIA", n_pneu)):
+            for i in range(n):
+                name = f"IM-{i:04d}-0001.jpeg" if cls == "NORMAL" else f"person{i}_virus_{i}.jpeg"
+                _jpeg(tmp_path / split / cls / name, value=20 + 2 * i + (split == "test"))
+    splits = data.load_splits("pneumonia", tmp_path, max_per_class=8, check_images=False)
+    counts = splits.counts()
+    assert counts.loc["test"].to_dict() == {"NORMAL": 12, "PNEUMONIA": 20}
+    assert counts.loc["train"].max() == 8
+    assert any("test split is kept whole" in n for n in splits.notes)
