@@ -92,14 +92,14 @@ def _first_line(source: str) -> str:
 def weights_label(record: Mapping[str, Any] | None, fallback: Mapping[str, Any] | None = None) -> str:
     """The weights a run started from: its ``weights.source`` named for readers, else from
     ``pretrained`` ("ImageNet" / "random init"); "" when neither is recorded."""
-    for block in (record or {}, fallback or {}):
-        source = (block.get("weights") or {}).get("source") if isinstance(block.get("weights"), Mapping) else None
+    for block in (record or {}, fallback or {}):  # the run's own facts first, then its notebook's
+        weights = block.get("weights")
+        source = weights.get("source") if isinstance(weights, Mapping) else None
         if source:
             kind, _, detail = str(source).partition(":")
             if kind == "tflite-converted":
                 return f"ImageNet (converted from {detail or 'a TFLite file'})"
             return WEIGHT_SOURCES.get(str(source), str(source))
-    for block in (record or {}, fallback or {}):
         if isinstance(block.get("pretrained"), bool):
             return "ImageNet" if block["pretrained"] else "random init"
     return ""
@@ -190,7 +190,7 @@ def open_links(repo: str | None, path_in_repo: str) -> dict[str, str]:
 
 def reference_table(rows: Sequence[Mapping[str, str]]) -> str:
     """The README's table of the reference run: per notebook what you will see, weights, run time."""
-    head = "| nb | what you will see (reference run) | weights | profile | run time |\n|---|---|---|---|---|\n"
+    head = "| nb | what you will see | weights | profile | run time |\n|---|---|---|---|---|\n"
     body = "".join(f"| {r['nb']} | {r['see'] or 'not run yet'} | {r['weights']} | {r['profile']} | {r['time']} |\n"
                    for r in rows)
     return head + body

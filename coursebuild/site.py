@@ -40,6 +40,7 @@ from helpers.config import PROFILES
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(__file__).resolve().parent / "sphinx"
 README_LINK = re.compile(r"\[([^\]]+)\]\(notebooks/(\d\d_[^)/]+)\.ipynb\)")
+CHAPTER_LINK = re.compile(r"\]\(\.\./(\d\d_[^)/]+\.ipynb)\)")
 RELATIVE_LINK = re.compile(r"\[([^\]]+)\]\((?![a-z]+:|#)[^)]+\)")
 KEY_COLUMNS = ["notebook", "profile", "data", "model", "weights", "image size",
                "balanced accuracy", "AUC [95% CI]"]
@@ -155,6 +156,10 @@ def chapter_notebook(chapter: Chapter, banner: str) -> nbformat.NotebookNode:
     setup = next((c for c in nb.cells if c.cell_type == "code"), None)
     if setup is not None and "hide-input" not in setup.metadata.get("tags", []):
         setup.metadata["tags"] = [*setup.metadata.get("tags", []), "hide-input"]
+    if chapter.exercises:  # "../04_x.ipynb" (the chapter beside notebooks/exercises/) is chapters/04_x here
+        for cell in nb.cells:
+            if cell.cell_type == "markdown":
+                cell.source = CHAPTER_LINK.sub(r"](../chapters/\1)", cell.source)
     first = nb.cells[0] if nb.cells else None
     if first is not None and first.cell_type == "markdown" and first.source.startswith("# "):
         title, _, rest = first.source.partition("\n")
