@@ -158,3 +158,14 @@ def test_the_readme_block_is_replaced_between_its_markers_only() -> None:
     assert "old table" not in updated and "| 04 | test AUC 0.880 | ImageNet | cpu | 9 min 02 s |" in updated
     assert reference.replace_block(updated, table) == updated
     assert reference.replace_block("no markers", table) is None
+
+
+def test_the_site_is_built_from_assets_by_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from coursebuild import site
+
+    calls = []
+    monkeypatch.setattr(site, "build_site", lambda *args: calls.append(args) or tmp_path / "index.html")
+    assert site.main([]) == 0
+    assert calls[0][0] == ROOT / "assets" and calls[0][2] == ROOT / "notebooks"
+    assert site.main(["--executed-dir", "_build/notebooks"]) == 0  # a run_all build, as before
+    assert calls[1][0] == Path("_build/notebooks")
