@@ -63,9 +63,14 @@ def code_differences(executed: Path | str, source: Path | str) -> list[str]:
     """How the code of an executed copy differs from its source notebook; [] when it does not."""
     ran = code_sources(nbformat.read(executed, as_version=4))
     now = code_sources(nbformat.read(source, as_version=4))
-    problems = [f"code cell {i}: {_first_line(new) or '(empty)'!r} was {_first_line(old) or '(empty)'!r}"
-                if old.splitlines()[:1] != new.splitlines()[:1] else f"code cell {i} ({_first_line(new)!r}) changed"
-                for i, (old, new) in enumerate(zip(ran, now), start=1) if old != new]
+    problems = []
+    for number, (old, new) in enumerate(zip(ran, now), start=1):  # numbered as in notebooks/
+        if old == new:
+            continue
+        if _first_line(old) == _first_line(new):
+            problems.append(f"code cell {number} ({_first_line(new)!r}) changed")
+        else:
+            problems.append(f"code cell {number}: {_first_line(new)!r} was {_first_line(old)!r}")
     if len(ran) != len(now):
         problems.append(f"{len(ran)} code cells ran, the source has {len(now)}")
     return problems
