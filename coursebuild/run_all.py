@@ -224,8 +224,8 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {cores} CPU core{'s' if cores != 1 else ''}"
 
 
-def keep_executed_copy(executed: Path, assets_dir: Path, root: Path) -> Path:
-    """Copy an executed notebook to ``assets/<stem>/<stem>.ipynb`` (replacing it atomically),
+def keep_executed_copy(executed: Path, stem: str, assets_dir: Path, root: Path) -> Path:
+    """Copy the executed notebook ``stem`` to ``assets/<stem>/<stem>.ipynb`` (replacing it atomically),
     recording the machine it ran on; papermill's paths inside the course become relative to it."""
     import nbformat
 
@@ -237,7 +237,7 @@ def keep_executed_copy(executed: Path, assets_dir: Path, root: Path) -> Path:
         except (KeyError, TypeError, ValueError):
             pass  # outside the course folder: kept as papermill wrote it
     nb.metadata["coursebuild"] = {"machine": machine(), "python": platform.python_version()}
-    target = executed_copy(assets_dir, executed.stem)
+    target = executed_copy(assets_dir, stem)
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
     nbformat.write(nb, partial)
@@ -358,7 +358,7 @@ def _execute_all(notebooks: Sequence[Path], args: argparse.Namespace, timeout: f
         )
         results.append(result)
         if reference and result.executed_path is not None:
-            keep_executed_copy(result.executed_path, root / "assets", root)
+            keep_executed_copy(result.executed_path, result.name, root / "assets", root)
         print(f"{result.status} {result.seconds:.1f} s", flush=True)
         for message in result.warnings:
             print(f"    warning: {message}", flush=True)
