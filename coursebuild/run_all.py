@@ -15,7 +15,7 @@ outcome is merged into ``<build-dir>/notebooks/runs.json``. Afterwards
 notebook in the folder, this run's and earlier ones. A failing notebook does not stop the
 others; the exit code is non-zero when any notebook failed.
 
-A run that writes into the default ``assets/`` (no ``--output-dir-root``) is a reference run: each
+A run that writes into the course's ``assets/`` (the default: no ``--output-dir-root``) is a reference run: each
 executed notebook is also kept beside its figures and metrics.json, as
 ``assets/<stem>/<stem>.ipynb``, which ``python -m coursebuild.site`` renders by default. Only the
 chapters ``notebooks/NN_*.ipynb`` run; the exercise notebooks in ``notebooks/exercises/`` do not
@@ -348,7 +348,8 @@ def _execute_all(notebooks: Sequence[Path], args: argparse.Namespace, timeout: f
     in a reference run (into the default assets/) keep each executed notebook there too."""
     results: list[NotebookResult] = []
     root = args.notebooks_dir.resolve().parent
-    reference = args.output_dir_root is None
+    # A reference run: the notebooks write into the course's own assets/ (the default).
+    reference = args.output_dir_root is None or args.output_dir_root.resolve() == (root / "assets").resolve()
     print(f"Running {len(notebooks)} notebook(s), profile {args.profile}, timeout {timeout:.0f} s each"
           + (f"; executed copies kept in {root / 'assets'}" if reference else ""))
     for i, path in enumerate(notebooks, start=1):
