@@ -2,7 +2,10 @@
 
 Everything comes from the notebooks themselves (papermill's metadata: parameters, start and end
 time, whether it raised) plus, where the runner wrote it, ``runs.json`` beside them (which
-notebooks the latest run executed) and the notebook's own metrics.json.
+notebooks the latest run executed) and the notebook's own metrics.json. Executed notebooks are
+read from a run_all build folder (``NN_*.ipynb``) or from assets/ (``NN_*/NN_*.ipynb``, the
+reference run: its metrics.json is the one beside it). The exercise notebooks are shown as they
+are committed (no outputs), after their chapter.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import nbformat
 from papermill.execute import ERROR_MARKER_TAG
 
 from coursebuild.layout import NOTEBOOK_PATTERN, RUNS_FILE
+from coursebuild.reference import code_differences, executed_notebooks, is_beside_assets
 from helpers.config import metrics_path, read_fresh_metrics
 
 PROFILE_IN_SOURCE = re.compile(r"""^PROFILE\s*=\s*["'](\w+)["']""", re.MULTILINE)
@@ -39,11 +43,16 @@ class Chapter:
     failure: str | None = None  # "code cell 3: ValueError: boom"
     earlier_run: bool = False  # executed before the latest (partial) run
     metrics: dict[str, Any] | None = None
+    source: Path | None = None  # the notebook in notebooks/ (or notebooks/exercises/)
+    drift: list[str] = field(default_factory=list)  # how the executed code differs from the source
+    machine: str | None = None  # recorded by run_all in the executed copy ("Linux x86_64, 2 CPU cores")
+    duration: float | None = None  # papermill's own duration, where start/end are missing
+    exercises: bool = False  # a companion exercise notebook, not a chapter
 
     @property
     def seconds(self) -> float | None:
         if self.started is None or self.finished is None:
-            return None
+            return self.duration
         return (self.finished - self.started).total_seconds()
 
 
@@ -90,12 +99,23 @@ def failing_cell(nb: nbformat.NotebookNode) -> str | None:
     return None
 
 
-def _metrics(stem: str, chapter: Chapter, notebooks_dir: Path) -> dict[str, Any] | None:
-    """The chapter's metrics.json when this execution wrote it (same profile, not older)."""
+def _metrics(path: Path, chapter: Chapter, notebooks_dir: Path) -> dict[str, Any] | None:
+    """The chapter's metrics.json when this execution wrote it (same profile, not older): beside
+    an executed copy in assets/, else where the run's OUTPUT_DIR (or assets/<stem>) put it."""
     if chapter.started is None:
         return None
-    path = metrics_path(stem, chapter.parameters.get("OUTPUT_DIR"), root=notebooks_dir.resolve().parent)
-    return read_fresh_metrics(path, chapter.started, profile=chapter.profile)
+    where = (path.parent / "metrics.json" if is_beside_assets(path) else
+             metrics_path(path.stem, chapter.parameters.get("OUTPUT_DIR"), root=notebooks_dir.resolve().parent))
+    return read_fresh_metrics(where, chapter.started, profile=chapter.profile)
+
+
+def _drift(path: Path, source: Path | None) -> list[str]:
+    if source is None or not source.is_file():
+        return []
+    try:
+        return code_differences(path, source)
+    except (OSError, ValueError) as exc:
+        return [f"cannot compare with {source.name}: {exc}"]
 
 
 def load_chapter(path: Path, executed: bool, notebooks_dir: Path, last_run: list[str] | None) -> Chapter:
@@ -105,10 +125,16 @@ def load_chapter(path: Path, executed: bool, notebooks_dir: Path, last_run: list
     # its anchor cell right above the failing cell stays, for the banner to link to.
     nb.cells = [c for c in nb.cells if ERROR_MARKER_TAG not in c.metadata.get("tags", [])
                 or 'id="papermill-error-cell"' in c.source]
-    chapter = Chapter(stem=path.stem, title=_title(nb, path.stem), notebook=nb, executed=executed)
+    source = notebooks_dir / path.name
+    chapter = Chapter(stem=path.stem, title=_title(nb, path.stem), notebook=nb, executed=executed,
+                      source=source if source.is_file() else None)
     if not executed:
         return chapter
     meta = nb.metadata.get("papermill", {})
+    duration = meta.get("duration")
+    chapter.duration = float(duration) if isinstance(duration, (int, float)) else None
+    chapter.machine = (nb.metadata.get("coursebuild") or {}).get("machine")
+    chapter.drift = _drift(path, chapter.source)
     chapter.parameters = dict(meta.get("parameters") or {})
     chapter.profile = _profile(nb, chapter.parameters)
     chapter.started = _timestamp(meta.get("start_time"))
@@ -118,7 +144,7 @@ def load_chapter(path: Path, executed: bool, notebooks_dir: Path, last_run: list
     chapter.failed = bool(meta.get("exception")) or chapter.failure is not None
     chapter.earlier_run = last_run is not None and path.stem not in last_run
     if not chapter.failed:
-        chapter.metrics = _metrics(path.stem, chapter, notebooks_dir)
+        chapter.metrics = _metrics(path, chapter, notebooks_dir)
     return chapter
 
 
@@ -135,9 +161,20 @@ def load_chapters(executed_dir: Path, notebooks_dir: Path) -> list[Chapter]:
         last_run = list(runs["last_run"]["notebooks"])
     except (OSError, ValueError, KeyError, TypeError):
         last_run = None
-    executed, sources = _notebooks(executed_dir), _notebooks(notebooks_dir)
+    executed, sources = executed_notebooks(executed_dir), _notebooks(notebooks_dir)
     chapters = []
     for stem in sorted(set(executed) | set(sources)):
         path = executed.get(stem) or sources[stem]
         chapters.append(load_chapter(path, stem in executed, notebooks_dir, last_run))
     return chapters
+
+
+def load_exercises(exercises_dir: Path) -> dict[str, Chapter]:
+    """{chapter number "04": its exercise notebook} from ``notebooks/exercises/NN_*_exercises.ipynb``."""
+    found = {}
+    for stem, path in _notebooks(exercises_dir).items():
+        if stem.endswith("_exercises"):
+            chapter = load_chapter(path, False, exercises_dir, None)
+            chapter.exercises = True
+            found[stem[:2]] = chapter
+    return found

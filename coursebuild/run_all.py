@@ -5,7 +5,7 @@ Usage (from the repository root)::
     uv run python -m coursebuild.run_all --profile smoke
     uv run python -m coursebuild.run_all --profile cpu --only 04 06 --data-dir data/pneumonia
     uv run python -m coursebuild.run_all --profile smoke --output-dir-root _build/assets
-    uv run python -m coursebuild.run_all --collect-only   # rebuild assets/RESULTS.md and .csv
+    uv run python -m coursebuild.run_all --collect-only   # rebuild assets/RESULTS.md and .csv, README table
 
 Each notebook ``notebooks/NN_*.ipynb`` is executed with papermill into
 ``<build-dir>/notebooks/<stem>.ipynb`` (parameters PROFILE, DATA_DIR, OUTPUT_DIR), and its
@@ -14,6 +14,12 @@ outcome is merged into ``<build-dir>/notebooks/runs.json``. Afterwards
 ``<build-dir>/site/`` the course website (``coursebuild.site``) made from every executed
 notebook in the folder, this run's and earlier ones. A failing notebook does not stop the
 others; the exit code is non-zero when any notebook failed.
+
+A run that writes into the course's ``assets/`` (the default: no ``--output-dir-root``) is a reference run: each
+executed notebook is also kept beside its figures and metrics.json, as
+``assets/<stem>/<stem>.ipynb``, which ``python -m coursebuild.site`` renders by default. Only the
+chapters ``notebooks/NN_*.ipynb`` run; the exercise notebooks in ``notebooks/exercises/`` do not
+(the website shows them as committed; ``tests/test_exercises.py`` executes them).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import json
 import logging
 import math
 import os
+import platform
 import re
 import sys
 import time
@@ -34,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from coursebuild.layout import NOTEBOOK_PATTERN, RUNS_FILE
+from coursebuild.reference import README_END, README_START, executed_copy, reference_rows, reference_table, replace_block
 from coursebuild.results import collect_assets, write_results
 from helpers.config import PROFILE_TIMEOUT_S, PROFILES, metrics_path, read_fresh_metrics
 
@@ -204,6 +212,52 @@ def run_notebook(path: Path | str, out_path: Path | str, parameters: dict[str, A
     )
 
 
+# --------------------------------------------------------------------------- the reference run
+
+
+def machine() -> str:
+    """'Linux x86_64, 2 CPU cores' (the cores this process may use): where a run time was measured."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 0
+    return f"{platform.system()} {platform.machine()}, {cores} CPU core{'s' if cores != 1 else ''}"
+
+
+def keep_executed_copy(executed: Path, stem: str, assets_dir: Path, root: Path) -> Path:
+    """Copy the executed notebook ``stem`` to ``assets/<stem>/<stem>.ipynb`` (replacing it atomically),
+    recording the machine it ran on; papermill's paths inside the course become relative to it."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    meta = nb.metadata.setdefault("papermill", {})
+    for key in ("input_path", "output_path"):
+        try:
+            meta[key] = Path(meta[key]).resolve().relative_to(root.resolve()).as_posix()
+        except (KeyError, TypeError, ValueError):
+            pass  # outside the course folder: kept as papermill wrote it
+    nb.metadata["coursebuild"] = {"machine": machine(), "python": platform.python_version()}
+    target = executed_copy(assets_dir, stem)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
+    nbformat.write(nb, partial)
+    os.replace(partial, target)
+    return target
+
+
+def readme_block(readme: Path, assets_dir: Path, notebooks_dir: Path) -> str:
+    """Rewrite the reference-run table between the markers in README.md; say what was done."""
+    table = reference_table(reference_rows(assets_dir, notebooks_dir))
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    updated = replace_block(text, table)
+    if updated is None:
+        return (f"{readme.name} has no {README_START} ... {README_END} markers; the table of the "
+                f"reference run, to paste between them:\n\n{table}")
+    if updated != text:
+        readme.write_text(updated, encoding="utf-8")
+    return f"Reference-run table in {readme}"
+
+
 # --------------------------------------------------------------------------- run records
 
 
@@ -255,7 +309,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--collect-only", action="store_true",
-        help="run nothing: rebuild assets/RESULTS.md and RESULTS.csv from the metrics.json files there",
+        help="run nothing: rebuild assets/RESULTS.md and RESULTS.csv from the metrics.json files there, and the "
+             f"README's reference-run table between {README_START} and {README_END} (printed when absent)",
     )
     parser.add_argument(
         "-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
@@ -289,15 +344,22 @@ def _parameters(args: argparse.Namespace, stem: str) -> dict[str, Any]:
 
 
 def _execute_all(notebooks: Sequence[Path], args: argparse.Namespace, timeout: float) -> list[NotebookResult]:
-    """Run each notebook into <build-dir>/notebooks/, printing one progress line per notebook."""
+    """Run each notebook into <build-dir>/notebooks/, printing one progress line per notebook;
+    in a reference run (into the default assets/) keep each executed notebook there too."""
     results: list[NotebookResult] = []
-    print(f"Running {len(notebooks)} notebook(s), profile {args.profile}, timeout {timeout:.0f} s each")
+    root = args.notebooks_dir.resolve().parent
+    # A reference run: the notebooks write into the course's own assets/ (the default).
+    reference = args.output_dir_root is None or args.output_dir_root.resolve() == (root / "assets").resolve()
+    print(f"Running {len(notebooks)} notebook(s), profile {args.profile}, timeout {timeout:.0f} s each"
+          + (f"; executed copies kept in {root / 'assets'}" if reference else ""))
     for i, path in enumerate(notebooks, start=1):
         print(f"[{i}/{len(notebooks)}] {path.stem} ...", end=" ", flush=True)
         result = run_notebook(
             path, args.build_dir / "notebooks" / f"{path.stem}.ipynb", _parameters(args, path.stem), timeout
         )
         results.append(result)
+        if reference and result.executed_path is not None:
+            keep_executed_copy(result.executed_path, result.name, root / "assets", root)
         print(f"{result.status} {result.seconds:.1f} s", flush=True)
         for message in result.warnings:
             print(f"    warning: {message}", flush=True)
@@ -331,12 +393,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the notebooks, print progress and a summary, build the website. Returns the exit code."""
     args = _parse_args(argv)
     if args.collect_only:
+        root = args.notebooks_dir.resolve().parent
         try:
-            target = collect_assets(args.notebooks_dir.resolve().parent / "assets")
+            target = collect_assets(root / "assets")
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"Results table: {target}")
+        print(readme_block(root / "README.md", root / "assets", args.notebooks_dir))
         return 0
     try:
         notebooks = discover_notebooks(args.notebooks_dir, args.only)

@@ -2,13 +2,16 @@
 
 Usage (from the repository root)::
 
-    uv run python -m coursebuild.site                   # _build/notebooks -> _build/site
+    uv run python -m coursebuild.site                   # the reference run in assets/ -> _build/site
+    uv run python -m coursebuild.site --executed-dir _build/notebooks   # a run_all build instead
     uv run python -m coursebuild.site --executed-dir elsewhere/notebooks --site-dir elsewhere/site
 
 Pages: a landing page made from the README's course description, chapters 00-08 in order (each
-the executed notebook with its outputs, under a banner naming the profile, the time it ran, and
-whether it failed or comes from an earlier run than the latest), a results page and a page on
-profiles. A chapter that was never executed shows its notebook without outputs. The Sphinx
+the executed notebook with its outputs, under a banner naming the profile, the time it ran and
+how long, the weights, what the reader will see, Open-in-Colab/Kaggle links, and whether it
+failed, comes from an earlier run than the latest, or ran other code than its source notebook),
+each followed by its exercise notebook (as committed, without outputs), a results page and a page
+on profiles. A chapter that was never executed shows its notebook without outputs. The Sphinx
 sources are written to ``<site-dir>_src/`` (kept for inspection) and rebuilt from scratch.
 """
 
@@ -29,15 +32,17 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 
-from coursebuild.chapters import Chapter, load_chapters
+from coursebuild.chapters import Chapter, load_chapters, load_exercises
+from coursebuild.reference import course_repo, duration, key_line, open_links, reference_table, weights_label
 from coursebuild.results import SUMMARY_COLUMNS, course_tables, data_label, markdown_table, profile_note
 from helpers.config import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(__file__).resolve().parent / "sphinx"
 README_LINK = re.compile(r"\[([^\]]+)\]\(notebooks/(\d\d_[^)/]+)\.ipynb\)")
+CHAPTER_LINK = re.compile(r"\]\(\.\./(\d\d_[^)/]+\.ipynb)\)")
 RELATIVE_LINK = re.compile(r"\[([^\]]+)\]\((?![a-z]+:|#)[^)]+\)")
-KEY_COLUMNS = ["notebook", "profile", "data", "model", "pretrained", "image size",
+KEY_COLUMNS = ["notebook", "profile", "data", "model", "weights", "image size",
                "balanced accuracy", "AUC [95% CI]"]
 
 
@@ -69,37 +74,67 @@ def _admonition(title: str, body: str, kind: str = "note") -> str:
 
 
 def _doc(chapter: Chapter) -> str:
-    return f"{{doc}}`{chapter.stem.replace('_', ' ')} </chapters/{chapter.stem}>`"
+    return f"{{doc}}`{chapter.stem.replace('_', ' ')} </{_page(chapter)}>`"
+
+
+def _page(chapter: Chapter) -> str:
+    """The page's path in the site without suffix: chapters/<stem> or exercises/<stem>."""
+    return f"{'exercises' if chapter.exercises else 'chapters'}/{chapter.stem}"
+
+
+def open_in(chapter: Chapter) -> str:
+    """'Open in Colab · Open in Kaggle' for the chapter's source notebook; '' where there is no
+    GitHub COURSE_REPO in its setup cell."""
+    if chapter.source is None:
+        return ""
+    folder = "notebooks/exercises" if chapter.exercises else "notebooks"
+    links = open_links(course_repo(chapter.source), f"{folder}/{chapter.stem}.ipynb")
+    return " · ".join(f"[Open in {name}]({url})" for name, url in links.items())
 
 
 # --------------------------------------------------------------------------- chapter pages
 
 
 def _run_line(chapter: Chapter, built: dt.datetime) -> str:
-    seconds = f" in {chapter.seconds:.0f} s" if chapter.seconds is not None else ""
-    line = (f"Profile **{chapter.profile or 'unknown'}**, executed {_when(chapter.finished)}{seconds}, "
+    took = duration(chapter.seconds)
+    took = f" in **{took}**" + (f" on {chapter.machine}" if chapter.machine else "") if took else ""
+    line = (f"Profile **{chapter.profile or 'unknown'}**, executed {_when(chapter.finished)}{took}, "
             f"{_age((built - chapter.finished).total_seconds())} before this site was built."
-            if chapter.finished else f"Profile **{chapter.profile or 'unknown'}**.")
+            if chapter.finished else f"Profile **{chapter.profile or 'unknown'}**{took}.")
     metrics = chapter.metrics or {}
     if metrics:
-        weights = {True: "ImageNet", False: "random initialisation (no ImageNet weights)"}
         facts = [f"data: {data_label(metrics.get('data_dir')) or 'n/a'}",
-                 f"image size: {metrics.get('image_size', 'n/a')} px",
-                 f"weights: {weights.get(metrics.get('pretrained'), 'n/a')}",
+                 f"image size: {metrics.get('image_size') or 'n/a'} px",
+                 f"weights: {weights_label(metrics) or 'n/a'}",
                  f"device: {metrics.get('device', 'n/a')}"]
         line += " " + " · ".join(facts) + "."
+    see = key_line(metrics)
+    if see:
+        line += f"\n\n**What you will see:** {see}."
     return line
 
 
 def chapter_banner(chapter: Chapter, built: dt.datetime, newest: dt.datetime | None) -> str:
     """The MyST admonition at the top of a chapter: profile, age, failure, earlier run."""
+    links = open_in(chapter)
+    if chapter.exercises:
+        body = (f"The companion exercises of chapter {chapter.stem[:2]}, shown without outputs: run them to "
+                "check your answers (each takes seconds, in any profile). Hints and solutions are folded.")
+        return _admonition("Exercises", body + (f"\n\n{links}" if links else ""), "tip")
     if not chapter.executed:
         body = ("This chapter has not been executed for this site: it shows the notebook's text and "
-                "code without outputs. `uv run python -m coursebuild.run_all --only "
-                f"{chapter.stem[:2]}` adds them.")
-        return _admonition("Not executed", body, "warning")
+                "code without outputs. `uv run python -m coursebuild.run_all --profile cpu --only "
+                f"{chapter.stem[:2]}` (a reference run into assets/) adds them.")
+        return _admonition("Not executed", body + (f"\n\n{links}" if links else ""), "warning")
     parts = [_run_line(chapter, built), f"{profile_note(chapter.profile)} ({{doc}}`About profiles </profiles>`)"]
+    if links:
+        parts.append(links)
     kind = "note"
+    if chapter.drift:
+        kind = "warning"
+        parts.append(f"**The code has changed since this run.** `notebooks/{chapter.stem}.ipynb` differs from "
+                     f"the code that produced these outputs ({_inline('; '.join(chapter.drift[:3]))}): "
+                     "re-run the notebook before trusting a number here.")
     if chapter.earlier_run and chapter.finished and newest:
         kind = "warning"
         parts.append(f"**From an earlier run.** The latest run did not execute this notebook; this page "
@@ -115,8 +150,16 @@ def chapter_banner(chapter: Chapter, built: dt.datetime, newest: dt.datetime | N
 
 
 def chapter_notebook(chapter: Chapter, banner: str) -> nbformat.NotebookNode:
-    """The notebook with the banner right under its title (the first line of the first cell)."""
+    """The notebook with the banner right under its title (the first line of the first cell);
+    the setup cell (the first code cell) folded on the page as in the chapters."""
     nb = nbformat.from_dict(chapter.notebook)
+    setup = next((c for c in nb.cells if c.cell_type == "code"), None)
+    if setup is not None and "hide-input" not in setup.metadata.get("tags", []):
+        setup.metadata["tags"] = [*setup.metadata.get("tags", []), "hide-input"]
+    if chapter.exercises:  # "../04_x.ipynb" (the chapter beside notebooks/exercises/) is chapters/04_x here
+        for cell in nb.cells:
+            if cell.cell_type == "markdown":
+                cell.source = CHAPTER_LINK.sub(r"](../chapters/\1)", cell.source)
     first = nb.cells[0] if nb.cells else None
     if first is not None and first.cell_type == "markdown" and first.source.startswith("# "):
         title, _, rest = first.source.partition("\n")
@@ -164,13 +207,32 @@ def _build_summary(chapters: Sequence[Chapter], built: dt.datetime) -> str:
     return "\n".join(lines)
 
 
-def index_page(chapters: Sequence[Chapter], readme: str, built: dt.datetime) -> str:
+def site_reference_table(chapters: Sequence[Chapter]) -> str:
+    """Per chapter in this site: what you will see, weights, profile, run time (as in the README)."""
+    rows = [{"nb": f"{{doc}}`{c.stem[:2]} </{_page(c)}>`", "see": key_line(c.metrics).replace("|", "/"),
+             "weights": weights_label(c.metrics), "profile": (c.profile or "") if c.executed else "",
+             "time": duration(c.seconds) if c.executed else ""} for c in chapters if not c.exercises]
+    return f"```{{table}}\n:class: course-table\n\n{reference_table(rows)}```\n"
+
+
+def _in_order(chapters: Sequence[Chapter], exercises: dict[str, Chapter]) -> list[Chapter]:
+    """Every page of the book: each chapter, then its exercises; exercises without a chapter last."""
+    pages = []
+    for chapter in chapters:
+        pages += [chapter] + ([exercises[chapter.stem[:2]]] if chapter.stem[:2] in exercises else [])
+    return pages + [e for e in exercises.values() if e not in pages]
+
+
+def index_page(chapters: Sequence[Chapter], readme: str, built: dt.datetime,
+               exercises: dict[str, Chapter] | None = None) -> str:
     title = next((line[2:] for line in readme.splitlines() if line.startswith("# ")), "The course")
     sections = readme_sections(readme)
-    notebooks = sections.get("The notebooks", "")
-    chapters_toc = "\n".join(f"chapters/{c.stem}" for c in chapters)
+    notebooks = re.sub(r"<!-- reference-run:start -->.*?<!-- reference-run:end -->\n?", "",
+                       sections.get("The notebooks", ""), flags=re.S)  # the site computes its own, below
+    chapters_toc = "\n".join(_page(c) for c in _in_order(chapters, exercises or {}))
     return (f"# {title}\n\n{_admonition('This build', _build_summary(chapters, built))}\n"
             f"{sections['']}\n\n## The chapters\n\n{notebooks}\n\n"
+            f"What each chapter shows in this site's run:\n\n{site_reference_table(chapters)}\n"
             "The {doc}`results` page puts every chapter's numbers side by side; {doc}`profiles` says "
             "what a number from each profile does and does not mean.\n\n"
             f"```{{toctree}}\n:caption: Chapters\n:hidden:\n:maxdepth: 1\n\n{chapters_toc}\n```\n\n"
@@ -204,7 +266,12 @@ def _model_label(model: str, run: str) -> str:
     return run if run.startswith(model) else f"{model} · {run}"
 
 
-def key_results(summary: pd.DataFrame) -> str:
+def row_weights(records: Sequence[dict]) -> list[str]:
+    """The weights of each row of ``course_tables``: one row per entry of "runs", else per record."""
+    return [weights_label(run, record) for record in records for run in (record.get("runs") or [record])]
+
+
+def key_results(summary: pd.DataFrame, weights: Sequence[str] | None = None) -> str:
     """The course-wide table at a readable width: the key columns only."""
     frame = summary.reindex(columns=[*SUMMARY_COLUMNS, "data"]).fillna({"run": "", "model": ""})
     auc = [
@@ -216,7 +283,8 @@ def key_results(summary: pd.DataFrame) -> str:
         "profile": frame["profile"],
         "data": frame["data"],
         "model": [_model_label(m, r) for m, r in zip(frame["model"], frame["run"])],
-        "pretrained": frame["pretrained"].map({True: "yes", False: "no"}).fillna(""),
+        "weights": (list(weights) if weights is not None and len(weights) == len(frame) else
+                    frame["pretrained"].map({True: "ImageNet", False: "random init"}).fillna("")),
         "image size": frame["image_size"].fillna(""),
         "balanced accuracy": frame["test_balanced_accuracy"],
         "AUC [95% CI]": auc,
@@ -239,7 +307,7 @@ def results_page(chapters: Sequence[Chapter], csv_path: Path) -> str:
         text += _admonition(f"Profiles in this table: {', '.join(profiles)}",
                             "Each row comes from the metrics.json that the chapter's execution wrote; test "
                             f"metrics at the notebook's chosen threshold.\n\n{note}{mixed}")
-        text += "\n" + key_results(summary)
+        text += "\n" + key_results(summary, row_weights(records))
         text += ("\nAll columns (validation metrics, intervals, per-class recall, thresholds): "
                  f"{{download}}`{csv_path.name} <{csv_path.name}>`.\n")
     else:
@@ -262,17 +330,19 @@ def profiles_page(chapters: Sequence[Chapter], readme: str, built: dt.datetime) 
 # --------------------------------------------------------------------------- build
 
 
-def write_sources(chapters: Sequence[Chapter], src: Path, readme: str, built: dt.datetime) -> None:
-    """The Sphinx source folder: index, results, profiles and one notebook per chapter."""
+def write_sources(chapters: Sequence[Chapter], src: Path, readme: str, built: dt.datetime,
+                  exercises: dict[str, Chapter] | None = None) -> None:
+    """The Sphinx source folder: index, results, profiles, one notebook per chapter and its exercises."""
     if src.exists():
         shutil.rmtree(src)
     (src / "chapters").mkdir(parents=True)
+    (src / "exercises").mkdir()
     finished = [c.finished for c in chapters if c.finished]
     newest = max(finished) if finished else None
-    for chapter in chapters:
-        nb = chapter_notebook(chapter, chapter_banner(chapter, built, newest))
-        nbformat.write(nb, src / "chapters" / f"{chapter.stem}.ipynb")
-    (src / "index.md").write_text(index_page(chapters, readme, built))
+    for page in _in_order(chapters, exercises or {}):
+        nb = chapter_notebook(page, chapter_banner(page, built, newest))
+        nbformat.write(nb, src / f"{_page(page)}.ipynb")
+    (src / "index.md").write_text(index_page(chapters, readme, built, exercises))
     (src / "results.md").write_text(results_page(chapters, src / "results.csv"))
     (src / "profiles.md").write_text(profiles_page(chapters, readme, built))
 
@@ -294,18 +364,20 @@ def _clear_site(site_dir: Path) -> None:
         shutil.rmtree(site_dir)
 
 
-def build_site(executed_dir: Path | str = Path("_build/notebooks"), site_dir: Path | str = Path("_build/site"),
+def build_site(executed_dir: Path | str = ROOT / "assets", site_dir: Path | str = Path("_build/site"),
                notebooks_dir: Path | str = ROOT / "notebooks", readme: Path | str = ROOT / "README.md") -> Path:
-    """Build the website from every executed notebook in ``executed_dir``; return its index.html."""
+    """Build the website from every executed notebook in ``executed_dir`` (assets/: the reference
+    run's ``<stem>/<stem>.ipynb``; or a run_all build folder of ``NN_*.ipynb``); return its index.html."""
     from sphinx.application import Sphinx
 
-    executed_dir, site_dir = Path(executed_dir), Path(site_dir)
+    executed_dir, site_dir, notebooks_dir = Path(executed_dir), Path(site_dir), Path(notebooks_dir)
     built = dt.datetime.now(dt.timezone.utc)
-    chapters = load_chapters(executed_dir, Path(notebooks_dir))
+    chapters = load_chapters(executed_dir, notebooks_dir)
     if not chapters:
         raise FileNotFoundError(f"no NN_*.ipynb notebooks in {executed_dir} or {notebooks_dir}")
+    exercises = load_exercises(notebooks_dir / "exercises")
     src = site_dir.with_name(site_dir.name + "_src")
-    write_sources(chapters, src, Path(readme).read_text(encoding="utf-8"), built)
+    write_sources(chapters, src, Path(readme).read_text(encoding="utf-8"), built, exercises)
     _clear_site(site_dir)
     messages = io.StringIO()
     with warnings.catch_warnings():  # the theme's use of APIs deprecated for Sphinx 11: not ours to fix
@@ -323,8 +395,9 @@ def build_site(executed_dir: Path | str = Path("_build/notebooks"), site_dir: Pa
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m coursebuild.site", description=__doc__.splitlines()[0])
-    parser.add_argument("--executed-dir", type=Path, default=Path("_build/notebooks"),
-                        help="folder of executed NN_*.ipynb (default: _build/notebooks)")
+    parser.add_argument("--executed-dir", type=Path, default=ROOT / "assets",
+                        help="executed notebooks: assets/ with the reference run's NN_x/NN_x.ipynb (default), "
+                             "or a folder of NN_*.ipynb such as run_all's _build/notebooks")
     parser.add_argument("--site-dir", type=Path, default=Path("_build/site"), help="output (default: _build/site)")
     parser.add_argument("--notebooks-dir", type=Path, default=ROOT / "notebooks",
                         help="source notebooks, shown without outputs where none was executed")

@@ -79,6 +79,10 @@ def course(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     _write_notebook(nbdir / "03_no_metrics.ipynb", [params, new_code_cell("print('no metrics here')")])
     (nbdir / "notes.ipynb").write_text("{}")  # not NN_*: must be ignored
+    (nbdir / "exercises").mkdir()  # companion exercises: shown on the site after their chapter, never run
+    _write_notebook(nbdir / "exercises" / "01_good_exercises.ipynb", [
+        new_markdown_cell("# 01 · Exercises: good\n\nCompanion of chapter [01_good](../01_good.ipynb)."),
+        new_code_cell('COURSE_REPO = "https://github.com/someone/course"\nraise RuntimeError("exercises ran")')])
     # A metrics.json left over from an earlier run must not be collected.
     stale = root / "out" / "03_no_metrics" / "metrics.json"
     stale.parent.mkdir(parents=True)
@@ -165,6 +169,50 @@ def test_site_shows_each_chapter_with_its_profile_and_the_failing_cell(full_run:
     assert "stale_model" not in results
     csv = next((pages / "_downloads").rglob("results.csv"))
     assert "val_balanced_accuracy" in csv.read_text()  # all columns live in the CSV
+    assert "random init" in results  # the weights column, from "pretrained": false
+
+
+def test_exercises_are_not_run_and_appear_after_their_chapter(full_run: tuple[int, str, Path]) -> None:
+    _, out, build = full_run
+    assert "01_good_exercises" not in out and not list((build / "notebooks").rglob("*exercises*"))
+    page = (build / "site" / "exercises" / "01_good_exercises.html").read_text()
+    assert "exercises ran" in page and "Exercises" in page  # the code, unexecuted, under its banner
+    assert 'href="../chapters/01_good.html"' in page  # the link to its chapter works on the site
+    assert "colab.research.google.com/github/someone/course/blob/main/notebooks/exercises/01_good_exercises.ipynb" in page
+    index = (build / "site" / "index.html").read_text()
+    order = [index.index(f'href="{page}"') for page in
+             ("chapters/01_good.html", "exercises/01_good_exercises.html", "chapters/02_broken.html")]
+    assert order == sorted(order)
+
+
+def test_a_reference_run_keeps_the_executed_notebook_beside_its_assets(course: Path, tmp_path: Path) -> None:
+    """Without --output-dir-root the run writes into assets/: the executed copy goes there too,
+    and the site reads chapter, metrics, run time and machine from it; changed code is flagged."""
+    root = tmp_path / "course"
+    shutil.copytree(course / "notebooks", root / "notebooks")
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = run_all.main(["--profile", "smoke", "--only", "01", "--notebooks-dir", str(root / "notebooks"),
+                             "--build-dir", str(tmp_path / "_build"), "--no-site"])
+    assert code == 0
+    copy = root / "assets" / "01_good" / "01_good.ipynb"
+    nb = nbformat.read(copy, as_version=4)
+    assert any(c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    assert nb.metadata["papermill"]["input_path"] == "notebooks/01_good.ipynb"  # no machine path
+    assert "CPU core" in nb.metadata["coursebuild"]["machine"]
+    loaded = {c.stem: c for c in chapters.load_chapters(root / "assets", root / "notebooks")}
+    good = loaded["01_good"]
+    assert good.executed and good.metrics["model"] == "tinynet_unique" and not good.drift
+    assert not loaded["02_broken"].executed
+    assert good.seconds and good.seconds > 0
+    banner = site.chapter_banner(good, good.finished, good.finished)
+    assert "What you will see:** test AUC 0.800 [0.600, 0.950], balanced accuracy 0.700" in banner
+    assert "weights: random init" in banner and good.machine in banner
+    source = nbformat.read(root / "notebooks" / "01_good.ipynb", as_version=4)
+    source.cells[-1].source += "\nprint('new line')"
+    nbformat.write(source, root / "notebooks" / "01_good.ipynb")
+    changed = chapters.load_chapters(root / "assets", root / "notebooks")[0]
+    assert changed.drift == ["code cell 2 ('import json, sys') changed"]
+    assert "The code has changed since this run" in site.chapter_banner(changed, good.finished, good.finished)
 
 
 def test_partial_run_keeps_earlier_chapters_and_marks_them(course: Path, full_run, tmp_path: Path) -> None:
@@ -248,3 +296,23 @@ def test_collect_only_tables_every_metrics_file_with_its_profile_and_data(tmp_pa
     assert "| cpu | real (chest_xray_pneumonia_224) |" in rows[1] and "0.820" in rows[1]
     assert "[0.800, 0.950]" in rows[1]
     assert run_all.main(["--collect-only", "--notebooks-dir", str(tmp_path / "empty" / "notebooks")]) == 2
+
+
+def test_collect_only_writes_the_readme_table_between_its_markers(tmp_path, capsys):
+    root = tmp_path / "course"
+    (root / "notebooks").mkdir(parents=True)
+    _write_notebook(root / "notebooks" / "04_b.ipynb", [new_code_cell("x = 1")])
+    (root / "assets" / "04_b").mkdir(parents=True)
+    block = {"accuracy": 0.8, "balanced_accuracy": 0.81, "auc": 0.88, "ci95": {"auc": [0.84, 0.91]}}
+    (root / "assets" / "04_b" / "metrics.json").write_text(json.dumps({
+        "notebook": "04_b", "profile": "cpu", "dataset": "d", "data_dir": "x", "model": "m",
+        "pretrained": True, "weights": {"source": "torchvision"}, "image_size": 128,
+        "class_names": ["a", "b"], "threshold": 0.5, "val": block, "test": block, "timing": {}, "device": "cpu"}))
+    assert run_all.main(["--collect-only", "--notebooks-dir", str(root / "notebooks")]) == 0
+    assert "has no <!-- reference-run:start -->" in capsys.readouterr().out  # printed, README left alone
+    readme = root / "README.md"
+    readme.write_text("# Course\n\n<!-- reference-run:start -->\n<!-- reference-run:end -->\nrest\n")
+    assert run_all.main(["--collect-only", "--notebooks-dir", str(root / "notebooks")]) == 0
+    text = readme.read_text()
+    assert "| 04 | test AUC 0.880 [0.840, 0.910], balanced accuracy 0.810 (m) | ImageNet (torchvision) | cpu |  |" in text
+    assert text.endswith("<!-- reference-run:end -->\nrest\n")

@@ -111,8 +111,11 @@ def _chapter(site: Path) -> str:
 
 
 def test_the_setup_cell_is_collapsed_on_every_chapter(smoke_site: Path) -> None:
-    """The first code cell (tagged hide-input) is folded: myst-nb's "Show code cell source" toggle."""
-    for page in sorted((smoke_site / "chapters").glob("*.html")):
+    """The first code cell (tagged hide-input) is folded: myst-nb's "Show code cell source" toggle;
+    on the exercise pages too (the site folds their setup cell)."""
+    pages = sorted([*(smoke_site / "chapters").glob("*.html"), *(smoke_site / "exercises").glob("*.html")])
+    assert len(pages) > len(NOTEBOOKS)
+    for page in pages:
         text = page.read_text(encoding="utf-8")
         first_cell = re.search(r'<div class="cell[^"]*"', text)
         assert first_cell and "tag_hide-input" in first_cell.group(0), (page.name, first_cell and first_cell.group(0))
@@ -130,6 +133,12 @@ def test_every_page_names_its_profile_and_the_chapters_are_in_order(smoke_site: 
     index = (smoke_site / "index.html").read_text(encoding="utf-8")
     linked = re.findall(r'href="chapters/(\d\d)_[^"]+\.html"', index)
     assert sorted(set(linked)) == [p.stem[:2] for p in NOTEBOOKS]
+    nav = index[index.index("bd-docs-nav"):]
+    pages = re.findall(r'href="((?:chapters|exercises)/[^"]+)\.html"', nav[:nav.index("</nav>")])
+    exercises = {p.stem[:2]: p.stem for p in (ROOT / "notebooks" / "exercises").glob("[0-9][0-9]_*_exercises.ipynb")}
+    expected = [page for p in NOTEBOOKS for page in
+                (f"chapters/{p.stem}", *([f"exercises/{exercises[p.stem[:2]]}"] if p.stem[:2] in exercises else []))]
+    assert pages == expected  # each chapter, then its exercises
     assert "Medical image classification with transfer learning" in index  # from the README
     assert (smoke_site / "searchindex.js").is_file()
 
@@ -191,11 +200,11 @@ def test_site_in_headless_chromium(smoke_site: Path, served: str, tmp_path: Path
             (smoke_site / name).unlink()
     assert (landing[:, :300].mean(axis=2) < 120).mean() > 0.002, "no dark text at the left: sidebar missing?"
     found = json.loads(html.unescape(re.search(r'<pre id="out">(.*?)</pre>', dom, re.S).group(1)))
-    numbers = [text[:2] for text, _ in found["sidebar"] if text[:2].isdigit()]
+    numbers = [text[:2] for text, href in found["sidebar"] if text[:2].isdigit() and "exercises/" not in href]
     assert numbers == [p.stem[:2] for p in NOTEBOOKS], found["sidebar"]
     assert "smoke" in found["banner"]
     assert found["figures"] and all(w > 50 and h > 50 for w, h in found["figures"]), found["figures"]
-    for column in ("notebook", "profile", "data", "model", "pretrained", "balanced accuracy", "AUC [95% CI]"):
+    for column in ("notebook", "profile", "data", "model", "weights", "balanced accuracy", "AUC [95% CI]"):
         assert column in found["headers"], found["headers"]
     assert found["rows"] and all("smoke" in row for row in found["rows"])
     assert found["table_width"] <= found["page_width"], "the results table is wider than the window"
