@@ -92,7 +92,7 @@ def _agreement_images():
     scikit-image's sample photos, else None (then the agreement is not measured)."""
     images, _ = default_calibration()
     if images is not None:
-        return images
+        return images() if callable(images) else images
     try:
         u8 = torch.from_numpy(natural_images(224)).permute(0, 3, 1, 2)
     except ImportError:
