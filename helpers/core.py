@@ -161,8 +161,8 @@ Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 def as_normalization(spec: Any = None) -> Normalization:
     """(mean, std) tuples from a model (its `input_mean` / `input_std`), a loader (its
-    `normalization`), a (mean, std) pair, or None (ImageNet's)."""
-    if spec is None:
+    `normalization`), a (mean, std) pair, or None (ImageNet's, also for a model that says nothing)."""
+    if spec is None or (isinstance(spec, nn.Module) and not hasattr(spec, "input_mean")):
         return IMAGENET_MEAN, IMAGENET_STD
     if hasattr(spec, "input_mean"):
         return tuple(map(float, spec.input_mean)), tuple(map(float, spec.input_std))
