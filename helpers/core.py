@@ -180,9 +180,9 @@ def check_normalization(model: nn.Module, loader: Any) -> None:
         return
     wanted, given = as_normalization(model), as_normalization(given)
     if any(abs(a - b) > 1e-6 for a, b in zip(wanted[0] + wanted[1], given[0] + given[1])):
-        source = (getattr(model, "weights_info", None) or {}).get("source", "its weights")
+        source = (getattr(model, "weights_info", None) or {}).get("source")
         raise ValueError(
             f"The loader normalises images with mean {given[0]}, std {given[1]}, but this model's "
-            f"weights ({source}) need mean {wanted[0]}, std {wanted[1]}. Make the loaders with the "
+            f"weights{f' ({source})' if source else ''} need mean {wanted[0]}, std {wanted[1]}. Make the loaders with the "
             "model's normalisation: loading.make_loaders(..., normalization=model) (or "
             "TensorLoader(..., normalization=model)), after building the model.")
