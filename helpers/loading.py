@@ -352,6 +352,18 @@ def _augment_batch(x: torch.Tensor, is_strong: torch.Tensor, augment: BatchAugme
     return x
 
 
+def with_normalization(loaders, normalization):
+    """`loaders` (a dict of them, or one) normalising as `normalization` says (a model, a (mean, std)
+    pair): TensorLoaders are copied, sharing their images; other loaders come back unchanged."""
+    if isinstance(loaders, dict):
+        return {name: with_normalization(loader, normalization) for name, loader in loaders.items()}
+    if not isinstance(loaders, TensorLoader):
+        return loaders
+    view = copy.copy(loaders)
+    view.normalization = as_normalization(normalization)
+    return view
+
+
 # ----------------------------------------------------------------------------- balanced sampling
 
 def weighted_sampler_weights(labels) -> torch.Tensor:

@@ -135,14 +135,15 @@ def weights_label(block: dict | None, pretrained: bool | None = None) -> str:
     return "ImageNet" if pretrained else ""
 
 
-def figure_stamp(run: Run, splits: Any = None, model: Any = None) -> str:
+def figure_stamp(run: Run, splits: Any = None, model: Any = None, weights: dict | None = None) -> str:
     """"profile cpu | data <folder> | weights ImageNet (TFLite, converted)": the footer of a run's
-    figures (`plots.set_stamp`), so a figure can be told apart from another run's."""
+    figures (`plots.set_stamp`), so a figure can be told apart from another run's. The weights come
+    from `model` (built by `models.build_model`) or from a `weights_info` dict."""
     data = portable_data_dir(_data_dir(run, splits))
     folders = data.values() if isinstance(data, Mapping) else [data]
     parts = [f"profile {run.cfg.profile}", "data " + ", ".join(Path(str(f)).name for f in folders)]
-    if model is not None:
-        _, pretrained, block = _model_fields(model, None, None)
+    if model is not None or weights is not None:
+        _, pretrained, block = _model_fields(model, None, weights)
         parts.append(f"weights {weights_label(block, pretrained) or 'unknown'}")
     return " | ".join(parts)
 

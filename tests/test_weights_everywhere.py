@@ -264,5 +264,5 @@ def test_a_converted_model_fine_tunes_through_fit_two_stage_without_shared_calib
                                   monitor="val_auc", progress=False)
     assert model.weights_info["batchnorm"].startswith("restored from")
     stage2 = history[history["stage"] == 2]
-    assert stage2["train_loss"].iloc[-1] < history["train_loss"].iloc[0]  # the loss falls
+    assert stage2["train_loss"].iloc[-1] < min(0.5, history["train_loss"].iloc[0])  # falls; collapsed: ~0.69
     assert stage2["val_auc"].max() > 0.7  # collapsed BatchNorm sits at 0.5
