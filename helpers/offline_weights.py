@@ -10,6 +10,11 @@
 Only MobileNetV2 has an offline copy: TensorFlow's ``mobilenet_v2_1.0_224_quant.tflite``
 (ImageNet, Apache 2.0), converted once by :mod:`helpers.tflite_weights` and cached.
 A ``weights=`` path to a ``.tflite`` file or to a converted ``.pt`` file works as well.
+
+The conversion keeps TensorFlow's folded BatchNorm (exact in eval mode; cached by the file's
+sha256 alone); before fine-tuning, ``models.estimate_frozen_batchnorm(model, train_loader)``
+gives it the statistics of a few hundred of the run's own training images
+(:func:`restore_folded_batchnorm`), so it works wherever the course runs.
 """
 
 from __future__ import annotations

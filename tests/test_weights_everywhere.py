@@ -76,6 +76,15 @@ def test_make_loaders_normalises_as_the_model_needs(splits, fast):
         assert default["val"].normalization == (core.IMAGENET_MEAN, core.IMAGENET_STD)
 
 
+def test_with_normalization_gives_views_that_share_the_images():
+    model = _converted_like()
+    loaders = {"val": loading.TensorLoader(_images(4), [0, 1, 0, 1], batch_size=4)}
+    views = loading.with_normalization(loaders, model)
+    assert views["val"].normalization == HALF and loaders["val"].normalization != HALF
+    assert views["val"].images.data_ptr() == loaders["val"].images.data_ptr()
+    torch.testing.assert_close(next(iter(views["val"]))[0], _half(_images(4)))
+
+
 def test_a_loader_normalised_for_other_weights_is_refused_by_fit_predict_and_the_feature_cache():
     model = _converted_like()
     wrong = loading.TensorLoader(_images(8), [0, 1] * 4, batch_size=4)  # ImageNet's normalisation
