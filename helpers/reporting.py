@@ -178,9 +178,11 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretraine
     record: dict[str, Any] = {
         "notebook": run.notebook, "profile": run.cfg.profile, "dataset": dataset,
         "data_dir": portable_data_dir(_data_dir(run, splits)), "model": model, "pretrained": pretrained,
-        "weights": weights, "image_size": run.cfg.image_size, "class_names": list(class_names), "threshold": threshold,
+        "image_size": run.cfg.image_size, "class_names": list(class_names), "threshold": threshold,
         "val": val, "test": test, "timing": timing, "device": str(run.device),
     }
+    if weights is not None:  # the weights block (`weights_block`): only when the weights are known
+        record["weights"] = weights
     if runs is not None:
         record["runs"] = runs
     record.update(extra)
