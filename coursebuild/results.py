@@ -17,7 +17,7 @@ import pandas as pd
 from helpers.config import PROFILE_NOTES, PROFILES
 
 SUMMARY_COLUMNS = [
-    "notebook", "profile", "dataset", "model", "run", "pretrained", "image_size",
+    "notebook", "profile", "dataset", "model", "run", "pretrained", "weights", "image_size",
     "test_accuracy", "test_balanced_accuracy", "test_auc", "test_auc_95ci", "run_id", "check",
 ]
 MIXED_NOTE = ("**Some rows may mix runs** (column check): a folder whose figures are not all from the "
@@ -60,7 +60,7 @@ def summary_frame(table: pd.DataFrame) -> pd.DataFrame:
             for lo, hi in zip(table["test_auc_lo"], table["test_auc_hi"])
         ]
     table = table[[c for c in SUMMARY_COLUMNS if c in table.columns]].copy()
-    for column in ("dataset", "model", "run"):  # a missing "run" shows blank, not None
+    for column in ("dataset", "model", "run", "weights"):  # a missing "run" shows blank, not None
         if column in table.columns:
             table[column] = table[column].fillna("")
     return table

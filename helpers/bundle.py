@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from helpers import offline_weights
 from helpers.config import project_root
+from helpers.core import as_normalization
 from helpers.datasets import DATASETS
 from helpers.models import build_model, get_head
 from helpers.ood import OOD_METHODS
@@ -69,6 +71,7 @@ def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str
         "class_names": [str(c) for c in class_names],
         "image_size": int(image_size),
         "pretrained": bool(getattr(model, "pretrained", False)),
+        "weights_info": _weights_info(model),
         "profile": str(profile),
         "dataset": dataset,
         "synthetic_data": bool(synthetic_data),
@@ -88,6 +91,14 @@ def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str
     torch.save(bundle, tmp)
     tmp.replace(path)
     return path
+
+
+def _weights_info(model: nn.Module) -> dict:
+    """Where the weights came from, their padding and the input normalisation they need."""
+    info = dict(getattr(model, "weights_info", None) or offline_weights.random_info())
+    mean, std = as_normalization(model)
+    return to_jsonable({**info, "input_mean": list(mean), "input_std": list(std),
+                        "padding": info.get("padding", "torchvision")})
 
 
 def _ood_block(ood: dict) -> dict:
@@ -300,7 +311,8 @@ def load_bundle(path: str | Path) -> AppModel:
         raise _refused(path, problems)
     try:
         model = build_model(bundle["arch"], bundle["num_outputs"], pretrained=False, head=bundle["head"],
-                            image_size=bundle["image_size"])
+                            image_size=bundle["image_size"])  # + the padding and normalisation it was trained with:
+        offline_weights.apply_weights_info(model, bundle.get("weights_info") or offline_weights.random_info())
         model.load_state_dict(bundle["state_dict"])
     except Exception as err:  # unknown arch, weights of another architecture or head, bad sizes
         reason = (str(err).strip().splitlines() or [""])[0][:300]

@@ -5,7 +5,8 @@
   (`predict_labels`: a threshold for binary tasks, else argmax);
 - devices: which one to use (`pick_device`), which one a model is on (`model_device`), moving a
   batch there (`to_device`) and mixed precision on CUDA (`amp_dtype`, `autocast`);
-- seeding (`seed_everything`) and progress bars (`progress_bar`).
+- seeding (`seed_everything`) and progress bars (`progress_bar`);
+- the input normalisation a model's weights need (`as_normalization`, `check_normalization`).
 
 This module imports nothing from the rest of the course: it is the bottom floor.
 """
@@ -149,3 +150,39 @@ def progress_bar(loader: Iterable, desc: str, enabled: bool = True) -> Iterable:
     show = enabled and (in_notebook or sys.stderr.isatty())
     total = len(loader) if hasattr(loader, "__len__") else None
     return tqdm(loader, desc=desc, total=total, leave=False, disable=not show, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------- input normalisation
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def as_normalization(spec: Any = None) -> Normalization:
+    """(mean, std) tuples from a model (its `input_mean` / `input_std`), a loader (its
+    `normalization`), a (mean, std) pair, or None (ImageNet's, also for a model that says nothing)."""
+    if spec is None or (isinstance(spec, nn.Module) and not hasattr(spec, "input_mean")):
+        return IMAGENET_MEAN, IMAGENET_STD
+    if hasattr(spec, "input_mean"):
+        return tuple(map(float, spec.input_mean)), tuple(map(float, spec.input_std))
+    if hasattr(spec, "normalization") and not isinstance(spec, (tuple, list)):
+        return as_normalization(spec.normalization)
+    mean, std = spec
+    return tuple(map(float, mean)), tuple(map(float, std))
+
+
+def check_normalization(model: nn.Module, loader: Any) -> None:
+    """Refuse a loader that says how it normalises (a `TensorLoader`) when that is not what the
+    model's weights need (`model.input_mean` / `input_std`); anything else passes unchecked."""
+    given = getattr(loader, "normalization", None)
+    if given is None or not hasattr(model, "input_mean"):
+        return
+    wanted, given = as_normalization(model), as_normalization(given)
+    if any(abs(a - b) > 1e-6 for a, b in zip(wanted[0] + wanted[1], given[0] + given[1])):
+        source = (getattr(model, "weights_info", None) or {}).get("source")
+        raise ValueError(
+            f"The loader normalises images with mean {given[0]}, std {given[1]}, but this model's "
+            f"weights{f' ({source})' if source else ''} need mean {wanted[0]}, std {wanted[1]}. Make the loaders with the "
+            "model's normalisation: loading.make_loaders(..., normalization=model) (or "
+            "TensorLoader(..., normalization=model)), after building the model.")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from helpers import tta as tta_views
-from helpers.core import is_one_logit, logits_to_probs, model_device, predict_labels, to_numpy
+from helpers.core import check_normalization, is_one_logit, logits_to_probs, model_device, predict_labels, to_numpy
 from helpers.measurable import flag_too_few
 
 # --------------------------------------------------------------------------- arrays
@@ -59,6 +59,7 @@ def predict(
     (see `helpers.tta`). With `return_logits=True` the (view-averaged) raw logits come third, e.g. for `fit_temperature`.
     The model is put in eval mode (dropout off, BatchNorm running statistics).
     """
+    check_normalization(model, loader)  # a TensorLoader normalises as the model's weights need
     device = torch.device(device) if device is not None else model_device(model)
     transforms = tta_views.resolve(tta)
     model.eval()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
 import statistics
 import time
 import warnings
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.core import logits_to_probs
+from helpers.core import as_normalization, logits_to_probs
 from helpers.loading import normalize
 
 
@@ -43,7 +44,9 @@ def _from_deploy_extra(module: str, *names: str) -> Any:
 def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int = 17) -> Path:
     """Export `model` (eval mode, CPU copy) to ONNX with a dynamic batch axis.
 
-    Input "input": float32 (N, 3, S, S), ImageNet-normalised; output "logits".
+    Input "input": float32 (N, 3, S, S), normalised as the model's weights need; output "logits".
+    That normalisation is stored in the file's metadata (`input_mean`, `input_std`), where
+    `onnx_predict` and `quantize_onnx_static` read it.
     Uses the TorchScript-based exporter (`dynamo=False`): the newer dynamo exporter needs the
     `onnxscript` package, which the course does not install.
     """
@@ -58,14 +61,40 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int 
         torch.onnx.export(cpu_model, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    _write_normalization(path, as_normalization(model))
     return path
+
+
+def _write_normalization(path: Path, normalization: tuple) -> None:
+    """Store (mean, std) in an ONNX file's metadata_props."""
+    onnx = _from_deploy_extra("onnx")
+    graph = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in graph.metadata_props if p.key not in ("input_mean", "input_std")]
+    del graph.metadata_props[:]
+    for key, value in kept:
+        graph.metadata_props.add(key=key, value=value)
+    for key, values in zip(("input_mean", "input_std"), normalization):
+        graph.metadata_props.add(key=key, value=json.dumps(list(values)))
+    onnx.save(graph, str(path))
+
+
+def onnx_normalization(source: Any) -> tuple:
+    """(mean, std) stored by `export_onnx` in an ONNX file (a path) or session; ImageNet's when absent."""
+    if isinstance(source, (str, Path)):
+        props = {p.key: p.value for p in _from_deploy_extra("onnx").load(str(source)).metadata_props}
+    else:
+        props = source.get_modelmeta().custom_metadata_map
+    if "input_mean" not in props:
+        return as_normalization(None)
+    return as_normalization((json.loads(props["input_mean"]), json.loads(props["input_std"])))
 
 
 class _CalibrationReader:
     """Feeds calibration images (normalised, batch 1) to ONNX Runtime's static quantizer."""
 
-    def __init__(self, images_u8: torch.Tensor) -> None:
-        self._batches = iter([{"input": normalize(img[None]).numpy()} for img in images_u8])
+    def __init__(self, images_u8: torch.Tensor, normalization: tuple | None = None) -> None:
+        self._batches = iter([{"input": normalize(img[None], normalization=normalization).numpy()}
+                              for img in images_u8])
 
     def get_next(self) -> dict | None:
         """The next calibration batch, or None when all were given."""
@@ -84,26 +113,30 @@ def _preprocessed(src: Path) -> Path:
 
 
 def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor,
-                         per_channel: bool = True) -> Path:
+                         per_channel: bool = True, normalization: Any = None) -> Path:
     """Post-training static int8 quantization (QDQ format) calibrated on a few training images.
 
     Weights AND activations become int8; the activation ranges come from running the
     calibration images through the model (MinMax). Per-channel weight scales matter for
-    MobileNetV2's depthwise convolutions (one scale per layer loses too much precision).
+    MobileNetV2's depthwise convolutions (one scale per layer loses too much precision). The
+    calibration images are normalised as `normalization` says (a model or a (mean, std) pair;
+    default: what `export_onnx` stored in `src`), which `dst` keeps in its metadata.
     """
     CalibrationMethod, QuantFormat, QuantType, quantize_static = _from_deploy_extra(
         "onnxruntime.quantization", "CalibrationMethod", "QuantFormat", "QuantType", "quantize_static")
     src, dst = Path(src), Path(dst)
+    normalization = onnx_normalization(src) if normalization is None else as_normalization(normalization)
     prep = _preprocessed(src)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_static(str(prep), str(dst), _CalibrationReader(calibration_images_u8),
+            quantize_static(str(prep), str(dst), _CalibrationReader(calibration_images_u8, normalization),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
     finally:
         prep.unlink(missing_ok=True)
+    _write_normalization(dst, normalization)
     return dst
 
 
@@ -118,6 +151,7 @@ def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> Path:
             quantize_dynamic(str(prep), str(dst), weight_type=QuantType.QInt8)
     finally:
         prep.unlink(missing_ok=True)
+    _write_normalization(dst, onnx_normalization(src))
     return dst
 
 
@@ -136,11 +170,13 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Class probabilities (N, C) from an ONNX Runtime session, for uint8 images (N, 3, S, S)."""
+def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64, normalization: Any = None) -> np.ndarray:
+    """Class probabilities (N, C) from an ONNX Runtime session, for uint8 images (N, 3, S, S),
+    normalised as `normalization` says (default: the file's metadata, written by `export_onnx`)."""
+    normalization = onnx_normalization(session) if normalization is None else normalization
     outs = []
     for start in range(0, len(images_u8), batch_size):
-        x = normalize(images_u8[start:start + batch_size]).numpy()
+        x = normalize(images_u8[start:start + batch_size], normalization=normalization).numpy()
         outs.append(torch.from_numpy(session.run(["logits"], {"input": x})[0]))
     return logits_to_probs(torch.cat(outs)).numpy().astype(np.float64)
 

@@ -23,7 +23,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
-from helpers.core import amp_dtype, autocast, pick_device, progress_bar, to_device
+from helpers.core import amp_dtype, autocast, check_normalization, pick_device, progress_bar, to_device
 from helpers.loading import TensorLoader
 
 Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -65,8 +65,10 @@ def extract_features(
 
     The backbone runs in eval mode (BatchNorm uses its running statistics). The loader is
     read once in order, every image once (`ordered_loader`).
-    Do not use loaders with random augmentation: the cache would freeze one random view.
+    Do not use loaders with random augmentation: the cache would freeze one random view. A
+    TensorLoader must normalise as the backbone's weights need (`core.check_normalization`).
     """
+    check_normalization(backbone, loader)
     device = pick_device(device)
     backbone.to(device).eval()
     dtype = amp_dtype(device, amp)

@@ -167,11 +167,12 @@ def explain(model: nn.Module, images_u8: torch.Tensor, *, target_layer: nn.Modul
 
     The prediction follows the rest of the course: `P(class 1) >= threshold` for a binary model
     when a threshold (chosen on validation) is given, else the most probable class; the heatmap
-    explains that predicted class. `target_layer=None` uses `default_target_layer(model)`; a ViT's
+    explains that predicted class. The images are normalised as the model's weights need
+    (`model.input_mean` / `input_std`). `target_layer=None` uses `default_target_layer(model)`; a ViT's
     tokens are folded into a grid by `grad_cam` itself.
     """
     layer = usable_target_layer(model, target_layer if target_layer is not None else default_target_layer(model))
-    x = normalize(images_u8.to(model_device(model)))
+    x = normalize(images_u8.to(model_device(model)), normalization=model)  # as its weights need
     was_training = model.training
     model.eval()
     with torch.inference_mode():

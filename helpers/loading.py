@@ -6,8 +6,10 @@
    `TensorLoader` cuts batches from it and augments whole batches as tensors (on the GPU when
    there is one). After the one-off caching pass an epoch costs almost nothing but the model.
 
-Both produce float tensors normalised with the ImageNet mean and std (pretrained torchvision
-models expect that); grayscale X-rays are replicated to 3 channels.
+Both produce float tensors normalised as the model's weights need: `normalization=model` reads
+`model.input_mean` / `model.input_std` (torchvision's ImageNet weights: the ImageNet mean and std;
+the converted TensorFlow MobileNetV2: 0.5 / 0.5); the default is ImageNet's. Grayscale X-rays are
+replicated to 3 channels.
 """
 
 from __future__ import annotations
@@ -29,42 +31,45 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2
 
 from helpers.augment import BatchAugment
-from helpers.core import as_label_tensor
+from helpers.core import IMAGENET_MEAN, IMAGENET_STD, as_label_tensor, as_normalization, check_normalization  # noqa: F401
 from helpers.data import DataSplits
 from helpers.dicom import is_dicom, read_dicom
 from helpers.pixels import to_rgb
 from helpers.scan import display_path, exif_orientation
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """uint8 (or float) images (N, 3, H, W) -> float, ImageNet-normalised.
+def normalize(x: torch.Tensor, scale: float | None = None, *, normalization=None,
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
+    """uint8 (or float) images (N, 3, H, W) -> float, normalised as the weights need.
 
-    uint8 input is divided by 255; float input by `scale` (default 1: already in [0, 1]).
-    A one-channel (grayscale) batch (N, 1, H, W) broadcasts to 3 normalised channels.
-    Computed as one fused multiply-add: x * 1/(scale*std) - mean/std.
+    `normalization`: a model (its `input_mean` / `input_std`), a (mean, std) pair, or None for
+    ImageNet's (`core.as_normalization`); or `mean=` and `std=` directly. uint8 input is divided by 255; float input
+    by `scale` (default 1: already in [0, 1]). A one-channel (grayscale) batch (N, 1, H, W)
+    broadcasts to 3 normalised channels. Computed as one fused multiply-add: x * 1/(scale*std) - mean/std.
     """
+    m, s = as_normalization(normalization if mean is None else (mean, std))
     if scale is None:
         scale = 255.0 if x.dtype == torch.uint8 else 1.0
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return torch.addcmul(-mean / std, x.float(), 1.0 / (scale * std))
+    mean_t = torch.tensor(m, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(s, device=x.device).view(1, 3, 1, 1)
+    return torch.addcmul(-mean_t / std_t, x.float(), 1.0 / (scale * std_t))
 
 
-def denormalize(x: torch.Tensor) -> torch.Tensor:
-    """Inverse of `normalize`: back to [0, 1] floats for display."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+def denormalize(x: torch.Tensor, normalization=None) -> torch.Tensor:
+    """Inverse of `normalize` (same `normalization`): back to [0, 1] floats for display."""
+    m, s = as_normalization(normalization)
+    mean = torch.tensor(m, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(s, device=x.device).view(1, 3, 1, 1)
     return (x * std + mean).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- per-image path
 
 def pil_transforms(image_size: int, train: bool, strong: bool = False,
-                   grayscale: bool = False) -> v2.Compose:
-    """torchvision v2 transforms for one PIL image: resize, (gray,) (augment,) to tensor, normalise."""
+                   grayscale: bool = False, normalization=None) -> v2.Compose:
+    """torchvision v2 transforms for one PIL image: resize, (gray,) (augment,) to tensor, normalise
+    (`normalization`: a model, a (mean, std) pair, or None for ImageNet's; see `as_normalization`)."""
     steps: list = [v2.Resize((image_size, image_size))]
     if grayscale:
         steps.append(v2.Grayscale(num_output_channels=3))
@@ -77,7 +82,7 @@ def pil_transforms(image_size: int, train: bool, strong: bool = False,
             v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast),
         ]
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-              v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+              v2.Normalize(*as_normalization(normalization))]
     return v2.Compose(steps)
 
 
@@ -286,14 +291,16 @@ class TensorLoader:
     A drop-in for a DataLoader in `fit`/`predict`: iterate to get `(x, y)` batches. `sample_weights`
     draws each epoch's images with replacement (a weighted sampler); `strong_classes` get the `strong`
     augmentation instead of `augment`; `drop_single` drops a last batch of one image. `ordered()`: the
-    same data once, in order."""
+    same data once, in order. `normalization`: a model (its weights' `input_mean` / `input_std`), a
+    (mean, std) pair or None (ImageNet's)."""
 
     def __init__(self, images: torch.Tensor, labels, *, batch_size: int = 32,
                  shuffle: bool = False, augment: str | BatchAugment = "none",
                  strong: str | BatchAugment = "strong", strong_classes: Sequence[int] = (),
                  sample_weights: torch.Tensor | None = None, device: str | torch.device = "cpu",
-                 drop_last: bool = False, seed: int | None = None, drop_single: bool = False):
-        self.device = torch.device(device)
+                 drop_last: bool = False, seed: int | None = None, drop_single: bool = False,
+                 normalization=None):
+        self.device, self.normalization = torch.device(device), as_normalization(normalization)  # (mean, std)
         self.grayscale, self._images = _compact(images, self.device)
         self.labels = as_label_tensor(labels)
         if len(self.labels) != len(images):
@@ -339,7 +346,7 @@ class TensorLoader:
             x = self._images[idx.to(self._images.device)].to(self.device, non_blocking=True).float()
             y = self.labels[idx]
             x = _augment_batch(x, torch.isin(y, self.strong_classes), self.augment, self.strong, self.generator)
-            yield normalize(x, scale=255.0), y.to(self.device, non_blocking=True)
+            yield normalize(x, 255.0, normalization=self.normalization), y.to(self.device, non_blocking=True)
 
 
 def _augment_batch(x: torch.Tensor, is_strong: torch.Tensor, augment: BatchAugment, strong: BatchAugment,
@@ -352,6 +359,18 @@ def _augment_batch(x: torch.Tensor, is_strong: torch.Tensor, augment: BatchAugme
     if (~is_strong).any():
         x[~is_strong] = augment(x[~is_strong], generator, 255.0)
     return x
+
+
+def with_normalization(loaders, normalization):
+    """`loaders` (a dict of them, or one) normalising as `normalization` says (a model, a (mean, std)
+    pair): TensorLoaders are copied, sharing their images; other loaders come back unchanged."""
+    if isinstance(loaders, dict):
+        return {name: with_normalization(loader, normalization) for name, loader in loaders.items()}
+    if not isinstance(loaders, TensorLoader):
+        return loaders
+    view = copy.copy(loaders)
+    view.normalization = as_normalization(normalization)
+    return view
 
 
 # ----------------------------------------------------------------------------- balanced sampling
@@ -377,8 +396,11 @@ def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *,
                  device: str | torch.device = "cpu", augment: str | BatchAugment = "light",
                  strong_classes: Sequence[int] = (), balanced_sampler: bool = False,
                  fast: bool = True, num_workers: int = 0, cache_dir: str | Path | None = None,
-                 seed: int = 42, grayscale: bool = False) -> dict:
+                 seed: int = 42, grayscale: bool = False, normalization=None) -> dict:
     """Train/val/test loaders. Only train is shuffled and augmented.
+
+    `normalization=model`: the images are normalised as the model's weights need (its
+    `input_mean` / `input_std`); a (mean, std) pair works too; None: ImageNet's.
 
     `fast=True`: tensor cache + `TensorLoader` (the images stay available as
     `loaders[split].images`). `fast=False`: the per-image `ImageFileDataset` + `DataLoader`.
@@ -397,11 +419,12 @@ def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *,
                 cache_images(frame, image_size, cache_dir=cache_dir, grayscale=grayscale), frame["label"],
                 batch_size=batch_size, shuffle=train, augment=augment if train else "none",
                 strong_classes=strong_classes if train else (), sample_weights=weights,
-                device=device, seed=seed if train else None, drop_single=train)
+                device=device, seed=seed if train else None, drop_single=train, normalization=normalization)
         else:
-            strong_tf = pil_transforms(image_size, True, True, grayscale) if train else None
+            strong_tf = pil_transforms(image_size, True, True, grayscale, normalization) if train else None
             aug_on = train and augment != "none"
-            dataset = ImageFileDataset(frame, pil_transforms(image_size, aug_on, grayscale=grayscale),
+            dataset = ImageFileDataset(frame, pil_transforms(image_size, aug_on, grayscale=grayscale,
+                                                      normalization=normalization),
                                        strong_transform=strong_tf,
                                        strong_classes=strong_classes if train else ())
             sampler = make_weighted_sampler(frame["label"], seed=seed) if train and balanced_sampler else None

@@ -338,9 +338,13 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
     after layer (ResNet-152 features reach ~1e6 and fp16 overflows). Running the training
     images through once with those layers in train mode ("precise BN") gives them real
     statistics. Layers with pretrained statistics are left alone: a model whose ImageNet weights
-    were loaded (``model.pretrained``) is never touched, whatever values its statistics hold.
-    The batches run on ``device`` (default: the model's device).
+    were loaded (``model.pretrained``) is never touched, whatever values its statistics hold;
+    except converted TensorFlow weights whose BatchNorm is still folded: they get the statistics
+    of a few hundred of these training images, once (``offline_weights.restore_folded_batchnorm``,
+    recorded in ``model.weights_info["batchnorm"]``). The batches run on ``device`` (default: the model's).
     """
+    if restored := offline_weights.restore_folded_batchnorm(model, loader):
+        return restored
     if getattr(model, "pretrained", False):
         return 0
     layers = _placeholder_batchnorm(model)
@@ -411,6 +415,8 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         backbone = nn.Sequential(model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
     else:
         backbone = _ViTBackbone(model)
+    if hasattr(model, "input_mean"):  # the normalisation its weights need goes with the backbone
+        backbone.input_mean, backbone.input_std = model.input_mean, model.input_std
     return backbone, head
 
 

@@ -10,6 +10,11 @@
 Only MobileNetV2 has an offline copy: TensorFlow's ``mobilenet_v2_1.0_224_quant.tflite``
 (ImageNet, Apache 2.0), converted once by :mod:`helpers.tflite_weights` and cached.
 A ``weights=`` path to a ``.tflite`` file or to a converted ``.pt`` file works as well.
+
+The conversion keeps TensorFlow's folded BatchNorm (exact in eval mode; cached by the file's
+sha256 alone); before fine-tuning, ``models.estimate_frozen_batchnorm(model, train_loader)``
+gives it the statistics of a few hundred of the run's own training images
+(:func:`restore_folded_batchnorm`), so it works wherever the course runs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from torch import nn
 
 from helpers import tflite_weights
 from helpers.config import project_root
+from helpers.core import check_normalization
 
 ENV_VAR = "COURSE_WEIGHTS_DIR"
 OFFLINE_FILES: dict[str, tuple[str, ...]] = {"mobilenet_v2": ("mobilenet_v2_1.0_224_quant.tflite",)}
@@ -30,6 +36,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 CALIBRATION_PER_CLASS = 100  # 200 training X-rays for the BatchNorm statistics
 CALIBRATION_SIZE = 128  # the cpu profile's image size, and a third of the work of 224 px
+RESTORE_IMAGES = 300  # training images for a converted model's BatchNorm statistics
 
 
 def offline_dirs() -> list[Path]:
@@ -72,7 +79,11 @@ def _calibration_batches(folder: Path, mean: tuple, std: tuple):
 
 
 def default_calibration() -> tuple[object, str] | tuple[None, None]:
-    """(images, cache name) for the BatchNorm statistics: 300 real training X-rays when present."""
+    """(images, name): 200 real training X-rays from ../shared when present, else (None, None).
+
+    Used to measure a conversion's agreement with TensorFlow's interpreter, not for the BatchNorm
+    statistics: those come from each run's own training images (:func:`restore_folded_batchnorm`).
+    """
     folder = _calibration_folder()
     if folder is None:
         return None, None
@@ -81,12 +92,67 @@ def default_calibration() -> tuple[object, str] | tuple[None, None]:
     return (lambda: _calibration_batches(folder, tflite_weights.INPUT_MEAN, tflite_weights.INPUT_STD)), name
 
 
+def _agreement_images():
+    """Images to check a conversion against the interpreter: X-rays from ../shared, else
+    scikit-image's sample photos, else None (then the agreement is not measured)."""
+    images, _ = default_calibration()
+    if images is not None:
+        return images() if callable(images) else images
+    try:
+        u8 = torch.from_numpy(natural_images(224)).permute(0, 3, 1, 2)
+    except ImportError:
+        return None
+    return (u8.float() / 255 - 0.5) / 0.5
+
+
+def batchnorm_is_folded(model: nn.Module) -> bool:
+    """Does the model still hold converted weights whose BatchNorm statistics are folded away?"""
+    return (getattr(model, "weights_info", None) or {}).get("batchnorm") == "folded"
+
+
+def _unaugmented(loader):
+    """A TensorLoader's images unaugmented, in a fixed random order; any other loader as it is."""
+    if not hasattr(loader, "ordered"):
+        return loader
+    view = loader.ordered()
+    view.shuffle, view.generator = True, torch.Generator().manual_seed(0)
+    return view
+
+
+def restore_folded_batchnorm(model: nn.Module, loader, max_images: int = RESTORE_IMAGES) -> int:
+    """Give a converted model's folded BatchNorm the statistics of up to ``max_images`` images of
+    ``loader`` (this run's training images), once; returns how many BatchNorm layers got them (0:
+    nothing to do). Eval outputs do not change; fine-tuning in train mode then works instead of
+    collapsing. Recorded in ``model.weights_info["batchnorm"]``."""
+    if not batchnorm_is_folded(model):
+        return 0
+    check_normalization(model, loader)
+
+    def batches():
+        seen = 0
+        for batch in _unaugmented(loader):
+            x = (batch[0] if isinstance(batch, (tuple, list)) else batch)[:max_images - seen]
+            seen += len(x)
+            yield x
+            if seen >= max_images:
+                return
+
+    n = tflite_weights.restore_batchnorm_statistics(model, batches())
+    layers = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    model.weights_info = {**model.weights_info, "batchnorm": f"restored from {n} training images of this run",
+                          "calibration_images": n}
+    print(f"Converted weights: restored the statistics of {layers} BatchNorm layers from {n} training images "
+          "(folded by TensorFlow; without them fine-tuning collapses).", flush=True)
+    return layers
+
+
 def load_weights_file(arch: str, path: str | Path, calibration_images=None) -> tuple[nn.Module, dict]:
     """torchvision ``arch`` (with its ImageNet head) from a .tflite or .pt file, and its weights_info.
 
     A .tflite file is converted (cached by sha256 and calibration); ``calibration_images`` are the
-    images for the BatchNorm statistics (default: :func:`default_calibration`). A .pt file is a
-    converted file or a plain torchvision state dict.
+    images for the BatchNorm statistics (default: none, exact in eval mode:
+    ``models.estimate_frozen_batchnorm(model, train_loader)`` restores them from the run's own
+    training images before fine-tuning). A .pt file is a converted file or a plain state dict.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -95,10 +161,7 @@ def load_weights_file(arch: str, path: str | Path, calibration_images=None) -> t
     if path.suffix == ".tflite":
         if arch != "mobilenet_v2":
             raise ValueError(f"{path.name} holds MobileNetV2 weights; arch is {arch!r}. Use arch='mobilenet_v2'.")
-        name = None
-        if calibration_images is None:
-            calibration_images, name = default_calibration()
-        payload = tflite_weights.load_tflite_weights(path, calibration_images, name)
+        payload = tflite_weights.load_tflite_weights(path, calibration_images, agreement_with=_agreement_images)
         return tflite_weights.model_from_payload(payload), _info(payload, path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "format" in state:
@@ -119,7 +182,8 @@ def _info(payload: dict, path: Path) -> dict:
                 calibration=payload["calibration"], calibration_images=payload["calibration_images"],
                 agreement=payload.get("agreement"), padding=payload["padding"],
                 input_mean=tuple(payload["input_mean"]), input_std=tuple(payload["input_std"]),
-                cache=payload.get("cache"))
+                cache=payload.get("cache"), batchnorm="folded" if not payload["calibration_images"] else
+                f"restored from {payload['calibration_images']} calibration images ({payload['calibration']})")
 
 
 def torchvision_info(arch: str) -> dict:

@@ -153,7 +153,8 @@ def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
 def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) and pooled backbone features (N, D) for uint8 images (N, 3, S, S).
 
-    Images must already have the model's input size. Uses `helpers.models.backbone_and_head`:
+    Images must already have the model's input size; they are normalised as the model's weights
+    need (`model.input_mean` / `input_std`). Uses `helpers.models.backbone_and_head`:
     `head(backbone(x)) == model(x)`, so one pass gives both.
     """
     backbone, head = backbone_and_head(model)
@@ -162,7 +163,7 @@ def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: i
     logits, feats = [], []
     with torch.inference_mode():
         for start in range(0, len(images_u8), batch_size):
-            x = normalize(images_u8[start:start + batch_size].to(device))
+            x = normalize(images_u8[start:start + batch_size].to(device), normalization=model)
             f = backbone(x)
             logits.append(head(f).float().cpu())
             feats.append(f.float().cpu())

@@ -41,10 +41,25 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6
     return plt.subplots(nrows, ncols, figsize=figsize, layout=kwargs.pop("layout", "constrained"), **kwargs)
 
 
-def save_figure(fig, out_dir: str | Path, name: str):
-    """Save `fig` as out_dir/name (PNG, folder created if missing) and return it."""
+_STAMP: dict[str, str | None] = {"text": None}  # the footer of every saved figure, set by set_stamp
+
+
+def set_stamp(text: str | None) -> None:
+    """Print `text` (e.g. `reporting.figure_stamp(run, splits, model)`: profile, data, weights) in
+    small grey letters under every figure saved from now on; None: no footer."""
+    _STAMP["text"] = text
+
+
+def save_figure(fig, out_dir: str | Path, name: str, stamp: str | None = None):
+    """Save `fig` as out_dir/name (PNG, folder created if missing) and return it.
+
+    `stamp` (default: the text of `set_stamp`, if any) is written once under the figure."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = stamp if stamp is not None else _STAMP["text"]
+    if stamp and getattr(fig, "_course_stamp", None) != stamp:
+        fig._course_stamp = stamp
+        fig.text(0.5, 0.0, stamp, ha="center", va="top", fontsize=6.5, color="0.45")
     fig.savefig(out_dir / name, dpi=DPI, bbox_inches="tight")
     return fig
 

@@ -115,8 +115,54 @@ def _data_dir(run: Run, splits: Any) -> Any:
     return run.data_dir if splits is None else splits.root
 
 
-def metrics_record(run: Run, splits: Any, *, dataset: str, model: str | None, pretrained: bool,
-                   class_names: Sequence[str] | None = None, threshold: float | None = None,
+WEIGHTS_KEYS = ("source", "file", "sha256", "padding", "input_mean", "input_std", "agreement", "batchnorm")
+
+
+def weights_block(info: dict | None) -> dict | None:
+    """The `weights` block of metrics.json from a model's `weights_info`: where the weights came
+    from (source, file, sha256), how they were converted (padding, agreement with TensorFlow's
+    interpreter, BatchNorm statistics) and the input normalisation they need."""
+    return None if not info else {k: info.get(k) for k in WEIGHTS_KEYS if k in info}
+
+
+def weights_label(block: dict | None, pretrained: bool | None = None) -> str:
+    """A few words for a table: "ImageNet (TFLite, converted)", "torchvision ImageNet", "random"..."""
+    source = str((block or {}).get("source") or "")
+    if source.startswith("tflite-converted"):
+        return "ImageNet (TFLite, converted)"
+    if source == "torchvision":
+        return "torchvision ImageNet"
+    if source.startswith("file:"):
+        return f"file {source[5:]}"
+    if source == "random" or pretrained is False:
+        return "random"
+    return "ImageNet" if pretrained else ""
+
+
+def figure_stamp(run: Run, splits: Any = None, model: Any = None, weights: dict | None = None) -> str:
+    """"profile cpu | data <folder> | weights ImageNet (TFLite, converted)": the footer of a run's
+    figures (`plots.set_stamp`), so a figure can be told apart from another run's. The weights come
+    from `model` (built by `models.build_model`) or from a `weights_info` dict."""
+    data = portable_data_dir(_data_dir(run, splits))
+    folders = data.values() if isinstance(data, Mapping) else [data]
+    parts = [f"profile {run.cfg.profile}", "data " + ", ".join(Path(str(f)).name for f in folders)]
+    if model is not None or weights is not None:
+        _, pretrained, block = _model_fields(model, None, weights)
+        parts.append(f"weights {weights_label(block, pretrained) or 'unknown'}")
+    return " | ".join(parts)
+
+
+def _model_fields(model: Any, pretrained: bool | None, weights: dict | None) -> tuple[Any, Any, Any]:
+    """(name, pretrained, weights block): a built model gives all three itself."""
+    if isinstance(model, torch.nn.Module):
+        name = getattr(model, "arch", type(model).__name__)
+        pretrained = getattr(model, "pretrained", None) if pretrained is None else pretrained
+        return name, pretrained, weights_block(weights or getattr(model, "weights_info", None))
+    return model, pretrained, weights_block(weights)
+
+
+def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretrained: bool | None = None,
+                   weights: dict | None = None, class_names: Sequence[str] | None = None, threshold: float | None = None,
                    val: dict | None = None, test: dict | None = None, timing: dict | None = None,
                    figures: Sequence[str] = (), runs: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
     """This run's metrics.json as a dict, in the schema of CONTRIBUTING.md ("metrics.json").
@@ -126,7 +172,11 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: str | None, pr
     device, run id and start time. Keyword `extra` keys follow the schema keys; one that names a
     schema key replaces it (notebook 00 gives `image_size=None`). `figures` lists the files this
     run saved beside its metrics.json: any other figure in that folder is not this run's.
+    `model`: the architecture name, or the model itself (built by `models.build_model`): then its
+    `arch`, `pretrained` and `weights_info` give "model", "pretrained" and the "weights" block
+    (`weights_block`; or pass `weights=model.weights_info` with a name).
     """
+    model, pretrained, weights = _model_fields(model, pretrained, weights)
     if class_names is None:
         class_names = getattr(splits, "class_names", [])
     record: dict[str, Any] = {
@@ -135,6 +185,8 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: str | None, pr
         "image_size": run.cfg.image_size, "class_names": list(class_names), "threshold": threshold,
         "val": val, "test": test, "timing": timing, "device": str(run.device),
     }
+    if weights is not None:  # the weights block (`weights_block`): only when the weights are known
+        record["weights"] = weights
     if runs is not None:
         record["runs"] = runs
     record.update(extra)
@@ -143,7 +195,7 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: str | None, pr
     return to_jsonable(record)
 
 
-def write_metrics(run: Run, splits: Any, *, dataset: str, model: str | None, pretrained: bool,
+def write_metrics(run: Run, splits: Any, *, dataset: str, model: Any, pretrained: bool | None = None,
                   **fields: Any) -> dict[str, Any]:
     """Write `run.metrics_path` (`metrics_record` of the same arguments); return the dict.
 
@@ -216,6 +268,7 @@ def _metric_columns(block: dict | None, prefix: str) -> dict[str, Any]:
 
 def _row(record: dict, parent: dict, run_name: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {key: record.get(key, parent.get(key)) for key in _CONTEXT_KEYS}
+    row["weights"] = weights_label(record.get("weights", parent.get("weights")), row["pretrained"])
     row["run"] = run_name
     block_threshold = (record.get("test") or {}).get("threshold", parent.get("threshold"))
     row["threshold"] = record.get("threshold", block_threshold)
@@ -250,7 +303,7 @@ def results_table(paths_or_dicts: str | Path | dict | Sequence[str | Path | dict
     A file with a "runs" list contributes one row per run (named by its "name", "run" or
     "strategy" key); with `include_main=True` its top-level block is added as well, with
     `headline=True` only its top-level block (one row per file: the course table of notebook 07).
-    Columns: notebook, profile, dataset, model, pretrained, image_size, run, threshold, then
+    Columns: notebook, profile, dataset, model, pretrained, image_size, weights (`weights_label`), run, threshold, then
     val_* and test_* metrics with *_lo/*_hi 95% intervals and *_recall_<class> columns, then the
     run the row comes from (run_id, started_at) and "check": "ok", or why the row's outputs may
     mix runs (`output_problems`; several runs of one notebook in the same table).

@@ -167,7 +167,7 @@ def analyse_image(app: AppModel, image: Image.Image, notes: Sequence[str] = ()) 
         score = float(ood_score(ood["method"], logits, features, ood.get("params"))[0])
         ood_threshold = float(ood["threshold"])
         in_dist = score >= ood_threshold
-    x = normalize(u8.to(model_device(app.model)))
+    x = normalize(u8.to(model_device(app.model)), normalization=app.model)  # as its weights need
     # No warnings.catch_warnings() here: it swaps the filters of the whole process, which is not
     # thread-safe (two sessions at once can leave warnings switched off for good); the blank map of
     # an untrained model is simply shown flat.

@@ -332,30 +332,27 @@ def _calibration_key(images, name: str | None) -> str | None:
 
 
 def convert_tflite(path: str | Path, calibration_images=None, calibration_name: str | None = None,
-                   agreement_images: int = 24) -> dict:
+                   agreement_images: int = 24, agreement_with=None) -> dict:
     """Convert a MobileNetV2 1.0 .tflite file into a payload dict (state dict + metadata).
 
     ``calibration_images``: normalised images (N, 3, H, W) or batches of them, or a callable that
     returns them, for :func:`restore_batchnorm_statistics`; ``None`` keeps the folded BatchNorm
-    (exact in eval mode, collapses when fine-tuned: a warning says so). When ``ai-edge-litert`` is
+    (exact in eval mode, collapses when fine-tuned: ``helpers.models.estimate_frozen_batchnorm``
+    restores the statistics from a run's training images, and ``train.fit`` refuses to train it). When ``ai-edge-litert`` is
     installed, the agreement with TensorFlow's interpreter is measured on the first
-    ``agreement_images`` calibration images (0: not measured) and stored with the weights.
+    ``agreement_images`` calibration images (or of ``agreement_with``, normalised images or a
+    callable giving them; 0: not measured) and stored with the weights.
     """
-    import warnings
-
     start = time.perf_counter()
     path = Path(path)
     sha = file_sha256(path)
     model = folded_model(read_convolutions(path))
     images = calibration_images() if callable(calibration_images) else calibration_images
     n_images = 0
-    if images is None:
-        warnings.warn("Converted weights without BatchNorm statistics: exact for inference, but fine-tuning "
-                      "in train mode collapses. Pass calibration_images (a few hundred training images) "
-                      "or call restore_batchnorm_statistics(model, train_loader).", RuntimeWarning, stacklevel=2)
-    else:
+    if images is not None:  # else folded: exact in eval mode; restore them before fine-tuning
         n_images = restore_batchnorm_statistics(model, images)
-    measured = _measured_agreement(model, path, calibration_images, agreement_images) if agreement_images else None
+    check_on = calibration_images if agreement_with is None else agreement_with
+    measured = _measured_agreement(model, path, check_on, agreement_images) if agreement_images else None
     return dict(format=FORMAT_VERSION, arch="mobilenet_v2", state_dict=model.state_dict(),
                 input_mean=INPUT_MEAN, input_std=INPUT_STD, padding="tf_same",
                 source=f"tflite-converted:{path.name}", sha256=sha,
@@ -380,7 +377,7 @@ def _measured_agreement(model: nn.Module, path: Path, calibration_images, n: int
     u8 = ((first * std + mean) * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     model.input_mean, model.input_std = INPUT_MEAN, INPUT_STD
     result = agreement(torch_logits(model, u8), interpreter_logits(path, u8))
-    return dict(result, on="the first calibration images")
+    return dict(result, on=f"{len(first)} images")
 
 
 def default_cache_dir() -> Path:
@@ -394,7 +391,7 @@ def cache_path(sha256: str, calibration: str, cache_dir: str | Path | None = Non
 
 
 def load_tflite_weights(path: str | Path, calibration_images=None, calibration_name: str | None = None,
-                        cache_dir: str | Path | None = None, agreement_images: int = 24) -> dict:
+                        cache_dir: str | Path | None = None, agreement_images: int = 24, agreement_with=None) -> dict:
     """The converted payload of a .tflite file: from the cache when there, else converted and cached.
 
     The cache file is keyed by the file's sha256 and the calibration (``calibration_name``, or a
@@ -408,7 +405,7 @@ def load_tflite_weights(path: str | Path, calibration_images=None, calibration_n
         if payload.get("sha256") == sha and payload.get("calibration") == key:
             payload["cache"] = "hit"
             return payload
-    payload = convert_tflite(path, calibration_images, calibration_name, agreement_images)
+    payload = convert_tflite(path, calibration_images, calibration_name, agreement_images, agreement_with)
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(".tmp")

@@ -33,10 +33,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from helpers.core import amp_dtype, autocast, logits_to_probs, model_device, progress_bar, to_device
+from helpers.core import amp_dtype, autocast, check_normalization, logits_to_probs, model_device, progress_bar, to_device
 from helpers.evaluate import epoch_metrics
 from helpers.feature_cache import augments, extract_features, feature_loader_like
 from helpers.models import backbone_and_head, estimate_frozen_batchnorm, set_trainable, train_mode
+from helpers.offline_weights import batchnorm_is_folded
 
 HISTORY_COLUMNS: list[str] = [
     "epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -190,6 +191,17 @@ def _step_scheduler(scheduler: Any | None, value: float) -> None:
         scheduler.step()
 
 
+def _check_inputs(model: nn.Module, train_loader: Loader, val_loader: Loader | None) -> None:
+    """The loaders normalise as the model's weights need; folded BatchNorm does not train."""
+    for loader in (train_loader, val_loader):
+        check_normalization(model, loader)
+    if batchnorm_is_folded(model) and any(p.requires_grad for m in model.modules()
+                                          if isinstance(m, nn.BatchNorm2d) for p in m.parameters()):
+        raise ValueError("This model's converted weights still have their BatchNorm folded (no statistics): "
+                         "training its BatchNorm layers would collapse. Call "
+                         "models.estimate_frozen_batchnorm(model, loaders['train']) before train.fit.")
+
+
 # --------------------------------------------------------------------------- fit
 
 
@@ -211,6 +223,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
     `history.attrs`: `best_epoch`, `best_value`, `monitor`, `train_seconds`.
     """
     device, monitor = model_device(model), _check_monitor(monitor, val_loader)
+    _check_inputs(model, train_loader, val_loader)
     mode = MONITORS[monitor]
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -340,6 +353,7 @@ def fit_head_only(
     `attrs["train_seconds"]`.
     """
     set_trainable(model, "head")
+    check_normalization(model, train_loader)
     estimate_frozen_batchnorm(model, train_loader)  # only for frozen BatchNorm without ImageNet statistics
     if not use_feature_cache:
         return fit(model, train_loader, val_loader, epochs=epochs, criterion=criterion, **fit_kwargs)

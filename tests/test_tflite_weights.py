@@ -267,17 +267,21 @@ def test_imagenet_falls_back_to_the_offline_copy(tflite_file, calibration, tmp_p
         raise urllib.error.URLError("no internet")
 
     monkeypatch.setattr(models, "_load_pretrained", offline)
-    monkeypatch.setenv("TORCH_HOME", str(torch_home))  # converted above with the same calibration: cached
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
     folder = tmp_path / "weights"
     folder.mkdir()
     (folder / TFLITE.name).symlink_to(tflite_file)
     monkeypatch.setenv(offline_weights.ENV_VAR, str(folder))
-    monkeypatch.setattr(offline_weights, "default_calibration", lambda: (calibration, None))
+    monkeypatch.setattr(offline_weights, "default_calibration", lambda: (calibration, None))  # agreement only
     assert offline_weights.find_offline("mobilenet_v2") == folder / TFLITE.name
     model = models.build_model("mobilenet_v2", 2, weights="imagenet")
-    assert model.pretrained is True and model.weights_info["calibration"].startswith("tensor (48, 3, 96, 96)")
-    assert model.weights_info["cache"] == "hit"
+    # no calibration images: converted exactly (BatchNorm folded), cached by sha256 alone; the run's
+    # training images restore the statistics later (models.estimate_frozen_batchnorm)
+    assert model.pretrained is True and model.weights_info["calibration"] == "none"
+    assert model.weights_info["batchnorm"] == "folded" and offline_weights.batchnorm_is_folded(model)
     assert model.input_mean == (0.5, 0.5, 0.5)
+    again = models.build_model("mobilenet_v2", 2, weights="imagenet")
+    assert again.weights_info["cache"] == "hit"
     assert offline_weights.find_offline("resnet18") is None  # only MobileNetV2 has an offline copy
 
 
