@@ -102,7 +102,7 @@ FLOORS = {
     "datasets": 2, "scan": 2, "data": 2, "measurable": 2, "augment": 2, "loading": 2, "models": 2, "offline_weights": 2, "tta": 2,
     "losses": 3, "evaluate": 3, "feature_cache": 3, "train": 3, "gradcam": 3, "reporting": 3,
     "plots": 4,
-    "ood": 5, "export": 5, "bundle": 5, "serve": 5,
+    "ood": 5, "export": 5, "bundle": 5, "serve": 5, "compare": 5,
 }
 
 
