@@ -4,6 +4,9 @@ Applying a torchvision v2 transform to a batch tensor draws ONE set of random pa
 whole batch (every image rotated by the same angle). `BatchAugment` gives each image its own
 rotation, scale, shift and flip in one `grid_sample` call, plus its own brightness and contrast,
 so the tensor cache of `helpers.loading` can be augmented on the GPU at the speed of the model.
+
+No preset flips: a chest X-ray is never taken mirrored, and a flip that only the minority class
+receives (what 'strong' is for) would be a cue that belongs to that class.
 """
 
 from __future__ import annotations
@@ -48,11 +51,7 @@ class BatchAugment:
 
     @staticmethod
     def preset(name: str) -> "BatchAugment":
-        """'light' (default training), 'strong' (minority class) or 'none'.
-
-        No preset flips: a chest X-ray is never taken mirrored, and a flip that only the minority
-        class receives (the use of 'strong') would be a cue that belongs to that class.
-        """
+        """'light' (default training), 'strong' (minority class) or 'none'; no preset flips (module doc)."""
         presets = {
             "none": BatchAugment(0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0),
             "light": BatchAugment(),
