@@ -4,6 +4,9 @@ Applying a torchvision v2 transform to a batch tensor draws ONE set of random pa
 whole batch (every image rotated by the same angle). `BatchAugment` gives each image its own
 rotation, scale, shift and flip in one `grid_sample` call, plus its own brightness and contrast,
 so the tensor cache of `helpers.loading` can be augmented on the GPU at the speed of the model.
+
+No preset flips: a chest X-ray is never taken mirrored, and a flip that only the minority class
+receives (what 'strong' is for) would be a cue that belongs to that class.
 """
 
 from __future__ import annotations
@@ -48,12 +51,12 @@ class BatchAugment:
 
     @staticmethod
     def preset(name: str) -> "BatchAugment":
-        """'light' (default training), 'strong' (minority class) or 'none'."""
+        """'light' (default training), 'strong' (minority class) or 'none'; no preset flips (module doc)."""
         presets = {
             "none": BatchAugment(0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0),
             "light": BatchAugment(),
-            "strong": BatchAugment(rotate=20.0, scale=(0.8, 1.15), translate=0.1, hflip=0.5,
-                                   brightness=0.3, contrast=0.3),
+            "strong": BatchAugment(rotate=25.0, scale=(0.75, 1.2), translate=0.12,
+                                   brightness=0.35, contrast=0.35),
         }
         if name not in presets:
             raise ValueError(f"Unknown augmentation {name!r}; use one of {list(presets)} "
