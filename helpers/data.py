@@ -311,6 +311,21 @@ def _scan_notes(frame: pd.DataFrame, root: Path, name: str, synthetic: bool) -> 
     return notes + exclusion_notes(frame.attrs.get("excluded", []), frame.attrs.get("nested", []))
 
 
+def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], notes: list[str],
+                   val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
+    """Carve the `missing` splits out of train by patient, copies of one image kept together; notes it."""
+    frame["group"] = duplicate_groups(frame, pairs)
+    train = frame[frame["split"] == "train"]
+    joined = train["patient_id"].nunique() - train["group"].nunique()
+    frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction,
+                         seed=seed, carve=missing, group_by="group").drop(columns="group")
+    notes.append(f"Carved {' and '.join(missing)} out of train/ by patient "
+                 f"({frame['patient_id'].nunique()} patient ids"
+                 + (f"; {joined} joined with another because they share duplicate images"
+                    if joined else "") + "), stratified by class.")
+    return frame
+
+
 def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42,
                 val_fraction: float = 0.15, test_fraction: float = 0.15,
                 max_per_class: int | None = None, check_images: bool = True) -> DataSplits:
@@ -347,23 +362,12 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
                      "on, so it was folded into train and a validation split carved instead.")
     missing = tuple(s for s in ("val", "test") if not (frame["split"] == s).any())
     if missing:
-        frame["group"] = duplicate_groups(frame, pairs)
-        train = frame[frame["split"] == "train"]
-        joined = train["patient_id"].nunique() - train["group"].nunique()
-        frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction,
-                             seed=seed, carve=missing, group_by="group").drop(columns="group")
-        notes.append(f"Carved {' and '.join(missing)} out of train/ by patient "
-                     f"({frame['patient_id'].nunique()} patient ids"
-                     + (f"; {joined} joined with another because they share duplicate images"
-                        if joined else "") + "), stratified by class.")
-    # A provided test split stays whole: evaluating it is cheap, and its numbers then compare with
-    # what others report on the same images.
-    whole = () if "test" in missing else ("test",)
+        frame = _carve_missing(frame, pairs, missing, notes, val_fraction, test_fraction, seed)
+    whole = () if "test" in missing else ("test",)  # a provided test split is cheap to evaluate whole
     frame = subsample(frame, max_per_class, seed=seed, keep=whole).reset_index(drop=True)
     if max_per_class is not None:
-        notes.append(f"Subsampled to at most {max_per_class} images per class and split, keeping "
-                     "each split's class balance (profile setting)"
-                     + ("; the provided test split is kept whole." if whole else "."))
+        notes.append(f"Subsampled to at most {max_per_class} images per class and split, keeping each split's "
+                     "class balance (profile setting)" + ("; the provided test split is kept whole." if whole else "."))
     _require_every_class(frame, spec, missing)
     duplicates = cross_split_duplicates(frame, pairs)
     if note := duplicate_note(duplicates):

@@ -288,11 +288,9 @@ def _compact(images: torch.Tensor, device: torch.device) -> tuple[bool, torch.Te
 class TensorLoader:
     """Batches from a uint8 image tensor, augmented per image, normalised, on `device`.
 
-    A drop-in for a DataLoader in `fit`/`predict`: iterate to get `(x, y)` batches. `sample_weights`
-    draws each epoch's images with replacement (a weighted sampler); `strong_classes` get the `strong`
-    augmentation instead of `augment`; `drop_single` drops a last batch of one image. `ordered()`: the
-    same data once, in order. `normalization`: a model (its weights' `input_mean` / `input_std`), a
-    (mean, std) pair or None (ImageNet's)."""
+    A DataLoader stand-in: `sample_weights` draw with replacement; `strong_classes` get `strong`;
+    `drop_single` drops a last batch of one; `ordered()`: each image once, in order; `normalization`:
+    a model (its weights' `input_mean` / `input_std`), a (mean, std) pair or None (ImageNet's)."""
 
     def __init__(self, images: torch.Tensor, labels, *, batch_size: int = 32,
                  shuffle: bool = False, augment: str | BatchAugment = "none",
