@@ -110,9 +110,10 @@ def test_notebook_04_runs_with_pretrained_weights(weights_offline, tmp_path, mon
     papermill.execute_notebook(  # the kernel inherits TORCH_HOME from this process
         str(NOTEBOOK_04), str(executed), cwd=str(NOTEBOOK_04.parent), kernel_name="python3", progress_bar=False,
         parameters=dict(PROFILE="cpu", DATA_DIR="synthetic", IMAGE_SIZE=64, EPOCHS=2, BATCH_SIZE=16,
-                        MAX_PER_CLASS=24, OUTPUT_DIR=str(tmp_path)))
+                        MAX_PER_CLASS=24, OUTPUT_DIR=str(tmp_path), COMPARE_RANDOM=False))  # no random twin
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["pretrained"] is True and metrics["model"] == "mobilenet_v2"
+    assert metrics["weights"]["source"] == "torchvision"
     outputs = "".join(o.get("text", "") for c in nbformat.read(executed, as_version=4).cells
                       for o in c.get("outputs", []))
     assert "ImageNet weights loaded: True" in outputs
