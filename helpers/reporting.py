@@ -268,7 +268,8 @@ def _metric_columns(block: dict | None, prefix: str) -> dict[str, Any]:
 
 def _row(record: dict, parent: dict, run_name: str | None) -> dict[str, Any]:
     row: dict[str, Any] = {key: record.get(key, parent.get(key)) for key in _CONTEXT_KEYS}
-    row["weights"] = weights_label(record.get("weights", parent.get("weights")), row["pretrained"])
+    own = "weights" in record or record.get("pretrained") is False  # a run trained from random weights says so itself
+    row["weights"] = weights_label(record.get("weights") if own else parent.get("weights"), row["pretrained"])
     row["run"] = run_name
     block_threshold = (record.get("test") or {}).get("threshold", parent.get("threshold"))
     row["threshold"] = record.get("threshold", block_threshold)

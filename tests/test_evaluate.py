@@ -462,3 +462,16 @@ def test_run_caveats_name_what_a_reduced_run_cannot_show() -> None:
     assert "CPU profile" in cpu[0] and "at most 300 images" in cpu[0] and "could be loaded" in cpu[1]
     assert reporting.run_caveats(apply_profile("cpu"), synthetic=True, pretrained=None)[1].startswith("**Synthetic")
     assert reporting.run_caveats(apply_profile("full", recipe_epochs=5), synthetic=False, pretrained=True) == []
+
+
+def test_results_table_names_each_runs_own_weights():
+    """A run trained from random weights is not labelled with its notebook's ImageNet weights."""
+    from helpers.reporting import results_table
+
+    block = {"auc": 0.9, "ci95": {}}
+    record = {"notebook": "04_x", "pretrained": True, "weights": {"source": "tflite-converted:m.tflite"},
+              "runs": [{"name": "imagenet", "pretrained": True, "test": block},
+                       {"name": "random", "pretrained": False, "test": block}]}
+    table = results_table(record).set_index("run")
+    assert table.loc["imagenet", "weights"] == "ImageNet (TFLite, converted)"
+    assert table.loc["random", "weights"] == "random"
