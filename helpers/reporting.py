@@ -8,6 +8,8 @@ every conclusion needs.
 - `with_ci` formats a metric with its bootstrap interval: `0.912 [0.890, 0.931]`.
 - `run_caveats` says, in the same words in every notebook, what a reduced run cannot show
   (smoke or cpu profile, synthetic images, no ImageNet weights).
+- `collapse_note` notices a run that answers (almost) one class for every image and explains
+  what its accuracy and balanced accuracy then mean.
 """
 
 from __future__ import annotations
@@ -79,6 +81,57 @@ def run_caveats(cfg: Config, *, synthetic: bool, pretrained: bool | None,
                        + ": this was NOT transfer learning** (random initialisation), and the numbers are "
                        "not comparable with the reference.")
     return caveats
+
+
+def predicted_counts(block: dict[str, Any]) -> list[int]:
+    """Images predicted as each class: the column sums of `block["confusion_matrix"]` (rows are
+    the true classes, columns the predicted ones, as in `compute_metrics`)."""
+    matrix = np.asarray(block["confusion_matrix"], dtype=int)
+    return matrix.sum(axis=0).tolist()
+
+
+def collapse_note(block: dict[str, Any], class_names: Sequence[str], *, collapsed: float = 0.95,
+                  leaning: float = 0.80) -> str | None:
+    """A sentence for the conclusion when a run answers (almost) one class for everything, else None.
+
+    `block` is a `compute_metrics` block. The run has *collapsed* when one class receives at least
+    `collapsed` of the predictions, and *leans* on it when that class receives at least `leaning`
+    of them while being at least 15 points less common among the true labels. The sentence gives
+    the counts, says what accuracy and balanced accuracy measure in that case, reads the AUC
+    interval (do the scores still rank?), and names the usual cause and remedies.
+    """
+    predicted = predicted_counts(block)
+    true = np.asarray(block["confusion_matrix"], dtype=int).sum(axis=1)
+    total = int(sum(predicted))
+    if total == 0:
+        return None
+    top = int(np.argmax(predicted))
+    share, true_share = predicted[top] / total, true[top] / total
+    if share < collapsed and (share < leaning or share - true_share < 0.15):
+        return None
+    name, k = class_names[top], len(class_names)
+    auc_ci = (block.get("ci95") or {}).get("auc")
+    if block.get("auc") is None:
+        ranking = ""
+    elif auc_ci and auc_ci[0] is not None and auc_ci[0] > 0.5:
+        ranking = (f" Its AUC {with_ci(block, 'auc')} lies above 0.5: the scores still rank the classes, so the "
+                   "network did learn something; it is the decision (the largest score wins) that ignores it.")
+    else:
+        ranking = f" Its AUC {with_ci(block, 'auc')} does not clear 0.5: the scores do not even rank the classes."
+    if share >= collapsed:
+        head = (f"**Collapsed to one class:** the model calls {predicted[top]} of {total} test images {name}. "
+                f"Its accuracy ({block['accuracy']:.3f}) is then just the share of {name} in the test split "
+                f"({true_share:.3f}), and its balanced accuracy ({block['balanced_accuracy']:.3f}) is the value of a "
+                f"constant answer (1/{k} = {1 / k:.3f}), not a measured skill.")
+    else:
+        head = (f"**Leaning on one class:** the model calls {predicted[top]} of {total} test images ({share:.0%}) "
+                f"{name}, a class that holds only {true_share:.0%} of them, so the other classes are rarely "
+                f"recognised (balanced accuracy {block['balanced_accuracy']:.3f}, chance 1/{k} = {1 / k:.3f}).")
+    cause = (f" {name} is the largest class: a network trained briefly on imbalanced classes finds the majority "
+             "answer first." if top == int(np.argmax(true)) else
+             f" {name} is not the largest class here: look at the training curves and the learning rate.")
+    return (head + ranking + cause + " ImageNet weights (notebook 04), class-balanced sampling or loss weights "
+            "(notebook 05) and more epochs (the `full` profile) are the usual ways out.")
 
 
 def to_jsonable(value: Any) -> Any:

@@ -475,3 +475,35 @@ def test_results_table_names_each_runs_own_weights():
     table = results_table(record).set_index("run")
     assert table.loc["imagenet", "weights"] == "ImageNet (TFLite, converted)"
     assert table.loc["random", "weights"] == "random"
+
+
+def test_collapse_note_fires_on_a_one_class_run_and_not_on_a_balanced_one():
+    """The 02 reference run called 497 of 498 test images PNEUMONIA; the conclusion must say so."""
+    names = ["COVID19", "NORMAL", "PNEUMONIA", "TB"]
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2, 3], [45, 105, 300, 48])
+    scores = rng.dirichlet(np.ones(4), len(y))
+    scores[:, 2] += 2.0  # PNEUMONIA wins everywhere: the argmax is constant
+    scores[np.arange(len(y)), y] += 0.3  # ... but the scores still rank the true class higher
+    collapsed = ev.compute_metrics(y, scores / scores.sum(1, keepdims=True), names, n_bootstrap=200)
+    assert reporting.predicted_counts(collapsed) == [0, 0, len(y), 0]
+    note = reporting.collapse_note(collapsed, names)
+    assert note is not None and note.startswith("**Collapsed to one class:**")
+    assert f"calls {len(y)} of {len(y)} test images PNEUMONIA" in note
+    assert "0.250" in note and "lies above 0.5" in note and "largest class" in note
+
+    skilled = rng.dirichlet(np.ones(4), len(y))
+    skilled[np.arange(len(y)), y] += 1.0  # every image's true class wins
+    balanced = ev.compute_metrics(y, skilled / skilled.sum(1, keepdims=True), names, n_bootstrap=200)
+    assert reporting.collapse_note(balanced, names) is None
+
+
+def test_collapse_note_calls_a_majority_heavy_run_leaning():
+    """89% of predictions on a class that is 60% of the labels (the 01 reference run): leaning, not collapsed."""
+    block = {"confusion_matrix": [[5, 1, 39, 0], [6, 6, 93, 0], [15, 2, 283, 0], [13, 5, 30, 0]],
+             "accuracy": 0.590, "balanced_accuracy": 0.278, "auc": 0.665, "ci95": {"auc": [0.62, 0.71]}}
+    note = reporting.collapse_note(block, ["COVID19", "NORMAL", "PNEUMONIA", "TB"])
+    assert note.startswith("**Leaning on one class:**") and "445 of 498" in note and "89%" in note
+    # The same share on a class that is that common among the labels is no bias.
+    fair = {"confusion_matrix": [[4, 6], [5, 85]], "accuracy": 0.89, "balanced_accuracy": 0.67, "auc": None}
+    assert reporting.collapse_note(fair, ["NORMAL", "PNEUMONIA"]) is None
