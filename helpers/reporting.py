@@ -66,20 +66,20 @@ def run_caveats(cfg: Config, *, synthetic: bool, pretrained: bool | None,
     if cfg.profile == "smoke":
         caveats.append(f"**Smoke profile: these numbers do not reflect the recipe.** A few dozen {data}, "
                        f"{cfg.image_size} px, {cfg.epochs} epoch(s): the run proves that the code works end to "
-                       f"end and says nothing about {task}. Do not compare it with the reference.")
+                       f"end and says nothing about {task}. Do not compare it with published results or a full run.")
     elif cfg.profile == "cpu":
         subset = (f"at most {cfg.max_per_class} images per class and split" if cfg.max_per_class
                   else "all images")
         caveats.append(f"**CPU profile: not the full recipe** ({subset}, {cfg.image_size} px, "
                        f"{cfg.epochs} epoch(s)). Expect the `full` profile on a "
-                       "GPU to differ; compare with the reference only after a full run.")
+                       "GPU to differ; compare with published results only after a full run.")
     if synthetic and cfg.profile != "smoke":
         caveats.append("**Synthetic data** (`DATA_DIR = \"synthetic\"`): generated images, not patients.")
     if pretrained is False:
         caveats.append("**No ImageNet weights"
                        + (" could be loaded" if cfg.pretrained else " (the profile trains from scratch)")
                        + ": this was NOT transfer learning** (random initialisation), and the numbers are "
-                       "not comparable with the reference.")
+                       "not comparable with published transfer-learning results.")
     return caveats
 
 
@@ -114,8 +114,8 @@ def collapse_note(block: dict[str, Any], class_names: Sequence[str], *, collapse
     if block.get("auc") is None:
         ranking = ""
     elif auc_ci and auc_ci[0] is not None and auc_ci[0] > 0.5:
-        ranking = (f" Its AUC {with_ci(block, 'auc')} lies above 0.5: the scores still rank the classes, so the "
-                   "network did learn something; it is the decision (the largest score wins) that ignores it.")
+        ranking = (f" Its AUC {with_ci(block, 'auc')} lies above 0.5: the scores rank the classes better than chance, so "
+                   "something was learned; it is the decision (the largest score wins) that does not use it.")
     else:
         ranking = f" Its AUC {with_ci(block, 'auc')} does not clear 0.5: the scores do not even rank the classes."
     if share >= collapsed:
