@@ -8,8 +8,8 @@ every conclusion needs.
 - `with_ci` formats a metric with its bootstrap interval: `0.912 [0.890, 0.931]`.
 - `run_caveats` says, in the same words in every notebook, what a reduced run cannot show
   (smoke or cpu profile, synthetic images, no ImageNet weights).
-- `collapse_note` notices a run that answers (almost) one class for every image and explains
-  what its accuracy and balanced accuracy then mean.
+- `dominant_class` notices a run that answers (almost) one class for every image, and
+  `collapse_note` explains what its accuracy and balanced accuracy then mean.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -86,30 +86,45 @@ def run_caveats(cfg: Config, *, synthetic: bool, pretrained: bool | None,
 def predicted_counts(block: dict[str, Any]) -> list[int]:
     """Images predicted as each class: the column sums of `block["confusion_matrix"]` (rows are
     the true classes, columns the predicted ones, as in `compute_metrics`)."""
+    return np.asarray(block["confusion_matrix"], dtype=int).sum(axis=0).tolist()
+
+
+class Dominant(NamedTuple):
+    """The class a run answers for (almost) every image (`dominant_class`)."""
+
+    index: int  # the class, an index into class_names
+    share: float  # of all predictions
+    true_share: float  # of the true labels
+    collapsed: bool  # True: (almost) every image; False: leaning on it
+
+
+def dominant_class(block: dict[str, Any], *, collapsed: float = 0.95, leaning: float = 0.80,
+                   excess: float = 0.15) -> Dominant | None:
+    """The class that takes at least `collapsed` of a run's predictions (collapsed), or at least
+    `leaning` of them while being at least `excess` less common among the true labels (leaning);
+    None when no class dominates. `block` is a `compute_metrics` block."""
     matrix = np.asarray(block["confusion_matrix"], dtype=int)
-    return matrix.sum(axis=0).tolist()
-
-
-def collapse_note(block: dict[str, Any], class_names: Sequence[str], *, collapsed: float = 0.95,
-                  leaning: float = 0.80) -> str | None:
-    """A sentence for the conclusion when a run answers (almost) one class for everything, else None.
-
-    `block` is a `compute_metrics` block. The run has *collapsed* when one class receives at least
-    `collapsed` of the predictions, and *leans* on it when that class receives at least `leaning`
-    of them while being at least 15 points less common among the true labels. The sentence gives
-    the counts, says what accuracy and balanced accuracy measure in that case, reads the AUC
-    interval (do the scores still rank?), and names the usual cause and remedies.
-    """
-    predicted = predicted_counts(block)
-    true = np.asarray(block["confusion_matrix"], dtype=int).sum(axis=1)
-    total = int(sum(predicted))
+    total = int(matrix.sum())
     if total == 0:
         return None
-    top = int(np.argmax(predicted))
-    share, true_share = predicted[top] / total, true[top] / total
-    if share < collapsed and (share < leaning or share - true_share < 0.15):
+    top = int(np.argmax(matrix.sum(axis=0)))
+    share, true_share = matrix[:, top].sum() / total, matrix[top].sum() / total
+    if share >= collapsed:
+        return Dominant(top, float(share), float(true_share), True)
+    if share >= leaning and share - true_share >= excess:
+        return Dominant(top, float(share), float(true_share), False)
+    return None
+
+
+def collapse_note(block: dict[str, Any], class_names: Sequence[str], **thresholds: float) -> str | None:
+    """A sentence for the conclusion when one class dominates a run's predictions (`dominant_class`,
+    whose thresholds it passes on), else None: the counts, what accuracy and balanced accuracy
+    measure in that case, whether the AUC interval says the scores still rank, cause and remedies."""
+    dominant = dominant_class(block, **thresholds)
+    if dominant is None:
         return None
-    name, k = class_names[top], len(class_names)
+    predicted = predicted_counts(block)
+    total, name, k = sum(predicted), class_names[dominant.index], len(class_names)
     auc_ci = (block.get("ci95") or {}).get("auc")
     if block.get("auc") is None:
         ranking = ""
@@ -118,17 +133,19 @@ def collapse_note(block: dict[str, Any], class_names: Sequence[str], *, collapse
                    "something was learned; it is the decision (the largest score wins) that does not use it.")
     else:
         ranking = f" Its AUC {with_ci(block, 'auc')} does not clear 0.5: the scores do not even rank the classes."
-    if share >= collapsed:
-        head = (f"**Collapsed to one class:** the model calls {predicted[top]} of {total} test images {name}. "
+    if dominant.collapsed:
+        head = (f"**Collapsed to one class:** the model calls {predicted[dominant.index]} of {total} test images {name}. "
                 f"Its accuracy ({block['accuracy']:.3f}) is then just the share of {name} in the test split "
-                f"({true_share:.3f}), and its balanced accuracy ({block['balanced_accuracy']:.3f}) is the value of a "
-                f"constant answer (1/{k} = {1 / k:.3f}), not a measured skill.")
+                f"({dominant.true_share:.3f}), and its balanced accuracy ({block['balanced_accuracy']:.3f}) is the value "
+                f"of a constant answer (1/{k} = {1 / k:.3f}), not a measured skill.")
     else:
-        head = (f"**Leaning on one class:** the model calls {predicted[top]} of {total} test images ({share:.0%}) "
-                f"{name}, a class that holds only {true_share:.0%} of them, so the other classes are rarely "
-                f"recognised (balanced accuracy {block['balanced_accuracy']:.3f}, chance 1/{k} = {1 / k:.3f}).")
+        head = (f"**Leaning on one class:** the model calls {predicted[dominant.index]} of {total} test images "
+                f"({dominant.share:.0%}) {name}, a class that holds only {dominant.true_share:.0%} of them, so the other "
+                f"classes are rarely recognised (balanced accuracy {block['balanced_accuracy']:.3f}, chance 1/{k} = "
+                f"{1 / k:.3f}).")
+    largest = dominant.index == int(np.argmax(np.asarray(block["confusion_matrix"]).sum(axis=1)))
     cause = (f" {name} is the largest class: a network trained briefly on imbalanced classes finds the majority "
-             "answer first." if top == int(np.argmax(true)) else
+             "answer first." if largest else
              f" {name} is not the largest class here: look at the training curves and the learning rate.")
     return (head + ranking + cause + " ImageNet weights (notebook 04), class-balanced sampling or loss weights "
             "(notebook 05) and more epochs (the `full` profile) are the usual ways out.")

@@ -478,7 +478,7 @@ def test_results_table_names_each_runs_own_weights():
 
 
 def test_collapse_note_fires_on_a_one_class_run_and_not_on_a_balanced_one():
-    """The 02 reference run called 497 of 498 test images PNEUMONIA; the conclusion must say so."""
+    """A run that calls (almost) every test image one class (02 in the reference run) must be told apart."""
     names = ["COVID19", "NORMAL", "PNEUMONIA", "TB"]
     rng = np.random.default_rng(0)
     y = np.repeat([0, 1, 2, 3], [45, 105, 300, 48])
@@ -487,6 +487,7 @@ def test_collapse_note_fires_on_a_one_class_run_and_not_on_a_balanced_one():
     scores[np.arange(len(y)), y] += 0.3  # ... but the scores still rank the true class higher
     collapsed = ev.compute_metrics(y, scores / scores.sum(1, keepdims=True), names, n_bootstrap=200)
     assert reporting.predicted_counts(collapsed) == [0, 0, len(y), 0]
+    assert reporting.dominant_class(collapsed) == (2, 1.0, 300 / len(y), True)
     note = reporting.collapse_note(collapsed, names)
     assert note is not None and note.startswith("**Collapsed to one class:**")
     assert f"calls {len(y)} of {len(y)} test images PNEUMONIA" in note
@@ -504,6 +505,8 @@ def test_collapse_note_calls_a_majority_heavy_run_leaning():
              "accuracy": 0.590, "balanced_accuracy": 0.278, "auc": 0.665, "ci95": {"auc": [0.62, 0.71]}}
     note = reporting.collapse_note(block, ["COVID19", "NORMAL", "PNEUMONIA", "TB"])
     assert note.startswith("**Leaning on one class:**") and "445 of 498" in note and "89%" in note
+    assert reporting.dominant_class(block).collapsed is False
+    assert reporting.collapse_note(block, ["COVID19", "NORMAL", "PNEUMONIA", "TB"], leaning=0.9) is None
     # The same share on a class that is that common among the labels is no bias.
     fair = {"confusion_matrix": [[4, 6], [5, 85]], "accuracy": 0.89, "balanced_accuracy": 0.67, "auc": None}
     assert reporting.collapse_note(fair, ["NORMAL", "PNEUMONIA"]) is None
