@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from helpers import models, offline_weights, tflite_weights
-from helpers.config import project_root
+from helpers.runs import project_root
 
 
 def parse_args() -> argparse.Namespace:

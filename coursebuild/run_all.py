@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from coursebuild.layout import NOTEBOOK_PATTERN, RUNS_FILE
+from coursebuild.records import PROFILE_TIMEOUT_S, metrics_path, read_fresh_metrics
 from coursebuild.reference import README_END, README_START, executed_copy, reference_rows, reference_table, replace_block
 from coursebuild.results import collect_assets, write_results
-from helpers.config import PROFILE_TIMEOUT_S, PROFILES, metrics_path, read_fresh_metrics
+from helpers.runs import PROFILES
 
 KERNEL_NAME = "python3"
 # Silence the kernel's own console logging (e.g. "running over TCP without encryption"),

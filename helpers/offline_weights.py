@@ -27,7 +27,7 @@ import torchvision
 from torch import nn
 
 from helpers import tflite_weights
-from helpers.config import project_root
+from helpers.runs import project_root
 from helpers.core import check_normalization
 
 ENV_VAR = "COURSE_WEIGHTS_DIR"

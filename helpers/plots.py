@@ -45,7 +45,7 @@ _STAMP: dict[str, str | None] = {"text": None}  # the footer of every saved figu
 
 
 def set_stamp(text: str | None) -> None:
-    """Print `text` (e.g. `reporting.figure_stamp(run, splits, model)`: profile, data, weights) in
+    """Print `text` (e.g. `runs.figure_stamp(run, splits, model)`: profile, data, weights) in
     small grey letters under every figure saved from now on; None: no footer."""
     _STAMP["text"] = text
 

@@ -1,4 +1,4 @@
-"""helpers.data / helpers.loading / helpers.synthetic / helpers.config: behaviour tests."""
+"""helpers.data / helpers.loading / helpers.synthetic / helpers.runs: behaviour tests."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn as nn
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from helpers import config, data, datasets, loading, losses, synthetic
+from helpers import data, datasets, loading, losses, runs, synthetic
 from helpers.augment import BatchAugment
 from helpers.loading import ImageFileDataset, TensorLoader, cache_images, pil_transforms
 
@@ -25,17 +25,17 @@ PATIENT_PATTERN = re.compile(r"^(person\d+|(NORMAL\d*-)?IM-\d+)$")
 # ----------------------------------------------------------------------------- profiles
 
 def test_profiles_resolve_and_override():
-    smoke = config.apply_profile("smoke", recipe_epochs=12)
-    full = config.apply_profile("full", recipe_epochs=12, batch_size=64, image_size=None)
+    smoke = runs.apply_profile("smoke", recipe_epochs=12)
+    full = runs.apply_profile("full", recipe_epochs=12, batch_size=64, image_size=None)
     assert (smoke.epochs, smoke.pretrained, smoke.image_size) == (1, False, 64)
     assert (full.epochs, full.batch_size, full.image_size, full.amp) == (12, 64, 224, True)
 
 
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="smoke.*cpu.*full"):
-        config.apply_profile("fast")
+        runs.apply_profile("fast")
     with pytest.raises(TypeError, match="image_size"):
-        config.apply_profile("smoke", img_size=32)
+        runs.apply_profile("smoke", img_size=32)
 
 
 # ----------------------------------------------------------------------------- patient ids
@@ -392,11 +392,11 @@ def test_make_loaders_fast_and_slow_paths_agree_on_eval_splits(synthetic_root):
     assert fast["train"].images.shape[0] == len(splits.train)
 
 
-def test_config_output_dir(tmp_path, monkeypatch):
-    assert config.output_dir_for("00_x", tmp_path / "o") == tmp_path / "o"
+def test_start_run_output_dir(tmp_path, monkeypatch):
+    assert runs.start_run("00_x", "smoke", output_dir=tmp_path / "o").out_dir == tmp_path / "o"
     assert (tmp_path / "o").is_dir()
-    monkeypatch.setattr(config, "project_root", lambda: tmp_path)
-    assert config.output_dir_for("00_x") == tmp_path / "assets" / "00_x"
+    monkeypatch.setattr(runs, "project_root", lambda: tmp_path)
+    assert runs.start_run("00_x", "smoke").out_dir == tmp_path / "assets" / "00_x"
     assert (tmp_path / "assets" / "00_x").is_dir()
 
 
@@ -419,21 +419,21 @@ def test_subsample_keeps_the_class_balance_of_each_split():
      "kaggle:pkdarabi/diagnosis-of-diabetic-retinopathy/data"),
 ])
 def test_portable_data_dir_names_kaggle_data_by_handle(given, expected):
-    assert config.portable_data_dir(given) == expected
+    assert runs.portable_data_dir(given) == expected
 
 
 def test_portable_data_dir_is_relative_to_the_course():
-    root = config.project_root()
-    assert config.portable_data_dir(root / "data" / "synthetic" / "x") == "data/synthetic/x"
+    root = runs.project_root()
+    assert runs.portable_data_dir(root / "data" / "synthetic" / "x") == "data/synthetic/x"
     shared = root.parent / "shared" / "data" / "chest_xray_pneumonia_224"
-    assert config.portable_data_dir(shared) == "../shared/data/chest_xray_pneumonia_224"
+    assert runs.portable_data_dir(shared) == "../shared/data/chest_xray_pneumonia_224"
 
 
 def test_portable_data_dir_resolves_a_folder_relative_to_the_working_directory(tmp_path, monkeypatch):
-    root = config.project_root()
+    root = runs.project_root()
     (root / "data").mkdir(exist_ok=True)
     monkeypatch.chdir(root / "data")  # like a notebook run from notebooks/ with DATA_DIR="../data"
-    assert config.portable_data_dir("../data") == "data"
+    assert runs.portable_data_dir("../data") == "data"
 
 
 def test_subsample_keeps_a_provided_test_split_whole(tmp_path):

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from conftest import ROOT, SHARED_PNEUMONIA
-from helpers import (bundle, config, core, evaluate, feature_cache, gradcam, loading, models, offline_weights,
-                     ood, plots, reporting, serve, tflite_weights, train)
+from coursebuild import records
+from helpers import (bundle, core, evaluate, feature_cache, gradcam, loading, models, offline_weights,
+                     ood, plots, runs, serve, tflite_weights, train)
 
 HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 TFLITE = ROOT.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_quant.tflite"
@@ -184,24 +185,24 @@ def test_onnx_export_and_int8_calibration_use_the_models_normalisation(tmp_path)
 
 
 def test_metrics_json_gets_the_weights_block_and_results_name_them(tmp_path):
-    run = config.start_run("nb", "smoke", output_dir=str(tmp_path))
+    run = runs.start_run("nb", "smoke", output_dir=str(tmp_path))
     model = _converted_like()
-    record = reporting.write_metrics(run, None, dataset="pneumonia", model=model)
+    record = runs.save_metrics(run, None, dataset="pneumonia", model=model)
     assert record["model"] == "mobilenet_v2" and record["pretrained"] is True
     weights = json.loads(run.metrics_path.read_text())["weights"]
     assert weights["source"] == "tflite-converted:test.tflite" and weights["padding"] == "tf_same"
     assert weights["input_mean"] == [0.5, 0.5, 0.5] and weights["batchnorm"].startswith("restored")
-    table = reporting.results_table([record, {**record, "weights": offline_weights.random_info(), "pretrained": False}])
+    table = records.results_table([record, {**record, "weights": offline_weights.random_info(), "pretrained": False}])
     assert list(table["weights"]) == ["ImageNet (TFLite, converted)", "random"]
     from coursebuild.results import summary_frame
 
     assert "weights" in summary_frame(table).columns
-    assert reporting.weights_label({"source": "torchvision"}) == "torchvision ImageNet"
+    assert runs.weights_label({"source": "torchvision"}) == "torchvision ImageNet"
 
 
 def test_figures_carry_the_stamp_when_given(tmp_path):
-    run = config.start_run("nb", "smoke", output_dir=str(tmp_path))
-    stamp = reporting.figure_stamp(run, None, _converted_like())
+    run = runs.start_run("nb", "smoke", output_dir=str(tmp_path))
+    stamp = runs.figure_stamp(run, None, _converted_like())
     assert stamp == "profile smoke | data synthetic | weights ImageNet (TFLite, converted)"
     history = pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5], "val_loss": [1.1, 0.7],
                             "train_accuracy": [0.5, 0.7], "val_accuracy": [0.5, 0.6]})
