@@ -93,14 +93,9 @@ ALPHA_BACKGROUND = (0, 0, 0)  # transparency is composited onto black, the backg
 
 
 def _rescale_high_bit_depth(image: Image.Image) -> tuple[Image.Image, str]:
-    """16/32-bit integer or float grayscale -> 8-bit "L", by the bit depth its values use.
-
-    `image.convert("L")` clips every value above 255 to white: a 12-bit X-ray stored as a 16-bit
-    PNG (values up to 4095) comes out almost entirely white. Integer values are divided by the
-    full scale of the smallest bit depth (8, 10, 12, 14, 16, 32) that holds their maximum, so
-    0 stays black and a 12-bit 4095 becomes 255; floats in [0, 1] are scaled by 255; anything
-    else (negative values, other floats) is stretched from its own minimum to its maximum.
-    """
+    """16/32-bit grayscale -> 8-bit "L" by the smallest bit depth (8..32) holding its maximum
+    (`convert("L")` would clip a 12-bit X-ray to white); floats in [0, 1] times 255; anything
+    else stretched from its minimum to its maximum."""
     values = np.asarray(image, dtype=np.float64)
     if values.ndim == 3:  # e.g. a 2-channel 16-bit image opened as an array: keep the first
         values = values[..., 0]
@@ -120,12 +115,8 @@ def _rescale_high_bit_depth(image: Image.Image) -> tuple[Image.Image, str]:
 
 
 def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-    """Any PIL image -> 8-bit RGB, and notes on what was converted.
-
-    Grayscale is replicated to 3 channels; palette images are expanded; transparency (RGBA, LA,
-    palette with transparency) is composited onto `ALPHA_BACKGROUND` (black); 16/32-bit
-    grayscale is rescaled by its bit depth (see `_rescale_high_bit_depth`), never clipped.
-    """
+    """Any PIL image -> 8-bit RGB, with notes: grayscale replicated, palettes expanded,
+    transparency onto black, 16/32-bit rescaled by its bit depth (never clipped)."""
     notes: list[str] = []
     if image.mode in HIGH_BIT_DEPTH_MODES:
         image, note = _rescale_high_bit_depth(image)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from helpers.core import amp_dtype, autocast, check_normalization, logits_to_probs, model_device, progress_bar
 from helpers.evaluate import epoch_metrics
@@ -211,18 +211,28 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
 # --------------------------------------------------------------------------- head only, on cached features
 
 
+def _once_in_order(loader: Loader) -> Loader:
+    """Every image of `loader` once, in order, unaugmented (a TensorLoader or DataLoader)."""
+    if isinstance(loader, TensorLoader):
+        return loader.ordered()
+    if isinstance(loader, DataLoader):
+        return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
+                          generator=torch.Generator())  # leaves the global random state alone
+    return loader
+
+
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: Loader, device: str | torch.device | None = None, *,
                      amp: bool = True, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float32 CPU, labels (N,)) of a frozen backbone in eval mode, every image
-    once and unaugmented (a TensorLoader's `ordered()` view). A backbone's output for an image never
+    once, in order, unaugmented (`_once_in_order`). A backbone's output for an image never
     changes while it is frozen, so a head can train on these features for many epochs."""
     check_normalization(backbone, loader)
     device = torch.device(device) if device is not None else model_device(backbone)
     backbone.to(device).eval()
     dtype = amp_dtype(device, amp)
     features, labels = [], []
-    for x, y in progress_bar(loader.ordered() if isinstance(loader, TensorLoader) else loader, "features", progress):
+    for x, y in progress_bar(_once_in_order(loader), "features", progress):
         with autocast(device, dtype):
             features.append(backbone(x.to(device)).float().flatten(1).cpu())
         labels.append(torch.as_tensor(y).cpu())
@@ -234,8 +244,11 @@ def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Te
     of `loader` (a TensorLoader or DataLoader; anything else: batches of 64 in order)."""
     dataset = TensorDataset(features, labels)
     weights = getattr(loader, "sample_weights", None)
+    if isinstance(getattr(loader, "sampler", None), WeightedRandomSampler):
+        weights = loader.sampler.weights
     sampler = None if weights is None else WeightedRandomSampler(weights, len(dataset), replacement=True)
-    shuffle = sampler is None and bool(getattr(loader, "shuffle", False))
+    shuffle = sampler is None and (getattr(loader, "shuffle", False) is True
+                                   or isinstance(getattr(loader, "sampler", None), RandomSampler))
     return DataLoader(dataset, batch_size=getattr(loader, "batch_size", None) or 64, sampler=sampler,
                       shuffle=shuffle, drop_last=bool(getattr(loader, "drop_last", False)))
 
