@@ -321,7 +321,7 @@ def test_tensor_cache_holds_each_file_read_and_normalised(synthetic_root, tmp_pa
     x = torch.cat([xb for xb, _ in fast])
     per_image = torch.stack([load_image(p, 40) for p in frame["path"]])
     assert torch.allclose(x, loading.normalize(per_image), atol=1e-5)
-    assert torch.equal(torch.cat([yb for _, yb in fast]), torch.as_tensor(frame["label"].to_numpy()))
+    assert torch.equal(torch.cat([yb for _, yb in fast]), torch.tensor(frame["label"].to_numpy()))
     # Persisted next to the data and loaded back identically.
     first = cache_images(frame, 40, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 1
