@@ -1,27 +1,10 @@
-"""Build torchvision backbones with a new classification head and a freezing policy.
+"""torchvision backbones with a new classification head, and freezing.
 
-The models keep torchvision's own structure, so what students read in the torchvision
-docs still applies: the head lives in ``model.fc`` (ResNet), ``model.classifier``
-(DenseNet, MobileNetV2) or ``model.heads`` (ViT).
-
-Every model returned by :func:`build_model` carries a few plain attributes:
-``model.arch`` (str), ``model.pretrained`` (bool: were ImageNet weights really loaded),
-``model.weights_info`` (dict: source, file, sha256, padding, ...), ``model.input_mean`` and
-``model.input_std`` (the normalisation the weights need), ``model.head_kind``, ``model.freeze``
-and ``model.image_size``.
-
-Freezing policies (``freeze=``):
-
-- ``"none"``: every parameter trains (full fine-tuning).
-- ``"head"``: only the new classifier head trains.
-- ``"last_block"``: the head plus the last stage of the backbone:
-  ResNet ``layer4``; DenseNet ``features.denseblock4`` + ``features.norm5``;
-  MobileNetV2 ``features[-2:]`` (last inverted-residual block + final 1x1 conv);
-  ViT ``encoder.layers[-1]`` + the final ``encoder.ln``.
-
-Frozen layers should also keep their BatchNorm statistics frozen: :func:`train_mode`
-puts the model in training mode *except* for sub-modules whose parameters are all
-frozen, which stay in eval mode. ``helpers.train.fit`` uses it.
+The models keep torchvision's structure: the head is ``model.fc`` (ResNet), ``model.classifier``
+(DenseNet, MobileNetV2) or ``model.heads`` (ViT). `build_model` records ``model.arch``,
+``model.pretrained``, ``model.weights_info``, ``model.input_mean`` / ``input_std`` (the
+normalisation its weights need), ``model.head_kind``, ``model.freeze`` and ``model.image_size``.
+`freeze_backbone` and `unfreeze` are what chapters 01 and 04 write in cells with ``requires_grad``.
 """
 
 from __future__ import annotations
@@ -37,15 +20,8 @@ from torch import nn
 from helpers import offline_weights
 from helpers.core import model_device
 
-ARCHITECTURES: tuple[str, ...] = (
-    "resnet18",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "densenet121",
-    "mobilenet_v2",
-    "vit_b_16",
-)
+ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101", "resnet152", "densenet121", "mobilenet_v2",
+                                  "vit_b_16")
 HEADS: tuple[str, ...] = ("linear", "gap_dropout", "mlp")
 FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "last_block")
 
@@ -80,31 +56,20 @@ def _arch_of(model: nn.Module) -> str:
 
 
 def make_head(in_features: int, num_outputs: int, head: str = "linear") -> nn.Module:
-    """A new classifier head on top of pooled backbone features.
-
-    - ``"linear"``: Linear(in_features, num_outputs).
-    - ``"gap_dropout"``: Dropout(0.5) -> Linear (the MobileNetV2 recipe "GAP -> Dropout(0.5)
-      -> Linear"; torchvision backbones already global-average-pool before the head).
-    - ``"mlp"``: Dropout(0.4) -> Linear(512) -> ReLU -> Dropout(0.3) -> Linear(num_outputs).
-    """
+    """A head on pooled features: "linear", "gap_dropout" (Dropout(0.5) -> Linear, the MobileNetV2
+    recipe) or "mlp" (Dropout(0.4) -> Linear(512) -> ReLU -> Dropout(0.3) -> Linear)."""
     _check_choice(head, HEADS, "head")
     if head == "linear":
         return nn.Linear(in_features, num_outputs)
     if head == "gap_dropout":
         return nn.Sequential(nn.Dropout(0.5), nn.Linear(in_features, num_outputs))
-    return nn.Sequential(
-        nn.Dropout(0.4),
-        nn.Linear(in_features, 512),
-        nn.ReLU(inplace=True),
-        nn.Dropout(0.3),
-        nn.Linear(512, num_outputs),
-    )
+    return nn.Sequential(nn.Dropout(0.4), nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.3),
+                         nn.Linear(512, num_outputs))
 
 
 def _in_features(old_head: nn.Module) -> int:
     """Input width of torchvision's original head (a Linear, possibly inside a Sequential)."""
-    linears = [m for m in old_head.modules() if isinstance(m, nn.Linear)]
-    return linears[0].in_features
+    return next(m for m in old_head.modules() if isinstance(m, nn.Linear)).in_features
 
 
 def get_head(model: nn.Module) -> nn.Module:
@@ -264,7 +229,7 @@ def build_model(
 
 
 def _last_block_modules(model: nn.Module) -> list[nn.Module]:
-    """Backbone modules that ``freeze="last_block"`` keeps trainable (head not included)."""
+    """What ``freeze="last_block"`` trains besides the head: the last stage of the backbone."""
     family = _family(_arch_of(model))
     if family == "resnet":
         return [model.layer4]
@@ -275,41 +240,46 @@ def _last_block_modules(model: nn.Module) -> list[nn.Module]:
     return [model.encoder.layers[-1], model.encoder.ln]
 
 
-def set_trainable(model: nn.Module, freeze: str) -> nn.Module:
-    """Apply a freezing policy in place: ``"none"``, ``"head"`` or ``"last_block"``.
-
-    Sets ``requires_grad`` on every parameter and records ``model.freeze``.
-    Returns the model for chaining.
-    """
-    _check_choice(freeze, FREEZE_POLICIES, "freeze policy")
-    trainable_all = freeze == "none"
+def freeze_backbone(model: nn.Module) -> nn.Module:
+    """Freeze every parameter except the head's (``requires_grad = False``); returns the model."""
     for p in model.parameters():
-        p.requires_grad_(trainable_all)
-    if not trainable_all:
-        modules = [get_head(model)]
-        if freeze == "last_block":
-            modules += _last_block_modules(model)
-        for module in modules:
-            for p in module.parameters():
-                p.requires_grad_(True)
+        p.requires_grad = False
+    for p in get_head(model).parameters():
+        p.requires_grad = True
+    model.freeze = "head"
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Make every parameter trainable again (full fine-tuning); returns the model."""
+    for p in model.parameters():
+        p.requires_grad = True
+    model.freeze = "none"
+    return model
+
+
+def set_trainable(model: nn.Module, freeze: str) -> nn.Module:
+    """A freezing policy by name (`build_model(freeze=...)`): "none", "head" or "last_block"."""
+    _check_choice(freeze, FREEZE_POLICIES, "freeze policy")
+    if freeze == "none":
+        return unfreeze(model)
+    freeze_backbone(model)
+    if freeze == "last_block":
+        for module in _last_block_modules(model):
+            module.requires_grad_(True)
     model.freeze = freeze
     return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) number of parameters."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()))
 
 
 def train_mode(model: nn.Module) -> nn.Module:
-    """``model.train()``, but sub-modules whose parameters are all frozen stay in eval mode.
-
-    So frozen BatchNorm layers keep their ImageNet running statistics (they are neither
-    used as batch statistics nor updated) and a frozen backbone behaves exactly as in
-    :func:`extract_features`. Dropout inside trainable parts (the head) stays active.
-    """
+    """``model.train()``, except sub-modules whose parameters are all frozen: they stay in eval
+    mode, so frozen BatchNorm keeps its running statistics (as in `train.extract_features`)."""
     model.train()
     for module in model.modules():
         params = list(module.parameters())
@@ -395,11 +365,8 @@ class _ViTBackbone(nn.Module):
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Split a model into (feature extractor giving pooled features (N, D), head).
-
-    Both share their weights with ``model`` (no copy): ``head(backbone(x))`` equals ``model(x)``.
-    Used by the embedding cache in ``helpers.train``.
-    """
+    """(backbone giving pooled features (N, D), head), sharing the model's weights:
+    ``head(backbone(x))`` equals ``model(x)``."""
     family = _family(_arch_of(model))
     head = get_head(model)
     if family == "resnet":
@@ -421,15 +388,9 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The layer whose activations Grad-CAM should use.
-
-    - ResNet: ``layer4[-1]`` (last bottleneck, (N, C, h, w)).
-    - DenseNet: ``features.denseblock4`` (not ``norm5``: torchvision applies an in-place
-      ReLU to norm5's output, which breaks backward hooks).
-    - MobileNetV2: ``features[-1]`` (final 1x1 conv block).
-    - ViT: ``encoder.layers[-1].ln_1`` whose output is tokens (N, 1 + h*w, D); turn it into
-      a map with :func:`vit_tokens_to_map`.
-    """
+    """The layer Grad-CAM reads: ResNet ``layer4[-1]``; DenseNet ``features.denseblock4`` (norm5's
+    output goes through an in-place ReLU, which breaks backward hooks); MobileNetV2 ``features[-1]``;
+    ViT ``encoder.layers[-1].ln_1`` (tokens: fold them with `vit_tokens_to_map`)."""
     family = _family(_arch_of(model))
     if family == "resnet":
         return model.layer4[-1]
