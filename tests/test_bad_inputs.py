@@ -22,8 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import bundle, config, data, datasets, serve
-from helpers.bundle import BUNDLE_FORMAT  # by name: _bundle() has a local variable `bundle`
+from app import bundle, serve
+from app.bundle import BUNDLE_FORMAT  # by name: _bundle() has a local variable `bundle`
+from helpers import config, data, datasets
 from helpers.loading import cache_images, load_image
 from helpers.synthetic import make_synthetic_dataset
 
