@@ -135,12 +135,14 @@ def _train_mode_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 
 
 def test_train_mode_keeps_the_features_only_with_restored_statistics(folded, imagenet):
-    x = _xrays(8, 96, folder="train", start=200)
+    """Statistics measured at the profiles' sizes (128/160/224 px): at 160 px train mode's batch
+    statistics keep the features (correlation about 0.9); folded ones collapse them."""
+    x = _xrays(8, 160, folder="train", start=200)
     for model, expect_close in ((copy.deepcopy(imagenet), True), (copy.deepcopy(folded), False)):
         ev, tr = _train_mode_features(model, x)
         with np.errstate(invalid="ignore"):  # collapsed features are constant: no correlation at all
             corr = float(np.nan_to_num(np.corrcoef(ev.flatten().numpy(), tr.flatten().numpy())[0, 1]))
-        assert (corr > 0.9) is expect_close, corr
+        assert (corr > 0.85) is expect_close, corr
 
 
 def test_a_few_train_mode_steps_lower_the_loss(imagenet):

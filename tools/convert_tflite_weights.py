@@ -55,7 +55,7 @@ INPUT_MEAN: tuple[float, float, float] = (0.5, 0.5, 0.5)  # x / 127.5 - 1: Tenso
 INPUT_STD: tuple[float, float, float] = (0.5, 0.5, 0.5)
 N_CONVOLUTIONS = 53  # torchvision mobilenet_v2's 52 Conv2d modules + the 1x1 classifier convolution
 CALIBRATION_IMAGES = 300  # BatchNorm statistics from this many images (balanced over class folders)
-CALIBRATION_SIZE = 160  # px: the size the measurements in ../shared/weights/README.md used
+CALIBRATION_SIZES = (128, 160, 224)  # px: the cpu profile's, README's measurements', the full profile's
 AGREEMENT_IMAGES = 24  # checked against the interpreter at its 224 px
 NATURAL_SAMPLES = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "colorwheel", "grass", "gravel",
                    "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina",
@@ -316,7 +316,7 @@ def _agreement_images(calibration_files: list[Path]) -> tuple[np.ndarray, str] |
 
 def convert(tflite: str | Path = DEFAULT_TFLITE, out: str | Path = DEFAULT_OUT,
             calibration_dir: str | Path | None = None, n_images: int = CALIBRATION_IMAGES,
-            size: int = CALIBRATION_SIZE, check: bool = True) -> dict:
+            sizes: tuple[int, ...] = CALIBRATION_SIZES, check: bool = True) -> dict:
     """Convert ``tflite`` and write the weights file ``out``; returns its ``info``.
 
     ``calibration_dir`` (default: the pneumonia training X-rays of ../shared/data when present, else
@@ -327,13 +327,16 @@ def convert(tflite: str | Path = DEFAULT_TFLITE, out: str | Path = DEFAULT_OUT,
     tflite = Path(tflite)
     folder = Path(calibration_dir) if calibration_dir else (DEFAULT_CALIBRATION if DEFAULT_CALIBRATION.is_dir() else None)
     model = folded_model(read_convolutions(tflite))
-    if folder is not None:
-        files = image_files(folder, n_images)
-        pixels, what = read_images(files, size), f"{folder.parent.name}/{folder.name}"
-    else:
-        files, pixels, what = [], natural_images(size), "scikit-image sample photos"
-    seen = restore_batchnorm_statistics(model, normalised(pixels).split(32))
-    calibration = f"{seen} images of {what}, {size} px"
+    files = image_files(folder, n_images) if folder is not None else []
+    what = f"{folder.parent.name}/{folder.name}" if folder is not None else "scikit-image sample photos"
+
+    def batches():  # image i at sizes[i % len(sizes)]: statistics that suit every profile's size
+        for k, size in enumerate(sizes):
+            pixels = read_images(files[k::len(sizes)], size) if files else natural_images(size)[k::len(sizes)]
+            yield from normalised(pixels).split(32)
+
+    seen = restore_batchnorm_statistics(model, batches())
+    calibration = f"{seen} images of {what}, at {'/'.join(map(str, sizes))} px"
     measured = None
     if check:
         try:
