@@ -310,3 +310,22 @@ def test_a_rebuilt_model_gets_padding_and_normalisation_back():
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), original(x))
     assert rebuilt.input_mean == HALF and rebuilt.pretrained is True
+
+
+def test_a_reference_run_converts_the_tflite_file_when_the_weights_file_is_missing(tmp_path, monkeypatch):
+    import subprocess
+
+    from coursebuild import run_all
+
+    root = tmp_path / "course"
+    (tmp_path / "shared" / "weights").mkdir(parents=True)
+    assert run_all.ensure_offline_weights(root) is None  # nothing to convert
+    (tmp_path / "shared" / "weights" / "mobilenet_v2_1.0_224_quant.tflite").write_bytes(b"tflite")
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, check: calls.append(command))
+    out = run_all.ensure_offline_weights(root)
+    assert out == root / "data" / "weights" / "mobilenet_v2_imagenet.pt"
+    assert calls and calls[0][1].endswith("convert_tflite_weights.py") and calls[0][-1] == str(out)
+    out.parent.mkdir(parents=True)
+    out.write_bytes(b"converted")
+    assert run_all.ensure_offline_weights(root) == out and len(calls) == 1  # not converted again

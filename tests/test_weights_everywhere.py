@@ -253,10 +253,12 @@ def test_a_converted_model_fine_tunes_in_train_mode_without_collapsing(converted
     torch.manual_seed(0)
     model = converted(freeze="none")
     loaders = _xray_loaders(model, size=96, per_class=24)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    head = list(models.head_parameters(model))
+    rest = [p for p in model.parameters() if all(p is not h for h in head)]
+    optimizer = torch.optim.Adam([{"params": head, "lr": 1e-3}, {"params": rest, "lr": 1e-4}])
     criterion = nn.BCEWithLogitsLoss()
     losses = []
-    for _ in range(3):
+    for _ in range(4):
         model.train()
         for x, y in loaders["train"]:
             optimizer.zero_grad()
@@ -265,5 +267,5 @@ def test_a_converted_model_fine_tunes_in_train_mode_without_collapsing(converted
             optimizer.step()
             losses.append(loss.item())
     probs, labels = evaluate.predict(model, loaders["val"])
-    assert np.mean(losses[-3:]) < min(0.6, losses[0]), losses
+    assert np.mean(losses[-3:]) < min(0.6, losses[0]), losses  # collapsed BatchNorm sits at 0.69
     assert roc_auc_score(labels, np.asarray(probs).reshape(len(labels), -1)[:, -1]) > 0.7
