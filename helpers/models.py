@@ -121,9 +121,8 @@ def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 # --------------------------------------------------------------------------- weights
 
 
-# Offline ImageNet weights, for machines where torchvision's weight server cannot be reached: an
-# ordinary weights file written by tools/convert_tflite_weights.py (state_dict + the normalisation
-# and padding the weights need), looked for in $COURSE_WEIGHTS_DIR, data/weights/, ../shared/weights.
+# Offline ImageNet weights (torchvision's server unreachable): an ordinary weights file written by
+# tools/convert_tflite_weights.py (state_dict + the normalisation and padding the weights need).
 WEIGHTS_DIR_ENV = "COURSE_WEIGHTS_DIR"
 OFFLINE_FILES = {"mobilenet_v2": "mobilenet_v2_imagenet.pt"}
 TFLITE_FILES = {"mobilenet_v2": "mobilenet_v2_1.0_224_quant.tflite"}  # what the tool converts
@@ -211,13 +210,9 @@ def torchvision_info(arch: str) -> dict:
 
 
 def random_info() -> dict:
+    """weights_info of a randomly initialised model."""
     return dict(source="random", file=None, sha256=None, input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
                 padding="torchvision")
-
-
-def batchnorm_is_folded(model: nn.Module) -> bool:
-    """Does the model hold converted weights whose BatchNorm statistics are still folded away?"""
-    return (getattr(model, "weights_info", None) or {}).get("batchnorm") == "folded"
 
 
 _ANNOUNCED: set[str] = set()  # architectures whose missing weights were already announced
