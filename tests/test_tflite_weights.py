@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from PIL import Image
 from torch import nn
 
 from conftest import SHARED_TFLITE, SHARED_WEIGHTS
