@@ -22,8 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import bundle, data, datasets, runs, serve
-from helpers.bundle import BUNDLE_FORMAT  # by name: _bundle() has a local variable `bundle`
+from app import bundle, serve
+from app.bundle import BUNDLE_FORMAT  # by name: _bundle() has a local variable `bundle`
+from helpers import data, datasets, runs
 from helpers.loading import cache_images, load_image
 from helpers.synthetic import make_synthetic_dataset
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import data, evaluate, loading, reporting, serve
+from app import serve
+from helpers import data, evaluate, loading, reporting
 from test_bad_inputs import Case
 
 # ----------------------------------------------------------------------------- builders
