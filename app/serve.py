@@ -8,7 +8,7 @@ same code:
   a message for a person, never a stack trace; good images come back as 8-bit RGB
   (`ValidatedImage`).
 - **One image, end to end** (`analyse_upload`, `analyse_image` -> `Analysis`): prediction and
-  probability from a loaded model file (`helpers.bundle.AppModel`), the out-of-distribution
+  probability from a loaded model file (`app.bundle.AppModel`), the out-of-distribution
   verdict (`helpers.ood`) and a Grad-CAM heatmap.
 - **Sample images** for the app (`sample_image_bytes`) and PNG encoding (`png_bytes`).
 """
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helpers.bundle import AppModel
+from app.bundle import AppModel
 from helpers.core import logits_to_probs, model_device, predict_labels, to_numpy
 from helpers.gradcam import default_target_layer, grad_cam
 from helpers.dicom import DicomError, is_dicom, read_dicom
