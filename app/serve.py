@@ -28,8 +28,8 @@ from PIL import Image
 from app.bundle import AppModel
 from helpers.core import logits_to_probs, model_device, predict_labels, to_numpy
 from helpers.gradcam import default_target_layer, grad_cam
-from helpers.dicom import DicomError, is_dicom, read_dicom
-from helpers.loading import normalize, oriented_rgb, resized_tensor
+from helpers.images import DicomError, is_dicom, oriented_rgb, read_dicom, resized_tensor
+from helpers.loading import normalize
 from helpers.ood import logits_and_features, ood_score
 from helpers.plots import overlay
 from helpers.synthetic import chest_xray_image, synthetic_landscapes
@@ -109,7 +109,7 @@ def read_upload(
 
 
 def _read_dicom_upload(data: bytes, max_pixels: int, min_side: int) -> ValidatedImage:
-    """A DICOM upload, read by `helpers.dicom.read_dicom` as training reads a `.dcm` file."""
+    """A DICOM upload, read by `helpers.images.read_dicom` as training reads a `.dcm` file."""
     try:
         image, notes = read_dicom(data)
     except DicomError as err:

@@ -71,8 +71,8 @@ def test_make_loaders_normalises_as_the_model_needs(splits):
     u8 = torch.stack([loading.load_image(p, 32) for p in splits.val["path"][:len(x)]])
     torch.testing.assert_close(x, _half(u8), atol=1e-5, rtol=0)
     assert loaders["train"].normalization == HALF and loaders["train"].ordered().normalization == HALF
-        default = loading.make_loaders(splits, 32, 4, augment="none")
-        assert default["val"].normalization == (core.IMAGENET_MEAN, core.IMAGENET_STD)
+    default = loading.make_loaders(splits, 32, 4, augment="none")
+    assert default["val"].normalization == (core.IMAGENET_MEAN, core.IMAGENET_STD)
 
 
 def test_with_normalization_gives_views_that_share_the_images():
