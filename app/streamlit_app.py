@@ -4,13 +4,13 @@ Start it from the course folder with one command:
 
     uv run streamlit run app/streamlit_app.py
 
-The model file (a bundle written by notebook 08 with `helpers.bundle.save_bundle`) is found at
+The model file (a bundle written by notebook 08 with `app.bundle.save_bundle`) is found at
 `$COURSE_MODEL_PATH`, else at `assets/08_model_to_app/pneumonia_app_model.pt`, else downloaded
 once from `$COURSE_MODEL_URL`. The page says clearly when none of these works.
 
-All the logic lives in the course package and is unit-tested there: finding and loading the model
-file in `helpers/bundle.py`; upload validation, prediction, out-of-distribution check and Grad-CAM
-in `helpers/serve.py`. This file only lays out the page.
+All the logic lives beside this file and is unit-tested: finding and loading the model file in
+`app/bundle.py`; upload validation, prediction, out-of-distribution check and Grad-CAM in
+`app/serve.py` (with the course's `helpers`). This file only lays out the page.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a plain checkout without `uv sync`/`pip install`
     sys.path.insert(0, str(ROOT))
 
-from helpers import bundle, serve  # noqa: E402
+from app import bundle, serve  # noqa: E402
 
-SAMPLES = {  # query parameter value -> label; the images are generated (helpers.serve)
+SAMPLES = {  # query parameter value -> label; the images are generated (app.serve)
     "xray": "Sample: synthetic chest X-ray",
     "landscape": "Sample: synthetic landscape (not an X-ray)",
 }

@@ -1,7 +1,7 @@
 """Images per second into a model: per-image PIL path vs tensor cache with batch augmentation.
 
-(a) the conventional path: `ImageFileDataset` + torchvision v2 PIL transforms + `DataLoader`,
-    decoding every JPEG again in every epoch;
+(a) the conventional path (written here, the course does not ship it): a per-image `Dataset` +
+    torchvision v2 PIL transforms + `DataLoader`, decoding every JPEG again in every epoch;
 (b) the fast path: `cache_images` decodes and resizes every image once (the one-off caching
     pass, timed separately), then `TensorLoader` augments whole batches as tensors.
 
@@ -24,9 +24,29 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageFilter
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
-from helpers.loading import ImageFileDataset, TensorLoader, cache_images, pil_transforms
+from helpers.core import IMAGENET_MEAN, IMAGENET_STD
+from helpers.images import read_image
+from helpers.loading import TensorLoader, cache_images
+
+
+class ImageFiles(Dataset):
+    """The familiar torchvision path: read, resize, augment and normalise one image per item."""
+
+    def __init__(self, frame: pd.DataFrame, image_size: int) -> None:
+        self.paths, self.labels = list(frame["path"]), [int(v) for v in frame["label"]]
+        self.transform = v2.Compose([
+            v2.Resize((image_size, image_size)), v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+            v2.ColorJitter(brightness=0.1, contrast=0.1), v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(read_image(self.paths[i])), self.labels[i]
 
 
 def make_originals(folder: Path, count: int, seed: int = 0) -> list[Path]:
@@ -76,7 +96,7 @@ def main() -> None:
                   f"{os.cpu_count()} CPU cores, torch {torch.__version__}, output {args.image_size} px, "
                   f"batch {args.batch_size}, {args.epochs} epoch(s) each")
 
-        dataset = ImageFileDataset(frame, pil_transforms(args.image_size, train=True))
+        dataset = ImageFiles(frame, args.image_size)
         per_image = DataLoader(dataset, batch_size=args.batch_size, shuffle=True,
                                num_workers=args.workers, persistent_workers=args.workers > 0)
         rate_a = images_per_second(per_image, args.epochs)

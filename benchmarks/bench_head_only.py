@@ -67,9 +67,9 @@ def main() -> None:
                          optimizer=torch.optim.AdamW(head_parameters(fast_model), lr=1e-3, weight_decay=0.0), **common)
 
     # Median over epochs (the first slow epoch also pays one-off warm-up costs).
-    slow_epoch = statistics.median(slow["seconds"])
-    fast_epoch = statistics.median(fast["seconds"])
-    feature_pass = fast.attrs["feature_seconds"]
+    slow_epoch = statistics.median(slow.history["seconds"])
+    fast_epoch = statistics.median(fast.history["seconds"])
+    feature_pass = fast.feature_seconds
     print("\n== head-only epoch time (train + validation pass), median over epochs")
     print(f"slow (frozen backbone forward each epoch): {slow_epoch:9.4f} s/epoch")
     print(f"fast (cached features):                    {fast_epoch:9.4f} s/epoch")

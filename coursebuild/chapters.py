@@ -22,7 +22,7 @@ from papermill.execute import ERROR_MARKER_TAG
 
 from coursebuild.layout import NOTEBOOK_PATTERN, RUNS_FILE
 from coursebuild.reference import code_differences, executed_notebooks, is_beside_assets
-from helpers.config import metrics_path, read_fresh_metrics
+from coursebuild.records import metrics_path, read_fresh_metrics
 
 PROFILE_IN_SOURCE = re.compile(r"""^PROFILE\s*=\s*["'](\w+)["']""", re.MULTILINE)
 

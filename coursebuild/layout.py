@@ -1,7 +1,7 @@
 """Names the course builder shares: which files are chapters, and the runner's record beside them.
 
-Profiles, output folders and the rule that tells whether a metrics.json belongs to a run live in
-`helpers.config` (one home for the notebooks and the builder alike).
+Profiles and output folders live in `helpers.runs` (one home for the notebooks and the builder
+alike); reading run records back (freshness, results tables) in `coursebuild.records`.
 """
 
 from __future__ import annotations

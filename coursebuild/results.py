@@ -14,7 +14,8 @@ from typing import Any
 
 import pandas as pd
 
-from helpers.config import PROFILE_NOTES, PROFILES
+from coursebuild.records import PROFILE_NOTES, results_table
+from helpers.runs import PROFILES
 
 SUMMARY_COLUMNS = [
     "notebook", "profile", "dataset", "model", "run", "pretrained", "weights", "image_size",
@@ -36,12 +37,10 @@ def flagged(table: pd.DataFrame) -> int:
 
 
 def results_frame(metrics_paths: Sequence[Path], profile: str) -> pd.DataFrame:
-    """All given metrics.json in one table (helpers.reporting.results_table).
+    """All given metrics.json in one table (`coursebuild.records.results_table`).
 
     Every row keeps the profile recorded in its metrics.json; rows without one get ``profile``.
     """
-    from helpers.reporting import results_table  # imports torch: keep it out of module import
-
     if not metrics_paths:
         return pd.DataFrame(columns=SUMMARY_COLUMNS)
     table = results_table(list(metrics_paths))
@@ -109,8 +108,6 @@ def data_label(data_dir: Any) -> str:
 def course_tables(sources: Sequence[dict[str, Any] | Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(every column, summary with a "data" column) for the metrics.json of several notebooks:
     records, or paths (then "check" also says whether each folder's figures are its run's)."""
-    from helpers.reporting import results_table  # imports torch: keep it out of module import
-
     records = [s if isinstance(s, dict) else json.loads(Path(s).read_text()) for s in sources]
     table = results_table(list(sources))
     data_dirs = {r.get("notebook"): r.get("data_dir") for r in records}

@@ -41,9 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from coursebuild.layout import NOTEBOOK_PATTERN, RUNS_FILE
+from coursebuild.records import PROFILE_TIMEOUT_S, metrics_path, read_fresh_metrics
 from coursebuild.reference import README_END, README_START, executed_copy, reference_rows, reference_table, replace_block
 from coursebuild.results import collect_assets, write_results
-from helpers.config import PROFILE_TIMEOUT_S, PROFILES, metrics_path, read_fresh_metrics
+from helpers.runs import PROFILES
 
 KERNEL_NAME = "python3"
 # Silence the kernel's own console logging (e.g. "running over TCP without encryption"),
@@ -389,6 +390,23 @@ def _build_site(args: argparse.Namespace) -> bool:
     return True
 
 
+def ensure_offline_weights(root: Path) -> Path | None:
+    """Before a reference run: where ../shared/weights holds TensorFlow Lite's MobileNetV2 and
+    data/weights/ no converted file, convert it (tools/convert_tflite_weights.py); returns the file."""
+    import subprocess
+
+    from helpers.models import OFFLINE_FILES, TFLITE_FILES
+
+    tflite = root.parent / "shared" / "weights" / TFLITE_FILES["mobilenet_v2"]
+    out = root / "data" / "weights" / OFFLINE_FILES["mobilenet_v2"]
+    if out.is_file() or not tflite.is_file():
+        return out if out.is_file() else None
+    print(f"Converting {tflite} -> {out} (tools/convert_tflite_weights.py)", flush=True)
+    subprocess.run([sys.executable, str(root / "tools" / "convert_tflite_weights.py"), "--tflite", str(tflite),
+                    "--out", str(out)], check=True)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the notebooks, print progress and a summary, build the website. Returns the exit code."""
     args = _parse_args(argv)
@@ -415,6 +433,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Kernels inherit this: idle OpenMP threads sleep rather than spin, which on a small shared
     # CPU made notebooks 2-3x slower.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.output_dir_root is None:  # a reference run: ImageNet MobileNetV2 where only the .tflite is here
+        ensure_offline_weights(args.notebooks_dir.resolve().parent)
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results = _execute_all(notebooks, args, timeout)
     record_run(args.build_dir / "notebooks" / RUNS_FILE, results, args.profile, started)

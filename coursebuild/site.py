@@ -35,7 +35,7 @@ import pandas as pd
 from coursebuild.chapters import Chapter, load_chapters, load_exercises
 from coursebuild.reference import course_repo, duration, key_line, open_links, reference_table, weights_label
 from coursebuild.results import SUMMARY_COLUMNS, course_tables, data_label, markdown_table, profile_note
-from helpers.config import PROFILES
+from helpers.runs import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(__file__).resolve().parent / "sphinx"

@@ -21,10 +21,7 @@ import torch.nn.functional as F
 
 @lru_cache(maxsize=8)
 def _base_grid(height: int, width: int, device: str) -> torch.Tensor:
-    """Pixel-centre coordinates in [-1, 1] with a column of ones: (1, H*W, 3).
-
-    What `F.affine_grid` rebuilds on every call; cached, one `bmm` then maps it per image.
-    """
+    """Pixel-centre coordinates in [-1, 1] with a column of ones, (1, H*W, 3): `F.affine_grid`'s grid, cached."""
     ys = (torch.arange(height, device=device) * 2 + 1) / height - 1
     xs = (torch.arange(width, device=device) * 2 + 1) / width - 1
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
@@ -33,13 +30,7 @@ def _base_grid(height: int, width: int, device: str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class BatchAugment:
-    """Random augmentation drawn independently for every image of a batch.
-
-    Applying a torchvision v2 transform to a batch tensor draws ONE set of random parameters
-    for the whole batch (every image rotated by the same angle). Here each image gets its own
-    rotation, scale, shift and flip, applied in one `affine_grid`/`grid_sample` call, plus its own
-    brightness and contrast factors.
-    """
+    """Random rotation, scale, shift, flips, brightness and contrast, drawn for every image."""
 
     rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
     scale: tuple[float, float] = (0.9, 1.1)

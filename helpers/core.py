@@ -1,14 +1,7 @@
-"""The small pieces every other module needs, written once.
-
-- numbers out of tensors (`to_numpy`, `as_label_tensor`), the one-logit binary convention (`is_one_logit`),
-  probabilities out of logits (`logits_to_probs`) and class labels out of probabilities
-  (`predict_labels`: a threshold for binary tasks, else argmax);
-- devices: which one to use (`pick_device`), which one a model is on (`model_device`), moving a
-  batch there (`to_device`) and mixed precision on CUDA (`amp_dtype`, `autocast`);
-- seeding (`seed_everything`) and progress bars (`progress_bar`);
-- the input normalisation a model's weights need (`as_normalization`, `check_normalization`).
-
-This module imports nothing from the rest of the course: it is the bottom floor.
+"""The small pieces every other module needs, written once: conversions (`to_numpy`,
+`logits_to_probs`, `predict_labels`, the one-logit convention `is_one_logit`), devices and mixed
+precision, seeding, progress bars and the input normalisation a model's weights need.
+This module imports nothing from the rest of the course.
 """
 
 from __future__ import annotations
@@ -16,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -24,10 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
-
-# --------------------------------------------------------------------------- conversions
-
+from tqdm import tqdm
 
 def to_numpy(values: Any) -> np.ndarray:
     """A tensor (any device, with or without grad), list or array as a NumPy array."""
@@ -44,21 +33,13 @@ def as_label_tensor(labels: Any) -> torch.Tensor:
 
 
 def is_one_logit(logits: Any) -> bool:
-    """Is `logits` (tensor or array) the output of a one-logit binary model: shape (N,) or (N, 1)?
-
-    The course's one convention for it (models trained with BCE): the logit z is the log-odds of
-    class 1, so P(class 1) = sigmoid(z) (`logits_to_probs`), class 1 wins when z > 0 and the
-    evidence for class 0 is -z. Anything else is (N, C), C >= 2 classes, read through a softmax.
-    """
+    """Is `logits` of shape (N,) or (N, 1): a one-logit binary model (trained with BCE)? Its logit z
+    is the log-odds of class 1: P(class 1) = sigmoid(z). Anything else is (N, C), read by softmax."""
     return len(logits.shape) == 1 or logits.shape[1] == 1
 
 
 def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities (N, C), float32.
-
-    One logit per image (`is_one_logit`) is a binary model: probs = [1 - p, p] with
-    p = sigmoid(logit). Otherwise softmax over the classes.
-    """
+    """Class probabilities (N, C), float32: [1 - p, p] with p = sigmoid(z) for one logit, else softmax."""
     logits = torch.as_tensor(logits).detach().float()
     if is_one_logit(logits):
         p = torch.sigmoid(logits.reshape(-1))
@@ -79,11 +60,7 @@ def predict_labels(probs: Any, threshold: float | None = None) -> np.ndarray:
 
 
 def pick_device(prefer: str | torch.device | None = None) -> torch.device:
-    """The best available device: CUDA, then Apple MPS, then CPU.
-
-    `prefer` (e.g. "cpu" or "cuda:0") is used when available; otherwise a warning is shown and
-    the automatic choice is returned.
-    """
+    """`prefer` (e.g. "cpu", "cuda:0") when available, else (with a warning if asked) CUDA, MPS or CPU."""
     if prefer is not None:
         device = torch.device(prefer)
         available = {"cpu": True, "cuda": torch.cuda.is_available(),
@@ -101,14 +78,6 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters (CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
-
-
-def to_device(x: torch.Tensor, y: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move a batch to `device`; image batches on CUDA use the channels_last memory layout."""
-    x = x.to(device, non_blocking=True)
-    if device.type == "cuda" and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x, y.to(device, non_blocking=True)
 
 
 def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
@@ -145,11 +114,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> int:
 
 
 def progress_bar(loader: Iterable, desc: str, enabled: bool = True) -> Iterable:
-    """`loader` wrapped in a progress bar: shown in notebooks and terminals, never in CI logs."""
-    in_notebook = any(c.__module__ == "tqdm.notebook" for c in tqdm.__mro__)  # tqdm.auto chose the widget
-    show = enabled and (in_notebook or sys.stderr.isatty())
-    total = len(loader) if hasattr(loader, "__len__") else None
-    return tqdm(loader, desc=desc, total=total, leave=False, disable=not show, dynamic_ncols=True)
+    """`loader` wrapped in a text progress bar, shown only in a terminal: a notebook (whose saved
+    output would keep a bar at 0%) and a CI log get none (tqdm's `disable=None`)."""
+    return tqdm(loader, desc=desc, leave=False, disable=None if enabled else True, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------- input normalisation

@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers.config import project_root
+from helpers.runs import project_root
 
 IGNORED_DIRS = {"__MACOSX", ".ipynb_checkpoints"}
 KAGGLE_INPUT = Path("/kaggle/input")

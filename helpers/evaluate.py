@@ -1,12 +1,8 @@
-"""Evaluation: predictions (with optional test-time augmentation), metrics with bootstrap
-intervals, threshold choice and calibration.
+"""Evaluation: predictions, metrics with bootstrap intervals, paired comparisons, thresholds and
+calibration. AUC, ROC and confusion matrices come from scikit-learn.
 
-Honest evaluation in three rules:
-1. choose checkpoints, thresholds, temperatures and strategies on the *validation* split;
-2. apply them to the *test* split once, at the end;
-3. report balanced accuracy, per-class recall, AUC and a 95% bootstrap interval, not accuracy alone.
-
-Writing the numbers down (metrics.json, results tables, `with_ci`) is `helpers.reporting`.
+Honest evaluation: choose checkpoints, thresholds and temperatures on the *validation* split, apply
+them to *test* once, and report balanced accuracy, per-class recall and AUC with a 95% interval.
 """
 
 from __future__ import annotations
@@ -18,13 +14,16 @@ from typing import Any
 
 import numpy as np
 import torch
+import sklearn
+from sklearn.metrics import auc, average_precision_score, confusion_matrix, roc_curve
 from torch import nn
 
 from helpers import tta as tta_views
 from helpers.core import check_normalization, is_one_logit, logits_to_probs, model_device, predict_labels, to_numpy
-from helpers.measurable import flag_too_few
 
-# --------------------------------------------------------------------------- arrays
+# A class with fewer images than this is too few to measure: one NORMAL image gives specificity 0
+# or 1 and a zero-width interval, which reads as certainty.
+MIN_CLASS_IMAGES = 10
 
 
 def as_probs(probs: Any) -> np.ndarray:
@@ -44,183 +43,119 @@ def _as_labels(y: Any) -> np.ndarray:
 # --------------------------------------------------------------------------- prediction
 
 
-def predict(
-    model: nn.Module,
-    loader: Iterable,
-    *,
-    device: str | torch.device | None = None,
-    tta: None | str | Sequence[Callable] = None,
-    return_logits: bool = False,
-) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Run `model` over `loader` (batches of (x, y)) and return (probs (N, C), labels (N,)).
-
-    A 1-logit binary model gives probs = [1 - sigmoid, sigmoid]. With `tta` ("flips",
-    "plausible" or a list of functions x -> x) the probabilities of all views are averaged.
-    (see `helpers.tta`). With `return_logits=True` the (view-averaged) raw logits come third, e.g. for `fit_temperature`.
-    The model is put in eval mode (dropout off, BatchNorm running statistics).
-    """
-    check_normalization(model, loader)  # a TensorLoader normalises as the model's weights need
+def predict(model: nn.Module, loader: Iterable, *, device: str | torch.device | None = None,
+            tta: None | str | Sequence[Callable] = None, return_logits: bool = False) -> tuple:
+    """(probs (N, C), labels (N,)) of `model` over `loader`, in eval mode; `(..., logits)` with
+    `return_logits`. `tta` ("flips", "plausible" or a list of x -> x views) averages the views."""
+    check_normalization(model, loader)
     device = torch.device(device) if device is not None else model_device(model)
-    transforms = tta_views.resolve(tta)
+    views = tta_views.resolve(tta)
     model.eval()
-    all_probs, all_labels, all_logits = [], [], []
+    probs, labels, logits = [], [], []
     with torch.inference_mode():
-        for batch in loader:
-            x, y = batch[0], batch[1]
-            x = x.to(device, non_blocking=True).float()
-            probs_sum, logits_sum = None, None
-            for transform in transforms:
-                logits = model(transform(x)).float()
-                probs = logits_to_probs(logits)
-                probs_sum = probs if probs_sum is None else probs_sum + probs
-                logits_sum = logits if logits_sum is None else logits_sum + logits
-            all_probs.append((probs_sum / len(transforms)).cpu())
-            all_logits.append((logits_sum / len(transforms)).cpu())
-            all_labels.append(torch.as_tensor(y).reshape(-1).cpu())
-    if not all_probs:
+        for x, y, *_ in loader:
+            x = x.to(device).float()
+            z = [model(view(x)).float() for view in views]
+            probs.append(torch.stack([logits_to_probs(v) for v in z]).mean(0).cpu())
+            logits.append(torch.stack(z).mean(0).cpu())
+            labels.append(torch.as_tensor(y).reshape(-1).cpu())
+    if not probs:
         raise ValueError("The loader yielded no batches: nothing to predict.")
-    probs = torch.cat(all_probs).numpy().astype(np.float64)
-    labels = torch.cat(all_labels).numpy().astype(np.int64)
-    if return_logits:
-        logits = torch.cat(all_logits).numpy().astype(np.float64)
-        return probs, labels, logits
-    return probs, labels
+    out = (torch.cat(probs).double().numpy(), torch.cat(labels).long().numpy())
+    return (*out, torch.cat(logits).double().numpy()) if return_logits else out
 
 
 def ensemble_probs(list_of_probs: Sequence[Any]) -> np.ndarray:
-    """Average the (N, C) probabilities of several models (a simple ensemble)."""
+    """The mean of several models' (N, C) probabilities (a simple ensemble)."""
     arrays = [as_probs(p) for p in list_of_probs]
     if not arrays:
         raise ValueError("ensemble_probs needs at least one probability array")
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"All probability arrays must have the same shape, got {sorted(shapes)}")
+    if len({a.shape for a in arrays}) != 1:
+        raise ValueError(f"All probability arrays must have the same shape, got {sorted({a.shape for a in arrays})}")
     return np.mean(arrays, axis=0)
 
 
-# --------------------------------------------------------------------------- metrics
+# --------------------------------------------------------------------------- the bootstrap
 
 
-def _rank_auc(y_pos: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """ROC AUC along the last axis via average ranks (Mann-Whitney U); NaN where a class is missing.
+def bootstrap_ci(statistic: Callable[[np.ndarray], dict[str, float]], n: int, *, n_bootstrap: int = 1000,
+                 seed: int = 0) -> dict[str, list[float] | None]:
+    """Percentile bootstrap 95% intervals of every value `statistic(idx)` returns.
 
-    `y_pos` is boolean (positives), `scores` the same shape; works on (N,) and on (B, N) at once.
+    `idx` is one resample of range(n), drawn with replacement; a NaN value (undefined on that
+    resample, e.g. an AUC without positives) is left out; a key never defined gets None.
     """
-    from scipy.stats import rankdata
-
-    ranks = rankdata(scores, axis=-1)
-    n_pos = y_pos.sum(axis=-1)
-    n_neg = y_pos.shape[-1] - n_pos
-    rank_sum = np.where(y_pos, ranks, 0.0).sum(axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
-
-
-def _confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """Confusion matrix, rows = true class, columns = predicted class."""
-    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-
-
-def _balanced_accuracy(y_true: np.ndarray, correct: np.ndarray, n_classes: int) -> np.ndarray:
-    """Mean recall over the classes present, along the last axis (works on (N,) and (B, N))."""
-    recalls = []
-    for c in range(n_classes):
-        is_c = y_true == c
-        support = is_c.sum(axis=-1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            recalls.append(np.where(support > 0, (is_c & correct).sum(axis=-1) / support, np.nan))
-    return np.nanmean(np.stack(recalls), axis=0)
-
-
-def _macro_auc(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Binary AUC of class 1, or macro one-vs-rest AUC over `classes` (works on (N,) and (B, N) labels)."""
-    if probs.shape[-1] == 2:
-        return _rank_auc(y_true == 1, probs[..., 1])
-    return np.mean([_rank_auc(y_true == c, probs[..., c]) for c in classes], axis=0)
-
-
-def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> float:
-    """Top-label expected calibration error: how far confidence is from accuracy, on average.
-
-    Predictions are grouped into `n_bins` equal-width bins of confidence (the top probability);
-    ECE = sum over bins of (fraction of samples in bin) * |accuracy in bin - mean confidence in bin|.
-    """
-    y = _as_labels(y_true)
-    p = as_probs(probs)
-    confidence, accuracy, counts = reliability_bins(y, p, n_bins)
-    keep = counts > 0
-    return float(np.sum(counts[keep] / counts.sum() * np.abs(accuracy[keep] - confidence[keep])))
-
-
-def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per confidence bin: (mean confidence, accuracy, count); NaN for empty bins. Used by the plots."""
-    y = _as_labels(y_true)
-    p = as_probs(probs)
-    confidence = p.max(axis=1)
-    correct = (predict_labels(p) == y).astype(np.float64)  # top label
-    bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
-    counts = np.bincount(bins, minlength=n_bins).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean_conf = np.bincount(bins, weights=confidence, minlength=n_bins) / counts
-        accuracy = np.bincount(bins, weights=correct, minlength=n_bins) / counts
-    return mean_conf, accuracy, counts
-
-
-def _percentile_interval(values: np.ndarray) -> list[float] | None:
-    values = values[np.isfinite(values)]
-    if values.size == 0:
-        return None
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
-def _bootstrap_ci(
-    y: np.ndarray, probs: np.ndarray, y_pred: np.ndarray, n_bootstrap: int, seed: int, auc_classes: list[int],
-    names: Sequence[str],
-) -> dict[str, Any]:
-    """Percentile bootstrap 95% intervals, vectorised over resamples (in chunks to bound memory)."""
-    n, n_classes = probs.shape
     rng = np.random.default_rng(seed)
-    correct = y == y_pred
-    acc, bal, auc = [], [], []
-    recalls: list[list[np.ndarray]] = [[] for _ in range(n_classes)]
-    chunk = max(1, 2_000_000 // max(n, 1))
-    for start in range(0, n_bootstrap, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_bootstrap - start), n))
-        y_b, correct_b = y[idx], correct[idx]
-        acc.append(correct_b.mean(axis=1))
-        bal.append(_balanced_accuracy(y_b, correct_b, n_classes))
-        for c in range(n_classes):
-            in_class = y_b == c
-            counts = in_class.sum(axis=1)
-            keep = counts > 0  # a resample without class c has no recall for it
-            recalls[c].append((correct_b & in_class).sum(axis=1)[keep] / counts[keep])
-        if auc_classes:
-            # skip resamples that lost a class: their AUC is undefined
-            present = np.stack([(y_b == c).any(axis=1) for c in range(n_classes)], axis=1)
-            needed = [0, 1] if n_classes == 2 else auc_classes
-            ok = present[:, needed].all(axis=1)
-            if ok.any():
-                auc.append(_macro_auc(y_b[ok], probs[idx[ok]], auc_classes))
-    recall = {}
-    for c, name in enumerate(names):
-        values = np.concatenate(recalls[c])
-        recall[name] = _percentile_interval(values) if len(values) else None
-    ci = {
-        "accuracy": _percentile_interval(np.concatenate(acc)),
-        "balanced_accuracy": _percentile_interval(np.concatenate(bal)),
-        "auc": _percentile_interval(np.concatenate(auc)) if auc else None,
-    }
-    if n_classes == 2:
-        ci["sensitivity"], ci["specificity"] = recall[names[1]], recall[names[0]]
-    ci["recall"] = recall
-    return ci
+    draws = [statistic(rng.integers(0, n, n)) for _ in range(n_bootstrap)]
+    intervals = {}
+    for key in (draws[0] if draws else {}):
+        values = np.array([d[key] for d in draws], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        intervals[key] = [float(v) for v in np.percentile(values, [2.5, 97.5])] if values.size else None
+    return intervals
 
 
-def _none_if_nan(value: float) -> float | None:
-    value = float(value)
-    return None if math.isnan(value) else value
+def _roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
+    """ROC AUC as the area under scikit-learn's `roc_curve` (`roc_auc_score` without its per-call
+    checks, half the time: the bootstrap calls it thousands of times); NaN without both classes."""
+    if positive.all() or not positive.any():
+        return math.nan
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+        fpr, tpr, _ = roc_curve(positive, score)
+        return float(auc(fpr, tpr))
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    """Binary: ROC AUC of class 1; multi-class: mean one-vs-rest AUC over the classes present."""
+    if p.shape[1] == 2:
+        return _roc_auc(y == 1, p[:, 1])
+    present = np.unique(y)
+    return float(np.mean([_roc_auc(y == c, p[:, c]) for c in present])) if len(present) > 1 else math.nan
+
+
+def _recalls(y: np.ndarray, correct: np.ndarray, n_classes: int) -> np.ndarray:
+    """Recall per class (NaN for a class absent from y)."""
+    support = np.bincount(y, minlength=n_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.bincount(y, weights=correct, minlength=n_classes) / support
+
+
+def _summary(y: np.ndarray, p: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
+    """Accuracy, balanced accuracy, AUC and every class's recall: what the intervals are for."""
+    correct = (y == y_pred).astype(np.float64)
+    recalls = _recalls(y, correct, p.shape[1])
+    return {"accuracy": float(correct.mean()), "balanced_accuracy": float(np.nanmean(recalls)),
+            "auc": _auc(y, p), **{f"recall{c}": float(r) for c, r in enumerate(recalls)}}
+
+
+def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = "auc",
+                      n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """metric(a) - metric(b) on the same images, with a paired bootstrap 95% interval.
+
+    Each resample draws the same images for both models, so the noise they share cancels.
+    `metric`: "auc", "balanced_accuracy" or "accuracy" (argmax predictions).
+    Returns {"metric", "a", "b", "diff", "ci95": [lo, hi] (None without resamples)}.
+    """
+    y, a, b = _as_labels(y_true), as_probs(probs_a), as_probs(probs_b)
+    if not len(y) == len(a) == len(b):
+        raise ValueError(f"a paired comparison needs the same images: {len(y)} labels, {len(a)} and {len(b)} rows")
+    if metric == "auc" and len(np.unique(y)) < 2:
+        raise ValueError("AUC needs both classes among the images: a paired AUC difference is undefined here.")
+
+    def value(idx: np.ndarray, p: np.ndarray) -> float:
+        stats = _summary(y[idx], p[idx], p[idx].argmax(axis=1)) if metric != "auc" else {"auc": _auc(y[idx], p[idx])}
+        if metric not in stats:
+            raise ValueError(f"Unknown metric {metric!r}. Known: auc, balanced_accuracy, accuracy")
+        return stats[metric]
+
+    everything = np.arange(len(y))
+    value_a, value_b = value(everything, a), value(everything, b)
+    ci = bootstrap_ci(lambda idx: {"diff": value(idx, a) - value(idx, b)}, len(y), n_bootstrap=n_bootstrap,
+                      seed=seed)
+    return {"metric": metric, "a": value_a, "b": value_b, "diff": value_a - value_b, "ci95": ci.get("diff")}
+
+
+# --------------------------------------------------------------------------- compute_metrics
 
 
 def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
@@ -240,26 +175,6 @@ def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None)
     return y, p
 
 
-def _auc_classes(support: np.ndarray, notes: list[str]) -> list[int]:
-    """The classes an AUC can average over: binary needs both; macro OvR uses those present."""
-    present = [c for c in range(len(support)) if support[c] > 0]
-    if len(support) == 2:
-        return [1] if len(present) == 2 else []
-    if len(present) < len(support) and len(present) >= 2:
-        notes.append(f"macro AUC averaged over the {len(present)} classes present in y_true")
-    return present if len(present) >= 2 else []
-
-
-def _average_precision(y: np.ndarray, p: np.ndarray, support: np.ndarray) -> float | None:
-    """Binary: AP of class 1; multi-class: mean one-vs-rest AP over the classes present."""
-    from sklearn.metrics import average_precision_score
-
-    if p.shape[1] == 2:
-        return float(average_precision_score(y == 1, p[:, 1])) if support[1] > 0 else None
-    present = [c for c in range(p.shape[1]) if support[c] > 0]
-    return float(np.mean([average_precision_score(y == c, p[:, c]) for c in present])) if present else None
-
-
 def _per_class(cm: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
     """Precision, recall, F1 and support of every class from the confusion matrix."""
     support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
@@ -267,31 +182,63 @@ def _per_class(cm: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
     for c, name in enumerate(names):
         precision = float(tp[c] / predicted[c]) if predicted[c] > 0 else 0.0
         recall = float(tp[c] / support[c]) if support[c] > 0 else None
-        f1 = None if recall is None else (0.0 if precision + recall == 0 else
-                                          2 * precision * recall / (precision + recall))
+        f1 = None if recall is None else (0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
         table[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support[c])}
     return table
 
 
-def compute_metrics(
-    y_true: Any,
-    probs: Any,
-    class_names: Sequence[str],
-    *,
-    threshold: float | None = None,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-) -> dict[str, Any]:
+def _average_precision(y: np.ndarray, p: np.ndarray) -> float | None:
+    """Binary: AP of class 1; multi-class: mean one-vs-rest AP over the classes present."""
+    classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
+    present = [c for c in classes if (y == c).any()]
+    return float(np.mean([average_precision_score(y == c, p[:, c]) for c in present])) if present else None
+
+
+def flag_too_few(metrics: dict[str, Any], names: list[str], notes: list[str]) -> None:
+    """Classes with 0 < support < MIN_CLASS_IMAGES go into `too_few` {class: images} and their
+    recall (sensitivity, specificity) loses its interval, which would read as certainty."""
+    too_few = {n: metrics["per_class"][n]["support"] for n in names
+               if 0 < metrics["per_class"][n]["support"] < MIN_CLASS_IMAGES}
+    if not too_few:
+        return
+    metrics["too_few"] = too_few
+    ci = metrics["ci95"]
+    for name in too_few:
+        (ci.get("recall") or {})[name] = None
+        if len(names) == 2:
+            ci["specificity" if name == names[0] else "sensitivity"] = None
+    notes.append("too few images to measure: " + ", ".join(f"{n} {k}" for n, k in too_few.items())
+                 + f" (fewer than {MIN_CLASS_IMAGES}): their recall is given without an interval and "
+                 "says little; balanced accuracy and AUC rest on it too")
+
+
+def too_few_for(block: dict[str, Any], key: str) -> str:
+    """'1 NORMAL image' when `key` of a `compute_metrics` block rests on a class with too few images."""
+    too_few, names = block.get("too_few") or {}, list(block.get("per_class") or {})
+    if key == "specificity" and names:
+        too_few = {n: k for n, k in too_few.items() if n == names[0]}
+    elif key == "sensitivity" and names:
+        too_few = {n: k for n, k in too_few.items() if n == names[-1]}
+    elif key != "recall":
+        return ""
+    return ", ".join(f"{k} {n} image{'s' if k > 1 else ''}" for n, k in too_few.items())
+
+
+def _none_if_nan(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
+
+
+def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, threshold: float | None = None,
+                    n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """All the numbers of one evaluation, as the `val`/`test` block of metrics.json.
 
     Keys: accuracy, balanced_accuracy, auc (binary: ROC AUC of class 1; multi-class: macro
-    one-vs-rest), average_precision, [binary: sensitivity, specificity, threshold], ece, n,
-    per_class {name: precision, recall, f1, support}, confusion_matrix (rows = true class),
-    ci95 {accuracy, balanced_accuracy, auc, [binary: sensitivity, specificity]: [lo, hi],
-    recall: {name: [lo, hi]}} (percentile bootstrap, `n_bootstrap` resamples), `too_few` {class:
-    images} under `measurable.MIN_CLASS_IMAGES` (intervals None), and `notes` on what was not measured.
-
-    Binary predictions are `probs[:, 1] >= threshold` (default 0.5); multi-class use argmax.
+    one-vs-rest over the classes present), average_precision, [binary: sensitivity, specificity,
+    threshold], ece, n, per_class {name: precision, recall, f1, support}, confusion_matrix (rows =
+    true class), ci95 {accuracy, balanced_accuracy, auc, [binary: sensitivity, specificity]: [lo, hi],
+    recall: {name: [lo, hi]}} (`bootstrap_ci`, `n_bootstrap` resamples), `too_few` {class: images}
+    under MIN_CLASS_IMAGES (intervals None), and `notes` on what was not measured.
+    Binary predictions are `probs[:, 1] >= threshold` (default 0.5), multi-class the argmax.
     Values are plain Python numbers; undefined ones are None.
     """
     names = [str(c) for c in class_names]
@@ -301,30 +248,31 @@ def compute_metrics(
     if binary:
         threshold = 0.5 if threshold is None else float(threshold)
     y_pred = predict_labels(p, threshold)
-    correct = y == y_pred
-    cm = _confusion(y, y_pred, n_classes)
-    support = cm.sum(axis=1)
-    notes: list[str] = []
-    if absent := [names[c] for c in range(n_classes) if support[c] == 0]:
-        notes.append(f"class(es) absent from y_true: {absent}; their recall is undefined (None)")
-    auc_classes = _auc_classes(support, notes)
-    auc = _none_if_nan(_macro_auc(y, p, auc_classes)) if auc_classes else None
-    if auc is None:
-        notes.append("AUC undefined: y_true contains a single class")
+    cm = confusion_matrix(y, y_pred, labels=list(range(n_classes)))
     per_class = _per_class(cm, names)
-    metrics: dict[str, Any] = {
-        "accuracy": float(correct.mean()),
-        "balanced_accuracy": float(_balanced_accuracy(y, correct, n_classes)),
-        "auc": auc,
-        "average_precision": _average_precision(y, p, support),
-    }
+    overall = _summary(y, p, y_pred)
+    notes: list[str] = []
+    if absent := [names[c] for c in range(n_classes) if cm[c].sum() == 0]:
+        notes.append(f"class(es) absent from y_true: {absent}; their recall is undefined (None)")
+        if not binary and n_classes - len(absent) >= 2:
+            notes.append(f"macro AUC averaged over the {n_classes - len(absent)} classes present in y_true")
+    if math.isnan(overall["auc"]):
+        notes.append("AUC undefined: y_true contains a single class")
+    metrics: dict[str, Any] = {"accuracy": overall["accuracy"], "balanced_accuracy": overall["balanced_accuracy"],
+                               "auc": _none_if_nan(overall["auc"]), "average_precision": _average_precision(y, p)}
     if binary:
         metrics.update(sensitivity=per_class[names[1]]["recall"], specificity=per_class[names[0]]["recall"],
                        threshold=threshold)
-    metrics.update(ece=expected_calibration_error(y, p), n=int(n), per_class=per_class,
-                   confusion_matrix=cm.tolist())
-    metrics["ci95"] = (_bootstrap_ci(y, p, y_pred, int(n_bootstrap), seed, auc_classes, names) if n_bootstrap > 0
-                       else {"accuracy": None, "balanced_accuracy": None, "auc": None})
+    metrics.update(ece=expected_calibration_error(y, p), n=int(n), per_class=per_class, confusion_matrix=cm.tolist())
+    if n_bootstrap > 0:
+        ci = bootstrap_ci(lambda idx: _summary(y[idx], p[idx], y_pred[idx]), n, n_bootstrap=int(n_bootstrap), seed=seed)
+        recall = {name: ci[f"recall{c}"] for c, name in enumerate(names)}
+        metrics["ci95"] = {k: ci[k] for k in ("accuracy", "balanced_accuracy", "auc")}
+        if binary:
+            metrics["ci95"].update(sensitivity=recall[names[1]], specificity=recall[names[0]])
+        metrics["ci95"]["recall"] = recall
+    else:
+        metrics["ci95"] = {"accuracy": None, "balanced_accuracy": None, "auc": None}
     flag_too_few(metrics, names, notes)
     if notes:
         metrics["notes"] = notes
@@ -332,79 +280,63 @@ def compute_metrics(
 
 
 def epoch_metrics(y_true: Any, probs: Any) -> dict[str, float]:
-    """Accuracy, balanced accuracy and AUC of the most probable class, without intervals: what
-    `helpers.train.fit` reports on the validation split after every epoch.
-
-    The same formulas as `compute_metrics`; NaN where undefined (a class missing from `y_true`,
-    or probabilities that are not finite).
-    """
+    """Accuracy, balanced accuracy and AUC of the argmax, without intervals (what `train.fit`
+    reports per epoch); NaN where undefined (a class missing, probabilities not finite)."""
     y, p = _as_labels(y_true), as_probs(probs)
-    n_classes = p.shape[1]
-    correct = y == predict_labels(p)
-    every_class = len(np.unique(y)) == n_classes and bool(np.isfinite(p).all())
-    auc = _macro_auc(y, p, [1] if n_classes == 2 else list(range(n_classes))) if every_class else math.nan
-    return {"accuracy": float(correct.mean()),
-            "balanced_accuracy": float(_balanced_accuracy(y, correct, n_classes)),
-            "auc": float(auc)}
+    finite, p = bool(np.isfinite(p).all()), np.nan_to_num(p)
+    summary = _summary(y, p, predict_labels(p))
+    auc = summary["auc"] if finite and len(np.unique(y)) == p.shape[1] else math.nan
+    return {"accuracy": summary["accuracy"], "balanced_accuracy": summary["balanced_accuracy"], "auc": auc}
 
 
 # --------------------------------------------------------------------------- thresholds
 
 
-def _sensitivity_specificity(y: np.ndarray, p_pos: np.ndarray, thresholds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Sensitivity and specificity of the rule `p_pos >= t` for every t in `thresholds`."""
-    pos = np.sort(p_pos[y == 1])
-    neg = np.sort(p_pos[y == 0])
-    # number of positives with score >= t = len(pos) - (number with score < t)
-    sens = (len(pos) - np.searchsorted(pos, thresholds, side="left")) / max(len(pos), 1)
-    spec = np.searchsorted(neg, thresholds, side="left") / max(len(neg), 1)
-    return sens, spec
-
-
 def choose_threshold(y_true: Any, p_pos: Any, method: str = "youden", target: float = 0.95) -> float:
-    """Pick a decision threshold for a binary task (predict positive when p_pos >= threshold).
-
-    Choose it on the VALIDATION split, then apply it to the test split once; choosing it on
-    test makes the test numbers optimistic.
-
-    - method="youden": maximise Youden's J = sensitivity + specificity - 1.
-    - method="sensitivity": the highest threshold whose sensitivity still reaches `target`, i.e.
-      the best specificity among the thresholds that miss at most (1 - target) of the positives.
-
-    Candidate thresholds are the observed scores; ties are broken towards the higher threshold.
-    """
+    """A decision threshold on P(positive) for a binary task, chosen on VALIDATION data with
+    scikit-learn's `roc_curve`: "youden" maximises sensitivity + specificity - 1; "sensitivity"
+    is the highest threshold whose sensitivity still reaches `target`. Ties go to the higher one."""
     y = _as_labels(y_true)
     p = np.asarray(p_pos, dtype=np.float64).reshape(-1)
-    if p.shape[0] != y.shape[0]:
+    if len(p) != len(y):
         raise ValueError(f"y_true has {len(y)} labels but p_pos has {len(p)} scores")
+    if method not in ("youden", "sensitivity"):
+        raise ValueError(f"Unknown method {method!r}. Known: 'youden', 'sensitivity'.")
     if not (y == 1).any():
         raise ValueError("choose_threshold needs at least one positive (label 1) sample")
-    candidates = np.unique(p)[::-1]  # highest first, so argmax breaks ties towards higher thresholds
-    sens, spec = _sensitivity_specificity(y, p, candidates)
+    if method == "youden" and not (y == 0).any():
+        raise ValueError("Youden's J needs at least one negative (label 0) sample")
+    if method == "sensitivity" and not 0 < target <= 1:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
+    with warnings.catch_warnings():  # one class only: roc_curve warns about the missing FPR
+        warnings.simplefilter("ignore")
+        fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # the first threshold predicts nothing positive
     if method == "youden":
-        if not (y == 0).any():
-            raise ValueError("Youden's J needs at least one negative (label 0) sample")
-        return float(candidates[np.argmax(sens + spec - 1)])
-    if method == "sensitivity":
-        if not 0 < target <= 1:
-            raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
-        meets = np.flatnonzero(sens >= target - 1e-12)
-        return float(candidates[meets[0]])  # first = highest threshold meeting the target
-    raise ValueError(f"Unknown method {method!r}. Known: 'youden', 'sensitivity'.")
+        return float(thresholds[np.argmax(tpr - fpr)])  # thresholds fall: argmax takes the highest
+    return float(thresholds[np.flatnonzero(tpr >= target - 1e-12)[0]])
 
 
-# --------------------------------------------------------------------------- temperature scaling
+# --------------------------------------------------------------------------- calibration
 
 
-def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    """Mean negative log-likelihood of labels under logits / temperature."""
-    from scipy.special import log_expit, logsumexp
+def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per equal-width confidence bin: (mean confidence, accuracy, count); NaN for empty bins."""
+    y, p = _as_labels(y_true), as_probs(probs)
+    confidence = p.max(axis=1)
+    correct = (predict_labels(p) == y).astype(np.float64)
+    bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
+    counts = np.bincount(bins, minlength=n_bins).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (np.bincount(bins, weights=confidence, minlength=n_bins) / counts,
+                np.bincount(bins, weights=correct, minlength=n_bins) / counts, counts)
 
-    z = logits / temperature
-    if is_one_logit(z):  # sigmoid: -log sigmoid(z) for positives, -log sigmoid(-z) for negatives
-        signed = np.where(labels == 1, z[:, 0], -z[:, 0])
-        return float(-log_expit(signed).mean())
-    return float((logsumexp(z, axis=1) - z[np.arange(len(labels)), labels]).mean())
+
+def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> float:
+    """Top-label ECE: the mean |accuracy - confidence| over confidence bins, weighted by their size."""
+    confidence, accuracy, counts = reliability_bins(y_true, probs, n_bins)
+    keep = counts > 0
+    return float(np.sum(counts[keep] / counts.sum() * np.abs(accuracy[keep] - confidence[keep])))
 
 
 def _as_logits(logits: Any) -> np.ndarray:
@@ -412,35 +344,37 @@ def _as_logits(logits: Any) -> np.ndarray:
     return z.reshape(-1, 1) if is_one_logit(z) else z
 
 
-def fit_temperature(logits: Any, labels: Any) -> float:
-    """Temperature T > 0 that minimises the NLL of `labels` under softmax(logits / T).
+def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of `y` under logits / temperature (sigmoid for one logit)."""
+    from scipy.special import log_expit, logsumexp
 
-    Fit on VALIDATION logits (from `predict(..., return_logits=True)`), then use
-    `apply_temperature` on test. T > 1 softens an over-confident model; accuracy is unchanged
-    because dividing by T never changes the argmax. Works for 1-logit (sigmoid) and C-logit models.
+    z = z / temperature
+    if z.shape[1] == 1:
+        return float(-log_expit(np.where(y == 1, z[:, 0], -z[:, 0])).mean())
+    return float((logsumexp(z, axis=1) - z[np.arange(len(y)), y]).mean())
+
+
+def fit_temperature(logits: Any, labels: Any) -> float:
+    """The temperature T > 0 minimising the NLL of `labels` under softmax(logits / T).
+
+    Fit on VALIDATION logits (`predict(..., return_logits=True)`), apply to test with
+    `apply_temperature`. T > 1 softens an over-confident model; the argmax never changes.
     """
     from scipy.optimize import minimize_scalar
 
-    z = _as_logits(logits)
-    y = _as_labels(labels)
+    z, y = _as_logits(logits), _as_labels(labels)
     if len(y) != len(z):
         raise ValueError(f"{len(z)} logits but {len(y)} labels")
-    # the NLL is unimodal in log T, so a bounded 1-D search is enough
-    result = minimize_scalar(
-        lambda log_t: _nll(z, y, math.exp(log_t)), bounds=(math.log(0.05), math.log(20.0)), method="bounded",
-        options={"xatol": 1e-5},
-    )
+    result = minimize_scalar(lambda log_t: _nll(z, y, math.exp(log_t)), bounds=(math.log(0.05), math.log(20.0)),
+                             method="bounded", options={"xatol": 1e-5})  # the NLL is unimodal in log T
     temperature = float(math.exp(result.x))
     if not 0.06 < temperature < 19.0:
-        warnings.warn(
-            f"fit_temperature hit the edge of its search range (T = {temperature:.3g}): the logits carry "
-            "almost no information about the labels (an untrained model?), so treat T with suspicion.",
-            stacklevel=2,
-        )
+        warnings.warn(f"fit_temperature hit the edge of its search range (T = {temperature:.3g}): the logits carry "
+                      "almost no information about the labels (an untrained model?), so treat T with suspicion.",
+                      stacklevel=2)
     return temperature
 
 
 def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
     """Calibrated probabilities (N, C) from logits divided by `temperature`."""
-    z = torch.as_tensor(_as_logits(logits)) / float(temperature)
-    return logits_to_probs(z).double().numpy()
+    return logits_to_probs(torch.as_tensor(_as_logits(logits)) / float(temperature)).double().numpy()

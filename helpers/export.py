@@ -1,13 +1,5 @@
-"""Export and int8 quantization with ONNX Runtime: a smaller, faster model for a CPU app.
-
-- `export_onnx` writes the model as ONNX; `quantize_onnx_static` (activation ranges calibrated
-  on a few images) and `quantize_onnx_dynamic` make int8 versions of it;
-- `onnx_session` and `onnx_predict` run them on the CPU;
-- `measure_latency`, `file_size_mb` and `linear_parameter_share` compare the versions.
-
-ONNX and ONNX Runtime come with the `deploy` extra (`pip install ".[deploy]"`; `uv sync`
-installs them). They are imported only when a function needs them, and a missing one raises an
-ImportError that says how to install it. Used by notebook 08.
+"""Notebook 08's lesson: export to ONNX and int8 quantization with ONNX Runtime, then compare size
+and latency. ONNX and ONNX Runtime (the `deploy` extra) are imported only when needed.
 """
 
 from __future__ import annotations
@@ -42,14 +34,9 @@ def _from_deploy_extra(module: str, *names: str) -> Any:
 
 
 def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int = 17) -> Path:
-    """Export `model` (eval mode, CPU copy) to ONNX with a dynamic batch axis.
-
-    Input "input": float32 (N, 3, S, S), normalised as the model's weights need; output "logits".
-    That normalisation is stored in the file's metadata (`input_mean`, `input_std`), where
-    `onnx_predict` and `quantize_onnx_static` read it.
-    Uses the TorchScript-based exporter (`dynamo=False`): the newer dynamo exporter needs the
-    `onnxscript` package, which the course does not install.
-    """
+    """Export `model` (eval mode, CPU copy) to ONNX: input "input" float32 (N, 3, S, S), output
+    "logits", the normalisation its weights need in the metadata. TorchScript exporter (`dynamo=False`:
+    the dynamo one needs onnxscript, which the course does not install)."""
     _from_deploy_extra("onnx")  # torch's exporter needs it
 
     path = Path(path)
@@ -114,14 +101,9 @@ def _preprocessed(src: Path) -> Path:
 
 def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor,
                          per_channel: bool = True, normalization: Any = None) -> Path:
-    """Post-training static int8 quantization (QDQ format) calibrated on a few training images.
-
-    Weights AND activations become int8; the activation ranges come from running the
-    calibration images through the model (MinMax). Per-channel weight scales matter for
-    MobileNetV2's depthwise convolutions (one scale per layer loses too much precision). The
-    calibration images are normalised as `normalization` says (a model or a (mean, std) pair;
-    default: what `export_onnx` stored in `src`), which `dst` keeps in its metadata.
-    """
+    """Static int8 quantization (QDQ): weights and activations int8, activation ranges from the
+    calibration images (MinMax); per-channel weight scales for MobileNetV2's depthwise convolutions.
+    `normalization`: default what `export_onnx` stored in `src`."""
     CalibrationMethod, QuantFormat, QuantType, quantize_static = _from_deploy_extra(
         "onnxruntime.quantization", "CalibrationMethod", "QuantFormat", "QuantType", "quantize_static")
     src, dst = Path(src), Path(dst)
@@ -156,11 +138,8 @@ def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> Path:
 
 
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
-    """A CPU ONNX Runtime session with `threads` intra-op threads (default: torch's thread count).
-
-    Thread spinning is switched off: spinning workers keep burning CPU after a run, which would
-    slow down whatever is measured next (and the other users of a shared machine).
-    """
+    """A CPU ONNX Runtime session (`threads`: default torch's), without thread spinning, which
+    would keep burning CPU after a run and slow down whatever is measured next."""
     ort = _from_deploy_extra("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()

@@ -36,10 +36,7 @@ def _is_vit(model: nn.Module) -> bool:
 
 
 def default_target_layer(model: nn.Module) -> nn.Module:
-    """`helpers.models.gradcam_target_layer(model)` when available, else a sensible guess.
-
-    The guess: ViT -> `encoder.layers[-1].ln_1`; anything else -> the last Conv2d module.
-    """
+    """`models.gradcam_target_layer(model)`, else ViT `encoder.layers[-1].ln_1` or the last Conv2d."""
     try:
         return gradcam_target_layer(model)
     except (ImportError, AttributeError, KeyError, ValueError):
@@ -68,10 +65,7 @@ def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:
 
 
 def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The score to explain per sample, and the class index it belongs to.
-
-    A one-logit model (`helpers.core.is_one_logit`) has score +logit for class 1 and -logit for class 0.
-    """
+    """The score to explain per sample and its class; one logit z: +z for class 1, -z for class 0."""
     one_logit = is_one_logit(logits)
     if class_idx is not None:
         classes = torch.as_tensor(class_idx, device=logits.device).long().expand(logits.shape[0])
@@ -110,20 +104,11 @@ def grad_cam(
 ) -> np.ndarray:
     """Grad-CAM heatmaps (N, H, W) in [0, 1] for a normalised batch x (N, 3, H, W).
 
-    `class_idx`: the class to explain (an int, one per sample, or None = the predicted class).
-    `reshape_transform`: turns the layer output into (N, K, h, w); token outputs of shape
-    (N, 1 + h*w, D) (ViT) are folded with `helpers.models.vit_tokens_to_map` automatically.
-
-    How gradients reach the activations even when every parameter is frozen: a forward hook
-    replaces the layer's output by a detached copy that requires grad, so autograd tracks
-    everything after the layer (and nothing before it, which also saves time). It runs outside
-    `torch.inference_mode` and in eval mode; the model's train/eval state is restored afterwards.
-    `warn_blank=False`: no warning when every map is blank (the app shows a flat map instead).
-
-    Safe to call from several threads on one shared model (the app's sessions share one cached
-    model): the hook is registered for this call only, acts only on the forward pass of the thread
-    that registered it (a hook on a module fires for every thread's forward pass), and keeps what
-    it captures in this call's local dict; nothing of one call is stored on the model.
+    `class_idx`: the class to explain (an int, one per sample, or None = the predicted class);
+    `reshape_transform` turns the layer output into (N, K, h, w) (ViT tokens are folded by
+    default). A forward hook swaps the layer's output for a detached copy that requires grad, so
+    gradients reach it even with every parameter frozen; the hook acts only on this thread's
+    forward pass (the app's sessions share one model). `warn_blank=False`: no blank-map warning.
     """
     captured: dict[str, torch.Tensor] = {}
     owner = threading.get_ident()
@@ -163,14 +148,8 @@ def grad_cam(
 
 def explain(model: nn.Module, images_u8: torch.Tensor, *, target_layer: nn.Module | None = None,
             threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probabilities (N, C), predicted classes (N,) and Grad-CAM heatmaps (N, H, W) of uint8 images.
-
-    The prediction follows the rest of the course: `P(class 1) >= threshold` for a binary model
-    when a threshold (chosen on validation) is given, else the most probable class; the heatmap
-    explains that predicted class. The images are normalised as the model's weights need
-    (`model.input_mean` / `input_std`). `target_layer=None` uses `default_target_layer(model)`; a ViT's
-    tokens are folded into a grid by `grad_cam` itself.
-    """
+    """Probabilities (N, C), predicted classes (`core.predict_labels` with `threshold`) and the
+    Grad-CAM heatmaps (N, H, W) of that class, for uint8 images normalised as the model needs."""
     layer = usable_target_layer(model, target_layer if target_layer is not None else default_target_layer(model))
     x = normalize(images_u8.to(model_device(model)), normalization=model)  # as its weights need
     was_training = model.training

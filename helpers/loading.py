@@ -1,52 +1,37 @@
-"""Getting pixels into a model: two ways, same pixels.
+"""Getting pixels into a model: the tensor cache and `TensorLoader`, the course's one data path.
 
-1. The conventional per-image path: `ImageFileDataset` + `pil_transforms` + a `DataLoader`.
-   Every epoch decodes every JPEG again and augments one image at a time on the CPU.
-2. The fast path: `cache_images` decodes and resizes every image once into a uint8 tensor, and
-   `TensorLoader` cuts batches from it and augments whole batches as tensors (on the GPU when
-   there is one). After the one-off caching pass an epoch costs almost nothing but the model.
-
-Both produce float tensors normalised as the model's weights need: `normalization=model` reads
-`model.input_mean` / `model.input_std` (torchvision's ImageNet weights: the ImageNet mean and std;
-the converted TensorFlow MobileNetV2: 0.5 / 0.5); the default is ImageNet's. Grayscale X-rays are
-replicated to 3 channels.
+`cache_images` decodes and resizes every image once (`helpers.images.load_image`) into a uint8
+tensor; `TensorLoader` cuts batches from it, augments whole batches as tensors (on the GPU when
+there is one) and normalises them as the model's weights need (`normalization=model` reads
+`model.input_mean` / `input_std`; the default is ImageNet's). `make_loaders` builds train/val/test.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import math
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
-from torchvision.transforms import v2
 
+from helpers import images as image_files
 from helpers.augment import BatchAugment
-from helpers.core import IMAGENET_MEAN, IMAGENET_STD, as_label_tensor, as_normalization, check_normalization  # noqa: F401
+from helpers.core import as_label_tensor, as_normalization
 from helpers.data import DataSplits
-from helpers.dicom import is_dicom, read_dicom
-from helpers.pixels import to_rgb
-from helpers.scan import display_path, exif_orientation
-
+from helpers.images import gone, load_image, to_grayscale
 
 
 def normalize(x: torch.Tensor, scale: float | None = None, *, normalization=None,
               mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
-    """uint8 (or float) images (N, 3, H, W) -> float, normalised as the weights need.
+    """Images (N, 3 or 1, H, W) -> float, normalised: (x / scale - mean) / std, in one multiply-add.
 
-    `normalization`: a model (its `input_mean` / `input_std`), a (mean, std) pair, or None for
-    ImageNet's (`core.as_normalization`); or `mean=` and `std=` directly. uint8 input is divided by 255; float input
-    by `scale` (default 1: already in [0, 1]). A one-channel (grayscale) batch (N, 1, H, W)
-    broadcasts to 3 normalised channels. Computed as one fused multiply-add: x * 1/(scale*std) - mean/std.
+    `normalization`: a model, a (mean, std) pair or None (ImageNet's), or `mean=`/`std=`; `scale`:
+    255 for uint8 input, else 1. One channel (grayscale) broadcasts to three.
     """
     m, s = as_normalization(normalization if mean is None else (mean, std))
     if scale is None:
@@ -64,143 +49,20 @@ def denormalize(x: torch.Tensor, normalization=None) -> torch.Tensor:
     return (x * std + mean).clamp(0, 1)
 
 
-# ----------------------------------------------------------------------------- per-image path
-
-def pil_transforms(image_size: int, train: bool, strong: bool = False,
-                   grayscale: bool = False, normalization=None) -> v2.Compose:
-    """torchvision v2 transforms for one PIL image: resize, (gray,) (augment,) to tensor, normalise
-    (`normalization`: a model, a (mean, std) pair, or None for ImageNet's; see `as_normalization`)."""
-    steps: list = [v2.Resize((image_size, image_size))]
-    if grayscale:
-        steps.append(v2.Grayscale(num_output_channels=3))
-    if train:
-        aug = BatchAugment.preset("strong" if strong else "light")
-        steps += [
-            v2.RandomHorizontalFlip(aug.hflip),
-            v2.RandomAffine(degrees=aug.rotate, translate=(aug.translate, aug.translate),
-                            scale=aug.scale),
-            v2.ColorJitter(brightness=aug.brightness, contrast=aug.contrast),
-        ]
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-              v2.Normalize(*as_normalization(normalization))]
-    return v2.Compose(steps)
-
-
-class ImageFileDataset(Dataset):
-    """Reads one image file per item: the conventional, ImageFolder-style dataset.
-
-    `strong_transform` is used instead of `transform` for images whose label is in
-    `strong_classes` (strong augmentation for the minority class only).
-    """
-
-    def __init__(self, frame: pd.DataFrame, transform, *, strong_transform=None,
-                 strong_classes: Sequence[int] = ()):
-        self.paths = list(frame["path"])
-        self.labels = [int(v) for v in frame["label"]]
-        self.transform, self.strong_transform = transform, strong_transform
-        self.strong_classes = set(strong_classes)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image = read_image(self.paths[i])
-        label = self.labels[i]
-        strong = self.strong_transform is not None and label in self.strong_classes
-        return (self.strong_transform if strong else self.transform)(image), label
-
-
-# ----------------------------------------------------------------------------- reading pixels
-# One reading turns any file into the 8-bit RGB a model sees: `read_image_with_notes` (DICOM through
-# `helpers.dicom`, then the EXIF orientation and `helpers.pixels.to_rgb`: `oriented_rgb`). Training,
-# the cache, the grids and the app (`helpers.serve.read_upload`) all use it: the same pixels everywhere.
-
-def oriented_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-    """A decoded image turned as its EXIF orientation says, then `to_rgb`: the one conversion of
-    training, the cache, the grids and the app (`helpers.serve.read_upload`)."""
-    notes: list[str] = []
-    if (orientation := exif_orientation(image)) != 1:
-        try:
-            image = ImageOps.exif_transpose(image)
-            notes.append(f"rotated according to its EXIF orientation ({orientation})")
-        except Exception:  # a broken EXIF block should not block an otherwise good image
-            pass
-    rgb, converted = to_rgb(image)
-    return rgb, notes + converted
-
-
-def read_image_with_notes(path: str | Path) -> tuple[Image.Image, list[str]]:
-    """Decode an image file (DICOM through `helpers.dicom.read_dicom`) into 8-bit RGB, with notes.
-
-    A file that was listed by the scan but is gone now gives a FileNotFoundError that says so.
-    """
-    try:
-        if is_dicom(path):
-            image, notes = read_dicom(path)
-            rgb, converted = oriented_rgb(image)
-            return rgb, notes + converted
-        with Image.open(path) as im:
-            im.load()
-            rgb, notes = oriented_rgb(im)
-            return (im.copy() if rgb is im else rgb), notes  # the file closes here: keep no lazy image
-    except FileNotFoundError:
-        raise _gone(path) from None
-
-
-def _gone(path: str | Path) -> FileNotFoundError:
-    return FileNotFoundError(f"The image {display_path(path)} is gone (deleted or moved after the dataset "
-                             "was scanned). Run load_splits again to re-scan the folder, or put it back.")
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """Decode an image file into 8-bit RGB exactly as the app does (`read_image_with_notes`)."""
-    return read_image_with_notes(path)[0]
-
-
 # ----------------------------------------------------------------------------- tensor cache
-
-def resized_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
-    """An RGB PIL image resized to a square, as uint8 (3, S, S): the model input of training and the app.
-
-    Uses the same PIL bilinear resize as `v2.Resize` on a PIL image, so the cache holds exactly
-    the pixels of the per-image path.
-    """
-    image = image.resize((image_size, image_size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
-
-
-def load_image(path: str | Path, image_size: int) -> torch.Tensor:
-    """Decode one image (`read_image`) and resize it to a square (`resized_tensor`): uint8 (3, S, S)."""
-    return resized_tensor(read_image(path), image_size)
-
-
-def to_grayscale(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB images (..., 3, H, W) -> their luminance in three equal channels.
-
-    The integer formula of PIL's `convert("L")` (ITU-R 601-2 luma), so the tensor cache and
-    the per-image path (`v2.Grayscale`) give the same pixels. Removes colour casts (for example
-    the blue/cyan tint of photographed TB films) that a model could use as a shortcut.
-    """
-    r, g, b = images.to(torch.int32).unbind(-3)
-    luma = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)
-    return torch.stack([luma, luma, luma], dim=-3)
-
 
 # Bump when the pixels a file gives change in a way the source fingerprint below cannot see.
 PREPROCESS_VERSION = 2
 
 
 def _preprocess_fingerprint() -> str:
-    """A hash of the code that turns a file into cached pixels (and the library versions): a
-    cache made by other preprocessing code is never reused."""
+    """A hash of the code that turns a file into cached pixels (`helpers.images`) and of PIL's
+    version: a cache made by other preprocessing code is never reused."""
     import inspect
 
     import PIL
 
-    from helpers import dicom, pixels
-
-    code = (pixels, oriented_rgb, read_image_with_notes, resized_tensor, to_grayscale, dicom)
-    parts = [inspect.getsource(f) for f in code] + [PIL.__version__, str(PREPROCESS_VERSION)]
+    parts = [inspect.getsource(image_files), PIL.__version__, str(PREPROCESS_VERSION)]
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
@@ -213,7 +75,7 @@ def _cache_key(paths: Sequence[str], image_size: int) -> str:
         try:
             digest.update(hashlib.blake2b(Path(p).read_bytes(), digest_size=16).digest())
         except FileNotFoundError:
-            raise _gone(p) from None
+            raise gone(p) from None
     return digest.hexdigest()[:16]
 
 
@@ -371,64 +233,29 @@ def with_normalization(loaders, normalization):
     return view
 
 
-# ----------------------------------------------------------------------------- balanced sampling
-
 def weighted_sampler_weights(labels) -> torch.Tensor:
     """One weight per image, 1 / (images in its class): every class is drawn equally often."""
     labels = as_label_tensor(labels)
-    counts = torch.bincount(labels).float()
-    return (1.0 / counts)[labels].double()
+    return (1.0 / torch.bincount(labels).float())[labels].double()
 
 
-def make_weighted_sampler(labels, *, seed: int | None = None) -> WeightedRandomSampler:
-    """A sampler that draws balanced batches (with replacement) for a `DataLoader`."""
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    weights = weighted_sampler_weights(labels)
-    return WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
-                                 generator=generator)
+def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *, device: str | torch.device = "cpu",
+                 augment: str | BatchAugment = "light", strong_classes: Sequence[int] = (),
+                 balanced_sampler: bool = False, cache_dir: str | Path | None = None, seed: int = 42,
+                 grayscale: bool = False, normalization=None) -> dict[str, TensorLoader]:
+    """{"train", "val", "test"}: TensorLoaders over the cached images; only train is shuffled and
+    augmented (`strong` for `strong_classes`), drawn class-balanced with `balanced_sampler`.
 
-
-# ----------------------------------------------------------------------------- both paths
-
-def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *,
-                 device: str | torch.device = "cpu", augment: str | BatchAugment = "light",
-                 strong_classes: Sequence[int] = (), balanced_sampler: bool = False,
-                 fast: bool = True, num_workers: int = 0, cache_dir: str | Path | None = None,
-                 seed: int = 42, grayscale: bool = False, normalization=None) -> dict:
-    """Train/val/test loaders. Only train is shuffled and augmented.
-
-    `normalization=model`: the images are normalised as the model's weights need (its
-    `input_mean` / `input_std`); a (mean, std) pair works too; None: ImageNet's.
-
-    `fast=True`: tensor cache + `TensorLoader` (the images stay available as
-    `loaders[split].images`). `fast=False`: the per-image `ImageFileDataset` + `DataLoader`.
-    `balanced_sampler=True` draws training images with inverse class-frequency weights.
-    `grayscale=True` feeds every image as three equal channels (colour casts removed).
-    A last training batch of a single image is dropped (BatchNorm cannot normalise one value per
-    channel: "Expected more than 1 value per channel"); every other image is kept.
+    `normalization=model`: as the model's weights need. `grayscale`: three equal channels. A last
+    training batch of one image is dropped (BatchNorm cannot normalise a single value).
     """
     loaders = {}
     for split in ("train", "val", "test"):
-        frame = getattr(splits, split)
-        train = split == "train"
-        if fast:
-            weights = weighted_sampler_weights(frame["label"]) if train and balanced_sampler else None
-            loaders[split] = TensorLoader(
-                cache_images(frame, image_size, cache_dir=cache_dir, grayscale=grayscale), frame["label"],
-                batch_size=batch_size, shuffle=train, augment=augment if train else "none",
-                strong_classes=strong_classes if train else (), sample_weights=weights,
-                device=device, seed=seed if train else None, drop_single=train, normalization=normalization)
-        else:
-            strong_tf = pil_transforms(image_size, True, True, grayscale, normalization) if train else None
-            aug_on = train and augment != "none"
-            dataset = ImageFileDataset(frame, pil_transforms(image_size, aug_on, grayscale=grayscale,
-                                                      normalization=normalization),
-                                       strong_transform=strong_tf,
-                                       strong_classes=strong_classes if train else ())
-            sampler = make_weighted_sampler(frame["label"], seed=seed) if train and balanced_sampler else None
-            single = train and len(frame) % batch_size == 1 and len(frame) > batch_size
-            loaders[split] = DataLoader(dataset, batch_size=batch_size, drop_last=single,
-                                        shuffle=train and sampler is None, sampler=sampler,
-                                        num_workers=num_workers,
-                                        pin_memory=torch.device(device).type == "cuda")
+        frame, train = getattr(splits, split), split == "train"
+        loaders[split] = TensorLoader(
+            cache_images(frame, image_size, cache_dir=cache_dir, grayscale=grayscale), frame["label"],
+            batch_size=batch_size, shuffle=train, augment=augment if train else "none",
+            strong_classes=strong_classes if train else (),
+            sample_weights=weighted_sampler_weights(frame["label"]) if train and balanced_sampler else None,
+            device=device, seed=seed if train else None, drop_single=train, normalization=normalization)
     return loaders

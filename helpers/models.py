@@ -1,51 +1,28 @@
-"""Build torchvision backbones with a new classification head and a freezing policy.
+"""torchvision backbones with a new classification head, and freezing.
 
-The models keep torchvision's own structure, so what students read in the torchvision
-docs still applies: the head lives in ``model.fc`` (ResNet), ``model.classifier``
-(DenseNet, MobileNetV2) or ``model.heads`` (ViT).
-
-Every model returned by :func:`build_model` carries a few plain attributes:
-``model.arch`` (str), ``model.pretrained`` (bool: were ImageNet weights really loaded),
-``model.weights_info`` (dict: source, file, sha256, padding, ...), ``model.input_mean`` and
-``model.input_std`` (the normalisation the weights need), ``model.head_kind``, ``model.freeze``
-and ``model.image_size``.
-
-Freezing policies (``freeze=``):
-
-- ``"none"``: every parameter trains (full fine-tuning).
-- ``"head"``: only the new classifier head trains.
-- ``"last_block"``: the head plus the last stage of the backbone:
-  ResNet ``layer4``; DenseNet ``features.denseblock4`` + ``features.norm5``;
-  MobileNetV2 ``features[-2:]`` (last inverted-residual block + final 1x1 conv);
-  ViT ``encoder.layers[-1]`` + the final ``encoder.ln``.
-
-Frozen layers should also keep their BatchNorm statistics frozen: :func:`train_mode`
-puts the model in training mode *except* for sub-modules whose parameters are all
-frozen, which stay in eval mode. ``helpers.train.fit`` uses it.
+The models keep torchvision's structure: the head is ``model.fc`` (ResNet), ``model.classifier``
+(DenseNet, MobileNetV2) or ``model.heads`` (ViT). `build_model` records ``model.arch``,
+``model.pretrained``, ``model.weights_info``, ``model.input_mean`` / ``input_std`` (the
+normalisation its weights need), ``model.head_kind``, ``model.freeze`` and ``model.image_size``.
+`freeze_backbone` and `unfreeze` are what chapters 01 and 04 write in cells with ``requires_grad``.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from helpers import offline_weights
 from helpers.core import model_device
 
-ARCHITECTURES: tuple[str, ...] = (
-    "resnet18",
-    "resnet50",
-    "resnet101",
-    "resnet152",
-    "densenet121",
-    "mobilenet_v2",
-    "vit_b_16",
-)
+ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101", "resnet152", "densenet121", "mobilenet_v2",
+                                  "vit_b_16")
 HEADS: tuple[str, ...] = ("linear", "gap_dropout", "mlp")
 FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "last_block")
 
@@ -80,31 +57,20 @@ def _arch_of(model: nn.Module) -> str:
 
 
 def make_head(in_features: int, num_outputs: int, head: str = "linear") -> nn.Module:
-    """A new classifier head on top of pooled backbone features.
-
-    - ``"linear"``: Linear(in_features, num_outputs).
-    - ``"gap_dropout"``: Dropout(0.5) -> Linear (the MobileNetV2 recipe "GAP -> Dropout(0.5)
-      -> Linear"; torchvision backbones already global-average-pool before the head).
-    - ``"mlp"``: Dropout(0.4) -> Linear(512) -> ReLU -> Dropout(0.3) -> Linear(num_outputs).
-    """
+    """A head on pooled features: "linear", "gap_dropout" (Dropout(0.5) -> Linear, the MobileNetV2
+    recipe) or "mlp" (Dropout(0.4) -> Linear(512) -> ReLU -> Dropout(0.3) -> Linear)."""
     _check_choice(head, HEADS, "head")
     if head == "linear":
         return nn.Linear(in_features, num_outputs)
     if head == "gap_dropout":
         return nn.Sequential(nn.Dropout(0.5), nn.Linear(in_features, num_outputs))
-    return nn.Sequential(
-        nn.Dropout(0.4),
-        nn.Linear(in_features, 512),
-        nn.ReLU(inplace=True),
-        nn.Dropout(0.3),
-        nn.Linear(512, num_outputs),
-    )
+    return nn.Sequential(nn.Dropout(0.4), nn.Linear(in_features, 512), nn.ReLU(inplace=True), nn.Dropout(0.3),
+                         nn.Linear(512, num_outputs))
 
 
 def _in_features(old_head: nn.Module) -> int:
     """Input width of torchvision's original head (a Linear, possibly inside a Sequential)."""
-    linears = [m for m in old_head.modules() if isinstance(m, nn.Linear)]
-    return linears[0].in_features
+    return next(m for m in old_head.modules() if isinstance(m, nn.Linear)).in_features
 
 
 def get_head(model: nn.Module) -> nn.Module:
@@ -120,19 +86,115 @@ def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 # --------------------------------------------------------------------------- weights
 
 
+# Offline ImageNet weights (torchvision's server unreachable): an ordinary weights file written by
+# tools/convert_tflite_weights.py (state_dict + the normalisation and padding the weights need).
+WEIGHTS_DIR_ENV = "COURSE_WEIGHTS_DIR"
+OFFLINE_FILES = {"mobilenet_v2": "mobilenet_v2_imagenet.pt"}
+TFLITE_FILES = {"mobilenet_v2": "mobilenet_v2_1.0_224_quant.tflite"}  # what the tool converts
+CONVERT_COMMAND = "uv run python tools/convert_tflite_weights.py"
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class TFSamePadConv2d(nn.Conv2d):
+    """A ``Conv2d`` with TensorFlow's "SAME" padding: for a stride-2 3x3 convolution on an even
+    size, 0 pixels top/left and 1 bottom/right (torchvision pads 1 everywhere). Same parameters
+    and state_dict keys as ``nn.Conv2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((total // 2, total - total // 2))
+        (top, bottom), (left, right) = pads
+        return self._conv_forward(F.pad(x, (left, right, top, bottom)), self.weight, self.bias)
+
+
+def use_tf_same_padding(model: nn.Module) -> nn.Module:
+    """Give every strided 3x3 ``Conv2d`` of ``model`` TensorFlow's SAME padding, in place (the
+    parameters are kept, so ``load_state_dict`` works before or after). Returns the model."""
+    for module in list(model.modules()):
+        if type(module) is nn.Conv2d and module.stride != (1, 1) and module.kernel_size == (3, 3):
+            module.__class__, module.padding = TFSamePadConv2d, (0, 0)  # pads in forward instead
+    return model
+
+
+def weights_dirs() -> list[Path]:
+    """The folders searched for offline weights, in order (those that do not exist included)."""
+    root = Path(__file__).resolve().parent.parent
+    root = root if (root / "pyproject.toml").exists() else Path.cwd()  # pip-installed: the course folder
+    env = [Path(os.environ[WEIGHTS_DIR_ENV]).expanduser()] if os.environ.get(WEIGHTS_DIR_ENV) else []
+    return env + [root / "data" / "weights", root.parent / "shared" / "weights"]
+
+
+def find_offline(arch: str, names: dict[str, str] = OFFLINE_FILES) -> Path | None:
+    """The first offline file for ``arch`` (default: a converted weights file), or None."""
+    found = [d / names[arch] for d in weights_dirs() if arch in names and (d / names[arch]).is_file()]
+    return found[0] if found else None
+
+
+def load_weights_file(arch: str, path: str | Path) -> tuple[nn.Module, dict]:
+    """torchvision ``arch`` (ImageNet head) from a converted weights file or a plain state dict,
+    and its weights_info (source, normalisation, padding, ...)."""
+    path = Path(path).expanduser()
+    if path.suffix == ".tflite":
+        raise ValueError(f"{path} is a TensorFlow Lite file: convert it first with "
+                         f"{CONVERT_COMMAND} --tflite {path}, then use the .pt file it writes.")
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist. Use weights='imagenet', 'random' or the "
+                                f"path of a weights file ({CONVERT_COMMAND} writes one).")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    converted = isinstance(state, dict) and "normalization" in state
+    if converted and state.get("arch", arch) != arch:
+        raise ValueError(f"{path.name} holds {state['arch']} weights; arch is {arch!r}.")
+    norm = state["normalization"] if converted else dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    info = {"source": f"file:{path.name}", **(state.get("info", {}) if converted else {}), "file": path.name,
+            "padding": state.get("padding", "torchvision") if converted else "torchvision",
+            "input_mean": tuple(norm["mean"]), "input_std": tuple(norm["std"])}
+    model = apply_weights_info(torchvision.models.get_model(arch, weights=None), info)
+    model.load_state_dict(state["state_dict"] if converted else state)
+    return model, info
+
+
+def apply_weights_info(model: nn.Module, info: dict) -> nn.Module:
+    """Give a model what its weights carry: SAME padding if ``info["padding"] == "tf_same"``,
+    ``input_mean``/``input_std``, ``weights_info`` and ``pretrained``. Returns the model."""
+    if info.get("padding") == "tf_same":
+        use_tf_same_padding(model)
+    model.input_mean, model.input_std = tuple(info["input_mean"]), tuple(info["input_std"])
+    model.weights_info, model.pretrained = dict(info), info.get("source", "random") != "random"
+    return model
+
+
+def torchvision_info(arch: str) -> dict:
+    """weights_info of torchvision's DEFAULT weights (their own normalisation, from their transforms)."""
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    transforms = weights.transforms()
+    return dict(source="torchvision", file=os.path.basename(weights.url), sha256=None, weights=str(weights),
+                input_mean=tuple(transforms.mean), input_std=tuple(transforms.std), padding="torchvision")
+
+
+def random_info() -> dict:
+    """weights_info of a randomly initialised model."""
+    return dict(source="random", file=None, sha256=None, input_mean=IMAGENET_MEAN, input_std=IMAGENET_STD,
+                padding="torchvision")
+
+
 _ANNOUNCED: set[str] = set()  # architectures whose missing weights were already announced
 
 
 def _pretrained_warning(arch: str, error: Exception) -> None:
     """Say loudly that ImageNet weights are missing and what that means."""
+    tflite = find_offline(arch, TFLITE_FILES)
     message = (
         f"Could not load ImageNet weights for {arch} ({type(error).__name__}: {error}). "
         "Continuing from RANDOM initialisation: this is not transfer learning, the numbers "
         "will be much worse and are NOT comparable to the reference results. "
         "model.pretrained is False (recorded in metrics.json). To fix: enable internet "
         "(Kaggle: Settings -> Internet on), put the torchvision weight file in "
-        "~/.cache/torch/hub/checkpoints/, or (MobileNetV2) put mobilenet_v2_1.0_224_quant.tflite in "
-        "data/weights/ or in the folder named by $COURSE_WEIGHTS_DIR."
+        "~/.cache/torch/hub/checkpoints/, or (MobileNetV2) put a weights file converted by "
+        f"tools/convert_tflite_weights.py in data/weights/ or in the folder named by ${WEIGHTS_DIR_ENV}."
+        + (f" {tflite} is there but not converted: run `{CONVERT_COMMAND} --tflite {tflite}`." if tflite else "")
     )
     warnings.warn(message, RuntimeWarning, stacklevel=4)
     if arch in _ANNOUNCED:  # the full banner once per architecture, then a reminder
@@ -173,15 +235,14 @@ def _torchvision_imagenet(arch: str, image_size: int) -> nn.Module:
     return model
 
 
-def _backbone_with_weights(arch: str, weights: str | Path, image_size: int,
-                           calibration_images=None) -> tuple[nn.Module, dict]:
+def _backbone_with_weights(arch: str, weights: str | Path, image_size: int) -> tuple[nn.Module, dict]:
     """The torchvision model (with its ImageNet head) and its weights_info (source "random" if none)."""
     vit_kwargs = {"image_size": image_size} if arch == "vit_b_16" else {}
     if weights == "imagenet":
         try:
-            return _torchvision_imagenet(arch, image_size), offline_weights.torchvision_info(arch)
+            return _torchvision_imagenet(arch, image_size), torchvision_info(arch)
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
-            offline = offline_weights.find_offline(arch)
+            offline = find_offline(arch)
             if offline is None:
                 _pretrained_warning(arch, error)
             else:
@@ -189,8 +250,8 @@ def _backbone_with_weights(arch: str, weights: str | Path, image_size: int,
                       f"using the offline copy {offline}.", flush=True)
                 weights = offline
     if weights not in ("imagenet", "random"):
-        return offline_weights.load_weights_file(arch, weights, calibration_images)
-    return torchvision.models.get_model(arch, weights=None, **vit_kwargs), offline_weights.random_info()
+        return load_weights_file(arch, weights)
+    return torchvision.models.get_model(arch, weights=None, **vit_kwargs), random_info()
 
 
 def _resolve_weights_argument(pretrained: bool | None, weights: str | Path | None) -> str | Path:
@@ -203,7 +264,7 @@ def _resolve_weights_argument(pretrained: bool | None, weights: str | Path | Non
         return weights
     if isinstance(weights, (str, Path)) and Path(weights).suffix in (".tflite", ".pt", ".pth"):
         return Path(weights)
-    raise ValueError(f"weights={weights!r}: use 'imagenet', 'random' or the path of a .tflite / .pt file.")
+    raise ValueError(f"weights={weights!r}: use 'imagenet', 'random' or the path of a weights file (.pt).")
 
 
 # --------------------------------------------------------------------------- building
@@ -218,15 +279,14 @@ def build_model(
     head: str = "linear",
     freeze: str = "none",
     image_size: int = 224,
-    calibration_images=None,
 ) -> nn.Module:
     """A torchvision ``arch`` with a new ``head`` of ``num_outputs`` logits and a freezing policy.
 
     ``weights``: ``"imagenet"`` (the default) loads torchvision's DEFAULT ImageNet weights; when
-    they cannot be downloaded an offline copy is looked for (``helpers.offline_weights``:
-    ``$COURSE_WEIGHTS_DIR``, ``data/weights/``), else it warns loudly and continues from random
-    initialisation. ``"random"``: random initialisation. A path: a ``.tflite`` file (converted and
-    cached; ``calibration_images`` give its BatchNorm statistics) or a converted / state-dict ``.pt``.
+    they cannot be downloaded, a converted weights file (``tools/convert_tflite_weights.py``) is
+    looked for (:func:`weights_dirs`), else it warns loudly and continues from random
+    initialisation. ``"random"``: random initialisation. A path: a converted weights file (it
+    carries its normalisation and padding) or a plain state-dict ``.pt``.
     ``pretrained=True/False`` (older callers) means ``"imagenet"`` / ``"random"``.
 
     The model records ``model.pretrained`` (were ImageNet weights really loaded),
@@ -245,7 +305,7 @@ def build_model(
         raise ValueError(f"ViT-B/16 needs image_size to be a multiple of 16 (got {image_size}).")
 
     weights = _resolve_weights_argument(pretrained, weights)
-    model, info = _backbone_with_weights(arch, weights, image_size, calibration_images)
+    model, info = _backbone_with_weights(arch, weights, image_size)
     head_attr = _HEAD_ATTR[family]
     new_head = make_head(_in_features(getattr(model, head_attr)), num_outputs, head)
     setattr(model, head_attr, new_head)
@@ -264,7 +324,7 @@ def build_model(
 
 
 def _last_block_modules(model: nn.Module) -> list[nn.Module]:
-    """Backbone modules that ``freeze="last_block"`` keeps trainable (head not included)."""
+    """What ``freeze="last_block"`` trains besides the head: the last stage of the backbone."""
     family = _family(_arch_of(model))
     if family == "resnet":
         return [model.layer4]
@@ -275,41 +335,46 @@ def _last_block_modules(model: nn.Module) -> list[nn.Module]:
     return [model.encoder.layers[-1], model.encoder.ln]
 
 
-def set_trainable(model: nn.Module, freeze: str) -> nn.Module:
-    """Apply a freezing policy in place: ``"none"``, ``"head"`` or ``"last_block"``.
-
-    Sets ``requires_grad`` on every parameter and records ``model.freeze``.
-    Returns the model for chaining.
-    """
-    _check_choice(freeze, FREEZE_POLICIES, "freeze policy")
-    trainable_all = freeze == "none"
+def freeze_backbone(model: nn.Module) -> nn.Module:
+    """Freeze every parameter except the head's (``requires_grad = False``); returns the model."""
     for p in model.parameters():
-        p.requires_grad_(trainable_all)
-    if not trainable_all:
-        modules = [get_head(model)]
-        if freeze == "last_block":
-            modules += _last_block_modules(model)
-        for module in modules:
-            for p in module.parameters():
-                p.requires_grad_(True)
+        p.requires_grad = False
+    for p in get_head(model).parameters():
+        p.requires_grad = True
+    model.freeze = "head"
+    return model
+
+
+def unfreeze(model: nn.Module) -> nn.Module:
+    """Make every parameter trainable again (full fine-tuning); returns the model."""
+    for p in model.parameters():
+        p.requires_grad = True
+    model.freeze = "none"
+    return model
+
+
+def set_trainable(model: nn.Module, freeze: str) -> nn.Module:
+    """A freezing policy by name (`build_model(freeze=...)`): "none", "head" or "last_block"."""
+    _check_choice(freeze, FREEZE_POLICIES, "freeze policy")
+    if freeze == "none":
+        return unfreeze(model)
+    freeze_backbone(model)
+    if freeze == "last_block":
+        for module in _last_block_modules(model):
+            module.requires_grad_(True)
     model.freeze = freeze
     return model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) number of parameters."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, total
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()))
 
 
 def train_mode(model: nn.Module) -> nn.Module:
-    """``model.train()``, but sub-modules whose parameters are all frozen stay in eval mode.
-
-    So frozen BatchNorm layers keep their ImageNet running statistics (they are neither
-    used as batch statistics nor updated) and a frozen backbone behaves exactly as in
-    :func:`extract_features`. Dropout inside trainable parts (the head) stays active.
-    """
+    """``model.train()``, except sub-modules whose parameters are all frozen: they stay in eval
+    mode, so frozen BatchNorm keeps its running statistics (as in `train.extract_features`)."""
     model.train()
     for module in model.modules():
         params = list(module.parameters())
@@ -338,13 +403,9 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
     after layer (ResNet-152 features reach ~1e6 and fp16 overflows). Running the training
     images through once with those layers in train mode ("precise BN") gives them real
     statistics. Layers with pretrained statistics are left alone: a model whose ImageNet weights
-    were loaded (``model.pretrained``) is never touched, whatever values its statistics hold;
-    except converted TensorFlow weights whose BatchNorm is still folded: they get the statistics
-    of a few hundred of these training images, once (``offline_weights.restore_folded_batchnorm``,
-    recorded in ``model.weights_info["batchnorm"]``). The batches run on ``device`` (default: the model's).
+    were loaded (``model.pretrained``) is never touched, whatever values its statistics hold.
+    The batches run on ``device`` (default: the model's).
     """
-    if restored := offline_weights.restore_folded_batchnorm(model, loader):
-        return restored
     if getattr(model, "pretrained", False):
         return 0
     layers = _placeholder_batchnorm(model)
@@ -395,11 +456,8 @@ class _ViTBackbone(nn.Module):
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """Split a model into (feature extractor giving pooled features (N, D), head).
-
-    Both share their weights with ``model`` (no copy): ``head(backbone(x))`` equals ``model(x)``.
-    Used by the embedding cache in ``helpers.train``.
-    """
+    """(backbone giving pooled features (N, D), head), sharing the model's weights:
+    ``head(backbone(x))`` equals ``model(x)``."""
     family = _family(_arch_of(model))
     head = get_head(model)
     if family == "resnet":
@@ -421,15 +479,9 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The layer whose activations Grad-CAM should use.
-
-    - ResNet: ``layer4[-1]`` (last bottleneck, (N, C, h, w)).
-    - DenseNet: ``features.denseblock4`` (not ``norm5``: torchvision applies an in-place
-      ReLU to norm5's output, which breaks backward hooks).
-    - MobileNetV2: ``features[-1]`` (final 1x1 conv block).
-    - ViT: ``encoder.layers[-1].ln_1`` whose output is tokens (N, 1 + h*w, D); turn it into
-      a map with :func:`vit_tokens_to_map`.
-    """
+    """The layer Grad-CAM reads: ResNet ``layer4[-1]``; DenseNet ``features.denseblock4`` (norm5's
+    output goes through an in-place ReLU, which breaks backward hooks); MobileNetV2 ``features[-1]``;
+    ViT ``encoder.layers[-1].ln_1`` (tokens: fold them with `vit_tokens_to_map`)."""
     family = _family(_arch_of(model))
     if family == "resnet":
         return model.layer4[-1]

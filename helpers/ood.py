@@ -1,15 +1,9 @@
 """Out-of-distribution (OOD) scores: how much an input looks like the training X-rays.
 
-Convention everywhere: *higher = more in-distribution*; an input is rejected when its score
-falls below a threshold chosen on validation X-rays (`threshold_keeping`, e.g. keep 95% of them).
-
-- scores: maximum softmax probability (`msp_score`), energy (`energy_score`), an extra INVALID
-  class (`invalid_class_score`) and the Mahalanobis distance of backbone features
-  (`fit_mahalanobis`, `mahalanobis_score`); `ood_score` picks one of `OOD_METHODS` by name;
-- judging a score: `threshold_keeping`, `rejection_rate`, `ood_auroc`;
-- what the scores are computed from: `logits_and_features` (one pass gives both).
-
-Used by notebook 08 and, through `helpers.serve`, by the Streamlit app.
+Higher = more in-distribution; an input is rejected when its score falls below a threshold chosen
+on validation X-rays (`threshold_keeping`). Scores: maximum softmax probability, energy, an extra
+INVALID class, the Mahalanobis distance of backbone features; `ood_score` picks one by name.
+Used by notebook 08 and the app.
 """
 
 from __future__ import annotations
@@ -66,12 +60,8 @@ def _one_thread() -> Iterator[None]:
 
 
 def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
-    """Class means and one shared (Ledoit-Wolf shrunk) precision matrix of training features.
-
-    Lee et al. (2018): in-distribution features sit close to their class mean; distance is
-    measured with the covariance of the training features. Shrinkage keeps the covariance
-    invertible when there are fewer images than feature dimensions (always true in smoke runs).
-    """
+    """Class means and one shared Ledoit-Wolf-shrunk precision matrix of training features (Lee et
+    al. 2018); the shrinkage keeps it invertible with fewer images than feature dimensions."""
     from sklearn.covariance import ledoit_wolf_shrinkage
 
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
@@ -116,10 +106,8 @@ def ood_score(method: str, logits: Any, features: Any = None, params: dict | Non
 
 
 def threshold_keeping(id_scores: Any, keep: float = 0.95) -> float:
-    """The score threshold that keeps at least a fraction `keep` of these (validation) images.
-
-    Rejects the floor((1 - keep) * n) lowest-scoring images (fewer when scores tie).
-    """
+    """The score threshold that keeps at least a fraction `keep` of these (validation) images:
+    the floor((1 - keep) * n) lowest-scoring ones fall below it (fewer when scores tie)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     scores = np.sort(np.asarray(id_scores, dtype=np.float64).reshape(-1))
@@ -136,27 +124,19 @@ def rejection_rate(scores: Any, threshold: float) -> float:
 
 
 def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
-    """AUROC of telling outside images (positives) from real ones with the score.
+    """ROC AUC (scikit-learn) of telling outside images (positives) from real ones by a low score:
+    1.0 when every outside image scores below every real one, 0.5 at chance."""
+    from sklearn.metrics import roc_auc_score
 
-    1.0: every outside image scores below every real one; 0.5: no better than chance.
-    Ties count one half.
-    """
-    a = np.asarray(id_scores, dtype=np.float64)
-    b = np.asarray(ood_scores, dtype=np.float64)
+    a, b = np.asarray(id_scores, dtype=np.float64).ravel(), np.asarray(ood_scores, dtype=np.float64).ravel()
     if len(a) == 0 or len(b) == 0:
         return float("nan")
-    below = (b[:, None] < a[None, :]).mean()
-    ties = (b[:, None] == a[None, :]).mean()
-    return float(below + 0.5 * ties)
+    return float(roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], -np.r_[a, b]))
 
 
 def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and pooled backbone features (N, D) for uint8 images (N, 3, S, S).
-
-    Images must already have the model's input size; they are normalised as the model's weights
-    need (`model.input_mean` / `input_std`). Uses `helpers.models.backbone_and_head`:
-    `head(backbone(x)) == model(x)`, so one pass gives both.
-    """
+    """Logits (N, C) and pooled backbone features (N, D) of uint8 images (N, 3, S, S) at the
+    model's input size, normalised as its weights need: one pass gives both."""
     backbone, head = backbone_and_head(model)
     device = model_device(model)
     model.eval()

@@ -17,15 +17,10 @@ import numpy as np
 from helpers import gradcam
 from helpers.core import predict_labels, to_numpy
 from helpers.evaluate import as_probs, expected_calibration_error, reliability_bins
-from helpers.loading import read_image
+from helpers.images import read_image
 
 DPI = 110
 _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
-
-
-# ----------------------------------------------------------------------------------------------
-# Figure plumbing
-# ----------------------------------------------------------------------------------------------
 
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **kwargs: Any):
@@ -45,7 +40,7 @@ _STAMP: dict[str, str | None] = {"text": None}  # the footer of every saved figu
 
 
 def set_stamp(text: str | None) -> None:
-    """Print `text` (e.g. `reporting.figure_stamp(run, splits, model)`: profile, data, weights) in
+    """Print `text` (e.g. `runs.figure_stamp(run, splits, model)`: profile, data, weights) in
     small grey letters under every figure saved from now on; None: no footer."""
     _STAMP["text"] = text
 
@@ -64,31 +59,22 @@ def save_figure(fig, out_dir: str | Path, name: str, stamp: str | None = None):
     return fig
 
 
-def _p_pos(probs: Any) -> np.ndarray:
-    p = to_numpy(probs).astype(np.float64)
-    return p[:, 1] if p.ndim == 2 else p
-
-
-# ----------------------------------------------------------------------------------------------
-# Training curves
-# ----------------------------------------------------------------------------------------------
-
-
-def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves.png"):
-    """Loss, accuracy/AUC and learning rate per epoch; dashed lines mark where a new `stage` starts."""
+def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves.png", best_epoch: int | None = None):
+    """Loss, accuracy/AUC and learning rate per epoch of a `train.FitResult` (its best epoch marked)
+    or a history DataFrame; dashed lines mark where a new `stage` starts."""
     import pandas as pd
     from matplotlib.ticker import MaxNLocator
 
+    if hasattr(history, "history"):  # a FitResult
+        history, best_epoch = history.history, history.best_epoch if best_epoch is None else best_epoch
     frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(history)
     if frame.empty:
         raise ValueError("history is empty: nothing to plot")
-    x = np.arange(1, len(frame) + 1)  # running epoch count (epochs restart in a second stage)
+    x = np.arange(1, len(frame) + 1)  # running epoch count
     fig, axes = new_figure(1, 3, figsize=(14, 3.8))
-    panels = [
-        (axes[0], "loss", ["train_loss", "val_loss"]),
-        (axes[1], "accuracy / AUC", ["train_accuracy", "val_accuracy", "val_balanced_accuracy", "val_auc"]),
-        (axes[2], "learning rate", ["lr"]),
-    ]
+    panels = [(axes[0], "loss", ["train_loss", "val_loss"]),
+              (axes[1], "accuracy / AUC", ["train_accuracy", "val_accuracy", "val_balanced_accuracy", "val_auc"]),
+              (axes[2], "learning rate", ["lr"])]
     for ax, title, columns in panels:
         for column in columns:
             if column in frame and frame[column].notna().any():
@@ -101,25 +87,38 @@ def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves
             ax.legend(fontsize=8)
     if "lr" in frame and (frame["lr"].astype(float) > 0).all():
         axes[2].set_yscale("log")
-    if "stage" in frame:
-        stages = frame["stage"].astype(str).tolist()
-        for i in range(1, len(stages)):
-            if stages[i] != stages[i - 1]:
-                for ax in axes:
-                    ax.axvline(x[i] - 0.5, color="grey", linestyle="--", linewidth=1)
-                axes[0].annotate(f"stage {stages[i]}", (x[i] - 0.5, 1), xycoords=("data", "axes fraction"),
-                                 xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
-    best = getattr(frame, "attrs", {}).get("best_epoch")
-    if best is not None and "epoch" in frame:
-        rows = np.flatnonzero(frame["epoch"].to_numpy() == best)
+    _mark_stages(axes, frame, x)
+    if best_epoch and "epoch" in frame:
+        rows = np.flatnonzero(frame["epoch"].to_numpy() == best_epoch)
         if len(rows):
             axes[0].axvline(x[rows[-1]], color="green", linestyle=":", linewidth=1, label="best")
     return save_figure(fig, out_dir, name)
 
 
-# ----------------------------------------------------------------------------------------------
-# Confusion matrix, ROC / PR, thresholds
-# ----------------------------------------------------------------------------------------------
+def _mark_stages(axes: Any, frame: Any, x: np.ndarray) -> None:
+    """A dashed line where the `stage` column (if any) changes."""
+    stages = frame["stage"].astype(str).tolist() if "stage" in frame else []
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            for ax in np.ravel(axes):
+                ax.axvline(x[i] - 0.5, color="grey", linestyle="--", linewidth=1)
+
+
+def plot_history_comparison(histories: dict[str, Any], out_dir: str | Path, name: str = "history_comparison.png"):
+    """Validation loss and AUC per epoch, one line per run (`FitResult`s or history DataFrames)."""
+    fig, axes = new_figure(1, 2, figsize=(11, 3.8))
+    for label, history in histories.items():
+        history = getattr(history, "history", history)
+        x = np.arange(1, len(history) + 1)
+        for ax, column in zip(axes, ("val_loss", "val_auc")):
+            if column in history:
+                ax.plot(x, history[column].astype(float), marker="o", markersize=3, label=label)
+        _mark_stages(axes, history, x)
+    for ax, title in zip(axes, ("validation loss", "validation AUC")):
+        ax.set(title=title, xlabel="epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return save_figure(fig, out_dir, name)
 
 
 def _heatmap(ax, matrix: np.ndarray, class_names: Sequence[str], fmt: str, title: str, vmax: float) -> None:
@@ -148,12 +147,7 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Pa
 
 def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "roc_pr.png"):
     """ROC (left) and precision-recall (right) curves: binary -> the positive class; multi-class -> one per class (one-vs-rest)."""
-    from sklearn.metrics import (
-        auc,
-        average_precision_score,
-        precision_recall_curve,
-        roc_curve,
-    )
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
     y = to_numpy(y_true).astype(np.int64)
     p = as_probs(probs)
@@ -180,23 +174,20 @@ def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: st
     return save_figure(fig, out_dir, name)
 
 
-def plot_threshold_sweep(
-    y_true: Any, p_pos: Any, out_dir: str | Path, chosen: float | None = None, name: str = "threshold_sweep.png"
-):
-    """Sensitivity and specificity against the decision threshold; the chosen threshold is marked."""
-    y = to_numpy(y_true).astype(np.int64)
-    p = _p_pos(p_pos)
-    thresholds = np.linspace(0, 1, 201)
-    predicted = p[None, :] >= thresholds[:, None]
-    n_pos, n_neg = max((y == 1).sum(), 1), max((y == 0).sum(), 1)
-    sensitivity = (predicted & (y == 1)).sum(axis=1) / n_pos
-    specificity = (~predicted & (y == 0)).sum(axis=1) / n_neg
+def plot_threshold_sweep(y_true: Any, p_pos: Any, out_dir: str | Path, chosen: float | None = None,
+                         name: str = "threshold_sweep.png"):
+    """Sensitivity and specificity against the threshold on P(positive) (scikit-learn's `roc_curve`)."""
+    from sklearn.metrics import roc_curve
+
+    y, p = to_numpy(y_true).astype(np.int64), to_numpy(p_pos).astype(np.float64)
+    p = p[:, 1] if p.ndim == 2 else p
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    thresholds = np.clip(thresholds, 0, 1)
     fig, ax = new_figure(figsize=(6.5, 4))
-    ax.plot(thresholds, sensitivity, label="sensitivity (recall of positives)")
-    ax.plot(thresholds, specificity, label="specificity (recall of negatives)")
+    ax.step(thresholds, tpr, where="post", label="sensitivity (recall of positives)")
+    ax.step(thresholds, 1 - fpr, where="post", label="specificity (recall of negatives)")
     if chosen is not None:
-        sens = ((p >= chosen) & (y == 1)).sum() / n_pos
-        spec = ((p < chosen) & (y == 0)).sum() / n_neg
+        sens, spec = (p[y == 1] >= chosen).mean(), (p[y == 0] < chosen).mean()
         ax.axvline(chosen, color="black", linestyle="--", linewidth=1,
                    label=f"chosen {chosen:.3f}: sens {sens:.2f}, spec {spec:.2f}")
     ax.set(xlabel="threshold on P(positive)", ylabel="rate", xlim=(0, 1), ylim=(0, 1.02),
@@ -204,11 +195,6 @@ def plot_threshold_sweep(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower center")
     return save_figure(fig, out_dir, name)
-
-
-# ----------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------
 
 
 def to_display(image: Any) -> np.ndarray:
@@ -367,11 +353,6 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
             ax.axis("off")
     fig.suptitle("Grad-CAM: where the evidence for the predicted class is", fontsize=10)
     return save_figure(fig, out_dir, name)
-
-
-# ----------------------------------------------------------------------------------------------
-# Calibration and comparisons
-# ----------------------------------------------------------------------------------------------
 
 
 def plot_reliability(

@@ -24,7 +24,7 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from helpers.datasets import IGNORED_DIRS, DatasetSpec, find_dataset_root, split_class_folders
-from helpers.dicom import DICOM_EXTENSIONS, is_dicom, read_dicom
+from helpers.images import DICOM_EXTENSIONS, display_path, exif_orientation, is_dicom, read_dicom
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS}
 # Image formats a folder may hold that the course does not read: counted as "unsupported format"
@@ -61,20 +61,6 @@ MAX_NEAR_MATCHES = 3
 # When more than this fraction of a dataset is such a crowd (real fundus: 24%; pneumonia: 0), the
 # thumbnails cannot tell its images apart at all: no near pair is reported, only exact ones.
 MAX_CROWDED_FRACTION = 0.05
-
-
-def exif_orientation(image: Image.Image) -> int:
-    """The EXIF orientation of an image (1: as stored; 2-8: to be turned), 1 when unreadable."""
-    try:
-        value = int(image.getexif().get(0x0112, 1))  # ExifTags.Base.Orientation
-    except Exception:  # a broken EXIF block: use the pixels as stored
-        return 1
-    return value if 1 <= value <= 8 else 1
-
-
-def display_path(path: str | Path) -> str:
-    """A path that prints: bytes of a non-UTF-8 name shown as \\x escapes."""
-    return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
 @dataclass

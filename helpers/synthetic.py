@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from helpers.config import project_root
+from helpers.runs import project_root
 
 # Images per class and split. Pneumonia mimics the Kaggle training folder (train/ only, about
 # 1 NORMAL : 2.5 PNEUMONIA, several images per patient); the others provide all three splits.

@@ -36,10 +36,7 @@ def rot90(x: torch.Tensor) -> torch.Tensor:
 
 
 def _affine(x: torch.Tensor, degrees: float = 0.0, shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
-    """Rotate by `degrees` and shift by `shift` = (dx, dy) as fractions of the width/height.
-
-    Pixels that come in from outside the image repeat the border (no black corners).
-    """
+    """Rotate by `degrees`, shift by (dx, dy) fractions of the size; the border repeats (no black corners)."""
     theta = math.radians(degrees)
     cos, sin = math.cos(theta), math.sin(theta)
     # affine_grid works in [-1, 1] coordinates, so a shift of 0.05 of the width is 0.1 there

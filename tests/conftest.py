@@ -62,7 +62,7 @@ def tiny_bundle(tmp_path_factory):
     random weights, a Mahalanobis guard whose threshold (-1e9) accepts everything."""
     import numpy as np
 
-    from helpers.bundle import save_bundle
+    from app.bundle import save_bundle
     from helpers.models import build_model
     from helpers.ood import fit_mahalanobis
 
@@ -76,3 +76,29 @@ def tiny_bundle(tmp_path_factory):
                 ood={"method": "mahalanobis", "threshold": -1e9, "keep_fraction": 0.95, "params": params},
                 metrics={"test_auc": np.float64(0.5)})
     return model, path
+
+
+# Offline ImageNet MobileNetV2: TensorFlow Lite file beside the project ($COURSE_SHARED_WEIGHTS moves it).
+SHARED_WEIGHTS = Path(os.environ.get("COURSE_SHARED_WEIGHTS", ROOT.parent / "shared" / "weights"))
+SHARED_TFLITE = SHARED_WEIGHTS / "mobilenet_v2_1.0_224_quant.tflite"
+
+
+@pytest.fixture(scope="session")
+def converted_weights(tmp_path_factory) -> Path:
+    """tools/convert_tflite_weights.py run once per session into a temporary folder: the weights
+    file's path (calibrated on 120 of the shared pneumonia X-rays when present). Skips without the .tflite."""
+    if not SHARED_TFLITE.is_file():
+        pytest.skip(f"offline weights not present at {SHARED_TFLITE}")
+    from tools.convert_tflite_weights import convert
+
+    out = tmp_path_factory.mktemp("weights") / "mobilenet_v2_imagenet.pt"
+    xrays = SHARED_WEIGHTS.parent / "data" / "chest_xray_pneumonia_224" / "train"
+    convert(SHARED_TFLITE, out, calibration_dir=xrays if xrays.is_dir() else None, n_images=120)
+    return out
+
+
+@pytest.fixture()
+def offline_weights_dir(converted_weights, monkeypatch) -> Path:
+    """$COURSE_WEIGHTS_DIR pointing at the converted file's folder, for this test."""
+    monkeypatch.setenv("COURSE_WEIGHTS_DIR", str(converted_weights.parent))
+    return converted_weights.parent

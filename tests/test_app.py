@@ -1,6 +1,6 @@
 """The Streamlit app, headless: AppTest for the page logic, and one real browser screenshot.
 
-AppTest (streamlit.testing.v1) runs app/streamlit_app.py in-process, so `helpers.bundle` can be
+AppTest (streamlit.testing.v1) runs app/streamlit_app.py in-process, so `app.bundle` can be
 monkeypatched (the default model path points into tmp_path: a model saved in assets/ by a real
 notebook run must not change what these tests see). The browser test starts `streamlit run` on
 a free port and takes a screenshot with headless Chromium; it is skipped when Chromium is absent.
@@ -24,7 +24,8 @@ import torch
 from PIL import Image
 
 from conftest import ROOT
-from helpers import bundle, ood, serve
+from app import bundle, serve
+from helpers import ood
 from helpers.models import build_model
 
 APP = ROOT / "app" / "streamlit_app.py"

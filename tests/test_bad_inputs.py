@@ -22,8 +22,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import bundle, config, data, datasets, serve
-from helpers.bundle import BUNDLE_FORMAT  # by name: _bundle() has a local variable `bundle`
+from app import bundle, serve
+from app.bundle import BUNDLE_FORMAT  # by name: _bundle() has a local variable `bundle`
+from helpers import data, datasets, runs
 from helpers.loading import cache_images, load_image
 from helpers.synthetic import make_synthetic_dataset
 
@@ -321,7 +322,7 @@ def _run_read_only_output_dir(tmp, mp):
     folder.chmod(0o555)
     if os.access(folder, os.W_OK):  # root ignores the permission bits
         folder = Path("/sys/kernel")
-    return config.start_run("nb", "smoke", output_dir=str(folder))
+    return runs.start_run("nb", "smoke", output_dir=str(folder))
 
 
 CASES = [
@@ -367,16 +368,16 @@ CASES = [
          lambda tmp, mp: _same_pixels_in_training_and_app(tmp, _rgba().convert("LA")),
          check=_check_same, id="la-png"),
     # ------------------------------------------------------------------ parameters
-    Case("parameters", "IMAGE_SIZE = 0", lambda tmp, mp: config.apply_profile("smoke", image_size=0),
+    Case("parameters", "IMAGE_SIZE = 0", lambda tmp, mp: runs.apply_profile("smoke", image_size=0),
          ValueError, r"IMAGE_SIZE must be a positive whole number, got 0", id="image-size-0"),
-    Case("parameters", "BATCH_SIZE = -4", lambda tmp, mp: config.apply_profile("cpu", batch_size=-4),
+    Case("parameters", "BATCH_SIZE = -4", lambda tmp, mp: runs.apply_profile("cpu", batch_size=-4),
          ValueError, r"BATCH_SIZE must be a positive whole number, got -4", id="batch-size-negative"),
     Case("parameters", "EPOCHS = 0 (start_run)",
-         lambda tmp, mp: config.start_run("nb", "smoke", output_dir=str(tmp), epochs=0),
+         lambda tmp, mp: runs.start_run("nb", "smoke", output_dir=str(tmp), epochs=0),
          ValueError, r"EPOCHS must be a positive whole number, got 0", id="epochs-0"),
-    Case("parameters", "EPOCHS = 2.5", lambda tmp, mp: config.apply_profile("full", epochs=2.5),
+    Case("parameters", "EPOCHS = 2.5", lambda tmp, mp: runs.apply_profile("full", epochs=2.5),
          ValueError, r"EPOCHS must be a positive whole number, got 2.5", id="epochs-float"),
-    Case("parameters", "MAX_PER_CLASS = 0", lambda tmp, mp: config.apply_profile("cpu", max_per_class=0),
+    Case("parameters", "MAX_PER_CLASS = 0", lambda tmp, mp: runs.apply_profile("cpu", max_per_class=0),
          ValueError, r"MAX_PER_CLASS must be a positive whole number", id="max-per-class-0"),
     # ------------------------------------------------------------------ model files
     Case("model files", "bundle with an unknown arch", lambda tmp, mp: bundle.load_bundle(_bundle(tmp, arch="no_such_net")),
@@ -417,14 +418,14 @@ CASES = [
     Case("uploads", "image of 20 x 20 pixels", lambda tmp, mp: serve.read_upload(_png(Image.new("L", (20, 20)))),
          serve.UploadError, r"only 20 x 20 pixels", id="upload-tiny"),
     # ------------------------------------------------------------------ parameters checked in start_run (issue 17.8)
-    Case("parameters", "SEED = None", lambda tmp, mp: config.start_run("nb", "smoke", seed=None, output_dir=str(tmp)),
+    Case("parameters", "SEED = None", lambda tmp, mp: runs.start_run("nb", "smoke", seed=None, output_dir=str(tmp)),
          ValueError, r"SEED must be a whole number, got None: set SEED = 42", id="seed-none"),
-    Case("parameters", 'SEED = "42"', lambda tmp, mp: config.start_run("nb", "smoke", seed="42", output_dir=str(tmp)),
+    Case("parameters", 'SEED = "42"', lambda tmp, mp: runs.start_run("nb", "smoke", seed="42", output_dir=str(tmp)),
          ValueError, r"SEED must be a whole number, got '42'", id="seed-text"),
     Case("parameters", "read-only OUTPUT_DIR (found in start_run, before training)", _run_read_only_output_dir,
          PermissionError, r"OUTPUT_DIR .* cannot be written to .*Set OUTPUT_DIR to a folder you may write to",
          id="output-dir-read-only"),
-    Case("parameters", "OUTPUT_DIR below a file", lambda tmp, mp: config.start_run(
+    Case("parameters", "OUTPUT_DIR below a file", lambda tmp, mp: runs.start_run(
          "nb", "smoke", output_dir=str(_write(tmp / "a_file", b"x") / "out")),
          PermissionError, r"OUTPUT_DIR .*a_file/out' cannot be written to", id="output-dir-under-file"),
 ]

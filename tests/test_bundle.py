@@ -1,11 +1,11 @@
-"""helpers.bundle: the app's model file round trip, refusing other files, and finding the model."""
+"""app.bundle: the app's model file round trip, refusing other files, and finding the model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from helpers.bundle import BUNDLE_FORMAT, MODEL_PATH_ENV, MODEL_URL_ENV, BundleError, load_bundle, locate_model
+from app.bundle import BUNDLE_FORMAT, MODEL_PATH_ENV, MODEL_URL_ENV, BundleError, load_bundle, locate_model
 
 
 def test_bundle_round_trip(tiny_bundle):

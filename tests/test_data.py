@@ -1,4 +1,4 @@
-"""helpers.data / helpers.loading / helpers.synthetic / helpers.config: behaviour tests."""
+"""helpers.data / helpers.loading / helpers.synthetic / helpers.runs: behaviour tests."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
-from torch.utils.data import DataLoader
 
-from helpers import config, data, datasets, loading, losses, synthetic
+from helpers import data, datasets, loading, losses, runs, synthetic
 from helpers.augment import BatchAugment
-from helpers.loading import ImageFileDataset, TensorLoader, cache_images, pil_transforms
+from helpers.images import load_image
+from helpers.loading import TensorLoader, cache_images
 
 PATIENT_PATTERN = re.compile(r"^(person\d+|(NORMAL\d*-)?IM-\d+)$")
 
@@ -25,17 +25,17 @@ PATIENT_PATTERN = re.compile(r"^(person\d+|(NORMAL\d*-)?IM-\d+)$")
 # ----------------------------------------------------------------------------- profiles
 
 def test_profiles_resolve_and_override():
-    smoke = config.apply_profile("smoke", recipe_epochs=12)
-    full = config.apply_profile("full", recipe_epochs=12, batch_size=64, image_size=None)
+    smoke = runs.apply_profile("smoke", recipe_epochs=12)
+    full = runs.apply_profile("full", recipe_epochs=12, batch_size=64, image_size=None)
     assert (smoke.epochs, smoke.pretrained, smoke.image_size) == (1, False, 64)
     assert (full.epochs, full.batch_size, full.image_size, full.amp) == (12, 64, 224, True)
 
 
 def test_unknown_profile_is_a_clear_error():
     with pytest.raises(ValueError, match="smoke.*cpu.*full"):
-        config.apply_profile("fast")
+        runs.apply_profile("fast")
     with pytest.raises(TypeError, match="image_size"):
-        config.apply_profile("smoke", img_size=32)
+        runs.apply_profile("smoke", img_size=32)
 
 
 # ----------------------------------------------------------------------------- patient ids
@@ -314,14 +314,14 @@ def test_tiny_cnn_learns_each_synthetic_task(name, synthetic_root):
 
 # ----------------------------------------------------------------------------- loading
 
-def test_tensor_cache_matches_per_image_path(synthetic_root, tmp_path):
+def test_tensor_cache_holds_each_file_read_and_normalised(synthetic_root, tmp_path):
     splits = data.load_splits("pneumonia", synthetic_root("pneumonia"))
     frame = splits.test
     fast = TensorLoader(cache_images(frame, 40), frame["label"], batch_size=8)
-    slow = DataLoader(ImageFileDataset(frame, pil_transforms(40, train=False)), batch_size=8)
-    for (xf, yf), (xs, ys) in zip(fast, slow):
-        assert torch.equal(yf, ys)
-        assert torch.allclose(xf, xs, atol=1e-5)
+    x = torch.cat([xb for xb, _ in fast])
+    per_image = torch.stack([load_image(p, 40) for p in frame["path"]])
+    assert torch.allclose(x, loading.normalize(per_image), atol=1e-5)
+    assert torch.equal(torch.cat([yb for _, yb in fast]), torch.tensor(frame["label"].to_numpy()))
     # Persisted next to the data and loaded back identically.
     first = cache_images(frame, 40, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("*.pt"))) == 1
@@ -361,11 +361,6 @@ def test_strong_augmentation_touches_only_the_named_classes():
 
 def test_weighted_sampler_batches_are_balanced():
     labels = torch.tensor([0] * 90 + [1] * 10)
-    sampler = loading.make_weighted_sampler(labels, seed=0)
-    drawn = labels[torch.tensor(list(sampler))]
-    draws = torch.cat([labels[torch.tensor(list(sampler))] for _ in range(50)])
-    assert abs(draws.float().mean().item() - 0.5) < 0.03
-    assert len(drawn) == 100
     loader = TensorLoader(torch.zeros(100, 3, 4, 4, dtype=torch.uint8), labels, batch_size=20,
                           sample_weights=loading.weighted_sampler_weights(labels), seed=0)
     shares = [y.float().mean().item() for _ in range(30) for _, y in loader]
@@ -381,22 +376,21 @@ def test_class_weights_and_pos_weight():
         losses.class_weights([0, 0, 2], 3)
 
 
-def test_make_loaders_fast_and_slow_paths_agree_on_eval_splits(synthetic_root):
+def test_make_loaders_serve_every_image_of_each_split(synthetic_root):
     splits = data.load_splits("fundus", synthetic_root("fundus"), max_per_class=6)
-    fast = loading.make_loaders(splits, 32, 4, fast=True)
-    slow = loading.make_loaders(splits, 32, 4, fast=False)
+    fast = loading.make_loaders(splits, 32, 4)
     xf = torch.cat([x for x, _ in fast["val"]])
-    xs = torch.cat([x for x, _ in slow["val"]])
-    assert torch.allclose(xf, xs, atol=1e-5)
+    expected = loading.normalize(torch.stack([load_image(p, 32) for p in splits.val["path"]]))
+    assert torch.allclose(xf, expected, atol=1e-5)
     assert sum(len(y) for _, y in fast["train"]) == len(splits.train)
     assert fast["train"].images.shape[0] == len(splits.train)
 
 
-def test_config_output_dir(tmp_path, monkeypatch):
-    assert config.output_dir_for("00_x", tmp_path / "o") == tmp_path / "o"
+def test_start_run_output_dir(tmp_path, monkeypatch):
+    assert runs.start_run("00_x", "smoke", output_dir=tmp_path / "o").out_dir == tmp_path / "o"
     assert (tmp_path / "o").is_dir()
-    monkeypatch.setattr(config, "project_root", lambda: tmp_path)
-    assert config.output_dir_for("00_x") == tmp_path / "assets" / "00_x"
+    monkeypatch.setattr(runs, "project_root", lambda: tmp_path)
+    assert runs.start_run("00_x", "smoke").out_dir == tmp_path / "assets" / "00_x"
     assert (tmp_path / "assets" / "00_x").is_dir()
 
 
@@ -419,21 +413,21 @@ def test_subsample_keeps_the_class_balance_of_each_split():
      "kaggle:pkdarabi/diagnosis-of-diabetic-retinopathy/data"),
 ])
 def test_portable_data_dir_names_kaggle_data_by_handle(given, expected):
-    assert config.portable_data_dir(given) == expected
+    assert runs.portable_data_dir(given) == expected
 
 
 def test_portable_data_dir_is_relative_to_the_course():
-    root = config.project_root()
-    assert config.portable_data_dir(root / "data" / "synthetic" / "x") == "data/synthetic/x"
+    root = runs.project_root()
+    assert runs.portable_data_dir(root / "data" / "synthetic" / "x") == "data/synthetic/x"
     shared = root.parent / "shared" / "data" / "chest_xray_pneumonia_224"
-    assert config.portable_data_dir(shared) == "../shared/data/chest_xray_pneumonia_224"
+    assert runs.portable_data_dir(shared) == "../shared/data/chest_xray_pneumonia_224"
 
 
 def test_portable_data_dir_resolves_a_folder_relative_to_the_working_directory(tmp_path, monkeypatch):
-    root = config.project_root()
+    root = runs.project_root()
     (root / "data").mkdir(exist_ok=True)
     monkeypatch.chdir(root / "data")  # like a notebook run from notebooks/ with DATA_DIR="../data"
-    assert config.portable_data_dir("../data") == "data"
+    assert runs.portable_data_dir("../data") == "data"
 
 
 def test_subsample_keeps_a_provided_test_split_whole(tmp_path):

@@ -16,8 +16,10 @@ from helpers.models import (
     build_model,
     count_parameters,
     gradcam_target_layer,
+    freeze_backbone,
     set_trainable,
     train_mode,
+    unfreeze,
     vit_tokens_to_map,
 )
 
@@ -168,6 +170,16 @@ def test_gradcam_target_layer_gives_activations_and_gradients(arch: str) -> None
         act = vit_tokens_to_map(act)
         assert act.shape == (2, 768, SIZE // 16, SIZE // 16)
     assert act.ndim == 4 and seen["grad"].abs().sum() > 0
+
+
+def test_freeze_backbone_and_unfreeze() -> None:
+    model = build_model("resnet18", 2, pretrained=False)
+    freeze_backbone(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    train_mode(model)
+    assert not model.bn1.training and model.fc.training  # frozen BatchNorm keeps its statistics
+    unfreeze(model)
+    assert all(p.requires_grad for p in model.parameters()) and model.freeze == "none"
 
 
 def test_train_mode_keeps_frozen_parts_in_eval() -> None:

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from helpers import reporting
+from coursebuild import records
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SCHEMA_KEYS = {"notebook", "profile", "dataset", "data_dir", "model", "pretrained", "image_size",
@@ -74,7 +74,7 @@ def _check_outputs(notebook: Path, metrics: dict, out_dir: Path) -> None:
         assert path.exists() and path.stat().st_size > 1000, f"missing or empty figure {name}"
         Image.open(path).verify()
     assert metrics.get("run_id") and metrics.get("started_at"), "metrics.json should name its run"
-    problems = reporting.output_problems(out_dir, metrics)
+    problems = records.output_problems(out_dir, metrics)
     assert not problems, f"{notebook.name}: outputs that do not belong to its run: {problems}"
 
 

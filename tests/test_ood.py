@@ -33,6 +33,10 @@ def test_mahalanobis_scores_far_points_lower():
     assert near_s.min() > far_s.max()
     assert ood.ood_auroc(near_s, far_s) == 1.0
     assert ood.ood_auroc(far_s, near_s) == 0.0  # the direction matters
+    mixed = rng.normal(0, 1, 30)
+    from sklearn.metrics import roc_auc_score
+    assert ood.ood_auroc(near_s, mixed) == pytest.approx(
+        roc_auc_score(np.r_[np.zeros(20), np.ones(30)], -np.r_[near_s, mixed]))
 
 
 def test_threshold_keeps_the_requested_share():

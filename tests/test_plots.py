@@ -169,10 +169,11 @@ def test_plot_history(tmp_path) -> None:
         "val_balanced_accuracy": [0.5, 0.58, 0.64, 0.69, 0.7], "val_auc": [0.6, 0.7, 0.75, 0.8, 0.79],
         "lr": [1e-3, 1e-3, 1e-5, 1e-5, 5e-6],
     })
-    history.attrs["best_epoch"] = 2
-    fig = plots.plot_history(history, tmp_path / "new_dir")
+    fig = plots.plot_history(history, tmp_path / "new_dir", best_epoch=2)
     assert_png(tmp_path / "new_dir" / "training_curves.png")
     assert len(fig.axes) == 3
+    fig = plots.plot_history_comparison({"a": history, "b": history.assign(val_auc=0.5)}, tmp_path, "cmp.png")
+    assert_png(tmp_path / "cmp.png") and len(fig.axes) == 2
 
 
 def _annotations(ax) -> np.ndarray:
@@ -309,12 +310,12 @@ def test_figures_are_not_kept_by_pyplot(tmp_path, binary_case) -> None:
 
 
 def test_sample_grid_shows_a_16_bit_xray_as_training_reads_it(tmp_path, monkeypatch):
-    """A 12-bit X-ray in a 16-bit PNG is shown scaled (as `loading.read_image` gives it), not clipped white."""
+    """A 12-bit X-ray in a 16-bit PNG is shown scaled (as `images.read_image` gives it), not clipped white."""
     import matplotlib.axes
     import pandas as pd
     from PIL import Image
 
-    from helpers.loading import read_image
+    from helpers.images import read_image
 
     path = tmp_path / "xray16.png"
     Image.fromarray(np.tile(np.linspace(0, 4095, 60), (40, 1)).astype(np.uint16)).save(path)

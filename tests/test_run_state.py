@@ -1,7 +1,7 @@
 """No stale state survives a new run (issue 17, item 6): every run has an id and a start time, its
 metrics.json names them and lists its figures, `start_run` moves an earlier run's outputs aside,
 metrics.json is written atomically, and the readers (RESULTS via `coursebuild`, notebook 07's
-course table via `reporting.results_table`) flag folders and tables that mix runs.
+course table via `coursebuild.records.results_table`) flag folders and tables that mix runs.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from coursebuild import results, run_all
-from helpers import config, reporting
+from coursebuild import records, results, run_all
+from helpers import runs
 
 PNG = bytes.fromhex(
     "89504e470d0a1a0a0000000d49484452000000010000000108020000009077"
@@ -37,17 +37,17 @@ def _old_run(folder: Path, notebook: str, profile: str = "cpu", figures=("roc.pn
     return record
 
 
-def _run(folder: Path, notebook: str = "04_x") -> config.Run:
-    return config.Run(notebook, config.apply_profile("smoke"), None, folder, torch.device("cpu"), 42)
+def _run(folder: Path, notebook: str = "04_x") -> runs.Run:
+    return runs.Run(notebook, runs.apply_profile("smoke"), None, folder, torch.device("cpu"), 42)
 
 
 def test_every_run_has_its_own_id_and_start_time(tmp_path):
-    first = config.start_run("04_x", "smoke", output_dir=str(tmp_path / "a"))
-    second = config.start_run("04_x", "smoke", output_dir=str(tmp_path / "b"))
+    first = runs.start_run("04_x", "smoke", output_dir=str(tmp_path / "a"))
+    second = runs.start_run("04_x", "smoke", output_dir=str(tmp_path / "b"))
     assert first.run_id != second.run_id and first.run_id.startswith(first.started_at[:4])
     assert first.metrics_path == tmp_path / "a" / "metrics.json"
-    record = reporting.write_metrics(first, None, dataset="pneumonia", model="m", pretrained=False,
-                                     figures=["roc.png"])
+    record = runs.save_metrics(first, None, dataset="pneumonia", model="m", pretrained=False,
+                               figures=["roc.png"])
     assert record["run_id"] == first.run_id and record["started_at"] == first.started_at
     assert record["figures"] == ["roc.png"]
 
@@ -56,7 +56,7 @@ def test_start_run_moves_an_earlier_runs_outputs_aside(tmp_path):
     out = tmp_path / "assets" / "04_x"
     _old_run(out, "04_x", figures=("roc.png", "gradcam.png"))
     (out / "notes.txt").write_text("mine")  # not an output of a run: stays
-    config.start_run("04_x", "smoke", output_dir=str(out))
+    runs.start_run("04_x", "smoke", output_dir=str(out))
     assert sorted(p.name for p in out.iterdir()) == [".previous_run", "notes.txt"]
     assert sorted(p.name for p in (out / ".previous_run").iterdir()) == ["gradcam.png", "metrics.json", "roc.png"]
 
@@ -65,8 +65,8 @@ def test_a_run_stopped_half_way_leaves_no_old_metrics_beside_its_figures(tmp_pat
     assets = tmp_path / "assets"
     _old_run(assets / "04_x", "04_x", profile="cpu")
     _old_run(assets / "01_done", "01_done", profile="smoke", run_id="r1", started_at="2026-12-01T00:00:00+00:00")
-    run = config.start_run("04_x", "smoke", output_dir=str(assets / "04_x"))
-    (run.out_dir / "roc.png").write_bytes(PNG)  # a new figure; then the run dies before write_metrics
+    run = runs.start_run("04_x", "smoke", output_dir=str(assets / "04_x"))
+    (run.out_dir / "roc.png").write_bytes(PNG)  # a new figure; then the run dies before save_metrics
     assert not (assets / "04_x" / "metrics.json").exists()
     text = results.collect_assets(assets).read_text()
     assert "01_done" in text and "04_x" not in text
@@ -74,7 +74,7 @@ def test_a_run_stopped_half_way_leaves_no_old_metrics_beside_its_figures(tmp_pat
 
 def test_metrics_json_is_replaced_atomically(tmp_path, monkeypatch):
     run = _run(tmp_path)
-    reporting.write_metrics(run, None, dataset="pneumonia", model="first", pretrained=False)
+    runs.save_metrics(run, None, dataset="pneumonia", model="first", pretrained=False)
     real_write_text = Path.write_text
 
     def dies_half_way(self, text, *args, **kwargs):
@@ -83,7 +83,7 @@ def test_metrics_json_is_replaced_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", dies_half_way)
     with pytest.raises(OSError, match="disk full"):
-        reporting.write_metrics(run, None, dataset="pneumonia", model="second", pretrained=False)
+        runs.save_metrics(run, None, dataset="pneumonia", model="second", pretrained=False)
     monkeypatch.undo()
     assert json.loads((tmp_path / "metrics.json").read_text())["model"] == "first"
 
@@ -91,12 +91,12 @@ def test_metrics_json_is_replaced_atomically(tmp_path, monkeypatch):
 def test_figures_that_metrics_json_does_not_list_are_flagged(tmp_path):
     folder = tmp_path / "04_x"
     _old_run(folder, "04_x", run_id="r1", started_at="2026-12-01T00:00:00+00:00")
-    assert reporting.output_problems(folder) == []
+    assert records.output_problems(folder) == []
     (folder / "errors.png").write_bytes(PNG)  # from another run
     (folder / "roc.png").unlink()
-    assert reporting.output_problems(folder) == ["listed figures missing: roc.png",
+    assert records.output_problems(folder) == ["listed figures missing: roc.png",
                                                  "figures not from this run: errors.png"]
-    row = reporting.results_table([folder]).iloc[0]
+    row = records.results_table([folder]).iloc[0]
     assert "figures not from this run: errors.png" in row["check"] and row["run_id"] == "r1"
 
 
@@ -116,7 +116,7 @@ def test_the_course_table_tells_two_runs_of_one_notebook_apart(tmp_path):
     """Notebook 07 reads assets/ and the folder beside its OUTPUT_DIR: the same notebook twice."""
     _old_run(tmp_path / "assets" / "04_x", "04_x", run_id="r1", started_at="2026-11-22T10:00:00+00:00")
     _old_run(tmp_path / "smoke" / "04_x", "04_x", run_id="r2", started_at="2026-12-02T06:00:00+00:00")
-    table = reporting.results_table([tmp_path / "assets" / "04_x", tmp_path / "smoke" / "04_x"], headline=True)
+    table = records.results_table([tmp_path / "assets" / "04_x", tmp_path / "smoke" / "04_x"], headline=True)
     assert table["run_id"].tolist() == ["r1", "r2"]
     assert table["started_at"].nunique() == 2
     assert all("2 runs of this notebook" in check for check in table["check"])
@@ -124,7 +124,7 @@ def test_the_course_table_tells_two_runs_of_one_notebook_apart(tmp_path):
 
 def test_metrics_from_before_run_ids_are_flagged(tmp_path):
     _old_run(tmp_path / "04_x", "04_x")
-    assert reporting.output_problems(tmp_path / "04_x") == ["no run id (written before runs had ids)"]
+    assert records.output_problems(tmp_path / "04_x") == ["no run id (written before runs had ids)"]
 
 
 def test_freshness_reads_the_run_start_recorded_in_metrics_json(tmp_path):
@@ -133,16 +133,16 @@ def test_freshness_reads_the_run_start_recorded_in_metrics_json(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"profile": "smoke", "started_at": "2026-12-01T00:00:00+00:00"}))
     since = dt.datetime(2026, 12, 2, tzinfo=dt.timezone.utc)
-    assert config.read_fresh_metrics(path, since) is None  # written now, but by a run that started before
-    assert config.read_fresh_metrics(path, since - dt.timedelta(days=2)) is not None
-    assert config.read_fresh_metrics(path, since - dt.timedelta(days=2), profile="cpu") is None
+    assert records.read_fresh_metrics(path, since) is None  # written now, but by a run that started before
+    assert records.read_fresh_metrics(path, since - dt.timedelta(days=2)) is not None
+    assert records.read_fresh_metrics(path, since - dt.timedelta(days=2), profile="cpu") is None
 
 
 FAILING_BODY = f"""\
-from helpers.config import start_run
+from helpers.runs import start_run
 run = start_run("04_fails", PROFILE, output_dir=OUTPUT_DIR)
 (run.out_dir / "training_curves.png").write_bytes(bytes.fromhex("{PNG.hex()}"))
-raise RuntimeError("killed half-way, before write_metrics")
+raise RuntimeError("killed half-way, before save_metrics")
 """
 
 

@@ -1,4 +1,4 @@
-"""helpers.serve: upload validation and the app's prediction path from uploaded bytes to an answer."""
+"""app.serve: upload validation and the app's prediction path from uploaded bytes to an answer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import bundle, serve
+from app import bundle, serve
 
 
 def _encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

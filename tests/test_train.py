@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import numpy as np
@@ -13,15 +12,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import feature_cache
 from helpers import models as models_mod
 from helpers import train as train_mod
 from helpers.core import logits_to_probs, pick_device, seed_everything
-from helpers.feature_cache import extract_features
 from helpers.loading import TensorLoader
 from helpers.losses import make_criterion
-from helpers.models import build_model, head_parameters
-from helpers.train import HISTORY_COLUMNS, fit, fit_head_only, fit_two_stage
+from helpers.models import build_model, freeze_backbone, head_parameters, unfreeze
+from helpers.train import (HISTORY_COLUMNS, FitResult, evaluate_loss, extract_features, feature_loader_like, fit,
+                           fit_head_only, train_one_epoch)
 
 SIZE = 32
 
@@ -135,19 +133,22 @@ def test_fit_learns_a_simple_problem() -> None:
     x, y = squares(64, seed=0)
     xv, yv = squares(32, seed=1)
     model = tiny_cnn()
-    history = fit(
+    result = fit(
         model, loader(x, y, 16, shuffle=True), loader(xv, yv, 16),
         epochs=6, criterion=make_criterion("ce"), optimizer=adamw(model.parameters(), 5e-2), monitor="val_loss",
         progress=False,
     )
+    assert isinstance(result, FitResult) and result.monitor == "val_loss" and result.feature_seconds == 0.0
+    history = result.history
     assert list(history.columns) == HISTORY_COLUMNS
     assert history["epoch"].tolist() == [1, 2, 3, 4, 5, 6]
     assert history["train_loss"].iloc[-1] < 0.7 * history["train_loss"].iloc[0]
     assert history["train_accuracy"].iloc[-1] >= 0.9
-    best = history.iloc[history.attrs["best_epoch"] - 1]
+    best = history.iloc[result.best_epoch - 1]
     assert best["val_balanced_accuracy"] >= 0.9 and best["val_auc"] >= 0.95
+    assert best["val_loss"] == result.best_value and not history.attrs
     assert (history["images_per_second"] > 0).all() and (history["seconds"] > 0).all()
-    assert history.attrs["train_seconds"] >= history["seconds"].sum() * 0.99
+    assert result.train_seconds >= history["seconds"].sum() * 0.99 and result.images_per_second > 0
 
 
 def flipped_problem() -> tuple[DataLoader, DataLoader, torch.Tensor, torch.Tensor]:
@@ -161,11 +162,11 @@ def test_fit_restores_the_best_checkpoint(tmp_path) -> None:
     train_dl, val_dl, xv, yv = flipped_problem()
     model = tiny_cnn()
     path = tmp_path / "best.pt"
-    history = fit(
+    result = fit(
         model, train_dl, val_dl, epochs=5, criterion=make_criterion("ce"), optimizer=adamw(model.parameters(), 3e-2),
         monitor="val_loss", checkpoint_path=path, progress=False,
     )
-    best_epoch = history.attrs["best_epoch"]
+    history, best_epoch = result.history, result.best_epoch
     assert best_epoch == int(history["val_loss"].idxmin()) + 1
     assert best_epoch < len(history), "the construction should make a later epoch worse"
     assert history["val_loss"].iloc[-1] > history["val_loss"].min() + 1e-3
@@ -185,21 +186,18 @@ def test_fit_monitor_auc_and_plateau() -> None:
     seed_everything(0)
     train_dl, val_dl, _, _ = flipped_problem()
     model = tiny_cnn()
-    history = fit(
+    result = fit(
         model, train_dl, val_dl, epochs=8, criterion=make_criterion("ce"), optimizer=adamw(model.parameters(), 3e-2),
         monitor="val_auc", scheduler="plateau", progress=False,
     )
-    best_epoch = history.attrs["best_epoch"]
+    history, best_epoch = result.history, result.best_epoch
     assert best_epoch == int(history["val_auc"].idxmax()) + 1 and len(history) == 8
     lrs = history["lr"].to_numpy()
     assert (np.diff(lrs) <= 0).all() and lrs[-1] < lrs[0]  # the plateau schedule lowered the rate
 
 
-def test_fit_reads_like_the_loop_it_is() -> None:
-    """At most 12 parameters, no `stage`; no BatchNorm estimation hidden inside (an explicit call)."""
-    parameters = inspect.signature(fit).parameters
-    assert len(parameters) <= 12 and "stage" not in parameters and "device" not in parameters
-    assert "estimate_frozen_batchnorm" not in inspect.getsource(fit)
+def test_fit_leaves_frozen_batchnorm_alone() -> None:
+    """No BatchNorm estimation hidden inside fit: estimate_frozen_batchnorm is an explicit call."""
     seed_everything(0)
     x, y = squares(16, seed=9)
     model = build_model("mobilenet_v2", 2, pretrained=False, freeze="head")
@@ -219,7 +217,7 @@ def test_fit_cosine_schedule_and_bce_one_logit() -> None:
     history = fit(
         model, loader(x, y, 8), loader(x, y, 8), epochs=4, optimizer=adamw(model.parameters(), 1e-2), scheduler="cosine",
         criterion=make_criterion("bce", pos_weight=torch.tensor([2.0])), progress=False,
-    )
+    ).history
     expected = [1e-2 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)]
     np.testing.assert_allclose(history["lr"].to_numpy(), expected, rtol=1e-6)
     assert history["val_auc"].notna().all()
@@ -239,58 +237,49 @@ def _with_batchnorm_statistics(model: nn.Module) -> nn.Module:
     return model
 
 
-def test_fit_two_stage_changes_trainable_sets(monkeypatch) -> None:
+def test_train_one_epoch_is_the_plain_loop() -> None:
+    """train_one_epoch gives the weights of forward, loss, zero_grad, backward, step written out."""
+    x, y = squares(16, seed=4)
+    torch.manual_seed(0)
+    ours = tiny_cnn()
+    theirs = copy.deepcopy(ours)
+    criterion = make_criterion("ce")
+    opt_a, opt_b = adamw(ours.parameters(), 1e-2), adamw(theirs.parameters(), 1e-2)
+    stats = train_one_epoch(ours, loader(x, y, 8), criterion, opt_a)
+    theirs.train()
+    losses = []
+    for xb, yb in loader(x, y, 8):
+        loss = criterion(theirs(xb), yb)
+        opt_b.zero_grad()
+        loss.backward()
+        opt_b.step()
+        losses.append(loss.item())
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(a, b)
+    assert stats["loss"] == pytest.approx(np.mean(losses)) and stats["images"] == 16
+    val = evaluate_loss(ours, loader(x, y, 8), criterion)
+    assert set(val) == {"loss", "accuracy", "balanced_accuracy", "auc"} and not ours.training
+
+
+def test_two_visible_stages_freeze_then_unfreeze() -> None:
+    """Chapter 04's two fit calls: the head with the backbone frozen, then everything."""
     seed_everything(0)
     x, y = squares(16, seed=4)
     model = _with_batchnorm_statistics(build_model("mobilenet_v2", 1, pretrained=False, head="gap_dropout"))
     backbone_before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("features.")}
-    calls: list[dict] = []
-    real_fit = train_mod.fit
-
-    def spy(model: nn.Module, *args, **kwargs) -> pd.DataFrame:
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        history = real_fit(model, *args, **kwargs)
-        backbone = {k: v for k, v in model.state_dict().items() if k.startswith("features.")}
-        unchanged = all(torch.equal(backbone_before[k], v) for k, v in backbone.items())
-        lr = kwargs["optimizer"].param_groups[0]["lr"]
-        calls.append({"trainable": trainable, "lr": lr, "unchanged": unchanged, "columns": list(history.columns)})
-        return history
-
-    monkeypatch.setattr(train_mod, "fit", spy)
-    history = fit_two_stage(
-        model, loader(x, y, 8, shuffle=True), loader(x, y, 8), stage1_epochs=2, stage2_epochs=1,
-        criterion=make_criterion("bce", pos_weight=torch.tensor([1.5])), scheduler="plateau", progress=False,
-    )
-    all_names = {n for n, _ in model.named_parameters()}
-    assert calls[0]["trainable"] == {"classifier.1.weight", "classifier.1.bias"}
-    assert calls[0]["lr"] == 1e-3 and calls[0]["columns"] == HISTORY_COLUMNS  # fit knows nothing of stages
-    assert calls[0]["unchanged"], "stage 1 must not touch the frozen backbone (weights and BN statistics)"
-    assert calls[1]["trainable"] == all_names
-    assert calls[1]["lr"] == 1e-5
-    assert not calls[1]["unchanged"], "stage 2 trains the backbone"
-    assert list(history.columns) == ["epoch", "stage", *HISTORY_COLUMNS[1:]]
-    assert history["stage"].tolist() == [1, 1, 2]
-    assert history["epoch"].tolist() == [1, 2, 3]
-    assert history.attrs["best_stage"] in (1, 2)
-    with pytest.raises(TypeError, match="optimizer"):
-        fit_two_stage(model, [], [], stage1_epochs=1, stage2_epochs=1, optimizer=None, criterion=None)
-
-
-def test_fit_two_stage_estimates_placeholder_batchnorm_before_stage_1(monkeypatch) -> None:
-    seed_everything(0)
-    x, y = squares(16, seed=4)
-    model = build_model("mobilenet_v2", 2, pretrained=False, head="gap_dropout")  # random init: placeholders
-    placeholders: list[int] = []
-    real_fit = train_mod.fit
-
-    def spy(model: nn.Module, *args, **kwargs) -> pd.DataFrame:
-        placeholders.append(len(models_mod._placeholder_batchnorm(model)))
-        return real_fit(model, *args, **kwargs)
-
-    monkeypatch.setattr(train_mod, "fit", spy)
-    fit_two_stage(model, loader(x, y, 8), None, stage1_epochs=1, stage2_epochs=1, criterion=make_criterion("ce"),
-                  progress=False)
-    assert placeholders == [0, 0], "fit_two_stage calls estimate_frozen_batchnorm itself, before each stage"
+    criterion = make_criterion("bce", pos_weight=torch.tensor([1.5]))
+    freeze_backbone(model)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.1.weight", "classifier.1.bias"}
+    fit(model, loader(x, y, 8, shuffle=True), loader(x, y, 8), epochs=2, criterion=criterion,
+        optimizer=adamw(model.parameters(), 1e-3), progress=False)
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith("features.")}
+    assert all(torch.equal(backbone_before[k], v) for k, v in backbone.items()), "stage 1 leaves the backbone alone"
+    unfreeze(model)
+    assert all(p.requires_grad for p in model.parameters())
+    fit(model, loader(x, y, 8, shuffle=True), loader(x, y, 8), epochs=1, criterion=criterion,
+        optimizer=adamw(model.parameters(), 1e-3), monitor="train_loss", progress=False)
+    backbone = {k: v for k, v in model.state_dict().items() if k.startswith("features.")}
+    assert not all(torch.equal(backbone_before[k], v) for k, v in backbone.items()), "stage 2 trains the backbone"
 
 
 # --------------------------------------------------------------------------- embedding cache
@@ -316,17 +305,17 @@ def test_feature_cache_reaches_the_same_head_as_the_slow_path() -> None:
     kwargs = dict(epochs=3, criterion=make_criterion("ce"), monitor="val_loss", progress=False)
 
     seed_everything(0)
-    slow = fit_head_only(slow_model, loader(x, y, 4, shuffle=True), loader(xv, yv, 4), use_feature_cache=False,
+    slow = fit_head_only(slow_model, loader(x, y, 4), loader(xv, yv, 4), use_feature_cache=False,
                          optimizer=adamw(head_parameters(slow_model), 1e-2), **kwargs)
     seed_everything(0)
-    fast = fit_head_only(fast_model, loader(x, y, 4, shuffle=True), loader(xv, yv, 4), use_feature_cache=True,
+    fast = fit_head_only(fast_model, loader(x, y, 4), loader(xv, yv, 4), use_feature_cache=True,
                          optimizer=adamw(head_parameters(fast_model), 1e-2), **kwargs)
 
-    assert list(fast.columns) == list(slow.columns) == HISTORY_COLUMNS
-    np.testing.assert_allclose(fast["train_loss"], slow["train_loss"], rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(fast["val_loss"], slow["val_loss"], rtol=1e-4, atol=1e-5)
-    assert fast.attrs["best_epoch"] == slow.attrs["best_epoch"]
-    assert fast.attrs["feature_seconds"] > 0
+    assert list(fast.history.columns) == list(slow.history.columns) == HISTORY_COLUMNS
+    np.testing.assert_allclose(fast.history["train_loss"], slow.history["train_loss"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast.history["val_loss"], slow.history["val_loss"], rtol=1e-4, atol=1e-5)
+    assert fast.best_epoch == slow.best_epoch
+    assert fast.feature_seconds > 0 and slow.feature_seconds == 0
     for name, value in slow_model.state_dict().items():
         if name.startswith("fc."):
             torch.testing.assert_close(fast_model.state_dict()[name], value, rtol=1e-4, atol=1e-5)
@@ -368,19 +357,19 @@ def test_feature_cache_with_tensor_loaders_and_augmentation_refusal() -> None:
     assert torch.equal(labels, y), "every image once, in order (no sampling, no dropped last batch)"
 
     features = torch.randn(10, 5)
-    served = feature_cache.feature_loader_like(train_loader, features, y)
+    served = feature_loader_like(train_loader, features, y)
     assert served.batch_size == 4 and served.drop_last and isinstance(served.sampler, torch.utils.data.WeightedRandomSampler)
-    assert not feature_cache.augments(train_loader) and not feature_cache.augments([(features, y)])
+    assert not train_loader.augments
 
     model = build_model("mobilenet_v2", 2, pretrained=False)
     x, _ = squares(10, seed=8)
     batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 10, 4)]  # a plain list works as validation data
     history = fit_head_only(model, train_loader, batches, epochs=2, criterion=make_criterion("ce"),
-                            optimizer=adamw(head_parameters(model), 1e-3), progress=False)
+                            optimizer=adamw(head_parameters(model), 1e-3), progress=False).history
     assert len(history) == 2 and history["val_loss"].notna().all()
 
     for augmenting in (TensorLoader(images, y, augment="light"), TensorLoader(images, y, strong_classes=[0])):
-        assert feature_cache.augments(augmenting)
+        assert augmenting.augments
         with pytest.raises(ValueError, match="augment"):
             fit_head_only(model, augmenting, batches, epochs=1, criterion=make_criterion("ce"),
                           optimizer=adamw(head_parameters(model), 1e-3))

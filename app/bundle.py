@@ -28,22 +28,46 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from helpers import offline_weights
-from helpers.config import project_root
 from helpers.core import as_normalization
 from helpers.datasets import DATASETS
-from helpers.models import build_model, get_head
+from helpers.models import apply_weights_info, build_model, get_head, random_info
 from helpers.ood import OOD_METHODS
-from helpers.reporting import to_jsonable
 
 BUNDLE_FORMAT = "course-model-bundle/1"
 MODEL_PATH_ENV = "COURSE_MODEL_PATH"
 MODEL_URL_ENV = "COURSE_MODEL_URL"
 BUNDLE_NAME = "pneumonia_app_model.pt"
+
+
+def project_root() -> Path:
+    """The course folder: the parent of app/ in a checkout, else the current working directory."""
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "pyproject.toml").exists() else Path.cwd()
+
+
+def to_jsonable(value: Any) -> Any:
+    """numpy/torch values, Paths and tuples as plain JSON types (NaN/inf -> None), recursively."""
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return to_jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if value is None or isinstance(value, str):
+        return value
+    return to_jsonable(value.to_dict()) if hasattr(value, "to_dict") else str(value)
 
 
 def default_model_path() -> Path:
@@ -95,14 +119,14 @@ def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str
 
 def _weights_info(model: nn.Module) -> dict:
     """Where the weights came from, their padding and the input normalisation they need."""
-    info = dict(getattr(model, "weights_info", None) or offline_weights.random_info())
+    info = dict(getattr(model, "weights_info", None) or random_info())
     mean, std = as_normalization(model)
     return to_jsonable({**info, "input_mean": list(mean), "input_std": list(std),
                         "padding": info.get("padding", "torchvision")})
 
 
 def _ood_block(ood: dict) -> dict:
-    """The OOD settings as plain values (`reporting.to_jsonable`), their fitted `params` as CPU
+    """The OOD settings as plain values (`to_jsonable`), their fitted `params` as CPU
     tensors, so the bundle loads with weights_only=True."""
     block = to_jsonable({k: v for k, v in ood.items() if k != "params"})
     if "params" in ood:
@@ -232,7 +256,7 @@ def metadata_problems(meta: dict, feature_width: int | None = None) -> list[str]
 def _refused(path: Path, problems: list[str]) -> BundleError:
     return BundleError(f"The model file {path} cannot be used: its metadata is wrong, so the app would "
                        "give wrong answers with it: " + "; ".join(problems) + ". Save the bundle again "
-                       "from notebook 08 (helpers.bundle.save_bundle records these fields from the training "
+                       "from notebook 08 (app.bundle.save_bundle records these fields from the training "
                        f"run), or set {MODEL_PATH_ENV} to another model file.")
 
 
@@ -278,7 +302,7 @@ def _read_error(path: Path, err: Exception) -> BundleError:
     if "Unsupported global" in text:
         return BundleError(f"Refused the model file {path}: it holds Python objects, not only tensors "
                            "and plain data, and loading it could run code. Use a bundle saved by "
-                           "helpers.bundle.save_bundle (notebook 08).")
+                           "app.bundle.save_bundle (notebook 08).")
     with contextlib.suppress(OSError), open(path, "rb") as f:
         if f.read(200).lstrip().lower().startswith((b"<!doctype", b"<html")):
             return BundleError(f"Could not read the model file {path}: it is an HTML page (a failed "
@@ -302,17 +326,17 @@ def load_bundle(path: str | Path) -> AppModel:
         raise _read_error(path, err) from None
     if not isinstance(bundle, dict) or bundle.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path} is not a course model bundle (expected format {BUNDLE_FORMAT!r}); "
-                          "create one with notebook 08 (helpers.bundle.save_bundle).")
+                          "create one with notebook 08 (app.bundle.save_bundle).")
     missing = [k for k in _BUNDLE_KEYS if k not in bundle]
     if missing:
         raise BundleError(f"The model file {path} is incomplete: it has no {', '.join(missing)}. "
-                          "Save it again with helpers.bundle.save_bundle (notebook 08).")
+                          "Save it again with app.bundle.save_bundle (notebook 08).")
     if problems := metadata_problems(bundle):  # before the weights: they cannot mend wrong metadata
         raise _refused(path, problems)
     try:
         model = build_model(bundle["arch"], bundle["num_outputs"], pretrained=False, head=bundle["head"],
                             image_size=bundle["image_size"])  # + the padding and normalisation it was trained with:
-        offline_weights.apply_weights_info(model, bundle.get("weights_info") or offline_weights.random_info())
+        apply_weights_info(model, bundle.get("weights_info") or random_info())
         model.load_state_dict(bundle["state_dict"])
     except Exception as err:  # unknown arch, weights of another architecture or head, bad sizes
         reason = (str(err).strip().splitlines() or [""])[0][:300]

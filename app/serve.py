@@ -8,7 +8,7 @@ same code:
   a message for a person, never a stack trace; good images come back as 8-bit RGB
   (`ValidatedImage`).
 - **One image, end to end** (`analyse_upload`, `analyse_image` -> `Analysis`): prediction and
-  probability from a loaded model file (`helpers.bundle.AppModel`), the out-of-distribution
+  probability from a loaded model file (`app.bundle.AppModel`), the out-of-distribution
   verdict (`helpers.ood`) and a Grad-CAM heatmap.
 - **Sample images** for the app (`sample_image_bytes`) and PNG encoding (`png_bytes`).
 """
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from helpers.bundle import AppModel
+from app.bundle import AppModel
 from helpers.core import logits_to_probs, model_device, predict_labels, to_numpy
 from helpers.gradcam import default_target_layer, grad_cam
-from helpers.dicom import DicomError, is_dicom, read_dicom
-from helpers.loading import normalize, oriented_rgb, resized_tensor
+from helpers.images import DicomError, is_dicom, oriented_rgb, read_dicom, resized_tensor
+from helpers.loading import normalize
 from helpers.ood import logits_and_features, ood_score
 from helpers.plots import overlay
 from helpers.synthetic import chest_xray_image, synthetic_landscapes
@@ -109,7 +109,7 @@ def read_upload(
 
 
 def _read_dicom_upload(data: bytes, max_pixels: int, min_side: int) -> ValidatedImage:
-    """A DICOM upload, read by `helpers.dicom.read_dicom` as training reads a `.dcm` file."""
+    """A DICOM upload, read by `helpers.images.read_dicom` as training reads a `.dcm` file."""
     try:
         image, notes = read_dicom(data)
     except DicomError as err:

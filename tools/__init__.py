@@ -1,0 +1,1 @@
+"""Development tools of the course (not used by the notebooks): see each module's docstring."""
