@@ -73,7 +73,7 @@ def _run(at: AppTest) -> AppTest:
 
 def test_no_model_gives_a_clear_message(isolated):
     at = _run(AppTest.from_file(str(APP), default_timeout=60))
-    assert at.title[0].value == "Chest X-ray pneumonia classifier"
+    assert at.title[0].value == "Medical image classifier"
     errors = " ".join(e.value for e in at.error)
     assert "No model file found" in errors and bundle.MODEL_PATH_ENV in errors and bundle.MODEL_URL_ENV in errors
     assert "Not for clinical use" in _texts(at)
