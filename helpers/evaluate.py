@@ -40,12 +40,15 @@ def checked_probs(probs: Any, what: str = "probs") -> np.ndarray:
     """`as_probs`, refusing what is not probabilities: values outside [0, 1] (logits) or NaN, and
     rows of several classes that do not sum to 1 (scores of independent sigmoids, unnormalised)."""
     p = as_probs(probs)
-    if p.size and (np.isnan(p).any() or p.min() < 0 or p.max() > 1):
-        bad = p[np.isnan(p) | (p < 0) | (p > 1)]
+    outside = np.isnan(p) | (p < -1e-6) | (p > 1 + 1e-6)  # float32 rounding is no logit
+    if outside.any():
+        bad = p[outside]
         raise ValueError(f"{what} must be probabilities in [0, 1], but it holds {bad.size} value(s) outside, e.g. "
-                         f"{bad.flat[0]:.4g}: these look like logits. Apply the sigmoid (one output: "
+                         f"{bad.flat[0]:.4g}: " + ("NaN is no probability (did training diverge?). " if np.isnan(bad).any()
+                                                   else "these look like logits. ") + "Apply the sigmoid (one output: "
                          "torch.sigmoid(logits)) or the softmax (several: torch.softmax(logits, dim=1)) first, "
                          "or use evaluate.predict, which returns probabilities.")
+    p = np.clip(p, 0.0, 1.0)
     sums = p.sum(axis=1)
     if p.size and not np.allclose(sums, 1.0, atol=1e-3):
         row = int(np.argmax(np.abs(sums - 1.0)))
