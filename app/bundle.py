@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import socket
@@ -107,6 +108,7 @@ def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str
         "torch_version": str(torch.__version__),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    bundle["fingerprint"] = fingerprint(bundle)
     problems = metadata_problems(bundle, _feature_width(model))
     if problems:
         raise ValueError(f"Not saving the model bundle {path}: " + "; ".join(problems)
@@ -115,6 +117,30 @@ def save_bundle(path: str | Path, model: nn.Module, *, class_names: Sequence[str
     torch.save(bundle, tmp)
     tmp.replace(path)
     return path
+
+
+FINGERPRINTED = ("arch", "head", "num_outputs", "class_names", "image_size", "dataset", "threshold", "weights_info")
+
+
+def fingerprint(bundle: dict) -> dict[str, str]:
+    """{field: digest} of the fields that decide what the model's answers mean, each bound to the
+    weights: a field edited after `save_bundle` (image_size by hand) no longer matches its digest."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(bundle["state_dict"].items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = lambda key: json.dumps([key, to_jsonable(bundle.get(key)), weights.hexdigest()], sort_keys=True)  # noqa: E731
+    return {key: hashlib.sha256(digest(key).encode()).hexdigest()[:16] for key in FINGERPRINTED}
+
+
+def edited_fields(bundle: dict) -> list[str]:
+    """The fingerprinted fields whose value is not the one `save_bundle` wrote ([] for a bundle without
+    a fingerprint, written before it existed)."""
+    recorded = bundle.get("fingerprint")
+    if not isinstance(recorded, dict):
+        return []
+    now = fingerprint(bundle)
+    return [key for key in FINGERPRINTED if recorded.get(key) != now[key]]
 
 
 def _weights_info(model: nn.Module) -> dict:
@@ -333,6 +359,13 @@ def load_bundle(path: str | Path) -> AppModel:
                           "Save it again with app.bundle.save_bundle (notebook 08).")
     if problems := metadata_problems(bundle):  # before the weights: they cannot mend wrong metadata
         raise _refused(path, problems)
+    if edited := edited_fields(bundle):
+        what = ("its weights, or every field," if len(edited) == len(FINGERPRINTED)
+                else "field(s) " + ", ".join(f"{k} (now {bundle.get(k)!r})" for k in edited))
+        raise BundleError(f"The model file {path} was changed after it was saved: {what} no longer match "
+                          "what app.bundle.save_bundle recorded with these weights, so the app would feed or "
+                          "read the model wrongly. Do not edit a bundle by hand: save it again from notebook 08 "
+                          f"with the values of its training run, or set {MODEL_PATH_ENV} to another model file.")
     try:
         model = build_model(bundle["arch"], bundle["num_outputs"], pretrained=False, head=bundle["head"],
                             image_size=bundle["image_size"])  # + the padding and normalisation it was trained with:
@@ -347,7 +380,7 @@ def load_bundle(path: str | Path) -> AppModel:
         raise _refused(path, problems)
     model.pretrained = bool(bundle.get("pretrained", False))  # as trained, not as rebuilt here
     model.eval()
-    meta = {k: v for k, v in bundle.items() if k != "state_dict"}
+    meta = {k: v for k, v in bundle.items() if k not in ("state_dict", "fingerprint")}
     return AppModel(model, meta, path)
 
 

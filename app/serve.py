@@ -71,10 +71,10 @@ def read_upload(
     same conversion the training images get).
     """
     if data is None or len(data) == 0:
-        raise UploadError("The file is empty. Please upload a chest X-ray image (PNG or JPEG).")
+        raise UploadError("The file is empty. Please upload an image (PNG, JPEG, TIFF or DICOM).")
     if len(data) > max_bytes:
         raise UploadError(f"The file is {len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB. "
-                          "Please upload a smaller image (a chest X-ray exported as PNG or JPEG).")
+                          "Please upload a smaller image (exported as PNG or JPEG).")
     if is_dicom(data):
         return _read_dicom_upload(data, max_pixels, min_side)
     with warnings.catch_warnings():
@@ -85,7 +85,7 @@ def read_upload(
             raise UploadError(f"The image has too many pixels (limit {max_pixels / 1e6:.0f} megapixels).") from None
         except Exception:  # UnidentifiedImageError and the many errors of broken headers
             raise UploadError("This file is not an image we can read. Please upload a PNG, JPEG, "
-                              "BMP or TIFF file of a chest X-ray.") from None
+                              "BMP, TIFF or DICOM file.") from None
         width, height = image.size
         if width * height > max_pixels:
             raise UploadError(f"The image is {width} x {height} pixels ({width * height / 1e6:.0f} megapixels); "
@@ -114,6 +114,10 @@ def _read_dicom_upload(data: bytes, max_pixels: int, min_side: int) -> Validated
         image, notes = read_dicom(data)
     except DicomError as err:
         raise UploadError(f"This DICOM file cannot be shown: {err}") from None
+    except Exception as err:  # a reader bug on an unusual file is about the file, never the model
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise UploadError(f"This DICOM file could not be read ({type(err).__name__}: {reason}). Export the "
+                          "image as PNG from your DICOM viewer and upload that instead.") from None
     width, height = image.size
     if width * height > max_pixels or min(width, height) < min_side:
         raise UploadError(f"The DICOM image is {width} x {height} pixels; it must have at least {min_side} "
@@ -123,6 +127,16 @@ def _read_dicom_upload(data: bytes, max_pixels: int, min_side: int) -> Validated
 
 
 # ============================================================================ one image, end to end
+
+IMAGE_KINDS = {"pneumonia": "chest X-ray", "chest4": "chest X-ray", "fundus": "retinal fundus photograph"}
+
+
+def image_kind(app: AppModel) -> str:
+    """What the model's images are, in words, from the bundle's dataset ("chest X-ray", "retinal fundus
+    photograph"); for another dataset "image of the '<name>' dataset" (its classes: `app.class_names`)."""
+    dataset = app.meta.get("dataset")
+    return IMAGE_KINDS.get(dataset) or (f"image of the '{dataset}' dataset" if dataset else "training image")
+
 
 @dataclass
 class Analysis:
@@ -140,6 +154,7 @@ class Analysis:
     heatmap: np.ndarray  # (S, S) Grad-CAM in [0, 1]
     overlay: np.ndarray  # (S, S, 3) floats in [0, 1]
     notes: list[str] = field(default_factory=list)
+    kind: str = "training image"  # what the model was trained on, in words (`image_kind`)
 
     @property
     def verdict(self) -> str:
@@ -147,8 +162,8 @@ class Analysis:
         if self.ood_method is None:
             return "no out-of-distribution check in this model file"
         if self.in_distribution:
-            return "looks like the chest X-rays the model was trained on"
-        return "does NOT look like the chest X-rays the model was trained on: do not trust the prediction"
+            return f"looks like the {self.kind}s the model was trained on"
+        return f"does NOT look like the {self.kind}s the model was trained on: do not trust the prediction"
 
 
 def analyse_image(app: AppModel, image: Image.Image, notes: Sequence[str] = ()) -> Analysis:
@@ -175,7 +190,7 @@ def analyse_image(app: AppModel, image: Image.Image, notes: Sequence[str] = ()) 
     image_np = u8[0].permute(1, 2, 0).numpy()
     return Analysis(names[pred], float(probs[pred]), {n: float(p) for n, p in zip(names, probs)}, threshold,
                     bool(in_dist), ood["method"] if ood else None, score, ood_threshold, image_np, heatmap,
-                    overlay(image_np, heatmap), list(notes))
+                    overlay(image_np, heatmap), list(notes), image_kind(app))
 
 
 def analyse_upload(app: AppModel, data: bytes, **limits: Any) -> Analysis:

@@ -1,4 +1,5 @@
-"""Chest X-ray pneumonia classifier: the course's demo app (notebook 08, "From model to app").
+"""The course's demo app (notebook 08, "From model to app"): a chest X-ray pneumonia classifier, or
+whatever the model file was trained on (its page speaks of its own dataset and classes).
 
 Start it from the course folder with one command:
 
@@ -29,12 +30,8 @@ if str(ROOT) not in sys.path:  # run from a plain checkout without `uv sync`/`pi
 
 from app import bundle, serve  # noqa: E402
 
-SAMPLES = {  # query parameter value -> label; the images are generated (app.serve)
-    "xray": "Sample: synthetic chest X-ray",
-    "landscape": "Sample: synthetic landscape (not an X-ray)",
-}
 UPLOAD = "Upload your own image"
-UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp", "gif"]
+UPLOAD_TYPES = None  # any file: read_upload identifies it by its content (DICOM with or without .dcm)
 DISPLAY_PX = 320
 
 
@@ -71,8 +68,14 @@ def show_missing_model(location: bundle.ModelLocation) -> None:
     )
 
 
+def samples(kind: str) -> dict[str, str]:
+    """Query parameter value -> label of the generated samples (app.serve) that fit the model's images."""
+    found = {"xray": "Sample: synthetic chest X-ray"} if kind == "chest X-ray" else {}
+    return {**found, "landscape": f"Sample: synthetic landscape (not a {kind})"}
+
+
 def show_model_card(app: bundle.AppModel) -> None:
-    meta = app.meta
+    meta, kind = app.meta, serve.image_kind(app)
     st.sidebar.header("Model")
     st.sidebar.write(app.describe())
     metrics = meta.get("metrics") or {}
@@ -83,31 +86,32 @@ def show_model_card(app: bundle.AppModel) -> None:
     if ood:
         keep = ood.get("keep_fraction")  # checked at load: None or a fraction
         st.sidebar.write(f"Out-of-distribution check: `{ood['method']}` score"
-                         + (f", threshold set to keep {keep:.0%} of validation X-rays." if keep is not None else "."))
+                         + (f", threshold set to keep {keep:.0%} of validation {kind}s." if keep is not None else "."))
     st.sidebar.caption(f"File: {app.path}")
     if app.profile == "smoke" or meta.get("synthetic_data") or not meta.get("pretrained"):
         st.error(
             f"**This model comes from the '{app.profile}' profile** "
             f"({'synthetic images' if meta.get('synthetic_data') else 'real images'}, "
             f"{'ImageNet weights' if meta.get('pretrained') else 'random initialisation'}). "
-            "It proves that the app works; its answers mean nothing about real X-rays."
+            f"It proves that the app works; its answers mean nothing about real {kind}s."
         )
     else:
         st.info(f"Model from the '{app.profile}' profile of notebook 08.")
 
 
-def choose_image() -> tuple[str, bytes] | None:
+def choose_image(kind: str) -> tuple[str, bytes] | None:
     """(name, bytes) of the image to analyse, or None while nothing is chosen."""
-    options = [UPLOAD] + list(SAMPLES.values())
+    offered = samples(kind)
+    options = [UPLOAD] + list(offered.values())
     preset = st.query_params.get("sample")  # e.g. ?sample=xray preselects a sample
-    index = options.index(SAMPLES[preset]) if preset in SAMPLES else 0
+    index = options.index(offered[preset]) if preset in offered else 0
     choice = st.radio("Image", options, index=index, horizontal=True)
     if choice == UPLOAD:
-        uploaded = st.file_uploader("Upload a chest X-ray (PNG, JPEG, BMP or TIFF, up to 20 MB)",
+        uploaded = st.file_uploader(f"Upload a {kind} (PNG, JPEG, BMP, TIFF or DICOM, up to 20 MB)",
                                     type=UPLOAD_TYPES, max_upload_size=20)
         return None if uploaded is None else (uploaded.name, uploaded.getvalue())
-    kind = next(kind for kind, label in SAMPLES.items() if label == choice)
-    return f"sample_{kind}.png", serve.sample_image_bytes(kind)
+    sample = next(name for name, label in offered.items() if label == choice)
+    return f"sample_{sample}.png", serve.sample_image_bytes(sample)
 
 
 def enlarge(image: np.ndarray) -> Image.Image:
@@ -125,7 +129,7 @@ def show_analysis(analysis: serve.Analysis, app: bundle.AppModel) -> None:
     else:
         st.error(f"**Input check failed:** the image {analysis.verdict} "
                  f"({analysis.ood_method} score {analysis.ood_score:.4g} < threshold {analysis.ood_threshold:.4g}). "
-                 "The model can only answer NORMAL or PNEUMONIA, whatever it is shown.")
+                 f"The model can only answer {' or '.join(app.class_names)}, whatever it is shown.")
     left, right = st.columns(2)
     with left:
         st.metric("Prediction" + ("" if analysis.in_distribution else " (not trustworthy)"), analysis.predicted)
@@ -145,8 +149,9 @@ def show_analysis(analysis: serve.Analysis, app: bundle.AppModel) -> None:
 
 
 def main() -> None:
-    st.set_page_config(page_title="Chest X-ray pneumonia classifier (course demo)", layout="wide")
-    st.title("Chest X-ray pneumonia classifier")
+    st.set_page_config(page_title="Medical image classifier (course demo)", layout="wide")
+    heading = st.empty()  # the title names the model's images and classes once the model is loaded
+    heading.title("Medical image classifier")
     st.caption("Course demo: medical image classification with transfer learning, notebook 08 "
                "\"From model to app\".")
     st.warning("**Not for clinical use.** A teaching demo: it has not been validated on patients and "
@@ -168,9 +173,11 @@ def main() -> None:
         st.error(f"**The model file could not be loaded.** {location.path} is not a usable model "
                  f"bundle ({type(err).__name__}). Save it again with notebook 08.")
         return
+    kind = serve.image_kind(app)
+    heading.title(f"{kind[0].upper() + kind[1:]} classifier: {' / '.join(app.class_names)}")
     show_model_card(app)
 
-    chosen = choose_image()
+    chosen = choose_image(kind)
     if chosen is None:
         st.write("Upload an image, or pick one of the samples above.")
         return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -72,11 +73,42 @@ def read_fresh_metrics(path: str | Path, since: dt.datetime, profile: str | None
     return record
 
 
+RUN_LINE = re.compile(r"\| run (\d{8}T\d{4}Z-[0-9a-f]{6})")  # start_run's printed line names the run
+
+
+def executed_run_id(notebook: str | Path) -> str | None:
+    """The run an executed notebook comes from: the run id its `start_run` line printed; None when it
+    printed none (it failed before, or ran before runs had ids) or cannot be read."""
+    try:
+        cells = json.loads(Path(notebook).read_text()).get("cells", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    for cell in cells:
+        for output in cell.get("outputs", []) if isinstance(cell, dict) else []:
+            text = output.get("text", "") if isinstance(output, dict) else ""
+            if match := RUN_LINE.search("".join(text) if isinstance(text, list) else str(text)):
+                return match.group(1)
+    return None
+
+
+def copy_problem(folder: str | Path, record: Mapping) -> str | None:
+    """Why the executed notebook kept in `folder` (`<notebook>.ipynb`) is not the run of its metrics.json
+    `record`; None when it is, or when there is no executed copy."""
+    copy = Path(folder) / f"{record.get('notebook')}.ipynb"
+    if not copy.is_file():
+        return None
+    ran = executed_run_id(copy)
+    if ran is None or ran != record.get("run_id"):
+        return (f"executed copy {copy.name} is from run {ran or '(unknown)'}, the numbers from run "
+                f"{record.get('run_id') or '(unknown)'}")
+    return None
+
+
 def output_problems(folder: str | Path, record: dict | None = None) -> list[str]:
     """Why the outputs in `folder` might not all come from the run its metrics.json names.
 
     Empty when they do: the metrics.json names its run (`run_id`), every figure it lists is there,
-    and no other figure (*.png) sits beside it. `record` is the folder's metrics.json, read if
+    no other figure (*.png) sits beside it, and an executed copy beside it printed the same run id. `record` is the folder's metrics.json, read if
     not given.
     """
     folder = Path(folder)
@@ -93,6 +125,8 @@ def output_problems(folder: str | Path, record: dict | None = None) -> list[str]
         problems.append("listed figures missing: " + ", ".join(missing))
     if foreign:
         problems.append("figures not from this run: " + ", ".join(foreign))
+    if copy := copy_problem(folder, record):
+        problems.append(copy)
     return problems
 
 

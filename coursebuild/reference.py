@@ -20,6 +20,7 @@ from typing import Any
 import nbformat
 
 from coursebuild.layout import NOTEBOOK_PATTERN
+from coursebuild.records import copy_problem
 
 INJECTED_TAG = "injected-parameters"  # papermill's cell with the parameters of the run
 BRANCH = "main"  # the branch the Open-in links point to
@@ -194,10 +195,13 @@ def open_links(repo: str | None, path_in_repo: str) -> dict[str, str]:
 
 
 def reference_table(rows: Sequence[Mapping[str, str]]) -> str:
-    """The README's table of the reference run: per notebook what you will see, weights, run time."""
-    head = "| nb | what you will see | weights | profile | run time |\n|---|---|---|---|---|\n"
-    body = "".join(f"| {r['nb']} | {r['see'] or 'not run yet'} | {r['weights']} | {r['profile']} | {r['time']} |\n"
-                   for r in rows)
+    """The README's table of the reference run: per notebook what you will see, weights, run time, and
+    (when the rows give one) the run its numbers come from."""
+    runs = any("run" in r for r in rows)
+    head = "| nb | what you will see | weights | profile | run time |" + (" run |" if runs else "")
+    head += "\n|---|---|---|---|---|" + ("---|" if runs else "") + "\n"
+    body = "".join(f"| {r['nb']} | {r['see'] or 'not run yet'} | {r['weights']} | {r['profile']} | {r['time']} |"
+                   + (f" {r.get('run', '')} |" if runs else "") + "\n" for r in rows)
     return head + body
 
 
@@ -212,11 +216,12 @@ def reference_rows(assets_dir: Path | str, notebooks_dir: Path | str) -> list[di
         except (OSError, ValueError):
             metrics = {}
         copy = executed_copy(assets_dir, source.stem)
-        seconds = None
-        if copy.is_file():
+        seconds, mixed = None, copy_problem(copy.parent, {"notebook": source.stem, **metrics}) if metrics else None
+        if copy.is_file() and not mixed:  # the run time of another run is never shown beside these numbers
             seconds = _number(nbformat.read(copy, as_version=4).metadata.get("papermill", {}).get("duration"))
+        run = f"mixed: {mixed}" if mixed else str(metrics.get("run_id") or ("unknown" if metrics else ""))
         rows.append({"nb": source.stem[:2], "see": key_line(metrics), "weights": weights_label(metrics),
-                     "profile": str(metrics.get("profile") or ""), "time": duration(seconds)})
+                     "profile": str(metrics.get("profile") or ""), "time": duration(seconds), "run": run})
     return rows
 
 

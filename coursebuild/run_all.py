@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 from coursebuild.layout import NOTEBOOK_PATTERN, RUNS_FILE
-from coursebuild.records import PROFILE_TIMEOUT_S, metrics_path, read_fresh_metrics
+from coursebuild.records import PROFILE_TIMEOUT_S, executed_run_id, metrics_path, read_fresh_metrics
 from coursebuild.reference import README_END, README_START, executed_copy, reference_rows, reference_table, replace_block
 from coursebuild.results import collect_assets, write_results
-from helpers.runs import PROFILES
+from helpers.runs import PROFILES, record_outputs
 
 KERNEL_NAME = "python3"
 # Silence the kernel's own console logging (e.g. "running over TCP without encryption"),
@@ -227,7 +227,8 @@ def machine() -> str:
 
 def keep_executed_copy(executed: Path, stem: str, assets_dir: Path, root: Path) -> Path:
     """Copy the executed notebook ``stem`` to ``assets/<stem>/<stem>.ipynb`` (replacing it atomically),
-    recording the machine it ran on; papermill's paths inside the course become relative to it."""
+    recording the machine it ran on; papermill's paths inside the course become relative to it. The copy
+    is listed among its run's outputs, so the next run of the notebook moves it aside with them."""
     import nbformat
 
     nb = nbformat.read(executed, as_version=4)
@@ -243,6 +244,8 @@ def keep_executed_copy(executed: Path, stem: str, assets_dir: Path, root: Path) 
     partial = target.with_name(f".{target.name}.partial")
     nbformat.write(nb, partial)
     os.replace(partial, target)
+    if (run_id := executed_run_id(target)) is not None:
+        record_outputs(target.parent, run_id, [target.name])
     return target
 
 

@@ -36,6 +36,28 @@ def as_probs(probs: Any) -> np.ndarray:
     return p
 
 
+def checked_probs(probs: Any, what: str = "probs") -> np.ndarray:
+    """`as_probs`, refusing what is not probabilities: values outside [0, 1] (logits) or NaN, and
+    rows of several classes that do not sum to 1 (scores of independent sigmoids, unnormalised)."""
+    p = as_probs(probs)
+    outside = np.isnan(p) | (p < -1e-6) | (p > 1 + 1e-6)  # float32 rounding is no logit
+    if outside.any():
+        bad = p[outside]
+        raise ValueError(f"{what} must be probabilities in [0, 1], but it holds {bad.size} value(s) outside, e.g. "
+                         f"{bad.flat[0]:.4g}: " + ("NaN is no probability (did training diverge?). " if np.isnan(bad).any()
+                                                   else "these look like logits. ") + "Apply the sigmoid (one output: "
+                         "torch.sigmoid(logits)) or the softmax (several: torch.softmax(logits, dim=1)) first, "
+                         "or use evaluate.predict, which returns probabilities.")
+    p = np.clip(p, 0.0, 1.0)
+    sums = p.sum(axis=1)
+    if p.size and not np.allclose(sums, 1.0, atol=1e-3):
+        row = int(np.argmax(np.abs(sums - 1.0)))
+        raise ValueError(f"Each row of {what} must sum to 1 (one probability per class), but row {row} sums to "
+                         f"{sums[row]:.4g}. Apply the softmax over the classes (torch.softmax(logits, dim=1)), "
+                         "not a sigmoid per class.")
+    return p
+
+
 def _as_labels(y: Any) -> np.ndarray:
     return to_numpy(y).astype(np.int64).reshape(-1)
 
@@ -67,7 +89,7 @@ def predict(model: nn.Module, loader: Iterable, *, device: str | torch.device | 
 
 def ensemble_probs(list_of_probs: Sequence[Any]) -> np.ndarray:
     """The mean of several models' (N, C) probabilities (a simple ensemble)."""
-    arrays = [as_probs(p) for p in list_of_probs]
+    arrays = [checked_probs(p) for p in list_of_probs]
     if not arrays:
         raise ValueError("ensemble_probs needs at least one probability array")
     if len({a.shape for a in arrays}) != 1:
@@ -136,7 +158,7 @@ def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = 
     `metric`: "auc", "balanced_accuracy" or "accuracy" (argmax predictions).
     Returns {"metric", "a", "b", "diff", "ci95": [lo, hi] (None without resamples)}.
     """
-    y, a, b = _as_labels(y_true), as_probs(probs_a), as_probs(probs_b)
+    y, a, b = _as_labels(y_true), checked_probs(probs_a, "probs_a"), checked_probs(probs_b, "probs_b")
     if not len(y) == len(a) == len(b):
         raise ValueError(f"a paired comparison needs the same images: {len(y)} labels, {len(a)} and {len(b)} rows")
     if metric == "auc" and len(np.unique(y)) < 2:
@@ -160,7 +182,7 @@ def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = 
 
 def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Labels and probabilities as arrays, or a ValueError that says what does not fit."""
-    y, p = _as_labels(y_true), as_probs(probs)
+    y, p = _as_labels(y_true), checked_probs(probs)
     n, n_classes = p.shape
     if n_classes != len(names):
         raise ValueError(f"probs has {n_classes} columns but there are {len(names)} class names {names}")
@@ -297,7 +319,7 @@ def choose_threshold(y_true: Any, p_pos: Any, method: str = "youden", target: fl
     scikit-learn's `roc_curve`: "youden" maximises sensitivity + specificity - 1; "sensitivity"
     is the highest threshold whose sensitivity still reaches `target`. Ties go to the higher one."""
     y = _as_labels(y_true)
-    p = np.asarray(p_pos, dtype=np.float64).reshape(-1)
+    p = checked_probs(np.asarray(to_numpy(p_pos), dtype=np.float64).reshape(-1), "p_pos")[:, 1]
     if len(p) != len(y):
         raise ValueError(f"y_true has {len(y)} labels but p_pos has {len(p)} scores")
     if method not in ("youden", "sensitivity"):
@@ -322,7 +344,7 @@ def choose_threshold(y_true: Any, p_pos: Any, method: str = "youden", target: fl
 
 def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width confidence bin: (mean confidence, accuracy, count); NaN for empty bins."""
-    y, p = _as_labels(y_true), as_probs(probs)
+    y, p = _as_labels(y_true), checked_probs(probs)
     confidence = p.max(axis=1)
     correct = (predict_labels(p) == y).astype(np.float64)
     bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)

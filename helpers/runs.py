@@ -17,7 +17,7 @@ import math
 import numbers
 import os
 import secrets
-import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +44,9 @@ PROFILES: dict[str, dict] = {
 METRICS_FILE = "metrics.json"
 PREDICTIONS_PATTERN = "*_predictions.csv"  # save_predictions: <split>_predictions.csv
 PREVIOUS_RUN_DIR = ".previous_run"  # where start_run moves an earlier run's outputs
+OUTPUTS_FILE = ".course_outputs.json"  # the run's own outputs: the only files a later run may move
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".dcm", ".dicom", ".webp", ".gif"}
 
 
 @dataclass(frozen=True)
@@ -109,12 +112,34 @@ def project_root() -> Path:
     return checkout if (checkout / "pyproject.toml").exists() else Path.cwd()
 
 
+def _cannot_write(folder: Path) -> OSError | None:
+    """None when a file can be created in `folder` (created if missing), else the error."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-probe-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        return error
+    return None
+
+
+def output_root() -> Path:
+    """Where runs write (assets/<notebook>, generated data in data/synthetic): the course folder,
+    or, when it is read-only (a course attached as a Kaggle dataset under /kaggle/input), the working
+    directory (/kaggle/working), else a folder in the temporary directory."""
+    for folder in (project_root(), Path.cwd(), Path(tempfile.gettempdir()) / "course-outputs"):
+        if _cannot_write(folder) is None:
+            return folder
+    return project_root()  # nothing writable: start_run says so
+
+
 def assets_dir(notebook: str, output_dir: str | Path | None = None, root: str | Path | None = None) -> Path:
     """Where a notebook writes its outputs: `output_dir`, else `<root>/assets/<notebook>` (root:
-    `project_root()`); nothing is created."""
+    `output_root()`); nothing is created."""
     if output_dir is not None and str(output_dir) != "":
         return Path(output_dir)
-    return Path(root if root is not None else project_root()) / "assets" / notebook
+    return Path(root if root is not None else output_root()) / "assets" / notebook
 
 
 def portable_data_dir(data_dir: str | Path | Mapping | None) -> str | dict | None:
@@ -143,38 +168,92 @@ def portable_data_dir(data_dir: str | Path | Mapping | None) -> str | dict | Non
     return Path(os.path.relpath(data_dir, project_root())).as_posix()
 
 
+def _own_name(folder: Path, name: Any) -> bool:
+    """Is `name` a plain relative path of a file inside `folder` (never `..`, never absolute)?"""
+    return (isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+            and (folder / name).is_file())
+
+
+def recorded_outputs(folder: str | Path) -> dict[str, Any]:
+    """{"run_id", "files"}: the outputs a run recorded in `folder` (its OUTPUTS_FILE). A folder written
+    before that file existed: its metrics.json and the figures it lists. Only these may ever be moved."""
+    folder = Path(folder)
+    for name in (OUTPUTS_FILE, METRICS_FILE):
+        try:
+            record = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(record, dict):
+            continue
+        files = record.get("files") if name == OUTPUTS_FILE else [METRICS_FILE, *(record.get("figures") or [])]
+        own = sorted({str(n) for n in files or [] if _own_name(folder, n)})
+        return {"run_id": record.get("run_id"), "files": own}
+    return {"run_id": None, "files": []}
+
+
+def record_outputs(out_dir: str | Path, run_id: str, names: Sequence[str]) -> None:
+    """Add `names` (files in `out_dir`) to the outputs run `run_id` recorded there (OUTPUTS_FILE)."""
+    out_dir = Path(out_dir)
+    record = recorded_outputs(out_dir) if (out_dir / OUTPUTS_FILE).is_file() else {"run_id": run_id, "files": []}
+    if record.get("run_id") != run_id:
+        record = {"run_id": run_id, "files": []}
+    record["files"] = sorted({*record["files"], *(str(n) for n in names)})
+    temporary = out_dir / f".{OUTPUTS_FILE}.{secrets.token_hex(3)}.tmp"
+    temporary.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(temporary, out_dir / OUTPUTS_FILE)
+
+
 def retire_previous_outputs(out_dir: Path) -> list[str]:
-    """Move an earlier run's metrics.json, predictions and figures (every *.png, and whatever its
-    metrics.json lists under "figures") into `out_dir/.previous_run/`, replacing what an even
-    earlier run left there; return the moved names. The folder then holds only this run's outputs.
-    """
-    old = out_dir / METRICS_FILE
-    names = {p.name for pattern in ("*.png", PREDICTIONS_PATTERN) for p in out_dir.glob(pattern) if p.is_file()}
-    try:
-        listed = json.loads(old.read_text()).get("figures") or [] if old.is_file() else []
-    except (OSError, ValueError, AttributeError):
-        listed = []
-    names |= {str(n) for n in listed if isinstance(n, str) and (out_dir / n).is_file()}
-    names |= {METRICS_FILE} if old.is_file() else set()
+    """Move the outputs an earlier run recorded in `out_dir` (`recorded_outputs`) into
+    `out_dir/.previous_run/`, replacing the ones an even earlier run was moved there; return the moved
+    names. Files the course did not record as its own (a user's pictures, notes) are never moved."""
+    earlier = recorded_outputs(out_dir)
+    names, previous = earlier["files"], out_dir / PREVIOUS_RUN_DIR
     if not names:
         return []
-    previous = out_dir / PREVIOUS_RUN_DIR
-    shutil.rmtree(previous, ignore_errors=True)
-    for name in sorted(names):
+    for name in recorded_outputs(previous)["files"] + [OUTPUTS_FILE]:
+        (previous / name).unlink(missing_ok=True)
+    for name in names:
         (previous / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(out_dir / name, previous / name)
-    return sorted(names)
+    (previous / OUTPUTS_FILE).write_text(json.dumps({**earlier, "files": names}, indent=1) + "\n")
+    (out_dir / OUTPUTS_FILE).unlink(missing_ok=True)
+    return names
 
 
-def _writable_output_dir(notebook: str, output_dir: str | Path | None) -> Path:
-    """The output folder, created and checked now (a probe file) rather than after training."""
-    where = assets_dir(notebook, output_dir)
+def _holds_images(folder: Path) -> bool:
     try:
-        where.mkdir(parents=True, exist_ok=True)
-        probe = where / f".write-probe-{secrets.token_hex(4)}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as error:
+        return any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def dataset_folder_around(folder: str | Path, data_dir: str | Path | None = None) -> Path | None:
+    """The dataset folder that `folder` lies in, or None: `data_dir` itself, or a split folder
+    (train/, val/, test/...) holding class folders of images, or a class folder in one."""
+    folder = Path(folder).resolve()
+    if data_dir is not None and str(data_dir) != "synthetic" and Path(data_dir).is_dir():
+        if folder.is_relative_to(Path(data_dir).resolve()):
+            return Path(data_dir)
+    for place in (folder, *folder.parents):
+        if place.name.lower() in SPLIT_NAMES and place.is_dir() and any(
+                child.is_dir() and _holds_images(child) for child in place.iterdir()):
+            return place
+        if place.parent.name.lower() in SPLIT_NAMES and _holds_images(place):
+            return place.parent
+    return None
+
+
+def _writable_output_dir(notebook: str, output_dir: str | Path | None, data_dir: str | None = None) -> Path:
+    """The output folder, created and checked now (a probe file) rather than after training; never a
+    folder inside a dataset (a figure saved there would be trained on as an image)."""
+    where = assets_dir(notebook, output_dir)
+    if (dataset := dataset_folder_around(where, data_dir)) is not None:
+        raise ValueError(
+            f"OUTPUT_DIR {str(where)!r} lies inside the dataset folder {str(dataset)!r}: the figures saved there "
+            "would be read as images of the dataset by the next run. Set OUTPUT_DIR to a folder outside the "
+            "data (None: assets/<notebook>), then run this cell again.")
+    if (error := _cannot_write(where)) is not None:
         raise PermissionError(
             f"OUTPUT_DIR {str(where)!r} cannot be written to ({type(error).__name__}: {error.strerror or error}). "
             "Set OUTPUT_DIR to a folder you may write to (None: assets/<notebook>), or fix its "
@@ -227,21 +306,26 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
               output_dir: str | None = None, recipe_epochs: int | None = None, **overrides) -> Run:
     """Check the parameters, seed everything, pick the device, prepare the output folder.
 
-    What could fail late fails here: the profile's knobs, `seed`, a folder that cannot be written.
-    An earlier run's outputs in that folder move to `.previous_run/`. The smoke profile uses
+    What could fail late fails here: the profile's knobs, `seed`, a folder that cannot be written or
+    lies inside a dataset. The outputs an earlier run recorded in that folder move to `.previous_run/`
+    (nothing else there is touched); this run records its own in OUTPUTS_FILE. The smoke profile uses
     synthetic data unless `data_dir` is given. Prints one line saying what this run is.
     """
     from helpers.core import pick_device, seed_everything  # imports torch
 
     cfg = apply_profile(profile, recipe_epochs=recipe_epochs, **overrides)
     seed = _check_seed(seed)
-    out_dir = _writable_output_dir(notebook, output_dir)
+    out_dir = _writable_output_dir(notebook, output_dir, data_dir)
     if data_dir is None and profile == "smoke":
         data_dir = "synthetic"
     seed_everything(seed)
     device = pick_device()
     run = Run(notebook, cfg, None if data_dir is None else str(data_dir), out_dir, device, seed)
     moved = retire_previous_outputs(out_dir)
+    record_outputs(out_dir, run.run_id, [])
+    if output_root() != project_root():
+        print(f"The course folder {project_root()} is read-only: outputs and generated data go to "
+              f"{output_root()} instead.")
     print(f"{notebook}: profile {cfg.profile!r} | data {data_dir or 'auto (locate/download)'} | "
           f"{cfg.image_size} px | {cfg.epochs} epoch(s) | batch {cfg.batch_size} | "
           f"max/class {cfg.max_per_class or 'all'} | pretrained requested: {cfg.pretrained} | "
@@ -291,6 +375,7 @@ def save_predictions(run: Run, split: str, frame: pd.DataFrame, y_true: Any, pro
     temporary = path.with_name(f".{path.name}.{run.run_id}.tmp")
     table.to_csv(temporary, index=False)
     os.replace(temporary, path)
+    record_outputs(run.out_dir, run.run_id, [path.name])
     return path
 
 
@@ -404,4 +489,5 @@ def save_metrics(run: Run, splits: Any, *, dataset: str, model: Any, **fields: A
     temporary = path.with_name(f".{path.name}.{run.run_id}.tmp")
     temporary.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
     os.replace(temporary, path)
+    record_outputs(run.out_dir, run.run_id, [METRICS_FILE] + [f for f in record["figures"] if _own_name(run.out_dir, f)])
     return record

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from helpers.runs import project_root
+from helpers.runs import output_root, project_root
 
 # Images per class and split. Pneumonia mimics the Kaggle training folder (train/ only, about
 # 1 NORMAL : 2.5 PNEUMONIA, several images per patient); the others provide all three splits.
@@ -170,7 +170,7 @@ def make_synthetic_dataset(name: str, root: str | Path | None = None, *,
         raise ValueError(f"No synthetic version of {name!r}; choose one of {list(WRITERS)}.")
     counts = counts or DEFAULT_COUNTS[name]
     if root is None:
-        root = project_root() / "data" / "synthetic" / f"{name}-seed{seed}"
+        root = output_root() / "data" / "synthetic" / f"{name}-seed{seed}"  # writable, even for a read-only course copy
     root = Path(root)
     if (root / ".complete").exists():
         return root

@@ -64,8 +64,12 @@ def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, opti
     """
     device = model_device(model)
     train_mode(model)
-    total_loss, correct, seen = 0.0, 0, 0
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
+    total_loss, correct, seen, single = 0.0, 0, 0, 0
     for x, y in progress_bar(loader, "train", progress):
+        if batchnorm and len(y) == 1:  # BatchNorm cannot normalise one image: that batch is left out
+            single += 1
+            continue
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             logits = model(x)  # forward
@@ -87,7 +91,12 @@ def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, opti
         correct += (logits_to_probs(logits).argmax(1) == y).sum().item()
         seen += len(y)
     if seen == 0:
-        raise ValueError("The training loader produced no batches.")
+        raise ValueError("The training loader produced no batches." if not single else
+                         f"Every training batch held one image ({single} batch(es)); the model's trainable "
+                         "BatchNorm layers need at least 2 images per batch. Set BATCH_SIZE to 2 or more "
+                         "(and train on at least 2 images), or freeze the backbone.")
+    if single:
+        print(f"  left out {single} training batch(es) of one image (BatchNorm needs at least 2 per batch)")
     if not math.isfinite(total_loss):
         warnings.warn("The training loss is not finite (inf/NaN): a learning rate that is too high, or a frozen "
                       "random backbone whose BatchNorm statistics let activations overflow float16.",
@@ -253,6 +262,30 @@ def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Te
                       shuffle=shuffle, drop_last=bool(getattr(loader, "drop_last", False)))
 
 
+def _dataset_augments(loader: Loader, draws: int = 8) -> bool:
+    """Does the dataset of a torch DataLoader give a different tensor for the same image on each read
+    (random transforms, torchvision's or any other)? Tried on its first image, `draws` times, with the
+    random state of torch, numpy and `random` restored afterwards."""
+    import random
+
+    dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
+    if dataset is None or isinstance(dataset, TensorDataset) or not hasattr(dataset, "__getitem__"):
+        return False
+    try:
+        if len(dataset) == 0:
+            return False
+    except TypeError:  # an IterableDataset
+        return False
+    state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            views = [torch.as_tensor(dataset[0][0]) for _ in range(draws)]
+        finally:
+            random.setstate(state)
+            np.random.set_state(np_state)
+    return any(v.shape != views[0].shape or not torch.equal(v, views[0]) for v in views[1:])
+
+
 def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, epochs: int,
                   criterion: Criterion, use_feature_cache: bool = True, **fit_kwargs: Any) -> FitResult:
     """Train only the head (`models.freeze_backbone`), where the model is; `fit_kwargs` go to `fit`.
@@ -266,9 +299,11 @@ def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | N
     estimate_frozen_batchnorm(model, train_loader)  # only frozen BatchNorm without statistics
     if not use_feature_cache:
         return fit(model, train_loader, val_loader, epochs=epochs, criterion=criterion, **fit_kwargs)
-    if isinstance(train_loader, TensorLoader) and train_loader.augments:
-        raise ValueError("The training loader augments images; cached features would freeze one random view. "
-                         "Use a loader with augment='none' or fit_head_only(..., use_feature_cache=False).")
+    if (isinstance(train_loader, TensorLoader) and train_loader.augments) or _dataset_augments(train_loader):
+        raise ValueError("The training loader augments images (the same image comes back different on each read); "
+                         "cached features would freeze one random view. Use a loader without augmentation "
+                         "(make_loaders(augment='none'), or a transform without random steps) or "
+                         "fit_head_only(..., use_feature_cache=False).")
     amp, progress = fit_kwargs.get("amp", True), fit_kwargs.get("progress", True)
     backbone, head = backbone_and_head(model)
     t0 = time.perf_counter()

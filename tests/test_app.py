@@ -73,7 +73,7 @@ def _run(at: AppTest) -> AppTest:
 
 def test_no_model_gives_a_clear_message(isolated):
     at = _run(AppTest.from_file(str(APP), default_timeout=60))
-    assert at.title[0].value == "Chest X-ray pneumonia classifier"
+    assert at.title[0].value == "Medical image classifier"
     errors = " ".join(e.value for e in at.error)
     assert "No model file found" in errors and bundle.MODEL_PATH_ENV in errors and bundle.MODEL_URL_ENV in errors
     assert "Not for clinical use" in _texts(at)
@@ -162,6 +162,48 @@ def test_app_prediction_matches_the_helper(bundle_path):
     payload = serve.sample_image_bytes("landscape")
     first, second = serve.analyse_upload(app, payload), serve.analyse_upload(app, payload)
     assert first.predicted == second.predicted and first.probability == pytest.approx(second.probability)
+
+
+def test_a_fundus_model_page_speaks_of_fundus_photographs_and_its_own_classes(isolated, tmp_path):
+    """Issue 29.9: the page takes its wording from the bundle's dataset and class names."""
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", 2, pretrained=False, head="gap_dropout", image_size=32).eval()
+    path = bundle.save_bundle(tmp_path / "fundus.pt", model, class_names=["normal", "disease"], image_size=32,
+                              profile="smoke", threshold=0.5, dataset="fundus", synthetic_data=True,
+                              ood={"method": "msp", "threshold": 2.0, "keep_fraction": 0.95})  # rejects all
+    isolated.setenv(bundle.MODEL_PATH_ENV, str(path))
+    at = _run(AppTest.from_file(str(APP), default_timeout=60))
+    assert not any("X-ray" in o for o in at.radio[0].options)
+    _ok(at.radio[0].set_value(next(o for o in at.radio[0].options if "landscape" in o)).run())
+    text = "\n".join([_texts(at), at.title[0].value, *at.radio[0].options, *(m.label for m in at.metric)])
+    assert "Result for sample_landscape.png" in text and "fundus photograph" in text
+    assert "normal or disease" in text
+    for word in ("X-ray", "NORMAL", "PNEUMONIA"):
+        assert word not in text, word
+
+
+def _dicom_payload(tmp_path: Path, **window) -> bytes:
+    from test_bad_inputs_data import _dicom
+
+    return _dicom(tmp_path / "scan.dcm", np.tile(np.linspace(0, 4095, 64), (64, 1)), **window).read_bytes()
+
+
+def test_the_uploader_takes_dicom_with_and_without_extension_and_never_blames_the_model(isolated, bundle_path,
+                                                                                        tmp_path):
+    """Issue 29.5/29.9: files are identified by content; a DICOM the reader cannot handle is the file's
+    problem (an upload message), never the model file's."""
+    isolated.setenv(bundle.MODEL_PATH_ENV, str(bundle_path))
+    at = _run(AppTest.from_file(str(APP), default_timeout=60))
+    accepted = list(at.file_uploader[0].proto.type)
+    assert not accepted or {".dcm", ".png"} <= set(accepted)
+    plain = _dicom_payload(tmp_path, window=(2048.0, 4096.0))
+    for name in ("scan.dcm", "IM0001"):
+        _ok(at.file_uploader[0].set_value((name, plain, "application/dicom")).run())
+        assert f"Result for {name}" in _texts(at)
+    several = _dicom_payload(tmp_path, window=([2048, 1024], [4096, 2048]))
+    _ok(at.file_uploader[0].set_value(("hospital_export", several, "application/octet-stream")).run())
+    errors = " ".join(e.value for e in at.error)
+    assert "Result for hospital_export" in _texts(at) or ("DICOM" in errors and "model file" not in errors)
 
 
 # ----------------------------------------------------------------------------- real browser

@@ -57,8 +57,9 @@ def test_start_run_moves_an_earlier_runs_outputs_aside(tmp_path):
     _old_run(out, "04_x", figures=("roc.png", "gradcam.png"))
     (out / "notes.txt").write_text("mine")  # not an output of a run: stays
     runs.start_run("04_x", "smoke", output_dir=str(out))
-    assert sorted(p.name for p in out.iterdir()) == [".previous_run", "notes.txt"]
-    assert sorted(p.name for p in (out / ".previous_run").iterdir()) == ["gradcam.png", "metrics.json", "roc.png"]
+    assert sorted(p.name for p in out.iterdir()) == [runs.OUTPUTS_FILE, ".previous_run", "notes.txt"]
+    assert sorted(p.name for p in (out / ".previous_run").iterdir()) == [
+        runs.OUTPUTS_FILE, "gradcam.png", "metrics.json", "roc.png"]
 
 
 def test_a_run_stopped_half_way_leaves_no_old_metrics_beside_its_figures(tmp_path):

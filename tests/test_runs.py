@@ -66,7 +66,7 @@ def test_save_metrics_schema_and_json(tmp_path) -> None:
     assert loaded["threshold"] == pytest.approx(0.4) and (ROOT / loaded["data_dir"]).resolve() == tmp_path.resolve()
     for key in ("accuracy", "balanced_accuracy", "auc", "average_precision", "per_class", "confusion_matrix", "ci95"):
         assert key in loaded["test"]
-    assert [f.name for f in (tmp_path / "assets" / "04").iterdir()] == ["metrics.json"]  # no temporary file left
+    assert sorted(f.name for f in (tmp_path / "assets" / "04").iterdir()) == [runs.OUTPUTS_FILE, "metrics.json"]  # no temporary file
 
 
 def test_results_table_flattens_files_and_runs(tmp_path) -> None:
@@ -127,7 +127,7 @@ def test_save_predictions_writes_one_row_per_image_and_one_column_per_class(tmp_
     assert table["label"].tolist() == ["COVID19", "PNEUMONIA", "NORMAL", "PNEUMONIA"]
     assert table["y_true"].tolist() == y
     np.testing.assert_allclose(table[[f"prob_{n}" for n in names]].to_numpy(), probs.numpy(), rtol=1e-6)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["val_predictions.csv"]  # no temporary file
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [runs.OUTPUTS_FILE, "val_predictions.csv"]  # no temporary file
 
 
 def test_save_predictions_of_a_one_logit_run_still_gives_every_class_a_column(tmp_path) -> None:
