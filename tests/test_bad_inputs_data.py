@@ -587,7 +587,7 @@ def _run_png16_sbit(tmp, mp):
 
 def _check_png16_sbit(result):
     values, trained, pixels = result
-    assert np.abs(trained.astype(int) - np.round(values * 255 / 4095)).max() <= 1  # by its 12 significant bits
+    assert np.abs(trained.astype(int) - np.round(values.astype(float) * 255 / 4095)).max() <= 1  # by its 12 significant bits
     assert np.array_equal(pixels["train"], pixels["app"]) and any("sBIT" in n for n in pixels["notes"])
 
 
