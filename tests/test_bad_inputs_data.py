@@ -718,3 +718,9 @@ def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_cases_are_named_once():
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_the_scan_counts_small_images_by_the_apps_minimum():
+    from helpers import images
+
+    assert images.MIN_IMAGE_SIDE == serve.MIN_IMAGE_SIDE
