@@ -185,7 +185,8 @@ def find_dataset_root(folder: str | Path, spec: DatasetSpec, max_depth: int = 4,
         refused = []
         for candidate in level:
             found: list[str] = []
-            if split_of(candidate.name) in ("val", "test"):
+            if split_of(candidate.name) in ("val", "test") and not any(  # a test/ that holds train/ is a root
+                    split_of(d.name) == "train" for d in visible_folders(candidate)):
                 found.append(f"{candidate} is a {split_of(candidate.name)} split folder, not a dataset: training "
                              "on it would train (and carve validation and test) on held-out images. If it is "
                              "part of a dataset, point DATA_DIR at the folder above it that holds train/.")
