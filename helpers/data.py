@@ -15,11 +15,14 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
 
-from helpers.datasets import DatasetNotFoundError, DatasetSpec, get_spec, locate_dataset
+from helpers.datasets import DatasetNotFoundError, DatasetSpec, get_spec, locate_dataset, split_of
+from helpers.images import depth_holding, set_dataset_bit_depth
+from helpers.runs import _check_seed as check_seed  # SEED is refused by the same rule as start_run's
 from helpers.scan import (
     THUMB,
     Listing,
@@ -29,6 +32,7 @@ from helpers.scan import (
     duplicate_groups,
     duplicate_note,
     exclusion_notes,
+    flag_notes,
     IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS,
     NEAR_DUPLICATE_CORRELATION,
     SPLIT_ALIASES as _SPLIT_ALIASES,
@@ -48,10 +52,7 @@ MIN_USEFUL_VAL_FRACTION = 0.05
 # ----------------------------------------------------------------------------- scanning
 
 _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
-_IM = re.compile(r"^((?:NORMAL\d*-)?IM-\d+)-", re.IGNORECASE)
-_ROBOFLOW = re.compile(r"(.+?)_(?:png|jpe?g)\.rf\.[0-9a-f]+$", re.IGNORECASE)
-_COVID = re.compile(r"^(COVID-\d+)\.", re.IGNORECASE)
-_TB = re.compile(r"^Tuberculosis-(\d+)\.", re.IGNORECASE)
+_ROBOFLOW = re.compile(r"^(.+?)_(png|jpe?g)\.rf\.[0-9a-f]+\.\w+$", re.IGNORECASE)  # abc_png.rf.<hash>.jpg
 # Rahman et al.'s TB files come in numbered runs, and neighbouring numbers are sometimes the same
 # patient (on the real 4-class set, images N and N+1 correlate 0.53 on average, N and N+10 0.41,
 # unrelated ones 0.36). With no patient metadata, runs of TB_BLOCK consecutive numbers are one
@@ -59,30 +60,52 @@ _TB = re.compile(r"^Tuberculosis-(\d+)\.", re.IGNORECASE)
 TB_BLOCK = 10
 
 
+def _tb_block(number: str) -> str:
+    first = (int(number) - 1) // TB_BLOCK * TB_BLOCK + 1
+    return f"Tuberculosis-{first:03d}-{first + TB_BLOCK - 1:03d}"
+
+
+# Known namings of public datasets: (rule, pattern on the file name with a Roboflow export suffix
+# removed, group 1 -> id). Rules marked IMAGE_IDS name images, not patients (none are published).
+PATIENT_RULES: list[tuple[str, re.Pattern, Callable[[str], str] | None]] = [
+    (rule, re.compile(pattern, re.IGNORECASE), to_id) for rule, pattern, to_id in [
+        ("pneumonia person<N>_bacteria|virus", _PERSON.pattern[1:], None),
+        ("pneumonia IM-<N>", r"((?:NORMAL\d*-)?IM-\d+)-", None),
+        ("4-class Tuberculosis-<N>, blocks of 10 numbers", r"Tuberculosis-(\d+)\.", _tb_block),
+        ("EyePACS/ODIR <patient>_left|right", r"(\d+)_(?:left|right)\b", None),
+        ("ChestX-ray14 <patient>_<visit>", r"(\d{8})_\d{3}\.", None),
+        ("Montgomery/Shenzhen <patient>_<0|1>", r"((?:MCU|CHN)CXR_\d+)_", None),
+        ("4-class COVID-<N>", r"(COVID-\d+)\.", None),
+        ("APTOS <id>", r"([0-9a-f]{12})\.", None),
+        ("Roboflow export of <source>", r"(.+)\.(?:png|jpe?g)$", None),
+    ]]
+PATIENT_FOLDER = "patient folder (class/<patient>/...)"
+BY_IMAGE = "no patient id (each image its own group)"
+IMAGE_IDS = {"4-class COVID-<N>", "APTOS <id>", "Roboflow export of <source>", BY_IMAGE}
+
+
+def patient_rule(filename: str) -> tuple[str, str] | None:
+    """(id, rule) from the first of `PATIENT_RULES` that matches a file name, or None."""
+    name = Path(filename).name
+    source = _ROBOFLOW.match(name)
+    name = f"{source.group(1)}.{source.group(2)}" if source else name
+    for rule, pattern, to_id in PATIENT_RULES[:-1] + (PATIENT_RULES[-1:] if source else []):
+        if m := pattern.match(name):
+            return (to_id or str)(m.group(1)), rule
+    return None
+
+
 def parse_patient_id(filename: str) -> str:
-    """Patient (or source) id from a file name; the file stem when the name carries none.
+    """Patient (or source) id from a file name (`PATIENT_RULES`); the file stem when the name carries none.
 
     `person123_bacteria_456.jpeg` -> `person123`, `IM-0115-0001.jpeg` -> `IM-0115`,
-    `NORMAL2-IM-0007-0001.jpeg` -> `NORMAL2-IM-0007`; Roboflow exports
-    (`abc_png.rf.<hash>.jpg`) are grouped by their source image `abc`. 4-class set:
-    `COVID-17.jpg` -> `COVID-17` (no patient ids; neighbouring numbers are no more alike than
-    random pairs); `Tuberculosis-23.jpg` -> `Tuberculosis-021-030` (a block of `TB_BLOCK`
-    consecutive numbers, since neighbouring numbers are sometimes the same patient).
+    `NORMAL2-IM-0007-0001.jpeg` -> `NORMAL2-IM-0007`, `10_left.jpeg` -> `10`; Roboflow exports
+    (`abc_png.rf.<hash>.jpg`) by their source image `abc`. 4-class set: `COVID-17.jpg` ->
+    `COVID-17` (no patient ids); `Tuberculosis-23.jpg` -> `Tuberculosis-021-030` (a block of
+    `TB_BLOCK` consecutive numbers, since neighbouring numbers are sometimes the same patient).
     """
-    name = Path(filename).name
-    if m := _PERSON.match(name):
-        return m.group(1)
-    if m := _IM.match(name):
-        return m.group(1)
-    if m := _COVID.match(name):
-        return m.group(1)
-    if m := _TB.match(name):
-        first = (int(m.group(1)) - 1) // TB_BLOCK * TB_BLOCK + 1
-        return f"Tuberculosis-{first:03d}-{first + TB_BLOCK - 1:03d}"
-    stem = Path(name).stem
-    if m := _ROBOFLOW.match(stem):
-        return m.group(1)
-    return stem
+    found = patient_rule(filename)
+    return found[0] if found else Path(filename).stem
 
 
 def parse_subtype(filename: str, class_name: str) -> str:
@@ -93,9 +116,9 @@ def parse_subtype(filename: str, class_name: str) -> str:
     return "normal" if class_name.upper() == "NORMAL" else "unknown"
 
 
-def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]], np.ndarray]:
+def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]], np.ndarray, list]:
     """Decode-check every image once (`scan.check_image`): the readable rows (with width, height,
-    content_hash), (path, reason) of the rest, and the thumbnails of the readable rows."""
+    content_hash), (path, reason) of the rest, the thumbnails and the checks of the readable rows."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         checks = list(pool.map(check_image, map(Path, frame["path"])))
     bad = np.array([isinstance(c, str) for c in checks], dtype=bool)
@@ -114,24 +137,57 @@ def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str,
             f"{display_path(frame['path'].iloc[i])}: {checks[i]}): the split would silently lose the "
             "class. Replace the files (check the download) or point DATA_DIR at a good copy.")
     thumbs = np.stack([c.thumb for c in good]) if good else np.zeros((0, THUMB, THUMB), np.uint8)
-    return kept, skipped, thumbs
+    return kept, skipped, thumbs, good
 
 
-def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec) -> list[dict]:
+def _bit_depth_rule(root: Path, frame: pd.DataFrame, checks: list) -> list[str]:
+    """One bit depth for the dataset's 16-bit images without metadata (`images.set_dataset_bit_depth`):
+    the smallest that holds the 99.9th percentile of each of them; and the notes of `scan.FLAGS`."""
+    highs = [c.high for c in checks if c.high is not None]
+    bits = depth_holding(max(highs)) if highs else None
+    set_dataset_bit_depth(root, bits)
+    notes = flag_notes([(p, f) for p, c in zip(frame["path"], checks) for f in c.flags])
+    return notes + ([f"{len(highs)} 16-bit image(s) without bit-depth metadata (PNG sBIT): all read as {bits}-bit "
+                     "values, one rule for the dataset guessed from its images (the brightest 0.1% of an "
+                     "image's pixels may clip to white)."] if highs else [])
+
+
+def _patient(listing: Listing, root: Path, split: str, class_name: str, path: str,
+             patient_folders: set[tuple[str, str]]) -> tuple[str, str]:
+    """(patient id, rule): a known file naming, else the image's folder below its class folder when
+    that class folder holds several (one folder per patient), else the image itself."""
+    if found := patient_rule(path):
+        return found
+    inside = Path(os.path.relpath(path, listing.class_dirs[(split, class_name)])).parts
+    if len(inside) > 1 and (split, class_name) in patient_folders:
+        return inside[0], PATIENT_FOLDER
+    return Path(os.path.relpath(path, root)).with_suffix("").as_posix(), BY_IMAGE
+
+
+def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root: Path) -> list[dict]:
     """One row per used image; a split without images of a class is an error naming both."""
     found = {(split, c) for split, c, _ in listing.files}
     for split, split_dir in split_dirs.items():
         for class_name in spec.class_names:
             if (split, class_name) not in found:
                 where = listing.class_dirs.get((split, class_name)) or split_dir / class_name
+                what = (f"is a symbolic link to {os.readlink(where)}, which does not exist"
+                        if os.path.islink(where) and not os.path.exists(where) else "is missing or holds no images")
                 raise ValueError(
-                    f"The {split} split has no images of class {class_name}: class folder {where} "
-                    f"is missing or holds no images. Every class {list(spec.class_names)} needs "
-                    f"images in {split_dir}; check the download or point DATA_DIR at the right folder.")
-    names = [os.path.basename(f) for _, _, f in listing.files]
-    return [dict(path=f, label=spec.class_names.index(c), class_name=c, split=split,
-                 patient_id=parse_patient_id(n), subtype=parse_subtype(n, c))
-            for (split, c, f), n in zip(listing.files, names)]
+                    f"The {split} split has no images of class {class_name}: class folder {where} {what}. "
+                    f"Every class {list(spec.class_names)} needs images in {split_dir}; check the download "
+                    "or point DATA_DIR at the right folder.")
+    sub_folders: dict[tuple[str, str], set[str]] = {}
+    for split, c, f in listing.files:
+        inside = Path(os.path.relpath(f, listing.class_dirs[(split, c)])).parts
+        sub_folders.setdefault((split, c), set()).update(inside[:1] if len(inside) > 1 else ())
+    patient_folders = {key for key, names in sub_folders.items() if len(names) > 1}  # one folder is no patient
+    rows = []
+    for split, c, f in listing.files:
+        pid, rule = _patient(listing, root, split, c, f, patient_folders)
+        rows.append(dict(path=f, label=spec.class_names.index(c), class_name=c, split=split, patient_id=pid,
+                         patient_rule=rule, subtype=parse_subtype(os.path.basename(f), c)))
+    return rows
 
 
 def _warn(frame: pd.DataFrame, name: str, spec: DatasetSpec) -> None:
@@ -167,12 +223,14 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
     if "train" not in split_dirs:
         raise DatasetNotFoundError(
             f"{root} has no train/ folder with class folders {list(spec.class_names)}.")
-    frame = pd.DataFrame(_rows(listing, split_dirs, spec))
+    frame = pd.DataFrame(_rows(listing, split_dirs, spec, root))
     skipped = [(display_path(p), "broken symbolic link (its target does not exist)") for p in listing.broken]
     pairs: list[dict] = []
+    read_notes: list[str] = []
     if check_images:
-        frame, unreadable, thumbs = _drop_unreadable(frame)
+        frame, unreadable, thumbs, checks = _drop_unreadable(frame)
         skipped += unreadable
+        read_notes = _bit_depth_rule(root, frame, checks)
         generated = is_synthetic_dataset(root)  # generated images share one template: exact only
         found = find_duplicates(list(frame["content_hash"]), thumbs, near=2.0 if generated else
                                 NEAR_DUPLICATE_CORRELATION)
@@ -183,7 +241,7 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
     marker = display_path(root / ".complete")  # the generator's own completion marker
     excluded = [e for e in listing.excluded if not (e[0] == marker and is_synthetic_dataset(root))]
     frame.attrs.update(skipped=skipped, unknown_folders=listing.unknown, excluded=excluded,
-                       nested=listing.nested, duplicate_pairs=pairs)
+                       nested=listing.nested, duplicate_pairs=pairs, links=listing.links, read_notes=read_notes)
     _warn(frame, name, spec)
     return frame
 
@@ -293,9 +351,10 @@ def _require_every_class(frame: pd.DataFrame, spec: DatasetSpec, carved: tuple[s
         present = set(frame.loc[frame["split"] == split, "class_name"])
         absent = [c for c in spec.class_names if c not in present]
         if absent:
-            how = ("carved out of train/ by patient: too few patients of that class to give every "
-                   "split one; add images or lower the number of carved splits" if split in carved
-                   else "check the folder")
+            how = ("carved out of train/ by patient: too few patient groups of that class to give every "
+                   "split one (see the note on patients: if those groups are no patients, pass "
+                   "load_splits(..., groups=...)); add images or lower the number of carved splits"
+                   if split in carved or (carved and split == "train") else "check the folder")
             raise ValueError(f"The {split} split holds no image of class {absent[0]} ({how}). "
                              "Every split must hold every class, or its metrics are undefined.")
 
@@ -308,7 +367,60 @@ def _scan_notes(frame: pd.DataFrame, root: Path, name: str, synthetic: bool) -> 
     if unknown := frame.attrs.get("unknown_folders"):
         notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: "
                      + ", ".join(unknown))
-    return notes + exclusion_notes(frame.attrs.get("excluded", []), frame.attrs.get("nested", []))
+    return (notes + exclusion_notes(frame.attrs.get("excluded", []), frame.attrs.get("nested", []),
+                                    frame.attrs.get("links", [])) + frame.attrs.get("read_notes", []))
+
+
+Groups = Callable[[str], str] | str | Path | None
+
+
+def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetSpec) -> pd.DataFrame:
+    """`patient_id` and `patient_rule` from `groups`: a function of the image path, "parent" (the
+    image's folder is its patient) or a CSV file of (file, patient) rows, file being the path below
+    the dataset root or any tail of it (the file name)."""
+    paths = [os.path.relpath(p, root) for p in frame["path"]]
+    if callable(groups):
+        ids, rule = [groups(p) for p in frame["path"]], f"groups={getattr(groups, '__name__', 'function')}"
+    elif str(groups) == "parent":
+        flat = [p for p in paths if spec.canonical_class(Path(p).parent.name) or split_of(Path(p).parent.name)]
+        if flat:
+            raise ValueError(f'groups="parent" takes the folder of each image as its patient, but {len(flat)} '
+                             f"image(s) lie directly in a class folder (e.g. {display_path(flat[0])}): a whole "
+                             "class would be one patient. Use it with one folder per patient "
+                             "(class/<patient>/image), or pass a CSV of file,patient or a function.")
+        ids, rule = [Path(p).parent.name for p in paths], 'groups="parent" (the folder of each image)'
+    else:
+        table = pd.read_csv(groups, dtype=str).dropna()
+        lookup = dict(zip(table.iloc[:, 0].str.strip(), table.iloc[:, 1].str.strip()))
+        tails = [[Path(*Path(p).parts[i:]).as_posix() for i in range(len(Path(p).parts))] for p in paths]
+        ids = [next((lookup[t] for t in ts if t in lookup), None) for ts in tails]
+        rule = f"groups={display_path(groups)}"
+    missing = [p for p, i in zip(paths, ids) if i is None or str(i).strip() == ""]
+    if missing:
+        raise ValueError(f"{rule} gives no patient for {len(missing)} image(s) (e.g. {display_path(missing[0])}): "
+                         "every image needs one (a CSV row file,patient, file being the path below "
+                         f"{display_path(root)} or the file name).")
+    return frame.assign(patient_id=[str(i) for i in ids], patient_rule=rule)
+
+
+def _grouping_notes(train: pd.DataFrame) -> list[str]:
+    """Which rule found the patient ids of the images carved from, and how many it grouped; a loud
+    note (and a warning when nothing was grouped) where the split is by image."""
+    grouped = train[~train["patient_rule"].isin(IMAGE_IDS)]
+    parts = [f"{len(part)} images into {part['patient_id'].nunique()} patients by {rule}"
+             for rule, part in grouped.groupby("patient_rule", sort=False)]
+    notes = ["Patients (carving keeps each one in one split): " + "; ".join(parts) + "."] if parts else []
+    by_image = train[train["patient_rule"].isin(IMAGE_IDS)]
+    if len(by_image):
+        rules = ", ".join(f"{r} {n}" for r, n in by_image["patient_rule"].value_counts().items())
+        notes.append(f"WARNING: {len(by_image)} of {len(train)} images carry no patient id ({rules}; e.g. "
+                     f"{Path(by_image['path'].iloc[0]).name}): the split is by image there, and one patient's "
+                     "images may leak into two splits (scores look better than they are). Give the grouping "
+                     "with load_splits(..., groups=...): a function of the path, a CSV of file,patient, or "
+                     '"parent" (one folder per patient).')
+        if grouped.empty:
+            warnings.warn(notes[-1], stacklevel=3)
+    return notes
 
 
 def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], notes: list[str],
@@ -316,6 +428,7 @@ def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], n
     """Carve the `missing` splits out of train by patient, copies of one image kept together; notes it."""
     frame["group"] = duplicate_groups(frame, pairs)
     train = frame[frame["split"] == "train"]
+    notes += _grouping_notes(train)
     joined = train["patient_id"].nunique() - train["group"].nunique()
     frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction,
                          seed=seed, carve=missing, group_by="group").drop(columns="group")
@@ -328,7 +441,7 @@ def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], n
 
 def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42,
                 val_fraction: float = 0.15, test_fraction: float = 0.15,
-                max_per_class: int | None = None, check_images: bool = True) -> DataSplits:
+                max_per_class: int | None = None, check_images: bool = True, groups: Groups = None) -> DataSplits:
     """Find (or generate) a dataset, scan it and return train/val/test splits.
 
     Provided splits are kept. A missing validation or test split is carved out of train/,
@@ -342,9 +455,15 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     that is also under MIN_USEFUL_VAL_FRACTION of train is therefore folded back into train,
     and a patient-grouped validation split is carved instead.
 
+    Patients come from the file names (`PATIENT_RULES`), else from one folder per patient
+    (class/<patient>/...), else each image is its own group and a note warns that patients may
+    leak; `groups` overrides them (a function of the path, a CSV of file,patient, or "parent").
+    The notes say which rule grouped how many images. `seed` must be a whole number, as SEED is.
+
     `data_dir="synthetic"` writes (once) and uses a small generated dataset with the same
     folder layout, so everything runs offline.
     """
+    seed = check_seed(seed)
     spec = get_spec(name)
     generate = data_dir is not None and str(data_dir) == "synthetic"
     root = make_synthetic_dataset(name, seed=seed) if generate else locate_dataset(name, data_dir)
@@ -355,6 +474,8 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     notes = _scan_notes(frame, root, name, synthetic)
     near_checked = frame.attrs.get("near_checked", True)
     frame.attrs = {}  # pandas deep-copies attrs in every operation (each group of a groupby): keep none
+    if groups is not None:
+        frame = _user_groups(frame, groups, Path(root), spec)
     n_val, n_train = int((frame["split"] == "val").sum()), int((frame["split"] == "train").sum())
     if 0 < n_val < MIN_USEFUL_VAL_IMAGES and n_val < MIN_USEFUL_VAL_FRACTION * n_train:
         frame.loc[frame["split"] == "val", "split"] = "train"

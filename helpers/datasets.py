@@ -9,6 +9,7 @@ refuses a folder that holds another dataset (`WrongDatasetError`). What is insid
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,15 @@ from helpers.runs import project_root
 
 IGNORED_DIRS = {"__MACOSX", ".ipynb_checkpoints"}
 KAGGLE_INPUT = Path("/kaggle/input")
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+
+
+def split_of(folder: str) -> str | None:
+    """The split a folder name means ("train", "val", "test"), or None: any case, separators and a
+    trailing "set"/"data"/"images" are ignored (`Train`, `TESTING`, `training_set`, `Val-Images`)."""
+    key = re.sub(r"[^a-z]", "", folder.lower())
+    return SPLIT_ALIASES.get(re.sub(r"(set|data|images?)$", "", key) or key)
 
 
 @dataclass(frozen=True)
@@ -90,9 +100,10 @@ def visible_folders(folder: Path) -> list[Path]:
 
 
 def _subfolders(folder: Path) -> list[Path]:
-    """Sub-folders of `folder`; none when it is no folder or cannot be read (the scan reports that)."""
+    """Sub-folders of `folder` (and broken links, which the scan reports); none when it is no folder
+    or cannot be read (the scan reports that)."""
     try:
-        return [d for d in folder.iterdir() if d.is_dir()] if folder.is_dir() else []
+        return [d for d in folder.iterdir() if d.is_dir() or (d.is_symlink() and not d.exists())] if folder.is_dir() else []
     except OSError:
         return []
 
@@ -146,9 +157,10 @@ def split_class_folders(split_dir: Path, spec: DatasetSpec) -> tuple[dict[str, P
 # ----------------------------------------------------------------------------- locating
 
 def _is_dataset_root(folder: Path, spec: DatasetSpec, rejected: list[str] | None = None) -> bool:
-    """A root holds train/ with a folder for every class, or those class folders themselves,
-    and no class folder of another known dataset (reasons for refusing go to `rejected`)."""
-    for parent in (folder / "train", folder):
+    """A root holds a train split (`split_of`: Train/, training/, ...) with a folder for every
+    class, or those class folders themselves, and no class folder of another known dataset
+    (reasons for refusing go to `rejected`)."""
+    for parent in [d for d in visible_folders(folder) if split_of(d.name) == "train"] + [folder]:
         if {spec.canonical_class(d.name) for d in class_folders(parent, spec)} == set(spec.class_names):
             problem = _foreign_classes(parent, spec)
             if problem is None:
@@ -165,14 +177,20 @@ def find_dataset_root(folder: str | Path, spec: DatasetSpec, max_depth: int = 4,
 
     Shallowest first, so the pneumonia archive's nested duplicate `chest_xray/chest_xray/` is
     never picked over `chest_xray/`; `__MACOSX/` is never entered. A folder that holds another
-    dataset's classes is refused (reason appended to `rejected`) and not searched further.
+    dataset's classes, or is a validation or test split (`Test/` is never a dataset to train on), is
+    refused (reason appended to `rejected`) and not searched further.
     """
     level = [Path(folder)]
     for _ in range(max_depth + 1):
         refused = []
         for candidate in level:
             found: list[str] = []
-            if _is_dataset_root(candidate, spec, found):
+            if split_of(candidate.name) in ("val", "test") and not any(  # a test/ that holds train/ is a root
+                    split_of(d.name) == "train" for d in visible_folders(candidate)):
+                found.append(f"{candidate} is a {split_of(candidate.name)} split folder, not a dataset: training "
+                             "on it would train (and carve validation and test) on held-out images. If it is "
+                             "part of a dataset, point DATA_DIR at the folder above it that holds train/.")
+            elif _is_dataset_root(candidate, spec, found):
                 return candidate
             if found:
                 refused.append(candidate)

@@ -1,15 +1,17 @@
 """Reading an image file as the 8-bit RGB a model sees, the same way everywhere.
 
-`read_image` decodes a file (DICOM through `read_dicom`: modality LUT, the file's display window,
-MONOCHROME1 inverted), turns it as its EXIF orientation says and converts it with `to_rgb`
-(16-bit values rescaled by their bit depth, transparency onto black, grayscale to 3 channels).
-Training, the tensor cache, the figures, the dataset scan and the app all read through here.
+`read_image` decodes a file (DICOM, recognised by content, through `read_dicom`: modality LUT, the
+file's display window or its BitsStored, MONOCHROME1 inverted), turns it as its EXIF orientation
+says and converts it with `to_rgb` (16-bit values rescaled by one bit depth per source: the file's
+PNG sBIT, else the rule the scan set for its dataset; transparency onto black, grayscale to 3
+channels). Training, the tensor cache, the figures, the dataset scan and the app all read through here.
 """
 
 from __future__ import annotations
 
 import io
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,17 +23,35 @@ from PIL import Image, ImageOps
 
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128  # a DICOM Part 10 file: 128-byte preamble, then b"DICM"
+_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
+                 b"UR US UT UV".split())
+MIN_IMAGE_SIDE = 32  # the smallest side the app accepts (app/serve.py); the scan counts smaller images
 
 
 class DicomError(ValueError):
     """A DICOM file that cannot be turned into pixels; the message says why and what to do."""
 
 
+def _looks_like_dicom(head: bytes) -> bool:
+    """The b"DICM" marker after the 128-byte preamble, or a data set from byte 0 (no preamble) that
+    starts with a group 0002 or 0008 element, in explicit VR (a VR code) or implicit VR (a short length)."""
+    if head[_MAGIC_OFFSET:_MAGIC_OFFSET + 4] == b"DICM":
+        return True
+    return (len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
+            and (head[4:6] in _VRS or int.from_bytes(head[4:8], "little") < 1024))
+
+
 def is_dicom(source: str | Path | bytes) -> bool:
-    """True for a DICOM Part 10 file (the b"DICM" marker after the 128-byte preamble) or a `.dcm` name."""
+    """DICOM by content (bytes, or a file's first bytes): with or without the 128-byte preamble,
+    whatever the file's name; a `.dcm` name counts too (pydicom then says what is wrong)."""
     if isinstance(source, (bytes, bytearray)):
-        return bytes(source[_MAGIC_OFFSET:_MAGIC_OFFSET + 4]) == b"DICM"
-    return Path(source).suffix.lower() in DICOM_EXTENSIONS
+        return _looks_like_dicom(bytes(source[:_MAGIC_OFFSET + 4]))
+    try:
+        with open(source, "rb") as f:
+            sniffed = _looks_like_dicom(f.read(_MAGIC_OFFSET + 4))
+    except OSError:
+        sniffed = False
+    return sniffed or Path(source).suffix.lower() in DICOM_EXTENSIONS
 
 
 def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
@@ -42,28 +62,44 @@ def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
         item = ds.VOILUTSequence[0]
         bits = int(item.LUTDescriptor[2]) or 16
         return np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64) / (2 ** bits - 1), "its VOI LUT"
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        first = lambda v: float(v[0] if getattr(v, "VM", 1) > 1 else v)  # noqa: E731 (several windows: the first)
-        center, width = first(ds.WindowCenter), max(first(ds.WindowWidth), 1.0)
+    if "WindowCenter" in ds and "WindowWidth" in ds:  # one value each, or several windows (CR, DX): the first
+        centers, widths = (np.ravel(np.asarray(ds[k].value, dtype=np.float64)) for k in ("WindowCenter", "WindowWidth"))
+        center, width = float(centers[0]), max(float(widths[0]), 1.0)
+        several = f" (the file holds {len(centers)} display windows; only the first is used)" if len(centers) > 1 else ""
         if str(ds.get("VOILUTFunction", "LINEAR")).upper() == "SIGMOID":
-            return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width)), f"its sigmoid window {center:g}/{width:g}"
+            return (1.0 / (1.0 + np.exp(-4.0 * (values - center) / width)),
+                    f"its sigmoid window {center:g}/{width:g}{several}")
         scaled = ((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5) if width > 1 else (values >= center) * 1.0
-        return np.clip(scaled, 0.0, 1.0), f"its window center {center:g} / width {width:g}"
+        return np.clip(scaled, 0.0, 1.0), f"its window center {center:g} / width {width:g}{several}"
+    if bits := int(ds.get("BitsStored", 0) or 0):  # no window: the range the stored bits can hold
+        from pydicom.pixels import apply_modality_lut
+
+        signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+        ends = np.asarray(apply_modality_lut(np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed
+                                                      else [0, 2 ** bits - 1]), ds), dtype=np.float64)
+        lo, hi = float(ends.min()), float(ends.max())
+        return (np.clip((values - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0),
+                f"its BitsStored ({bits}-bit values: {lo:g} -> black, {hi:g} -> white; no window in the file)")
     lo, hi = float(values.min()), float(values.max())
-    return (values - lo) / (hi - lo if hi > lo else 1.0), "its own range (no window in the file)"
+    return (values - lo) / (hi - lo if hi > lo else 1.0), "its own range (no window nor BitsStored in the file)"
 
 
 def read_dicom(source: str | Path | bytes | BinaryIO) -> tuple[Image.Image, list[str]]:
     """A DICOM file (path, bytes or file object) -> 8-bit PIL image ("L", or "RGB" for colour), and notes."""
     try:
         import pydicom
+        from pydicom import uid
         from pydicom.pixels import apply_modality_lut
     except ImportError:  # pragma: no cover - pydicom is a dependency of the course
         raise DicomError("Reading DICOM (.dcm) files needs pydicom: pip install pydicom.") from None
     name = str(source) if isinstance(source, (str, Path)) else "the DICOM file"
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
-        ds = pydicom.dcmread(fp)
+        ds = pydicom.dcmread(fp, force=True)  # force: also a data set without the preamble
+        if "TransferSyntaxUID" not in ds.file_meta:  # no file meta: the encoding it was read with
+            implicit, little = ds.original_encoding
+            ds.file_meta.TransferSyntaxUID = (uid.ImplicitVRLittleEndian if implicit else
+                                              uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian)
         pixels = ds.pixel_array
     except Exception as err:  # missing pixel data, compressed without a decoder plug-in, broken file
         raise DicomError(
@@ -92,18 +128,67 @@ HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 ALPHA_BACKGROUND = (0, 0, 0)  # transparency is composited onto black, the background of a radiograph
 
 
-def _rescale_high_bit_depth(image: Image.Image) -> tuple[Image.Image, str]:
-    """16/32-bit grayscale -> 8-bit "L" by the smallest bit depth (8..32) holding its maximum
-    (`convert("L")` would clip a 12-bit X-ray to white); floats in [0, 1] times 255; anything
-    else stretched from its minimum to its maximum."""
+_DATASET_BITS: dict[str, int] = {}  # dataset folder -> bit depth of its 16-bit images without metadata
+
+
+def set_dataset_bit_depth(folder: str | Path, bits: int | None) -> None:
+    """The bit depth every 16-bit image under `folder` without metadata is read with (the scan sets
+    it: one rule per dataset, never one per image); None forgets it."""
+    _DATASET_BITS.pop(os.path.abspath(folder), None)
+    if bits is not None:
+        _DATASET_BITS[os.path.abspath(folder)] = bits
+
+
+def depth_holding(value: float) -> int:
+    """The smallest usual bit depth (8, 10, 12, 14, 16, 32) whose range holds `value`."""
+    return next(b for b in (8, 10, 12, 14, 16, 32) if value <= 2 ** b - 1)
+
+
+def _png_sbit(stream: BinaryIO) -> int | None:
+    """The significant bits of a PNG's first channel (its sBIT chunk), or None (none before the pixels)."""
+    stream.seek(0)
+    if stream.read(8) != b"\x89PNG\r\n\x1a\n":
+        return None
+    while len(head := stream.read(8)) == 8 and head[4:8] not in (b"IDAT", b"IEND"):
+        body = stream.read(int.from_bytes(head[:4], "big") + 4)
+        if head[4:8] == b"sBIT" and body:
+            return body[0]
+    return None
+
+
+def stored_bits(image: Image.Image, path: str | Path | None = None) -> tuple[int, str] | None:
+    """The bit depth a 16-bit image's source declares (PNG sBIT) or that the scan set for its
+    dataset (`set_dataset_bit_depth`), and where it comes from; None when neither says."""
+    source = getattr(image, "_fp", None) if path is None else None  # an upload: the stream PIL read
+    try:
+        if image.format == "PNG" and (path is not None or source is not None):
+            with (open(path, "rb") if path is not None else nullcontext(source)) as stream:
+                position = stream.tell()
+                bits = _png_sbit(stream)
+                stream.seek(position)
+            if bits:
+                return bits, "from its PNG sBIT chunk"
+    except (OSError, ValueError):  # a closed or odd stream: no metadata
+        pass
+    where = os.path.abspath(path) if path is not None else None
+    for folder, bits in _DATASET_BITS.items():
+        if where and where.startswith(folder + os.sep):
+            return bits, "the rule for its whole dataset, guessed from its images (no PNG sBIT)"
+    return None
+
+
+def _rescale_high_bit_depth(image: Image.Image, bits: tuple[int, str] | None) -> tuple[Image.Image, str]:
+    """16/32-bit grayscale -> 8-bit "L" by a bit depth (`stored_bits`: PNG sBIT or the dataset's
+    rule; without either, guessed from this image's maximum, and the note says so), never clipped by
+    `convert("L")`; floats in [0, 1] times 255; anything else stretched from its minimum to its maximum."""
     values = np.asarray(image, dtype=np.float64)
     if values.ndim == 3:  # e.g. a 2-channel 16-bit image opened as an array: keep the first
         values = values[..., 0]
     lo, hi = float(values.min()), float(values.max())
     if image.mode != "F" and lo >= 0:
-        bits = next(b for b in (8, 10, 12, 14, 16, 32) if hi <= 2 ** b - 1)
-        scaled = values * (255.0 / (2 ** bits - 1))
-        how = f"as {bits}-bit values (0 -> black, {2 ** bits - 1} -> white)"
+        depth, source = bits or (depth_holding(hi), "guessed from this image's maximum (no bit-depth metadata)")
+        scaled = values * (255.0 / (2 ** depth - 1))
+        how = f"as {depth}-bit values, {source} (0 -> black, {2 ** depth - 1} -> white)"
     elif image.mode == "F" and lo >= 0 and hi <= 1:
         scaled, how = values * 255.0, "as values in [0, 1]"
     else:
@@ -114,12 +199,13 @@ def _rescale_high_bit_depth(image: Image.Image) -> tuple[Image.Image, str]:
     return Image.fromarray(np.round(np.clip(scaled, 0, 255)).astype(np.uint8), mode="L"), note
 
 
-def to_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
+def to_rgb(image: Image.Image, *, bits: tuple[int, str] | None = None) -> tuple[Image.Image, list[str]]:
     """Any PIL image -> 8-bit RGB, with notes: grayscale replicated, palettes expanded,
-    transparency onto black, 16/32-bit rescaled by its bit depth (never clipped)."""
+    transparency onto black, 16/32-bit rescaled by its bit depth (`bits`, else `stored_bits`; never
+    clipped)."""
     notes: list[str] = []
     if image.mode in HIGH_BIT_DEPTH_MODES:
-        image, note = _rescale_high_bit_depth(image)
+        image, note = _rescale_high_bit_depth(image, bits or stored_bits(image))
         notes.append(note)
     if image.mode in ("P", "PA"):
         image = image.convert("RGBA")
@@ -153,8 +239,10 @@ def display_path(path: str | Path) -> str:
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 
-def oriented_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
-    """A decoded image turned as its EXIF orientation says, then `to_rgb`; with notes."""
+def oriented_rgb(image: Image.Image, path: str | Path | None = None) -> tuple[Image.Image, list[str]]:
+    """A decoded image turned as its EXIF orientation says, then `to_rgb`; with notes (`path`: the
+    file it came from, for its bit depth)."""
+    bits = stored_bits(image, path) if image.mode in HIGH_BIT_DEPTH_MODES else None
     notes: list[str] = []
     if (orientation := exif_orientation(image)) != 1:
         try:
@@ -162,7 +250,7 @@ def oriented_rgb(image: Image.Image) -> tuple[Image.Image, list[str]]:
             notes.append(f"rotated according to its EXIF orientation ({orientation})")
         except Exception:  # a broken EXIF block should not block an otherwise good image
             pass
-    rgb, converted = to_rgb(image)
+    rgb, converted = to_rgb(image, bits=bits)
     return rgb, notes + converted
 
 
@@ -181,7 +269,9 @@ def read_image_with_notes(path: str | Path) -> tuple[Image.Image, list[str]]:
             return rgb, notes + converted
         with Image.open(path) as im:
             im.load()
-            rgb, notes = oriented_rgb(im)
+            rgb, notes = oriented_rgb(im, path)
+            if getattr(im, "n_frames", 1) > 1:
+                notes.insert(0, f"the file holds {im.n_frames} pages; only the first is used")
             return (im.copy() if rgb is im else rgb), notes  # the file closes here: keep no lazy image
     except FileNotFoundError:
         raise gone(path) from None

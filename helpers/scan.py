@@ -23,8 +23,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from helpers.datasets import IGNORED_DIRS, DatasetSpec, find_dataset_root, split_class_folders
-from helpers.images import DICOM_EXTENSIONS, display_path, exif_orientation, is_dicom, read_dicom
+from helpers.datasets import (IGNORED_DIRS, SPLIT_ALIASES, DatasetSpec, find_dataset_root,  # noqa: F401
+                              split_class_folders, split_of)
+from helpers.images import (DICOM_EXTENSIONS, HIGH_BIT_DEPTH_MODES, MIN_IMAGE_SIDE, display_path, exif_orientation,
+                            is_dicom, read_dicom, stored_bits)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS}
 # Image formats a folder may hold that the course does not read: counted as "unsupported format"
@@ -32,8 +34,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXT
 OTHER_IMAGE_EXTENSIONS = {".webp", ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".svg",
                           ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".psd", ".raw", ".nii", ".nrrd",
                           ".mha", ".mhd", ".jfif", ".jpe"}
-SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                 "validation": "val", "dev": "val", "test": "test", "testing": "test"}
 REASONS = {
     "hidden": "hidden or system files (names starting with '.', __MACOSX, .ipynb_checkpoints)",
     "not_image": "files that are not images",
@@ -73,6 +73,7 @@ class Listing:
     nested: list[str] = field(default_factory=list)  # used images from sub-folders of class folders
     unknown: list[str] = field(default_factory=list)  # folders that are no class of the dataset
     class_dirs: dict[tuple[str, str], Path] = field(default_factory=dict)  # (split, class) -> folder
+    links: list[str] = field(default_factory=list)  # symbolic links to folders, followed: "link -> target"
 
 
 def _entries(folder: Path, must_read: bool, listing: Listing) -> list[os.DirEntry]:
@@ -114,7 +115,7 @@ def _visible_dirs(folder: Path, listing: Listing) -> list[Path]:
 def split_folders(root: Path, spec: DatasetSpec, listing: Listing) -> dict[str, Path]:
     """{split: folder} of a dataset root; a root of class folders is the train split."""
     dirs = _visible_dirs(root, listing)
-    splits = _one_per_meaning(dirs, lambda n: SPLIT_ALIASES.get(n.lower()), "split")
+    splits = _one_per_meaning(dirs, lambda n: split_of(n), "split")
     classes = _one_per_meaning(dirs, spec.canonical_class, "class")
     return splits if splits or len(classes) < 2 else {"train": root}
 
@@ -123,7 +124,7 @@ def class_folders_of(split_dir: Path, spec: DatasetSpec, listing: Listing) -> di
     """{class: folder} of one split folder (unknown folders go to `listing.unknown`)."""
     _visible_dirs(split_dir, listing)  # an unreadable split folder is an error that says so
     classes, unknown = split_class_folders(split_dir, spec)  # refuses another dataset's classes
-    listing.unknown += [u for u in unknown if SPLIT_ALIASES.get(Path(u).name.lower()) is None]
+    listing.unknown += [u for u in unknown if split_of(Path(u).name) is None]
     return classes
 
 
@@ -136,7 +137,7 @@ def _file_reason(entry: os.DirEntry, context: str) -> str | None:
         return "bad_name"
     if name.startswith(".") or context == "hidden":
         return "hidden"
-    if suffix not in IMAGE_EXTENSIONS:
+    if suffix not in IMAGE_EXTENSIONS and not is_dicom(entry.path):  # DICOM by content: no extension, .IMA, ...
         return "unsupported" if suffix in OTHER_IMAGE_EXTENSIONS else "not_image"
     return None if context == "class" else context
 
@@ -151,7 +152,7 @@ def _dir_context(entry: os.DirEntry, context: str, used: dict[str, tuple[str, st
     if entry.path in split_paths:
         return "outside"  # a split folder: its loose files are outside any class folder
     if context == "class":
-        named = spec.canonical_class(entry.name) or SPLIT_ALIASES.get(entry.name.lower())
+        named = spec.canonical_class(entry.name) or split_of(entry.name)
         return "ambiguous" if named else "class"
     if top and context == "outside" and find_dataset_root(Path(entry.path), spec, max_depth=2):
         return "duplicate_folder"
@@ -165,30 +166,29 @@ def list_dataset(root: Path, spec: DatasetSpec) -> tuple[Listing, dict[str, Path
     listing.class_dirs = {(split, c): d for split, folder in splits.items()
                           for c, d in class_folders_of(folder, spec, listing).items()}
     used = {str(d): key for key, d in listing.class_dirs.items()}
-    seen: set[str] = set()
     split_paths = {str(p) for p in splits.values()}
 
-    def walk(folder: Path, context: str, owner: tuple[str, str] | None, depth: int) -> None:
-        if os.path.realpath(folder) in seen:  # a symbolic link back up the tree
+    def walk(folder: Path, context: str, owner: tuple[str, str] | None, depth: int, above: frozenset) -> None:
+        real = os.path.realpath(folder)
+        if real in above:  # a symbolic link back up the tree
             return
-        seen.add(os.path.realpath(folder))
+        if os.path.islink(folder):
+            listing.links.append(f"{display_path(folder)} -> {display_path(real)}")
         must_read = context == "class" or folder == root or str(folder) in split_paths
         for entry in _entries(folder, must_read, listing):
-            if entry.is_dir():
-                sub = _dir_context(entry, context, used, spec, depth < 2, split_paths)
-                walk(Path(entry.path), sub, used.get(entry.path, owner), depth + 1)
-                continue
-            reason = _file_reason(entry, context)
-            if reason is not None:
-                listing.excluded.append((display_path(entry.path), reason))
-            elif entry.is_symlink() and not os.path.exists(entry.path):
+            if entry.is_symlink() and not os.path.exists(entry.path):
                 listing.broken.append(Path(entry.path))
+            elif entry.is_dir():
+                sub = _dir_context(entry, context, used, spec, depth < 2, split_paths)
+                walk(Path(entry.path), sub, used.get(entry.path, owner), depth + 1, above | {real})
+            elif (reason := _file_reason(entry, context)) is not None:
+                listing.excluded.append((display_path(entry.path), reason))
             elif owner is not None:
                 listing.files.append((owner[0], owner[1], entry.path))
                 if str(folder) not in used:
                     listing.nested.append(entry.path)
 
-    walk(root, "outside", None, 0)
+    walk(root, "outside", None, 0, frozenset())
     listing.files.sort()
     return listing, splits
 
@@ -203,6 +203,17 @@ class ImageCheck:
     height: int
     digest: str
     thumb: np.ndarray  # uint8 (THUMB, THUMB)
+    flags: tuple[str, ...] = ()  # keys of FLAGS: what training should be told about this image
+    high: float | None = None  # a 16-bit image without metadata: its 99.9th percentile (the dataset's bit depth)
+
+
+# What reading an image did that training should hear of (counted in one note per kind).
+FLAGS = {
+    "pages": "multi-page file(s) (TIFF pages, DICOM frames): only the first page is used",
+    "windows": "DICOM file(s) with several display windows: only the first window is used",
+    "small": f"image(s) smaller than {MIN_IMAGE_SIDE} pixels on a side, which the app refuses as uploads: "
+             "trained and evaluated on all the same",
+}
 
 
 def check_image(path: Path) -> ImageCheck | str:
@@ -210,26 +221,33 @@ def check_image(path: Path) -> ImageCheck | str:
 
     The bytes are read once and hashed (exact duplicates); JPEGs are decoded in draft mode (at
     1/8 scale): every byte is still read, so truncated files fail, at a fraction of a full decode.
-    The EXIF orientation is applied, as training and the app do.
+    The EXIF orientation is applied, as training and the app do. `flags` say what reading it
+    did (`FLAGS`); `high` is set for a 16-bit image whose file declares no bit depth.
     """
     try:
         payload = path.read_bytes()
         digest = hashlib.blake2b(payload, digest_size=16).hexdigest()
-        if is_dicom(path) or is_dicom(payload):
-            image = read_dicom(payload)[0]
+        flags, high = [], None
+        if is_dicom(payload) or path.suffix.lower() in DICOM_EXTENSIONS:
+            image, notes = read_dicom(payload)
             size = image.size
+            flags = [f for f, words in (("pages", " frames"), ("windows", "display windows")) if any(words in n for n in notes)]
         else:
             with Image.open(io.BytesIO(payload)) as im:
                 size = im.size
+                flags = ["pages"] if getattr(im, "n_frames", 1) > 1 else []
                 im.draft("L", (max(THUMB, size[0] // 8), max(THUMB, size[1] // 8)))  # never below the thumbnail
                 im.load()
+                if im.mode in HIGH_BIT_DEPTH_MODES and im.mode != "F" and stored_bits(im) is None:
+                    high = float(np.percentile(np.asarray(im), 99.9))
                 image = im
                 if exif_orientation(im) != 1:
                     image = ImageOps.exif_transpose(im)
                     size = size if image.size == im.size else (size[1], size[0])
         gray = image if image.mode == "L" else image.convert("L")
         thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR))
-        return ImageCheck(size[0], size[1], digest, thumb)
+        flags += ["small"] if min(size) < MIN_IMAGE_SIDE else []
+        return ImageCheck(size[0], size[1], digest, thumb, tuple(flags), high)
     except Exception as err:  # PIL and pydicom raise many types for broken files
         message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err))
         return f"{type(err).__name__}: {message}"
@@ -354,9 +372,18 @@ def duplicate_note(duplicates: pd.DataFrame) -> str | None:
             "than it is: they come from the provided splits (carved splits keep copies together).")
 
 
-def exclusion_notes(excluded: list[tuple[str, str]], nested: list[str]) -> list[str]:
-    """Sentences that count the files not used, by reason (with an example each), and the nested images used."""
-    notes = []
+def flag_notes(flagged: list[tuple[str, str]]) -> list[str]:
+    """One sentence per kind of `FLAGS` for (path, flag) pairs: how many images, and an example."""
+    by_flag: dict[str, list[str]] = {}
+    for path, flag in flagged:
+        by_flag.setdefault(flag, []).append(path)
+    return [f"{len(paths)} {FLAGS[flag]} (e.g. {display_path(paths[0])})." for flag, paths in by_flag.items()]
+
+
+def exclusion_notes(excluded: list[tuple[str, str]], nested: list[str], links: list[str] = ()) -> list[str]:
+    """Sentences that count the files not used, by reason (with an example each), the nested images
+    used and the symbolic links to folders followed."""
+    notes = [f"Followed {len(links)} symbolic link(s) to folders: " + "; ".join(links[:5])] if links else []
     if excluded:
         by_reason: dict[str, list[str]] = {}
         for path, reason in excluded:

@@ -49,8 +49,9 @@ def _dataset(root: Path, layout: dict[str, int], split: str = "train", seed: int
 
 
 def _dicom(path: Path, values: np.ndarray, *, photometric: str = "MONOCHROME2",
-           window: tuple[float, float] | None = None) -> Path:
-    """A 16-bit (12 bits stored) DICOM file written by pydicom."""
+           window: tuple[Any, Any] | None = None, preamble: bool = True) -> Path:
+    """A 16-bit (12 bits stored) DICOM file written by pydicom; `preamble=False`: a bare data set
+    (no 128-byte preamble, no file meta, implicit VR), as some exports write them."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -68,7 +69,11 @@ def _dicom(path: Path, values: np.ndarray, *, photometric: str = "MONOCHROME2",
         ds.WindowCenter, ds.WindowWidth = window
     ds.PixelData = values.astype(np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    if preamble:
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        del ds.file_meta
+        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
     return path
 
 
@@ -405,6 +410,303 @@ CASES = [
 ]
 
 
+# ----------------------------------------------------------------------------- issue 29: splits and patients
+
+
+def _flat(root: Path, names: dict[str, list[str]], split: str = "train", seed: int = 0) -> Path:
+    """`root/<split>/<class>/<name>` with distinct images: {class folder: [relative names]}."""
+    for k, (cls, files) in enumerate(names.items()):
+        for i, name in enumerate(files):
+            _save(_texture(seed * 10_000 + k * 1000 + i), root / split / cls / name)
+    return root
+
+
+def _run_capitalised_splits(tmp, mp):
+    root = _dataset(tmp / "pn", {"NORMAL": 20, "PNEUMONIA": 20}, split="Train")
+    _dataset(root, {"NORMAL": 5, "PNEUMONIA": 5}, split="Test", seed=1)
+    return root, data.load_splits("pneumonia", root)
+
+
+def _check_capitalised_splits(result):
+    root, splits = result
+    assert splits.carved == ("val",) and Path(splits.root) == root
+    tested = {Path(p).parent.parent.name for p in splits.test["path"]}
+    trained = {Path(p).parent.parent.name for p in splits.frame.loc[splits.frame["split"] != "test", "path"]}
+    assert tested == {"Test"} and trained == {"Train"} and len(splits.test) == 10
+
+
+def _run_alias_splits(tmp, mp):
+    root = _dataset(tmp / "pn", {"NORMAL": 20, "PNEUMONIA": 20}, split="Training_Set")
+    _dataset(root, {"NORMAL": 5, "PNEUMONIA": 5}, split="TESTING", seed=1)
+    return data.load_splits("pneumonia", root)
+
+
+def _run_only_test_folder(tmp, mp):
+    return data.load_splits("pneumonia", _dataset(tmp / "pn", {"NORMAL": 8, "PNEUMONIA": 8}, split="Test"))
+
+
+def _run_data_dir_is_test(tmp, mp):
+    root = _dataset(tmp / "pn", {"NORMAL": 8, "PNEUMONIA": 8})
+    _dataset(root, {"NORMAL": 8, "PNEUMONIA": 8}, split="test", seed=1)
+    return data.load_splits("pneumonia", root / "test")
+
+
+def _run_seed_none_split(tmp, mp):
+    return data.load_splits("pneumonia", _dataset(tmp / "pn", {"NORMAL": 8, "PNEUMONIA": 8}), seed=None)
+
+
+def _eyes(first: int, n: int) -> list[str]:
+    return [f"{p}_{eye}.jpeg" for p in range(first, first + n) for eye in ("left", "right")]
+
+
+def _run_eyepacs_names(tmp, mp):
+    return data.load_splits("pneumonia", _flat(tmp / "pn", {"NORMAL": _eyes(10, 20), "PNEUMONIA": _eyes(100, 20)}))
+
+
+def _check_eyepacs_names(splits):
+    assert splits.frame.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(splits.frame["patient_id"]) == {str(p) for p in (*range(10, 30), *range(100, 120))}
+    assert "80 images into 40 patients by EyePACS/ODIR" in _notes(splits)
+
+
+def _run_unknown_names(tmp, mp):
+    return data.load_splits("pneumonia", _flat(tmp / "pn", {c: [f"scan_{i}.png" for i in range(12)]
+                                                           for c in ("NORMAL", "PNEUMONIA")}))
+
+
+def _check_unknown_names(splits):
+    assert splits.frame["patient_id"].nunique() == 24  # the same name in two classes is no patient
+    text = _notes(splits)
+    assert "split is by image" in text and "may leak" in text and "groups=" in text
+
+
+def _run_patient_folders(tmp, mp):
+    layout = {c: [f"pat{c[0]}{p:02d}/{k}.jpeg" for p in range(10) for k in (1, 2, 3)] for c in ("NORMAL", "PNEUMONIA")}
+    return data.load_splits("pneumonia", _flat(tmp / "pn", layout))
+
+
+def _check_patient_folders(splits):
+    assert splits.frame["patient_id"].nunique() == 20
+    assert splits.frame.groupby("patient_id")["split"].nunique().max() == 1
+    assert "60 images into 20 patients by patient folder" in _notes(splits)
+
+
+def _run_container_folder(tmp, mp):  # one sub-folder per class is no patient
+    layout = {c: [f"images/{i}.png" for i in range(12)] for c in ("NORMAL", "PNEUMONIA")}
+    return data.load_splits("pneumonia", _flat(tmp / "pn", layout))
+
+
+def _check_container_folder(splits):
+    assert splits.frame["patient_id"].nunique() == 24 and "split is by image" in _notes(splits)
+
+
+def _csv_dataset(tmp: Path, rows: int) -> tuple[Path, Path]:
+    root = _flat(tmp / "pn", {c: [f"{c[0]}{i:03d}.png" for i in range(12)] for c in ("NORMAL", "PNEUMONIA")})
+    table = tmp / "groups.csv"
+    lines = [f"{c[0]}{i:03d}.png,{c[0]}-patient{i // 2}" for c in ("NORMAL", "PNEUMONIA") for i in range(12)]
+    table.write_text("file,patient\n" + "\n".join(lines[:rows]) + "\n")
+    return root, table
+
+
+def _run_groups_csv(tmp, mp):
+    return data.load_splits("pneumonia", *_csv_dataset(tmp, 24)[:1], groups=tmp / "groups.csv")
+
+
+def _check_groups_csv(splits):
+    assert splits.frame["patient_id"].nunique() == 12
+    assert splits.frame.groupby("patient_id")["split"].nunique().max() == 1
+    assert "24 images into 12 patients by groups=" in _notes(splits) and "groups.csv" in _notes(splits)
+
+
+def _run_groups_csv_incomplete(tmp, mp):
+    root, table = _csv_dataset(tmp, 22)
+    return data.load_splits("pneumonia", root, groups=table)
+
+
+def _run_groups_callable(tmp, mp):
+    root, _ = _csv_dataset(tmp, 24)
+    return data.load_splits("pneumonia", root, groups=lambda path: Path(path).stem[0] + str(int(Path(path).stem[1:]) // 3))
+
+
+def _check_groups_callable(splits):
+    assert splits.frame["patient_id"].nunique() == 8  # N0..N3, P0..P3
+    assert splits.frame.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def _run_groups_parent_flat(tmp, mp):
+    return data.load_splits("pneumonia", _csv_dataset(tmp, 24)[0], groups="parent")
+
+
+# ----------------------------------------------------------------------------- issue 29: files
+
+
+def _png16(values: np.ndarray, sbit: int | None = None) -> bytes:
+    """A 16-bit grayscale PNG, with an sBIT chunk (significant bits) when given."""
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.fromarray(values.astype(np.uint16)).save(buffer, format="PNG")
+    raw = buffer.getvalue()
+    if sbit is None:
+        return raw
+    chunk = b"sBIT" + bytes([sbit])
+    return raw[:33] + struct.pack(">I", 1) + chunk + struct.pack(">I", zlib.crc32(chunk)) + raw[33:]
+
+
+def _xray12() -> np.ndarray:
+    return (np.asarray(_texture(42), dtype=np.float64) / 255 * 4095).astype(np.uint16)
+
+
+def _run_png16_marker(tmp, mp):
+    root = _dataset(tmp / "pn", {"NORMAL": 8, "PNEUMONIA": 8})
+    plain, marked = _xray12(), _xray12()
+    marked[0, 0] = 65535  # one bright marker pixel
+    for name, values in (("IM-0600-0001.png", plain), ("IM-0601-0001.png", marked)):
+        (root / "train" / "NORMAL" / name).write_bytes(_png16(values))
+    splits = data.load_splits("pneumonia", root)
+    images = [loading.load_image(root / "train" / "NORMAL" / n, 56).numpy() for n in ("IM-0600-0001.png", "IM-0601-0001.png")]
+    return splits, images
+
+
+def _check_png16_marker(result):
+    splits, (plain, marked) = result
+    assert np.abs(plain[:, 8:, 8:].astype(int) - marked[:, 8:, 8:]).max() <= 1  # the same X-ray, the same pixels
+    assert plain.max() >= 250  # scaled as 12-bit values, not 16-bit
+    assert "2 16-bit image(s) without bit-depth metadata" in _notes(splits) and "12-bit" in _notes(splits)
+
+
+def _run_png16_sbit(tmp, mp):
+    values = (_xray12() // 4).astype(np.uint16)  # a dark 12-bit image: its maximum is about 1000
+    path = tmp / "dark.png"
+    path.write_bytes(_png16(values, sbit=12))
+    from helpers.images import read_image
+
+    return values, np.asarray(read_image(path))[..., 0], _train_and_app(path, 56)
+
+
+def _check_png16_sbit(result):
+    values, trained, pixels = result
+    assert np.abs(trained.astype(int) - np.round(values.astype(float) * 255 / 4095)).max() <= 1  # by its 12 significant bits
+    assert np.array_equal(pixels["train"], pixels["app"]) and any("sBIT" in n for n in pixels["notes"])
+
+
+def _run_dicom_no_window(tmp, mp):
+    return _train_and_app(_dicom(tmp / "dark.dcm", _ramp() // 4))
+
+
+def _check_dicom_no_window(pixels):
+    row = pixels["train"][10, :, 0].astype(int)
+    assert abs(row[-1] - 64) <= 2 and any("BitsStored" in n for n in pixels["notes"])  # 1023 of 4095, not white
+
+
+def _run_dicom_several_windows(tmp, mp):
+    return _train_and_app(_dicom(tmp / "cr.dcm", _ramp(), window=([1024, 2048], [2048, 4096])))
+
+
+def _check_dicom_several_windows(pixels):
+    row = pixels["train"][10, :, 0].astype(int)
+    assert np.array_equal(pixels["train"], pixels["app"]) and row[-1] == 255 and (row == 255).mean() > 0.4
+    assert any("2 display windows" in n and "first" in n for n in pixels["notes"])
+
+
+def _run_dicom_by_content(tmp, mp):
+    root = _dataset(tmp / "pn", {"NORMAL": 6, "PNEUMONIA": 6})
+    no_extension = _dicom(root / "train" / "NORMAL" / "IM-0500-0001", _ramp(), window=(1024, 2048))
+    bare = _dicom(root / "train" / "NORMAL" / "IM-0501-0001.dcm", _ramp(), window=(1024, 2048), preamble=False)
+    return data.load_splits("pneumonia", root), _train_and_app(no_extension), _train_and_app(bare)
+
+
+def _check_dicom_by_content(result):
+    splits, no_extension, bare = result
+    assert {"IM-0500-0001", "IM-0501-0001.dcm"} <= {Path(p).name for p in splits.frame["path"]}
+    assert splits.excluded == [] and splits.skipped == []
+    for pixels in (no_extension, bare):
+        assert np.array_equal(pixels["train"], pixels["app"]) and pixels["train"][10, -1, 0] == 255
+
+
+def _run_symlinked_folders(tmp, mp):
+    store = _dataset(tmp / "store", {"NORMAL": 6, "PNEUMONIA": 6})
+    root = tmp / "pn"
+    (root / "train").mkdir(parents=True)
+    (root / "train" / "NORMAL").symlink_to(store / "train" / "NORMAL")  # a class folder elsewhere
+    _dataset(root / "_pool", {"PNEUMONIA": 6}, seed=1)  # a class folder linked from inside the root
+    (root / "train" / "PNEUMONIA").symlink_to(root / "_pool" / "train" / "PNEUMONIA")
+    _dataset(tmp / "elsewhere", {"NORMAL": 3, "PNEUMONIA": 3}, split="test", seed=2)
+    (root / "test").symlink_to(tmp / "elsewhere" / "test")  # a split folder elsewhere
+    return data.load_splits("pneumonia", root)
+
+
+def _check_symlinked_folders(splits):
+    assert (splits.frame["split"] != "test").sum() == 12 and len(splits.test) == 6
+    assert "symbolic link" in _notes(splits)
+
+
+def _run_broken_class_link(tmp, mp):
+    root = _dataset(tmp / "pn", {"PNEUMONIA": 6})
+    (root / "train" / "NORMAL").symlink_to(tmp / "gone")
+    return data.load_splits("pneumonia", root)
+
+
+def _run_small_and_multipage(tmp, mp):
+    root = _dataset(tmp / "pn", {"NORMAL": 8, "PNEUMONIA": 8})
+    for i in range(3):
+        _save(_texture(300 + i, (20, 24)), root / "train" / "PNEUMONIA" / f"person{50 + i}_virus_1.jpeg")
+    _save(_texture(400), root / "train" / "NORMAL" / "IM-0700-0001.tiff", save_all=True, append_images=[_texture(401)])
+    return data.load_splits("pneumonia", root)
+
+
+def _check_small_and_multipage(splits):
+    text = _notes(splits)
+    assert len(splits.frame) == 20
+    assert "3 image(s) smaller than 32 pixels on a side" in text
+    assert "1 multi-page file(s)" in text and "first page" in text
+
+
+CASES_29 = [
+    Case("folders", "capitalised Train/ and Test/ split folders", _run_capitalised_splits,
+         check=_check_capitalised_splits, id="split-capitalised"),
+    Case("folders", "split folders Training_Set/ and TESTING/", _run_alias_splits,
+         check=lambda s: s.carved == ("val",) and len(s.test) == 10, id="split-aliases"),
+    Case("folders", "only a Test/ folder (no train)", _run_only_test_folder, data.DatasetNotFoundError,
+         r"Test is a test split folder", id="split-only-test"),
+    Case("parameters", "DATA_DIR pointing at the test/ folder", _run_data_dir_is_test, data.DatasetNotFoundError,
+         r"test is a test split folder.*point DATA_DIR at the folder above", id="data-dir-test-folder"),
+    Case("parameters", "load_splits(seed=None)", _run_seed_none_split, ValueError,
+         r"SEED must be a whole number, got None", id="split-seed-none"),
+    Case("patients", "EyePACS names 10_left.jpeg / 10_right.jpeg", _run_eyepacs_names,
+         check=_check_eyepacs_names, id="patients-eyepacs"),
+    Case("patients", "file names with no known patient id (scan_1.png in both classes)", _run_unknown_names,
+         check=_check_unknown_names, id="patients-unknown"),
+    Case("patients", "one folder per patient (class/patient/1.jpeg)", _run_patient_folders,
+         check=_check_patient_folders, id="patients-folders"),
+    Case("patients", "one sub-folder per class (class/images/*.png)", _run_container_folder,
+         check=_check_container_folder, id="patients-container-folder"),
+    Case("patients", "groups= a CSV of file,patient", _run_groups_csv, check=_check_groups_csv, id="groups-csv"),
+    Case("patients", "groups= a CSV that misses 2 images", _run_groups_csv_incomplete, ValueError,
+         r"groups.csv.* no patient for 2 image", id="groups-csv-incomplete"),
+    Case("patients", "groups= a function", _run_groups_callable, check=_check_groups_callable, id="groups-callable"),
+    Case("patients", 'groups="parent" with images directly in class folders', _run_groups_parent_flat, ValueError,
+         r'groups="parent".*class folder', id="groups-parent-flat"),
+    Case("files", "16-bit PNGs of one X-ray, one with a bright marker pixel", _run_png16_marker,
+         check=_check_png16_marker, id="png16-marker"),
+    Case("files", "dark 16-bit PNG with sBIT 12", _run_png16_sbit, check=_check_png16_sbit, id="png16-sbit"),
+    Case("files", "dark DICOM (BitsStored 12) without a window", _run_dicom_no_window,
+         check=_check_dicom_no_window, id="dicom-bits-stored"),
+    Case("files", "DICOM with two window centres and widths (CR/DX export)", _run_dicom_several_windows,
+         check=_check_dicom_several_windows, id="dicom-several-windows"),
+    Case("files", "DICOM without an extension, and without the 128-byte preamble", _run_dicom_by_content,
+         check=_check_dicom_by_content, id="dicom-by-content"),
+    Case("folders", "symlinked class folders and a symlinked split folder", _run_symlinked_folders,
+         check=_check_symlinked_folders, id="symlinked-folders"),
+    Case("folders", "class folder that is a broken symbolic link", _run_broken_class_link, ValueError,
+         r"NORMAL is a symbolic link to .*gone, which does not exist", id="broken-class-link"),
+    Case("files", "images smaller than the app accepts, and a two-page TIFF", _run_small_and_multipage,
+         check=_check_small_and_multipage, id="small-and-multipage"),
+]
+CASES += CASES_29
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if case.error is not None:
@@ -416,3 +718,9 @@ def test_bad_input(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 def test_cases_are_named_once():
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_the_scan_counts_small_images_by_the_apps_minimum():
+    from helpers import images
+
+    assert images.MIN_IMAGE_SIDE == serve.MIN_IMAGE_SIDE
