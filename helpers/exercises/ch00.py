@@ -59,7 +59,7 @@ q1 = coding(
                 when=lambda got, m: got[4] == "IM-0007",
                 example="import re\ndef patient_id(name):\n    m = re.search(r'(person\\d+)_', name) or re.search(r'(IM-\\d+)-', name)\n    return m.group(1)"),
         Mistake("that keeps the image number (or the extension): one patient has several images, so the id stops before them.",
-                when=lambda got, m: got[2].startswith("IM-0115-") or got[0].endswith(".jpeg") or got[0].count("_") >= 1,
+                when=lambda got, m: got[2].startswith("IM-0115-") or got[0].startswith("person123_"),
                 example="def patient_id(name):\n    return name.rsplit('-', 1)[0] if 'IM-' in name else name.rsplit('_', 1)[0]"),
     ],
     hint="Two families: `person<digits>_...` and `[NORMAL2-]IM-<digits>-<image>`. "
