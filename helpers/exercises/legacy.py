@@ -1,4 +1,7 @@
-"""Exercises checked in the kernel: a blank for the student, a check, a hint and a solution.
+"""The first exercise API (notebooks 03-08 until they move to the chapter modules): `Exercise`
+with references computed from the notebook's globals, and the `StandIn` model.
+
+Exercises checked in the kernel: a blank for the student, a check, a hint and a solution.
 
 An exercise notebook computes every reference from the data of its own run and hands it (or a
 function computing it) to `Exercise`; nothing is hard-coded. Known mistakes are given the same
@@ -28,51 +31,8 @@ import torch
 from torch import nn
 
 from helpers.core import seed_everything, to_numpy
-
-
-class Blank:
-    """The blank a student replaces: `answer = ____`."""
-
-    def __repr__(self) -> str:
-        return "____"
-
-
-____ = Blank()
-
-
-def is_blank(answer: Any) -> bool:
-    """True for `____`, `...`, `NotImplemented`, or a tuple/list/dict holding one of them."""
-    if isinstance(answer, Blank) or answer is Ellipsis or answer is NotImplemented:
-        return True
-    if isinstance(answer, (tuple, list)):
-        return any(is_blank(a) for a in answer)
-    if isinstance(answer, dict):
-        return any(is_blank(a) for a in answer.values())
-    return False
-
-
-def _numeric(value: Any) -> np.ndarray | None:
-    """`value` as a float array (tensors, Series, lists, numbers), or None when it is not numeric."""
-    if isinstance(value, (str, bytes, set, frozenset, dict)) or value is None:
-        return None
-    try:
-        array = to_numpy(value) if hasattr(value, "detach") else np.asarray(value)
-        return array.astype(np.float64)
-    except (TypeError, ValueError):
-        return None
-
-
-def same(answer: Any, reference: Any, rtol: float = 1e-4, atol: float = 1e-6) -> bool:
-    """Numbers and arrays: same shape and close; anything else: equal (strings case-insensitive)."""
-    a, r = _numeric(answer), _numeric(reference)
-    if a is not None and r is not None:
-        return a.shape == r.shape and bool(np.allclose(a, r, rtol=rtol, atol=atol, equal_nan=True))
-    if isinstance(answer, str) and isinstance(reference, str):
-        return answer.strip().lower() == reference.strip().lower()
-    try:
-        return bool(answer == reference)
-    except (TypeError, ValueError):
-        return False
+from helpers.exercises.core import ____, is_blank, same  # noqa: F401 -- the notebooks import ____ from here
+from helpers.exercises.core import numeric as _numeric
 
 
 def _value(source: Any) -> Any:
