@@ -411,9 +411,12 @@ def _pair(m: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return y, p_a, _sigmoid(m.z_test + noise)
 
 
+N_BOOT = 200  # resamples in the check: enough to tell a paired interval (about 3 times narrower here) from an unpaired one
+
+
 def _run_paired(fn: Any, m: Any) -> dict:
     y, a, b = _pair(m)
-    out = fn(y.copy(), a.copy(), b.copy(), 1000, m.seed + 1)
+    out = fn(y.copy(), a.copy(), b.copy(), N_BOOT, m.seed + 1)
     if np.shape(out) != (3,):
         raise Wrong("return three numbers: (difference, low, high).")
     diff, low, high = (float(v) for v in out)
@@ -430,7 +433,7 @@ def _reference(m: Any) -> dict:
 
 def _paired_ok(got: dict, ref: dict) -> bool:
     return (abs(got["diff"] - ref["diff"]) < 1e-9 and got["low"] <= got["diff"] <= got["high"]
-            and 0.7 * ref["width"] <= got["width"] <= 1.3 * ref["width"])
+            and 0.6 * ref["width"] <= got["width"] <= 1.5 * ref["width"])
 
 
 q7 = coding(
@@ -447,7 +450,7 @@ q7 = coding(
                 example=PAIRED.replace("rng.integers(0, len(y), len(y))", "rng.permutation(len(y))")),
         Mistake("the interval is too wide for a paired bootstrap: each resample must draw the SAME images for "
                 "both models (one index `i` for p_a and p_b), so the difficulty they share cancels.",
-                when=lambda got, m: got["width"] > 1.3 * _reference(m)["width"],
+                when=lambda got, m: got["width"] > 1.5 * _reference(m)["width"],
                 example=PAIRED.replace("roc_auc_score(y[i], p_b[i])", "roc_auc_score(y[j], p_b[j])")
                 .replace("        if len(np.unique(y[i])) == 2:", "        j = rng.integers(0, len(y), len(y))\n"
                          "        if len(np.unique(y[i])) == 2 and len(np.unique(y[j])) == 2:")),
