@@ -171,8 +171,8 @@ q3 = coding(
         Mistake("that returns a position in roc_curve's arrays, not the threshold: index `thresholds` with it.",
                 when=lambda got, m: np.all(np.isfinite(got)) and np.all(got == np.round(got)) and np.any(got > 1),
                 example=ROC_START + "    return int(np.argmax(tpr >= target))"),
-        Mistake("some thresholds do not reach the target sensitivity: compare the true-positive rate (tpr), "
-                "not the false-positive rate, with the target.",
+        Mistake("some of these thresholds do not reach the target: fewer than `target` of the positives have p >= the "
+                "threshold. Compare the true-positive rate (tpr, the sensitivity) with the target, not 1 - fpr.",
                 when=lambda got, m: np.any(_sens(m, got) < np.array([t for *_, t in _threshold_cases(m)]) - 1e-12),
                 example=ROC_START + "    return thresholds[np.argmax(1 - fpr >= target)]"),
     ],
