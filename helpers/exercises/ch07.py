@@ -363,7 +363,7 @@ def _run_temperature(fn: Any, m: Any) -> np.ndarray:
 
 TEMPERATURE = """
 def fit_temperature(logits, y):
-    z, y = torch.as_tensor(logits), torch.as_tensor(y)
+    z, y = torch.tensor(logits), torch.tensor(y)
     grid = np.geomspace(0.05, 20.0, 2001)
     nll = [torch.nn.functional.cross_entropy(z / t, y).item() for t in grid]
     return float(grid[int(np.argmin(nll))])
@@ -514,7 +514,7 @@ QUESTIONS = [
     Question("What is temperature scaling, and what does T > 1 mean?", "Dividing the logits by one number T "
              "before the softmax; T > 1 softens an over-confident model, T < 1 sharpens an under-confident one."),
     Question("Why can temperature scaling not change accuracy, AUC or the confusion matrix at 0.5?",
-             "Dividing by T > 0 keeps the order of the logits within an image (same argmax) and the order of "
+             "Dividing by a positive T keeps the order of the logits within an image (same argmax) and the order of "
              "the scores across images (same ranking); only the probabilities' values move."),
     Question("Why is T fitted on validation and not on test?", "Fitting is choosing: a T fitted on test makes "
              "the test ECE optimistic, like any choice made on test."),
