@@ -4,8 +4,7 @@ exercise notebooks.
 Chapter modules (ch00 ...): each module's material is set up once in the smoke profile; then every
 solution must pass, every blank say "not attempted yet", every listed mistake's example get its own
 message, an unforeseen wrong answer a "differs in ..." message, and a check must not be fooled by
-the notebook's variables being changed. Notebooks still on the first API (`legacy.Exercise`) are
-checked as before, against WRONG. Then every exercise notebook is executed in the smoke profile
+the notebook's variables being changed. Then every exercise notebook is executed in the smoke profile
 (nbclient, one kernel for all, reset between them): with its blanks, then with every solution.
 """
 
@@ -25,49 +24,13 @@ from torch import nn
 
 import helpers.exercises
 from conftest import ROOT
-from helpers.exercises import Exercise, ____, differs, is_blank, same
+from helpers.exercises import ____, differs, is_blank, same
 from helpers.exercises.core import Chapter, Problem, load_predictions, probabilities
 
 EXERCISE_NOTEBOOKS = sorted((ROOT / "notebooks" / "exercises").glob("[0-9][0-9]_*_exercises.ipynb"))
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MODULES = sorted(m.name for m in pkgutil.iter_modules(helpers.exercises.__path__) if m.name[:2] == "ch")
-GENERIC = "is not what this run's data gives"
 
-# Notebooks still on the first API: (notebook number, exercise) -> typical wrong answers (code, a word of the message)
-WRONG: dict[tuple[str, str], list[tuple[str, str]]] = {
-    ("03", "q1"): [("answer = (IMAGE_SIZE // 16) ** 2", "class token"), ("answer = IMAGE_SIZE // 16", "per side")],
-    ("04", "q1"): [("answer = (y_train == 1).sum() / (y_train == 0).sum()", "inverted"),
-                   ("answer = (y_test == 0).sum() / (y_test == 1).sum()", "test labels")],
-    ("04", "q2"): [("answer = z['test']", "logits"), ("answer = np.ones_like(z['test'])", "softmax over one logit"),
-                   ("answer = 1 / (1 + np.exp(z['test']))", "P(NORMAL)")],
-    ("04", "q3"): [("answer = evaluate.choose_threshold(y_test, p['test'])", "test split"),
-                   ("answer = evaluate.choose_threshold(y_val, z['val'])", "logits")],
-    ("04", "q4"): [("lo, hi = bootstrap_auc(y_test, p['test']); answer = (hi, lo)", "low bound comes first"),
-                   ("a = roc_auc_score(y_test, p['test']); answer = (a, a)", "width 0")],
-    ("05", "q1"): [("answer = (counts / counts.sum()) / (counts / counts.sum()).mean()", "proportional to the counts"),
-                   ("w = 1 / counts; answer = (w / w.mean())[::-1]", "wrong class order"), ("answer = 1 / counts", "mean 1")],
-    ("05", "q2"): [("answer = 1 / counts", "per class"), ("answer = counts[y_train]", "backwards")],
-    ("05", "q3"): [("answer = counts", "without the sampler"), ("answer = np.full(2, 0.5)", "probabilities")],
-    ("05", "q4"): [("answer = (0.5, np.mean(y_test == counts.argmax()))", "swapped"),
-                   ("answer = (np.mean(y_test == counts.argmin()), 0.5)", "minority")],
-    ("06", "q1"): [("answer = four(cm.T)", "transposed"), ("s = four(cm); answer = (s[1], s[0], s[2], s[3])", "swapped")],
-    ("06", "q2"): [("answer = four(cm)[2]", "prevalence"), ("answer = four(cm)[0]", "sensitivity")],
-    ("06", "q3"): [("answer = evaluate.choose_threshold(y_test, p['test'], method='sensitivity', target=TARGET)", "test split"),
-                   ("answer = evaluate.choose_threshold(y_val, p['val'])", "Youden")],
-    ("06", "q4"): [("answer = np.mean(p['test'][y_test == 1] >= 0.5)", "at 0.5")],
-    ("07", "q1"): [("answer = tta_probs(tta.TTA_FLIPS)", "flip views"), ("answer = tta_probs([tta.identity])", "without"),
-                   ("answer = logit_average(tta.TTA_PLAUSIBLE)", "averaged the logits"),
-                   ("answer = np.concatenate([tta_probs([v]) for v in tta.TTA_PLAUSIBLE])", "stacked")],
-    ("07", "q2"): [("answer = evaluate.fit_temperature(z['test'], y_test)", "test split"),
-                   ("answer = evaluate.fit_temperature(evaluate.apply_temperature(z['val'], 1.0), y_val)", "probabilities")],
-    ("07", "q3"): [("answer = 'A'", "never changes"), ("answer = 'up'", "choose one of")],
-    ("08", "q1"): [("answer = z['val'].max(1)", "largest logit"), ("answer = z['val'].argmax(1)", "argmax")],
-    ("08", "q2"): [("answer = np.quantile(msp['val'], KEEP)", "top 5%")],
-    ("08", "q3"): [("answer = 1 - np.mean(msp_out < ood.threshold_keeping(msp['val'], KEEP))", "accepted"),
-                   ("answer = np.mean(msp['val'] < ood.threshold_keeping(msp['val'], KEEP))", "real X-rays")],
-    ("03", "q2"): [("answer = tokens[:, 1:, :].reshape(2, 4, 4, 32)", "axis order"),
-                   ("answer = tokens[:, 1:, :].reshape(2, 32, 4, 4)", "transpose")],
-}
 
 
 
@@ -146,14 +109,6 @@ def test_a_coding_check_reports_a_crash_and_a_non_function_without_raising() -> 
     assert q.diagnose(lambda x: 1 / 0) == (False, "your function raised ZeroDivisionError: division by zero")
     assert "should be a function" in q.diagnose(3)[1]
     assert q.diagnose(lambda x: 3 * x)[1].startswith("differs in")
-
-
-def test_legacy_exercise_still_checks_an_answer() -> None:
-    q = Exercise("qx", reference=lambda: np.arange(3.0), hint="count", solution="answer = np.arange(3.0)",
-                 mistakes=[(lambda: np.arange(3.0)[::-1], "wrong class order: reversed.")])
-    assert "✓ qx: correct." in _printed(lambda: q.check(np.arange(3.0)))
-    assert "○ qx: not attempted yet" in _printed(lambda: q.check(____))
-    assert "✗ qx: wrong class order" in _printed(lambda: q.check(np.array([2.0, 1.0, 0.0])))
 
 
 def test_predictions_come_from_the_reference_run_or_say_they_are_a_stand_in(tmp_path) -> None:
@@ -275,10 +230,6 @@ def test_the_chapters_have_enough_exercises_questions_and_experiments() -> None:
 # --------------------------------------------------------------------------- the notebooks
 
 
-def _is_legacy(nb: nbformat.NotebookNode) -> bool:
-    return any("check(answer)" in c.source for c in nb.cells if c.cell_type == "code")
-
-
 def test_exercise_notebooks_have_the_course_shape_and_no_solutions() -> None:
     stems = {p.name.removesuffix("_exercises.ipynb") for p in EXERCISE_NOTEBOOKS}
     assert stems == {p.stem for p in CHAPTERS}, stems ^ {p.stem for p in CHAPTERS}
@@ -291,8 +242,6 @@ def test_exercise_notebooks_have_the_course_shape_and_no_solutions() -> None:
         assert len(tagged) == 1 and all(f"{n} =" in tagged[0].source for n in ("PROFILE", "DATA_DIR", "SEED", "OUTPUT_DIR"))
         code = [c for c in nb.cells if c.cell_type == "code"]
         assert all(not c.outputs and c.execution_count is None for c in code), f"{path.name} has outputs"
-        if _is_legacy(nb):
-            continue
         module = importlib.import_module(f"helpers.exercises.ch{path.name[:2]}")
         cells = _exercise_cells(nb)
         assert list(cells) == list(module.CHAPTER.problems), path.name
@@ -312,57 +261,6 @@ def _exercise_cells(nb: nbformat.NotebookNode) -> dict[str, nbformat.NotebookNod
     return {c.metadata["exercise"]: c for c in nb.cells if c.cell_type == "code" and "exercise" in c.metadata}
 
 
-@pytest.fixture(scope="module", params=[p for p in EXERCISE_NOTEBOOKS if _is_legacy(nbformat.read(p, as_version=4))],
-                ids=lambda p: p.name[:2])
-def namespace(request, tmp_path_factory) -> tuple[str, dict]:
-    """(notebook number, its namespace) after running every code cell but the answer cells, in this process."""
-    nb = nbformat.read(request.param, as_version=4)
-    ns: dict = {"__name__": "__exercises__"}
-    out = tmp_path_factory.mktemp("exercises")
-    with contextlib.redirect_stdout(io.StringIO()):
-        for cell in nb.cells:
-            if cell.cell_type != "code" or "exercise" in cell.metadata:
-                continue
-            source = cell.source
-            if "parameters" in cell.metadata.get("tags", []):
-                source += f"\nPROFILE = 'smoke'\nOUTPUT_DIR = {str(out)!r}"
-            exec(compile(source, f"{request.param.name}", "exec"), ns)
-    return request.param.name[:2], ns
-
-
-def _answer(ns: dict, source: str):
-    scope = dict(ns)
-    with contextlib.redirect_stdout(io.StringIO()):
-        exec(source, scope)
-    return scope["answer"]
-
-
-def test_legacy_exercises_pass_their_solution_say_blank_and_know_wrong_answers(namespace) -> None:
-    number, ns = namespace
-    exercises = {k: v for k, v in ns.items() if isinstance(v, Exercise)}
-    assert exercises, "no exercise defined"
-    for name, q in exercises.items():  # the solutions run one after another in the notebook's namespace, as in the kernel
-        with contextlib.redirect_stdout(io.StringIO()):
-            exec(q.solution_code, ns)
-        ok, message = q.diagnose(ns["answer"])
-        assert ok is True, f"{number} {name}: the reference solution fails: {message}"
-    for name, q in exercises.items():  # and no later solution has changed what an earlier check computes
-        assert q.diagnose(_answer(ns, q.solution_code))[0] is True, f"{number} {name}: a later solution broke this check"
-        ok, message = q.diagnose(____)
-        assert ok is None and "not attempted yet" in message
-        wrong = WRONG.get((number, name))
-        assert wrong, f"{number} {name}: list at least one typical wrong answer in WRONG"
-        tried = 0
-        for source, word in wrong:
-            ok, message = q.diagnose(_answer(ns, source))
-            if ok is True:  # this run's data makes that mistake coincide with the reference
-                continue
-            tried += 1
-            assert ok is False and word in message and GENERIC not in message, (number, name, source, message)
-        assert tried, f"{number} {name}: every listed wrong answer equals the reference in this run"
-
-
-
 # --------------------------------------------------------------------------- the notebooks, executed
 
 
@@ -372,8 +270,7 @@ def _with_solutions(path: Path) -> tuple[nbformat.NotebookNode, int]:
     nb = nbformat.read(path, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])) + 1
     nb.cells.insert(at, nbformat.v4.new_code_cell('PROFILE = "smoke"'))
-    call = "check(answer)" if _is_legacy(nb) else "check()"
-    added = [nbformat.v4.new_code_cell(f"exec({q}.solution_code)\n{q}.{call}") for q in _exercise_cells(nb)]
+    added = [nbformat.v4.new_code_cell(f"exec({q}.solution_code)\n{q}.check()") for q in _exercise_cells(nb)]
     nb.cells += added
     return nb, len(added)
 

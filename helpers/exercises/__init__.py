@@ -6,10 +6,9 @@ references, typical mistakes, hints and solutions live here, one module per chap
     n_trainable = ____
     q1.check()
 
-The framework is in ``core`` (how to write a chapter: /work/notes/EXERCISES_API.md, or the
-docstrings of ``core.Problem``, ``core.coding`` and ``core.Chapter``); ``legacy`` keeps the first API
-(``Exercise``, ``stand_in_model``) for the notebooks that still use it. Importing this package
-imports no chapter: ``from helpers.exercises import ch01`` loads one.
+The framework is in ``core`` (how to write a chapter: the docstrings of ``core.Problem``,
+``core.coding`` and ``core.Chapter``); ``material`` makes the small real data and models. Importing
+this package imports no chapter: ``from helpers.exercises import ch01`` loads one.
 """
 
 from helpers.exercises.core import (
@@ -27,7 +26,6 @@ from helpers.exercises.core import (
     load_predictions,
     same,
 )
-from helpers.exercises.legacy import Exercise, StandIn, stand_in_model
 
-__all__ = ["____", "Blank", "Chapter", "Exercise", "Experiment", "Mistake", "Problem", "Question", "StandIn",
-           "Wrong", "coding", "differs", "is_blank", "load_predictions", "same", "stand_in_model"]
+__all__ = ["____", "Blank", "Chapter", "Experiment", "Mistake", "Problem", "Question", "Wrong", "coding",
+           "differs", "is_blank", "load_predictions", "same"]

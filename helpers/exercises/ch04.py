@@ -12,7 +12,6 @@ saved predictions, or the stand-in) and ``z_test`` (the test logits behind them)
 
 from __future__ import annotations
 
-import copy
 import types
 from typing import Any
 
