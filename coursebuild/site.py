@@ -119,7 +119,8 @@ def chapter_banner(chapter: Chapter, built: dt.datetime, newest: dt.datetime | N
     links = open_in(chapter)
     if chapter.exercises:
         body = (f"The companion exercises of chapter {chapter.stem[:2]}, shown without outputs: run them to "
-                "check your answers (each takes seconds, in any profile). Hints and solutions are folded.")
+                "check your answers (each takes seconds, in any profile). Hints, solutions and the answers to "
+                "the questions are folded below each exercise, generated from `helpers.exercises`.")
         return _admonition("Exercises", body + (f"\n\n{links}" if links else ""), "tip")
     if not chapter.executed:
         body = ("This chapter has not been executed for this site: it shows the notebook's text and "
@@ -160,6 +161,7 @@ def chapter_notebook(chapter: Chapter, banner: str) -> nbformat.NotebookNode:
         for cell in nb.cells:
             if cell.cell_type == "markdown":
                 cell.source = CHAPTER_LINK.sub(r"](../chapters/\1)", cell.source)
+        nb.cells = exercise_cells_with_answers(nb.cells, chapter.stem[:2])
     first = nb.cells[0] if nb.cells else None
     if first is not None and first.cell_type == "markdown" and first.source.startswith("# "):
         title, _, rest = first.source.partition("\n")
@@ -167,6 +169,35 @@ def chapter_notebook(chapter: Chapter, banner: str) -> nbformat.NotebookNode:
     else:
         nb.cells.insert(0, nbformat.v4.new_markdown_cell(f"# {chapter.title}\n\n{banner}"))
     return nb
+
+
+def exercise_cells_with_answers(cells: list, number: str) -> list:
+    """An exercise notebook's cells for the website: after each exercise its hint and solution, after
+    `chNN.questions()` / `chNN.experiments()` the questions with folded answers and the experiments,
+    all generated from the chapter's module in `helpers.exercises` (the notebook holds none of it)."""
+    import importlib
+
+    try:
+        chapter = importlib.import_module(f"helpers.exercises.ch{number}").CHAPTER
+    except ModuleNotFoundError:
+        return cells
+    out = []
+    for cell in cells:
+        out.append(cell)
+        if cell.cell_type != "code":
+            continue
+        extra = None
+        if cell.metadata.get("exercise") in chapter.problems:
+            p = chapter.problems[cell.metadata["exercise"]]
+            extra = (f"<details><summary>Hint</summary>\n\n{p.hint_text}\n\n</details>\n\n"
+                     f"<details><summary>Solution</summary>\n\n```python\n{p.solution_code}\n```\n\n</details>")
+        elif cell.source.strip() == f"ch{number}.questions()":
+            extra = chapter.questions_markdown()
+        elif cell.source.strip() == f"ch{number}.experiments()":
+            extra = chapter.experiments_markdown()
+        if extra:
+            out.append(nbformat.v4.new_markdown_cell(extra))
+    return out
 
 
 # --------------------------------------------------------------------------- the other pages

@@ -209,3 +209,24 @@ def test_site_in_headless_chromium(smoke_site: Path, served: str, tmp_path: Path
     assert found["rows"] and all("smoke" in row for row in found["rows"])
     assert found["table_width"] <= found["page_width"], "the results table is wider than the window"
     assert found["search_hits"] > 0, "the built-in search found nothing for 'threshold'"
+
+
+def test_exercise_pages_fold_each_solution_and_answer_from_the_package() -> None:
+    """The notebooks hold no solutions; the site adds them, folded, from helpers.exercises.chNN."""
+    import importlib
+
+    import nbformat
+
+    from coursebuild.site import exercise_cells_with_answers
+
+    for path in sorted((ROOT / "notebooks" / "exercises").glob("[0-9][0-9]_*_exercises.ipynb")):
+        number = path.name[:2]
+        chapter = importlib.import_module(f"helpers.exercises.ch{number}").CHAPTER
+        cells = exercise_cells_with_answers(nbformat.read(path, as_version=4).cells, number)
+        for i, cell in enumerate(cells):
+            if cell.cell_type == "code" and cell.metadata.get("exercise") in chapter.problems:
+                folded = cells[i + 1].source
+                assert "<summary>Solution</summary>" in folded
+                assert chapter.problems[cell.metadata["exercise"]].solution_code.strip() in folded
+        answers = "\n".join(c.source for c in cells if c.cell_type == "markdown")
+        assert answers.count("<summary>Answer</summary>") == len(chapter.questions_list), path.name
