@@ -8,13 +8,17 @@ from pathlib import Path
 # Idle OpenMP threads sleep instead of spinning: on 2 shared cores, spinning threads of the test
 # process and of each notebook kernel (which inherits this) made runs 2-3x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Two pytest-xdist workers share the 2 cores: one thread each, for them and the kernels they start.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import matplotlib  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 matplotlib.use("Agg")
-torch.set_num_threads(2)
+torch.set_num_threads(1 if WORKERS > 1 else 2)
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"

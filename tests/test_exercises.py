@@ -27,6 +27,9 @@ from conftest import ROOT
 from helpers.exercises import ____, differs, is_blank, same
 from helpers.exercises.core import Chapter, Problem, load_predictions, probabilities
 
+# pytest-xdist (pyproject addopts): tests sharing this module's fixtures run on one worker.
+pytestmark = pytest.mark.xdist_group("exercises")
+
 EXERCISE_NOTEBOOKS = sorted((ROOT / "notebooks" / "exercises").glob("[0-9][0-9]_*_exercises.ipynb"))
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MODULES = sorted(m.name for m in pkgutil.iter_modules(helpers.exercises.__path__) if m.name[:2] == "ch")

@@ -22,6 +22,9 @@ from PIL import Image
 from conftest import ROOT
 from coursebuild import records
 
+# pytest-xdist (pyproject addopts): tests sharing this module's fixtures run on one worker.
+pytestmark = pytest.mark.xdist_group("smoke-notebooks")
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 SCHEMA_KEYS = {"notebook", "profile", "dataset", "data_dir", "model", "pretrained", "image_size",
                "class_names", "threshold", "val", "test", "timing", "device"}

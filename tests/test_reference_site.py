@@ -21,6 +21,9 @@ from coursebuild.site import build_site
 from test_notebooks import NOTEBOOKS
 from test_site import _browser, _chromium, _serve
 
+# pytest-xdist (pyproject addopts): tests sharing this module's fixtures run on one worker.
+pytestmark = pytest.mark.xdist_group("reference-site")
+
 # Opens every chapter in a frame, one after another, and reports what the browser shows.
 EVERY_CHAPTER = """<!DOCTYPE html><html><body><pre id="out">pending</pre><script>
 const sleep = ms => new Promise(r => setTimeout(r, ms));

@@ -29,6 +29,9 @@ from conftest import ROOT
 from coursebuild.site import build_site
 from test_notebooks import NOTEBOOKS, execute_smoke, smoke_run_dir
 
+# pytest-xdist (pyproject addopts): tests sharing this module's fixtures run on one worker.
+pytestmark = pytest.mark.xdist_group("smoke-notebooks")
+
 FALLBACK_NOTEBOOK = "06_fundus_binary"  # executed here only when no smoke run is there
 PREFERRED_CHAPTER = "04_mobilenetv2_two_stage"
 # The chapter in a full-window frame, scrolled to its first figure (for the screenshot).
