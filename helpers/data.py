@@ -1,10 +1,8 @@
 """What is in a dataset, and how to split it without leaking patients.
 
-`load_splits` is the one call a notebook needs: it finds the data (`helpers.datasets`) or writes a
-synthetic stand-in (`helpers.synthetic`), scans it into a table with one row per image, keeps the
-provided splits, carves missing validation/test splits out of `train/` grouped by patient, and
-optionally caps the number of images per class. Getting the pixels into a model is
-`helpers.loading`'s business.
+`load_splits` is the one call a notebook needs: it finds (`helpers.datasets`) or generates the data,
+scans it into one row per image, keeps the provided splits, carves missing val/test splits out of
+`train/` grouped by patient, and optionally caps the images per class.
 """
 
 from __future__ import annotations
@@ -20,43 +18,24 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from helpers.datasets import DatasetNotFoundError, DatasetSpec, get_spec, locate_dataset, split_of
-from helpers.images import depth_holding, set_dataset_bit_depth
+from helpers.datasets import (SPLIT_ALIASES, DatasetNotFoundError, DatasetSpec, get_spec,  # noqa: F401
+                              locate_dataset, split_of)
+from helpers.images import depth_holding, display_path, set_dataset_bit_depth
 from helpers.runs import _check_seed as check_seed  # SEED is refused by the same rule as start_run's
-from helpers.scan import (
-    THUMB,
-    Listing,
-    check_image,
-    cross_split_duplicates,
-    display_path,
-    duplicate_groups,
-    duplicate_note,
-    exclusion_notes,
-    flag_notes,
-    IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS,
-    NEAR_DUPLICATE_CORRELATION,
-    SPLIT_ALIASES as _SPLIT_ALIASES,
-    find_duplicates,
-    list_dataset,
-)
+from helpers.scan import (IMAGE_EXTENSIONS, NEAR_DUPLICATE_CORRELATION, THUMB, Listing,  # noqa: F401
+                          check_image, cross_split_duplicates, duplicate_groups, duplicate_note,
+                          exclusion_notes, find_duplicates, flag_notes, list_dataset)
 from helpers.synthetic import is_synthetic_dataset, make_synthetic_dataset
 
-IMAGE_EXTENSIONS = _IMAGE_EXTENSIONS  # the file types a class folder's images may have (helpers.scan)
-SPLIT_ALIASES = _SPLIT_ALIASES  # split folder names, matched without regard to case (helpers.scan)
 # The official pneumonia val/ holds 16 images (0.3% of train): far too few to select a model.
 # A provided val/ under both limits is folded into train and a real one carved instead.
 MIN_USEFUL_VAL_IMAGES = 50
 MIN_USEFUL_VAL_FRACTION = 0.05
 
-
-# ----------------------------------------------------------------------------- scanning
-
 _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
 _ROBOFLOW = re.compile(r"^(.+?)_(png|jpe?g)\.rf\.[0-9a-f]+\.\w+$", re.IGNORECASE)  # abc_png.rf.<hash>.jpg
-# Rahman et al.'s TB files come in numbered runs, and neighbouring numbers are sometimes the same
-# patient (on the real 4-class set, images N and N+1 correlate 0.53 on average, N and N+10 0.41,
-# unrelated ones 0.36). With no patient metadata, runs of TB_BLOCK consecutive numbers are one
-# group, so near neighbours never straddle two splits (except across a block edge).
+# Neighbouring TB file numbers are sometimes one patient (real 4-class set: images N and N+1
+# correlate 0.53 on average, N and N+10 0.41, unrelated 0.36): TB_BLOCK consecutive numbers are one group.
 TB_BLOCK = 10
 
 
@@ -96,29 +75,22 @@ def patient_rule(filename: str) -> tuple[str, str] | None:
 
 
 def parse_patient_id(filename: str) -> str:
-    """Patient (or source) id from a file name (`PATIENT_RULES`); the file stem when the name carries none.
-
-    `person123_bacteria_456.jpeg` -> `person123`, `IM-0115-0001.jpeg` -> `IM-0115`,
-    `NORMAL2-IM-0007-0001.jpeg` -> `NORMAL2-IM-0007`, `10_left.jpeg` -> `10`; Roboflow exports
-    (`abc_png.rf.<hash>.jpg`) by their source image `abc`. 4-class set: `COVID-17.jpg` ->
-    `COVID-17` (no patient ids); `Tuberculosis-23.jpg` -> `Tuberculosis-021-030` (a block of
-    `TB_BLOCK` consecutive numbers, since neighbouring numbers are sometimes the same patient).
-    """
+    """Patient (or source) id from a file name (`PATIENT_RULES`), else the file stem: `person123_bacteria_4.jpeg`
+    -> `person123`, `IM-0115-0001.jpeg` -> `IM-0115`, `Tuberculosis-23.jpg` -> `Tuberculosis-021-030`."""
     found = patient_rule(filename)
     return found[0] if found else Path(filename).stem
 
 
 def parse_subtype(filename: str, class_name: str) -> str:
     """Pneumonia subtype from the file name: bacteria, virus, or normal."""
-    m = _PERSON.match(Path(filename).name)
-    if m:
+    if m := _PERSON.match(Path(filename).name):
         return m.group(2).lower()
     return "normal" if class_name.upper() == "NORMAL" else "unknown"
 
 
 def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]], np.ndarray, list]:
-    """Decode-check every image once (`scan.check_image`): the readable rows (with width, height,
-    content_hash), (path, reason) of the rest, the thumbnails and the checks of the readable rows."""
+    """Decode every image once: readable rows (+ width, height, content_hash), (path, reason) of the
+    rest, and the thumbnails and checks of the readable rows."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         checks = list(pool.map(check_image, map(Path, frame["path"])))
     bad = np.array([isinstance(c, str) for c in checks], dtype=bool)
@@ -141,8 +113,7 @@ def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str,
 
 
 def _bit_depth_rule(root: Path, frame: pd.DataFrame, checks: list) -> list[str]:
-    """One bit depth for the dataset's 16-bit images without metadata (`images.set_dataset_bit_depth`):
-    the smallest that holds the 99.9th percentile of each of them; and the notes of `scan.FLAGS`."""
+    """Set one bit depth for the dataset's 16-bit images without metadata; the notes of `scan.FLAGS`."""
     highs = [c.high for c in checks if c.high is not None]
     bits = depth_holding(max(highs)) if highs else None
     set_dataset_bit_depth(root, bits)
@@ -154,8 +125,7 @@ def _bit_depth_rule(root: Path, frame: pd.DataFrame, checks: list) -> list[str]:
 
 def _patient(listing: Listing, root: Path, split: str, class_name: str, path: str,
              patient_folders: set[tuple[str, str]]) -> tuple[str, str]:
-    """(patient id, rule): a known file naming, else the image's folder below its class folder when
-    that class folder holds several (one folder per patient), else the image itself."""
+    """(patient id, rule): a file naming, else its folder in a class folder of several, else the image."""
     if found := patient_rule(path):
         return found
     inside = Path(os.path.relpath(path, listing.class_dirs[(split, class_name)])).parts
@@ -202,20 +172,12 @@ def _warn(frame: pd.DataFrame, name: str, spec: DatasetSpec) -> None:
 
 
 def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> pd.DataFrame:
-    """One row per image: path, label, class_name, split, patient_id, subtype, width, height,
-    content_hash.
+    """One row per image of `root/{train,val,test}/<class>/` (or `root/<class>/`): path, label,
+    class_name, split, patient_id, subtype, width, height, content_hash.
 
-    Looks at `root/{train,val|valid|validation,test}/<class>/` (or `root/<class>/`, taken as
-    train); folder names match without regard to case, and two folders of the same meaning are
-    an error naming both. Images in sub-folders of a class folder belong to that class
-    (`attrs["nested"]`). Every other file is counted by reason in `attrs["excluded"]` (path,
-    `scan.REASONS` key): hidden files, `__MACOSX`, non-images, unsupported formats, images
-    outside any class folder, a nested copy of the dataset. Unreadable or corrupt images and
-    broken symbolic links are skipped, counted and reported (`attrs["skipped"]`); folders that
-    are no class of the dataset are listed in `attrs["unknown_folders"]` with a warning. Exact
-    and near duplicate pairs (`scan.find_duplicates`, from the same decoding pass) are in
-    `attrs["duplicate_pairs"]`. A split without images of some class is an error naming the
-    split and the class: the model would silently never see (or be tested on) that class.
+    `attrs` hold what was not used: "excluded" (path, `scan.REASONS` key), "skipped" (unreadable),
+    "unknown_folders" (warned), "nested", "links"; and "duplicate_pairs". A split without images of
+    some class is an error naming both.
     """
     spec = get_spec(name)
     root = Path(root)
@@ -246,19 +208,14 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
     return frame
 
 
-# ----------------------------------------------------------------------------- splitting
-
 def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
                  seed: int = 42, carve: tuple[str, ...] = ("val", "test"),
                  group_by: str = "patient_id") -> pd.DataFrame:
-    """Move whole patients (groups of `group_by`) from train into the splits named in `carve`, per class.
+    """Move whole patients (groups of `group_by`) from train into the splits in `carve`, per class.
 
-    Patients are shuffled within each class (a patient's class is their most frequent label)
-    and taken until each new split holds its fraction of that class's images, so every split
-    keeps the class balance of the whole and no patient appears in two splits. A carved split
-    that would get no patient of a class (few patients, large first patients) takes the last
-    train patient of that class in the shuffled order, as long as train keeps at least one.
-    `load_splits` groups by patient joined with duplicate images (`scan.duplicate_groups`).
+    Patients (class: their most frequent label) are shuffled within each class and taken until each
+    split holds its fraction of the class; a split left without a patient of a class takes the last
+    train patient of it, as long as train keeps one.
     """
     frame = frame.copy()
     fractions = {"val": val_fraction, "test": test_fraction}
@@ -271,11 +228,7 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
     for _, group in table.groupby("label"):
         order = group.iloc[rng.permutation(len(group))]
         before = order["n"].cumsum() - order["n"]  # images already assigned before this patient
-        total, edge = order["n"].sum(), 0.0
-        targets = []
-        for split in carve:
-            edge += fractions[split] * total
-            targets.append((split, edge))
+        targets = list(zip(carve, np.cumsum([fractions[split] * order["n"].sum() for split in carve])))
         chosen = {pid: next((s for s, e in targets if start < e), "train") for pid, start in before.items()}
         for split in carve:
             in_train = [pid for pid in order.index if chosen[pid] == "train"]
@@ -289,12 +242,10 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
 
 def subsample(frame: pd.DataFrame, max_per_class: int | None, seed: int = 42,
               keep: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A random, reproducible subset in which no class of a split has more than `max_per_class`.
+    """A reproducible subset with at most `max_per_class` per class of a split; splits in `keep` stay whole.
 
-    Every class of a split is scaled by the same factor (the largest class gets exactly
-    `max_per_class`), so the subset keeps the class balance of the full split: capping each
-    class separately would make an imbalanced dataset balanced and hide what weighted losses,
-    samplers and thresholds are for. Splits named in `keep` stay whole.
+    Every class of a split is scaled by one factor, keeping the split's class balance (capping each
+    class separately would balance an imbalanced dataset and hide what weighted losses are for).
     """
     if max_per_class is None:
         return frame
@@ -326,17 +277,12 @@ class DataSplits:
     duplicates: pd.DataFrame = field(default_factory=lambda: cross_split_duplicates(
         pd.DataFrame(columns=["path", "split", "class_name"]), []))  # pairs of copies in two splits
 
-    @property
-    def train(self) -> pd.DataFrame:
-        return self.frame[self.frame["split"] == "train"].reset_index(drop=True)
+    def _part(self, split: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == split].reset_index(drop=True)
 
-    @property
-    def val(self) -> pd.DataFrame:
-        return self.frame[self.frame["split"] == "val"].reset_index(drop=True)
-
-    @property
-    def test(self) -> pd.DataFrame:
-        return self.frame[self.frame["split"] == "test"].reset_index(drop=True)
+    train = property(lambda self: self._part("train"), doc="The train rows.")
+    val = property(lambda self: self._part("val"), doc="The validation rows.")
+    test = property(lambda self: self._part("test"), doc="The test rows.")
 
     def counts(self) -> pd.DataFrame:
         """Images per split (rows) and class (columns)."""
@@ -375,9 +321,8 @@ Groups = Callable[[str], str] | str | Path | None
 
 
 def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetSpec) -> pd.DataFrame:
-    """`patient_id` and `patient_rule` from `groups`: a function of the image path, "parent" (the
-    image's folder is its patient) or a CSV file of (file, patient) rows, file being the path below
-    the dataset root or any tail of it (the file name)."""
+    """`patient_id`, `patient_rule` from `groups`: a function of the path, "parent" (the image's folder)
+    or a CSV of file,patient rows (file: the path below the root or any tail of it)."""
     paths = [os.path.relpath(p, root) for p in frame["path"]]
     if callable(groups):
         ids, rule = [groups(p) for p in frame["path"]], f"groups={getattr(groups, '__name__', 'function')}"
@@ -404,8 +349,7 @@ def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetS
 
 
 def _grouping_notes(train: pd.DataFrame) -> list[str]:
-    """Which rule found the patient ids of the images carved from, and how many it grouped; a loud
-    note (and a warning when nothing was grouped) where the split is by image."""
+    """Which rule grouped how many images; a loud note (a warning if none were grouped) for images by image."""
     grouped = train[~train["patient_rule"].isin(IMAGE_IDS)]
     parts = [f"{len(part)} images into {part['patient_id'].nunique()} patients by {rule}"
              for rule, part in grouped.groupby("patient_rule", sort=False)]
@@ -442,26 +386,13 @@ def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], n
 def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42,
                 val_fraction: float = 0.15, test_fraction: float = 0.15,
                 max_per_class: int | None = None, check_images: bool = True, groups: Groups = None) -> DataSplits:
-    """Find (or generate) a dataset, scan it and return train/val/test splits.
+    """Find (or generate, `data_dir="synthetic"`) a dataset, scan it and return train/val/test splits.
 
-    Provided splits are kept. A missing validation or test split is carved out of train/,
-    stratified by class and grouped by patient, so that no patient's images end up on both
-    sides (images of one patient look alike; a model tested on a patient it trained on looks
-    better than it is).
-
-    Why not use the official pneumonia `val/`? It holds 16 images (8 per class): one image
-    moves validation accuracy by 6 points, so choosing an epoch, threshold or model on it is
-    choosing on noise. A provided validation split with fewer than MIN_USEFUL_VAL_IMAGES images
-    that is also under MIN_USEFUL_VAL_FRACTION of train is therefore folded back into train,
-    and a patient-grouped validation split is carved instead.
-
-    Patients come from the file names (`PATIENT_RULES`), else from one folder per patient
-    (class/<patient>/...), else each image is its own group and a note warns that patients may
-    leak; `groups` overrides them (a function of the path, a CSV of file,patient, or "parent").
-    The notes say which rule grouped how many images. `seed` must be a whole number, as SEED is.
-
-    `data_dir="synthetic"` writes (once) and uses a small generated dataset with the same
-    folder layout, so everything runs offline.
+    Provided splits are kept; a missing val or test split is carved out of train/, stratified by
+    class and grouped by patient (`PATIENT_RULES`, else one folder per patient, else by image with a
+    warning; `groups` overrides: a function of the path, a CSV of file,patient, or "parent"). A tiny
+    provided val/ (the official pneumonia one: 16 images, one image moves accuracy 6 points) is
+    folded into train and a val split carved instead. `seed` must be a whole number, as SEED is.
     """
     seed = check_seed(seed)
     spec = get_spec(name)
