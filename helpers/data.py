@@ -123,19 +123,9 @@ def _bit_depth_rule(root: Path, frame: pd.DataFrame, checks: list) -> list[str]:
                      "image's pixels may clip to white)."] if highs else [])
 
 
-def _patient(listing: Listing, root: Path, split: str, class_name: str, path: str,
-             patient_folders: set[tuple[str, str]]) -> tuple[str, str]:
-    """(patient id, rule): a file naming, else its folder in a class folder of several, else the image."""
-    if found := patient_rule(path):
-        return found
-    inside = Path(os.path.relpath(path, listing.class_dirs[(split, class_name)])).parts
-    if len(inside) > 1 and (split, class_name) in patient_folders:
-        return inside[0], PATIENT_FOLDER
-    return Path(os.path.relpath(path, root)).with_suffix("").as_posix(), BY_IMAGE
-
-
 def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root: Path) -> list[dict]:
-    """One row per used image; a split without images of a class is an error naming both."""
+    """One row per used image, with its patient: a file naming (`patient_rule`), else its folder in a class
+    folder of several, else the image; a split without images of a class is an error naming both."""
     found = {(split, c) for split, c, _ in listing.files}
     for split, split_dir in split_dirs.items():
         for class_name in spec.class_names:
@@ -143,18 +133,18 @@ def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root
                 where = listing.class_dirs.get((split, class_name)) or split_dir / class_name
                 what = (f"is a symbolic link to {os.readlink(where)}, which does not exist"
                         if os.path.islink(where) and not os.path.exists(where) else "is missing or holds no images")
-                raise ValueError(
-                    f"The {split} split has no images of class {class_name}: class folder {where} {what}. "
-                    f"Every class {list(spec.class_names)} needs images in {split_dir}; check the download "
-                    "or point DATA_DIR at the right folder.")
+                raise ValueError(f"The {split} split has no images of class {class_name}: class folder {where} {what}. "
+                                 f"Every class {list(spec.class_names)} needs images in {split_dir}; check the "
+                                 "download or point DATA_DIR at the right folder.")
+    inside = [Path(os.path.relpath(f, listing.class_dirs[(split, c)])).parts for split, c, f in listing.files]
     sub_folders: dict[tuple[str, str], set[str]] = {}
-    for split, c, f in listing.files:
-        inside = Path(os.path.relpath(f, listing.class_dirs[(split, c)])).parts
-        sub_folders.setdefault((split, c), set()).update(inside[:1] if len(inside) > 1 else ())
-    patient_folders = {key for key, names in sub_folders.items() if len(names) > 1}  # one folder is no patient
+    for (split, c, _), parts in zip(listing.files, inside):
+        sub_folders.setdefault((split, c), set()).update(parts[:1] if len(parts) > 1 else ())
     rows = []
-    for split, c, f in listing.files:
-        pid, rule = _patient(listing, root, split, c, f, patient_folders)
+    for (split, c, f), parts in zip(listing.files, inside):
+        pid, rule = patient_rule(f) or (  # one sub-folder in a class folder is no patient
+            (parts[0], PATIENT_FOLDER) if len(parts) > 1 and len(sub_folders[(split, c)]) > 1
+            else (Path(os.path.relpath(f, root)).with_suffix("").as_posix(), BY_IMAGE))
         rows.append(dict(path=f, label=spec.class_names.index(c), class_name=c, split=split, patient_id=pid,
                          patient_rule=rule, subtype=parse_subtype(os.path.basename(f), c)))
     return rows
@@ -163,9 +153,8 @@ def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root
 def _warn(frame: pd.DataFrame, name: str, spec: DatasetSpec) -> None:
     skipped, unknown = frame.attrs["skipped"], frame.attrs["unknown_folders"]
     if skipped:
-        warnings.warn(f"Skipped {len(skipped)} unreadable image(s) of {len(frame) + len(skipped)} "
-                      f"(listed in frame.attrs['skipped']), e.g. {skipped[0][0]} ({skipped[0][1]})",
-                      stacklevel=3)
+        warnings.warn(f"Skipped {len(skipped)} unreadable image(s) of {len(frame) + len(skipped)} (listed in "
+                      f"frame.attrs['skipped']), e.g. {skipped[0][0]} ({skipped[0][1]})", stacklevel=3)
     if unknown:
         warnings.warn(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset "
                       f"{list(spec.class_names)}: {unknown}", stacklevel=3)
@@ -179,23 +168,19 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
     "unknown_folders" (warned), "nested", "links"; and "duplicate_pairs". A split without images of
     some class is an error naming both.
     """
-    spec = get_spec(name)
-    root = Path(root)
+    spec, root = get_spec(name), Path(root)
     listing, split_dirs = list_dataset(root, spec) if root.is_dir() else (Listing(), {})
     if "train" not in split_dirs:
-        raise DatasetNotFoundError(
-            f"{root} has no train/ folder with class folders {list(spec.class_names)}.")
+        raise DatasetNotFoundError(f"{root} has no train/ folder with class folders {list(spec.class_names)}.")
     frame = pd.DataFrame(_rows(listing, split_dirs, spec, root))
     skipped = [(display_path(p), "broken symbolic link (its target does not exist)") for p in listing.broken]
-    pairs: list[dict] = []
-    read_notes: list[str] = []
+    pairs, read_notes = [], []
     if check_images:
         frame, unreadable, thumbs, checks = _drop_unreadable(frame)
         skipped += unreadable
         read_notes = _bit_depth_rule(root, frame, checks)
-        generated = is_synthetic_dataset(root)  # generated images share one template: exact only
-        found = find_duplicates(list(frame["content_hash"]), thumbs, near=2.0 if generated else
-                                NEAR_DUPLICATE_CORRELATION)
+        near = 2.0 if is_synthetic_dataset(root) else NEAR_DUPLICATE_CORRELATION  # generated: one template, exact only
+        found = find_duplicates(list(frame["content_hash"]), thumbs, near=near)
         frame.attrs["near_checked"] = bool(found.attrs["near_checked"])
         paths = frame["path"].to_numpy()
         pairs = [dict(path_a=paths[a], path_b=paths[b], kind=k, similarity=round(s, 4))
@@ -208,9 +193,8 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
     return frame
 
 
-def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 seed: int = 42, carve: tuple[str, ...] = ("val", "test"),
-                 group_by: str = "patient_id") -> pd.DataFrame:
+def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
+                 carve: tuple[str, ...] = ("val", "test"), group_by: str = "patient_id") -> pd.DataFrame:
     """Move whole patients (groups of `group_by`) from train into the splits in `carve`, per class.
 
     Patients (class: their most frequent label) are shuffled within each class and taken until each
@@ -220,9 +204,7 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
     frame = frame.copy()
     fractions = {"val": val_fraction, "test": test_fraction}
     train = frame[frame["split"] == "train"]
-    patients = train.groupby(group_by)["label"].agg(lambda s: s.mode().iloc[0]).rename("label")
-    sizes = train.groupby(group_by).size().rename("n")
-    table = pd.concat([patients, sizes], axis=1)
+    table = train.groupby(group_by)["label"].agg(label=lambda s: s.mode().iloc[0], n="size")
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     for _, group in table.groupby("label"):
@@ -251,10 +233,7 @@ def subsample(frame: pd.DataFrame, max_per_class: int | None, seed: int = 42,
         return frame
     parts = []
     for name, split in frame.groupby("split", sort=True):
-        if name in keep:
-            parts.append(split)
-            continue
-        factor = min(1.0, max_per_class / split["label"].value_counts().max())
+        factor = 1.0 if name in keep else min(1.0, max_per_class / split["label"].value_counts().max())
         for _, group in split.groupby("label", sort=True):
             n = max(1, round(len(group) * factor))
             parts.append(group.sample(n=min(len(group), n), random_state=seed))
@@ -294,12 +273,10 @@ class DataSplits:
 def _require_every_class(frame: pd.DataFrame, spec: DatasetSpec, carved: tuple[str, ...]) -> None:
     """Stop with a message naming the split and class when a split lacks a class."""
     for split in ("train", "val", "test"):
-        present = set(frame.loc[frame["split"] == split, "class_name"])
-        absent = [c for c in spec.class_names if c not in present]
-        if absent:
-            how = ("carved out of train/ by patient: too few patient groups of that class to give every "
-                   "split one (see the note on patients: if those groups are no patients, pass "
-                   "load_splits(..., groups=...)); add images or lower the number of carved splits"
+        if absent := [c for c in spec.class_names if c not in set(frame.loc[frame["split"] == split, "class_name"])]:
+            how = ("carved out of train/ by patient: too few patient groups of that class to give every split one "
+                   "(see the note on patients: if those groups are no patients, pass load_splits(..., groups=...)); "
+                   "add images or lower the number of carved splits"
                    if split in carved or (carved and split == "train") else "check the folder")
             raise ValueError(f"The {split} split holds no image of class {absent[0]} ({how}). "
                              "Every split must hold every class, or its metrics are undefined.")
@@ -311,10 +288,9 @@ def _scan_notes(frame: pd.DataFrame, root: Path, name: str, synthetic: bool) -> 
     if skipped := frame.attrs.get("skipped"):
         notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
     if unknown := frame.attrs.get("unknown_folders"):
-        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: "
-                     + ", ".join(unknown))
-    return (notes + exclusion_notes(frame.attrs.get("excluded", []), frame.attrs.get("nested", []),
-                                    frame.attrs.get("links", [])) + frame.attrs.get("read_notes", []))
+        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: " + ", ".join(unknown))
+    attrs = frame.attrs
+    return notes + exclusion_notes(attrs["excluded"], attrs["nested"], attrs["links"]) + attrs["read_notes"]
 
 
 Groups = Callable[[str], str] | str | Path | None
@@ -329,10 +305,10 @@ def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetS
     elif str(groups) == "parent":
         flat = [p for p in paths if spec.canonical_class(Path(p).parent.name) or split_of(Path(p).parent.name)]
         if flat:
-            raise ValueError(f'groups="parent" takes the folder of each image as its patient, but {len(flat)} '
-                             f"image(s) lie directly in a class folder (e.g. {display_path(flat[0])}): a whole "
-                             "class would be one patient. Use it with one folder per patient "
-                             "(class/<patient>/image), or pass a CSV of file,patient or a function.")
+            raise ValueError(f'groups="parent" takes the folder of each image as its patient, but {len(flat)} image(s) '
+                             f"lie directly in a class folder (e.g. {display_path(flat[0])}): a whole class would be "
+                             "one patient. Use it with one folder per patient (class/<patient>/image), or pass a CSV "
+                             "of file,patient or a function.")
         ids, rule = [Path(p).parent.name for p in paths], 'groups="parent" (the folder of each image)'
     else:
         table = pd.read_csv(groups, dtype=str).dropna()
@@ -340,8 +316,7 @@ def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetS
         tails = [[Path(*Path(p).parts[i:]).as_posix() for i in range(len(Path(p).parts))] for p in paths]
         ids = [next((lookup[t] for t in ts if t in lookup), None) for ts in tails]
         rule = f"groups={display_path(groups)}"
-    missing = [p for p, i in zip(paths, ids) if i is None or str(i).strip() == ""]
-    if missing:
+    if missing := [p for p, i in zip(paths, ids) if i is None or str(i).strip() == ""]:
         raise ValueError(f"{rule} gives no patient for {len(missing)} image(s) (e.g. {display_path(missing[0])}): "
                          "every image needs one (a CSV row file,patient, file being the path below "
                          f"{display_path(root)} or the file name).")
@@ -358,10 +333,10 @@ def _grouping_notes(train: pd.DataFrame) -> list[str]:
     if len(by_image):
         rules = ", ".join(f"{r} {n}" for r, n in by_image["patient_rule"].value_counts().items())
         notes.append(f"WARNING: {len(by_image)} of {len(train)} images carry no patient id ({rules}; e.g. "
-                     f"{Path(by_image['path'].iloc[0]).name}): the split is by image there, and one patient's "
-                     "images may leak into two splits (scores look better than they are). Give the grouping "
-                     "with load_splits(..., groups=...): a function of the path, a CSV of file,patient, or "
-                     '"parent" (one folder per patient).')
+                     f"{Path(by_image['path'].iloc[0]).name}): the split is by image there, and one patient's images "
+                     "may leak into two splits (scores look better than they are). Give the grouping with "
+                     'load_splits(..., groups=...): a function of the path, a CSV of file,patient, or "parent" (one '
+                     "folder per patient).")
         if grouped.empty:
             warnings.warn(notes[-1], stacklevel=3)
     return notes
@@ -374,18 +349,17 @@ def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], n
     train = frame[frame["split"] == "train"]
     notes += _grouping_notes(train)
     joined = train["patient_id"].nunique() - train["group"].nunique()
-    frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction,
-                         seed=seed, carve=missing, group_by="group").drop(columns="group")
-    notes.append(f"Carved {' and '.join(missing)} out of train/ by patient "
-                 f"({frame['patient_id'].nunique()} patient ids"
-                 + (f"; {joined} joined with another because they share duplicate images"
-                    if joined else "") + "), stratified by class.")
+    frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, carve=missing,
+                         group_by="group").drop(columns="group")
+    notes.append(f"Carved {' and '.join(missing)} out of train/ by patient ({frame['patient_id'].nunique()} patient ids"
+                 + (f"; {joined} joined with another because they share duplicate images" if joined else "")
+                 + "), stratified by class.")
     return frame
 
 
-def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42,
-                val_fraction: float = 0.15, test_fraction: float = 0.15,
-                max_per_class: int | None = None, check_images: bool = True, groups: Groups = None) -> DataSplits:
+def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42, val_fraction: float = 0.15,
+                test_fraction: float = 0.15, max_per_class: int | None = None, check_images: bool = True,
+                groups: Groups = None) -> DataSplits:
     """Find (or generate, `data_dir="synthetic"`) a dataset, scan it and return train/val/test splits.
 
     Provided splits are kept; a missing val or test split is carved out of train/, stratified by
@@ -394,24 +368,21 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     provided val/ (the official pneumonia one: 16 images, one image moves accuracy 6 points) is
     folded into train and a val split carved instead. `seed` must be a whole number, as SEED is.
     """
-    seed = check_seed(seed)
-    spec = get_spec(name)
+    seed, spec = check_seed(seed), get_spec(name)
     generate = data_dir is not None and str(data_dir) == "synthetic"
     root = make_synthetic_dataset(name, seed=seed) if generate else locate_dataset(name, data_dir)
     synthetic = generate or is_synthetic_dataset(root)
     frame = scan_dataset(root, name, check_images=check_images)
-    skipped, pairs = list(frame.attrs.get("skipped", [])), list(frame.attrs.get("duplicate_pairs", []))
-    excluded = list(frame.attrs.get("excluded", []))
-    notes = _scan_notes(frame, root, name, synthetic)
-    near_checked = frame.attrs.get("near_checked", True)
+    skipped, pairs, excluded = (list(frame.attrs[k]) for k in ("skipped", "duplicate_pairs", "excluded"))
+    notes, near_checked = _scan_notes(frame, root, name, synthetic), frame.attrs.get("near_checked", True)
     frame.attrs = {}  # pandas deep-copies attrs in every operation (each group of a groupby): keep none
     if groups is not None:
         frame = _user_groups(frame, groups, Path(root), spec)
     n_val, n_train = int((frame["split"] == "val").sum()), int((frame["split"] == "train").sum())
     if 0 < n_val < MIN_USEFUL_VAL_IMAGES and n_val < MIN_USEFUL_VAL_FRACTION * n_train:
         frame.loc[frame["split"] == "val", "split"] = "train"
-        notes.append(f"The provided val/ holds only {n_val} images: too few to select a model "
-                     "on, so it was folded into train and a validation split carved instead.")
+        notes.append(f"The provided val/ holds only {n_val} images: too few to select a model on, so it was folded "
+                     "into train and a validation split carved instead.")
     missing = tuple(s for s in ("val", "test") if not (frame["split"] == s).any())
     if missing:
         frame = _carve_missing(frame, pairs, missing, notes, val_fraction, test_fraction, seed)
@@ -422,12 +393,10 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
                      "class balance (profile setting)" + ("; the provided test split is kept whole." if whole else "."))
     _require_every_class(frame, spec, missing)
     duplicates = cross_split_duplicates(frame, pairs)
-    if note := duplicate_note(duplicates):
-        notes.append(note)
+    notes += [note] if (note := duplicate_note(duplicates)) else []
     if check_images and not near_checked:
-        notes.append("Near duplicates (re-encoded or resized copies) were not searched: " +
-                     ("generated images share one template." if synthetic else "too many of these "
-                      "images look alike at thumbnail scale to tell copies apart; only exact "
-                      "copies (same bytes) were searched."))
+        notes.append("Near duplicates (re-encoded or resized copies) were not searched: " + (
+            "generated images share one template." if synthetic else "too many of these images look alike at "
+            "thumbnail scale to tell copies apart; only exact copies (same bytes) were searched."))
     return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes, missing,
                       excluded, duplicates)
