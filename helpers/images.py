@@ -42,10 +42,10 @@ def is_dicom(source: str | Path | bytes) -> bool:
         return _looks_like_dicom(bytes(source[:_MAGIC_OFFSET + 4]))
     try:
         with open(source, "rb") as f:
-            sniffed = _looks_like_dicom(f.read(_MAGIC_OFFSET + 4))
+            head = f.read(_MAGIC_OFFSET + 4)
     except OSError:
-        sniffed = False
-    return sniffed or Path(source).suffix.lower() in DICOM_EXTENSIONS
+        head = b""
+    return _looks_like_dicom(head) or Path(source).suffix.lower() in DICOM_EXTENSIONS
 
 
 def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:

@@ -25,15 +25,14 @@ from helpers.images import (DICOM_EXTENSIONS, HIGH_BIT_DEPTH_MODES, MIN_IMAGE_SI
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS}
 # Image formats the course does not read: counted as "unsupported", not as "not an image".
-OTHER_IMAGE_EXTENSIONS = {".webp", ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".svg",
-                          ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".psd", ".raw", ".nii", ".nrrd",
-                          ".mha", ".mhd", ".jfif", ".jpe"}
+OTHER_IMAGE_EXTENSIONS = set(".webp .gif .heic .heif .avif .jp2 .j2k .jxl .svg .ico .ppm .pgm .pbm .pnm .tga .psd .raw "
+                             ".nii .nrrd .mha .mhd .jfif .jpe".split())
 REASONS = {
     "hidden": "hidden or system files (names starting with '.', __MACOSX, .ipynb_checkpoints)",
     "not_image": "files that are not images",
     "unsupported": "images in a format the course does not read (convert them to PNG or JPEG)",
-    "outside": "images outside any class folder (loose in the root or a split folder, or in a "
-               "folder that is no class of the dataset)",
+    "outside": "images outside any class folder (loose in the root or a split folder, or in a folder that is no class "
+               "of the dataset)",
     "ambiguous": "images in a folder named like another class or split, below a class folder",
     "duplicate_folder": "images in a nested copy of the dataset (a duplicate folder)",
     "bad_name": "files whose name is not valid UTF-8 (rename them, e.g. with convmv)",
@@ -271,18 +270,15 @@ def duplicate_groups(frame: pd.DataFrame, pairs: list[dict], key: str = "patient
     return ids.map(find)
 
 
-SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
-
-
 def cross_split_duplicates(frame: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
     """The duplicate pairs across splits (earlier split first): path, split, class of each, kind, similarity."""
-    info = frame.set_index("path")[["split", "class_name"]]
+    info, order = frame.set_index("path")[["split", "class_name"]], ("train", "val", "test").index
     rows = []
     for pair in pairs:
         a, b = pair["path_a"], pair["path_b"]
         if a not in info.index or b not in info.index or info.at[a, "split"] == info.at[b, "split"]:
             continue
-        if SPLIT_ORDER[info.at[a, "split"]] > SPLIT_ORDER[info.at[b, "split"]]:
+        if order(info.at[a, "split"]) > order(info.at[b, "split"]):
             a, b = b, a
         rows.append(dict(path_a=a, split_a=info.at[a, "split"], class_a=info.at[a, "class_name"],
                          path_b=b, split_b=info.at[b, "split"], class_b=info.at[b, "class_name"],
@@ -298,19 +294,17 @@ def duplicate_note(duplicates: pd.DataFrame) -> str | None:
     kinds = duplicates["kind"].value_counts()
     where = (duplicates["split_a"] + "-" + duplicates["split_b"]).value_counts()
     conflict = int((duplicates["class_a"] != duplicates["class_b"]).sum())
-    return (f"Duplicates across splits: {int(kinds.get('exact', 0))} exact (same bytes) and "
-            f"{int(kinds.get('near', 0))} near (re-encoded or resized) pair(s) of images in two "
-            f"splits ({', '.join(f'{k} {v}' for k, v in where.items())})"
-            + (f", {conflict} of them with different labels" if conflict else "")
-            + "; see splits.duplicates. A model scored on a copy of a training image looks better "
-            "than it is: they come from the provided splits (carved splits keep copies together).")
+    where = ", ".join(f"{k} {v}" for k, v in where.items())
+    return (f"Duplicates across splits: {int(kinds.get('exact', 0))} exact (same bytes) and {int(kinds.get('near', 0))} "
+            f"near (re-encoded or resized) pair(s) of images in two splits ({where})"
+            + (f", {conflict} of them with different labels" if conflict else "") + "; see splits.duplicates. A model "
+            "scored on a copy of a training image looks better than it is: they come from the provided splits (carved "
+            "splits keep copies together).")
 
 
 def flag_notes(flagged: list[tuple[str, str]]) -> list[str]:
     """One sentence per kind of `FLAGS` in (path, flag) pairs, with a count and an example."""
-    by_flag: dict[str, list[str]] = {}
-    for path, flag in flagged:
-        by_flag.setdefault(flag, []).append(path)
+    by_flag = pd.DataFrame(flagged, columns=["path", "flag"]).groupby("flag", sort=False)["path"].agg(list)
     return [f"{len(paths)} {FLAGS[flag]} (e.g. {display_path(paths[0])})." for flag, paths in by_flag.items()]
 
 
@@ -318,18 +312,14 @@ def exclusion_notes(excluded: list[tuple[str, str]], nested: list[str], links: l
     """Sentences on the files not used (by reason), the nested images used and the links followed."""
     notes = [f"Followed {len(links)} symbolic link(s) to folders: " + "; ".join(links[:5])] if links else []
     if excluded:
-        by_reason: dict[str, list[str]] = {}
-        for path, reason in excluded:
-            by_reason.setdefault(reason, []).append(path)
+        by_reason = pd.DataFrame(excluded, columns=["path", "reason"]).groupby("reason", sort=False)["path"].agg(list)
         parts = []
         for reason, paths in by_reason.items():
             suffixes = pd.Series([Path(p).suffix.lower() or "(none)" for p in paths]).value_counts()
-            kinds = (" [" + ", ".join(f"{k} {v}" for k, v in suffixes.head(5).items()) + "]"
-                     if reason in ("unsupported", "not_image") else "")
+            kinds = " [" + ", ".join(f"{k} {v}" for k, v in suffixes.head(5).items()) + "]"
+            kinds = kinds if reason in ("unsupported", "not_image") else ""
             parts.append(f"{len(paths)} {REASONS[reason]}{kinds}, e.g. {paths[0]}")
         notes.append(f"Not used: {len(excluded)} file(s) or folder(s) under the root: " + "; ".join(parts)
                      + " (listed in splits.excluded).")
-    if nested:
-        notes.append(f"Used {len(nested)} image(s) from sub-folders of class folders, with the class of "
-                     f"the folder above (e.g. {display_path(nested[0])}).")
-    return notes
+    return notes + ([f"Used {len(nested)} image(s) from sub-folders of class folders, with the class of the folder "
+                     f"above (e.g. {display_path(nested[0])})."] if nested else [])
