@@ -1,10 +1,8 @@
 """What is in a dataset, and how to split it without leaking patients.
 
-`load_splits` is the one call a notebook needs: it finds the data (`helpers.datasets`) or writes a
-synthetic stand-in (`helpers.synthetic`), scans it into a table with one row per image, keeps the
-provided splits, carves missing validation/test splits out of `train/` grouped by patient, and
-optionally caps the number of images per class. Getting the pixels into a model is
-`helpers.loading`'s business.
+`load_splits` is the one call a notebook needs: it finds (`helpers.datasets`) or generates the data,
+scans it into one row per image, keeps the provided splits, carves missing val/test splits out of
+`train/` grouped by patient, and optionally caps the images per class.
 """
 
 from __future__ import annotations
@@ -20,43 +18,24 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from helpers.datasets import DatasetNotFoundError, DatasetSpec, get_spec, locate_dataset, split_of
-from helpers.images import depth_holding, set_dataset_bit_depth
+from helpers.datasets import (SPLIT_ALIASES, DatasetNotFoundError, DatasetSpec, get_spec,  # noqa: F401
+                              locate_dataset, split_of)
+from helpers.images import depth_holding, display_path, set_dataset_bit_depth
 from helpers.runs import _check_seed as check_seed  # SEED is refused by the same rule as start_run's
-from helpers.scan import (
-    THUMB,
-    Listing,
-    check_image,
-    cross_split_duplicates,
-    display_path,
-    duplicate_groups,
-    duplicate_note,
-    exclusion_notes,
-    flag_notes,
-    IMAGE_EXTENSIONS as _IMAGE_EXTENSIONS,
-    NEAR_DUPLICATE_CORRELATION,
-    SPLIT_ALIASES as _SPLIT_ALIASES,
-    find_duplicates,
-    list_dataset,
-)
+from helpers.scan import (IMAGE_EXTENSIONS, NEAR_DUPLICATE_CORRELATION, THUMB, Listing,  # noqa: F401
+                          check_image, cross_split_duplicates, duplicate_groups, duplicate_note,
+                          exclusion_notes, find_duplicates, flag_notes, list_dataset)
 from helpers.synthetic import is_synthetic_dataset, make_synthetic_dataset
 
-IMAGE_EXTENSIONS = _IMAGE_EXTENSIONS  # the file types a class folder's images may have (helpers.scan)
-SPLIT_ALIASES = _SPLIT_ALIASES  # split folder names, matched without regard to case (helpers.scan)
 # The official pneumonia val/ holds 16 images (0.3% of train): far too few to select a model.
 # A provided val/ under both limits is folded into train and a real one carved instead.
 MIN_USEFUL_VAL_IMAGES = 50
 MIN_USEFUL_VAL_FRACTION = 0.05
 
-
-# ----------------------------------------------------------------------------- scanning
-
 _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
 _ROBOFLOW = re.compile(r"^(.+?)_(png|jpe?g)\.rf\.[0-9a-f]+\.\w+$", re.IGNORECASE)  # abc_png.rf.<hash>.jpg
-# Rahman et al.'s TB files come in numbered runs, and neighbouring numbers are sometimes the same
-# patient (on the real 4-class set, images N and N+1 correlate 0.53 on average, N and N+10 0.41,
-# unrelated ones 0.36). With no patient metadata, runs of TB_BLOCK consecutive numbers are one
-# group, so near neighbours never straddle two splits (except across a block edge).
+# Neighbouring TB file numbers are sometimes one patient (real 4-class set: images N and N+1
+# correlate 0.53 on average, N and N+10 0.41, unrelated 0.36): TB_BLOCK consecutive numbers are one group.
 TB_BLOCK = 10
 
 
@@ -96,29 +75,22 @@ def patient_rule(filename: str) -> tuple[str, str] | None:
 
 
 def parse_patient_id(filename: str) -> str:
-    """Patient (or source) id from a file name (`PATIENT_RULES`); the file stem when the name carries none.
-
-    `person123_bacteria_456.jpeg` -> `person123`, `IM-0115-0001.jpeg` -> `IM-0115`,
-    `NORMAL2-IM-0007-0001.jpeg` -> `NORMAL2-IM-0007`, `10_left.jpeg` -> `10`; Roboflow exports
-    (`abc_png.rf.<hash>.jpg`) by their source image `abc`. 4-class set: `COVID-17.jpg` ->
-    `COVID-17` (no patient ids); `Tuberculosis-23.jpg` -> `Tuberculosis-021-030` (a block of
-    `TB_BLOCK` consecutive numbers, since neighbouring numbers are sometimes the same patient).
-    """
+    """Patient (or source) id from a file name (`PATIENT_RULES`), else the file stem: `person123_bacteria_4.jpeg`
+    -> `person123`, `IM-0115-0001.jpeg` -> `IM-0115`, `Tuberculosis-23.jpg` -> `Tuberculosis-021-030`."""
     found = patient_rule(filename)
     return found[0] if found else Path(filename).stem
 
 
 def parse_subtype(filename: str, class_name: str) -> str:
     """Pneumonia subtype from the file name: bacteria, virus, or normal."""
-    m = _PERSON.match(Path(filename).name)
-    if m:
+    if m := _PERSON.match(Path(filename).name):
         return m.group(2).lower()
     return "normal" if class_name.upper() == "NORMAL" else "unknown"
 
 
 def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]], np.ndarray, list]:
-    """Decode-check every image once (`scan.check_image`): the readable rows (with width, height,
-    content_hash), (path, reason) of the rest, the thumbnails and the checks of the readable rows."""
+    """Decode every image once: readable rows (+ width, height, content_hash), (path, reason) of the
+    rest, and the thumbnails and checks of the readable rows."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         checks = list(pool.map(check_image, map(Path, frame["path"])))
     bad = np.array([isinstance(c, str) for c in checks], dtype=bool)
@@ -141,8 +113,7 @@ def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str,
 
 
 def _bit_depth_rule(root: Path, frame: pd.DataFrame, checks: list) -> list[str]:
-    """One bit depth for the dataset's 16-bit images without metadata (`images.set_dataset_bit_depth`):
-    the smallest that holds the 99.9th percentile of each of them; and the notes of `scan.FLAGS`."""
+    """Set one bit depth for the dataset's 16-bit images without metadata; the notes of `scan.FLAGS`."""
     highs = [c.high for c in checks if c.high is not None]
     bits = depth_holding(max(highs)) if highs else None
     set_dataset_bit_depth(root, bits)
@@ -152,20 +123,9 @@ def _bit_depth_rule(root: Path, frame: pd.DataFrame, checks: list) -> list[str]:
                      "image's pixels may clip to white)."] if highs else [])
 
 
-def _patient(listing: Listing, root: Path, split: str, class_name: str, path: str,
-             patient_folders: set[tuple[str, str]]) -> tuple[str, str]:
-    """(patient id, rule): a known file naming, else the image's folder below its class folder when
-    that class folder holds several (one folder per patient), else the image itself."""
-    if found := patient_rule(path):
-        return found
-    inside = Path(os.path.relpath(path, listing.class_dirs[(split, class_name)])).parts
-    if len(inside) > 1 and (split, class_name) in patient_folders:
-        return inside[0], PATIENT_FOLDER
-    return Path(os.path.relpath(path, root)).with_suffix("").as_posix(), BY_IMAGE
-
-
 def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root: Path) -> list[dict]:
-    """One row per used image; a split without images of a class is an error naming both."""
+    """One row per used image, with its patient: a file naming (`patient_rule`), else its folder in a class
+    folder of several, else the image; a split without images of a class is an error naming both."""
     found = {(split, c) for split, c, _ in listing.files}
     for split, split_dir in split_dirs.items():
         for class_name in spec.class_names:
@@ -173,18 +133,18 @@ def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root
                 where = listing.class_dirs.get((split, class_name)) or split_dir / class_name
                 what = (f"is a symbolic link to {os.readlink(where)}, which does not exist"
                         if os.path.islink(where) and not os.path.exists(where) else "is missing or holds no images")
-                raise ValueError(
-                    f"The {split} split has no images of class {class_name}: class folder {where} {what}. "
-                    f"Every class {list(spec.class_names)} needs images in {split_dir}; check the download "
-                    "or point DATA_DIR at the right folder.")
+                raise ValueError(f"The {split} split has no images of class {class_name}: class folder {where} {what}. "
+                                 f"Every class {list(spec.class_names)} needs images in {split_dir}; check the "
+                                 "download or point DATA_DIR at the right folder.")
+    inside = [Path(os.path.relpath(f, listing.class_dirs[(split, c)])).parts for split, c, f in listing.files]
     sub_folders: dict[tuple[str, str], set[str]] = {}
-    for split, c, f in listing.files:
-        inside = Path(os.path.relpath(f, listing.class_dirs[(split, c)])).parts
-        sub_folders.setdefault((split, c), set()).update(inside[:1] if len(inside) > 1 else ())
-    patient_folders = {key for key, names in sub_folders.items() if len(names) > 1}  # one folder is no patient
+    for (split, c, _), parts in zip(listing.files, inside):
+        sub_folders.setdefault((split, c), set()).update(parts[:1] if len(parts) > 1 else ())
     rows = []
-    for split, c, f in listing.files:
-        pid, rule = _patient(listing, root, split, c, f, patient_folders)
+    for (split, c, f), parts in zip(listing.files, inside):
+        pid, rule = patient_rule(f) or (  # one sub-folder in a class folder is no patient
+            (parts[0], PATIENT_FOLDER) if len(parts) > 1 and len(sub_folders[(split, c)]) > 1
+            else (Path(os.path.relpath(f, root)).with_suffix("").as_posix(), BY_IMAGE))
         rows.append(dict(path=f, label=spec.class_names.index(c), class_name=c, split=split, patient_id=pid,
                          patient_rule=rule, subtype=parse_subtype(os.path.basename(f), c)))
     return rows
@@ -193,47 +153,34 @@ def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root
 def _warn(frame: pd.DataFrame, name: str, spec: DatasetSpec) -> None:
     skipped, unknown = frame.attrs["skipped"], frame.attrs["unknown_folders"]
     if skipped:
-        warnings.warn(f"Skipped {len(skipped)} unreadable image(s) of {len(frame) + len(skipped)} "
-                      f"(listed in frame.attrs['skipped']), e.g. {skipped[0][0]} ({skipped[0][1]})",
-                      stacklevel=3)
+        warnings.warn(f"Skipped {len(skipped)} unreadable image(s) of {len(frame) + len(skipped)} (listed in "
+                      f"frame.attrs['skipped']), e.g. {skipped[0][0]} ({skipped[0][1]})", stacklevel=3)
     if unknown:
         warnings.warn(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset "
                       f"{list(spec.class_names)}: {unknown}", stacklevel=3)
 
 
 def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> pd.DataFrame:
-    """One row per image: path, label, class_name, split, patient_id, subtype, width, height,
-    content_hash.
+    """One row per image of `root/{train,val,test}/<class>/` (or `root/<class>/`): path, label,
+    class_name, split, patient_id, subtype, width, height, content_hash.
 
-    Looks at `root/{train,val|valid|validation,test}/<class>/` (or `root/<class>/`, taken as
-    train); folder names match without regard to case, and two folders of the same meaning are
-    an error naming both. Images in sub-folders of a class folder belong to that class
-    (`attrs["nested"]`). Every other file is counted by reason in `attrs["excluded"]` (path,
-    `scan.REASONS` key): hidden files, `__MACOSX`, non-images, unsupported formats, images
-    outside any class folder, a nested copy of the dataset. Unreadable or corrupt images and
-    broken symbolic links are skipped, counted and reported (`attrs["skipped"]`); folders that
-    are no class of the dataset are listed in `attrs["unknown_folders"]` with a warning. Exact
-    and near duplicate pairs (`scan.find_duplicates`, from the same decoding pass) are in
-    `attrs["duplicate_pairs"]`. A split without images of some class is an error naming the
-    split and the class: the model would silently never see (or be tested on) that class.
+    `attrs` hold what was not used: "excluded" (path, `scan.REASONS` key), "skipped" (unreadable),
+    "unknown_folders" (warned), "nested", "links"; and "duplicate_pairs". A split without images of
+    some class is an error naming both.
     """
-    spec = get_spec(name)
-    root = Path(root)
+    spec, root = get_spec(name), Path(root)
     listing, split_dirs = list_dataset(root, spec) if root.is_dir() else (Listing(), {})
     if "train" not in split_dirs:
-        raise DatasetNotFoundError(
-            f"{root} has no train/ folder with class folders {list(spec.class_names)}.")
+        raise DatasetNotFoundError(f"{root} has no train/ folder with class folders {list(spec.class_names)}.")
     frame = pd.DataFrame(_rows(listing, split_dirs, spec, root))
     skipped = [(display_path(p), "broken symbolic link (its target does not exist)") for p in listing.broken]
-    pairs: list[dict] = []
-    read_notes: list[str] = []
+    pairs, read_notes = [], []
     if check_images:
         frame, unreadable, thumbs, checks = _drop_unreadable(frame)
         skipped += unreadable
         read_notes = _bit_depth_rule(root, frame, checks)
-        generated = is_synthetic_dataset(root)  # generated images share one template: exact only
-        found = find_duplicates(list(frame["content_hash"]), thumbs, near=2.0 if generated else
-                                NEAR_DUPLICATE_CORRELATION)
+        near = 2.0 if is_synthetic_dataset(root) else NEAR_DUPLICATE_CORRELATION  # generated: one template, exact only
+        found = find_duplicates(list(frame["content_hash"]), thumbs, near=near)
         frame.attrs["near_checked"] = bool(found.attrs["near_checked"])
         paths = frame["path"].to_numpy()
         pairs = [dict(path_a=paths[a], path_b=paths[b], kind=k, similarity=round(s, 4))
@@ -246,36 +193,24 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
     return frame
 
 
-# ----------------------------------------------------------------------------- splitting
+def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
+                 carve: tuple[str, ...] = ("val", "test"), group_by: str = "patient_id") -> pd.DataFrame:
+    """Move whole patients (groups of `group_by`) from train into the splits in `carve`, per class.
 
-def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 seed: int = 42, carve: tuple[str, ...] = ("val", "test"),
-                 group_by: str = "patient_id") -> pd.DataFrame:
-    """Move whole patients (groups of `group_by`) from train into the splits named in `carve`, per class.
-
-    Patients are shuffled within each class (a patient's class is their most frequent label)
-    and taken until each new split holds its fraction of that class's images, so every split
-    keeps the class balance of the whole and no patient appears in two splits. A carved split
-    that would get no patient of a class (few patients, large first patients) takes the last
-    train patient of that class in the shuffled order, as long as train keeps at least one.
-    `load_splits` groups by patient joined with duplicate images (`scan.duplicate_groups`).
+    Patients (class: their most frequent label) are shuffled within each class and taken until each
+    split holds its fraction of the class; a split left without a patient of a class takes the last
+    train patient of it, as long as train keeps one.
     """
     frame = frame.copy()
     fractions = {"val": val_fraction, "test": test_fraction}
     train = frame[frame["split"] == "train"]
-    patients = train.groupby(group_by)["label"].agg(lambda s: s.mode().iloc[0]).rename("label")
-    sizes = train.groupby(group_by).size().rename("n")
-    table = pd.concat([patients, sizes], axis=1)
+    table = train.groupby(group_by)["label"].agg(label=lambda s: s.mode().iloc[0], n="size")
     rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
     for _, group in table.groupby("label"):
         order = group.iloc[rng.permutation(len(group))]
         before = order["n"].cumsum() - order["n"]  # images already assigned before this patient
-        total, edge = order["n"].sum(), 0.0
-        targets = []
-        for split in carve:
-            edge += fractions[split] * total
-            targets.append((split, edge))
+        targets = list(zip(carve, np.cumsum([fractions[split] * order["n"].sum() for split in carve])))
         chosen = {pid: next((s for s, e in targets if start < e), "train") for pid, start in before.items()}
         for split in carve:
             in_train = [pid for pid in order.index if chosen[pid] == "train"]
@@ -289,21 +224,16 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
 
 def subsample(frame: pd.DataFrame, max_per_class: int | None, seed: int = 42,
               keep: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A random, reproducible subset in which no class of a split has more than `max_per_class`.
+    """A reproducible subset with at most `max_per_class` per class of a split; splits in `keep` stay whole.
 
-    Every class of a split is scaled by the same factor (the largest class gets exactly
-    `max_per_class`), so the subset keeps the class balance of the full split: capping each
-    class separately would make an imbalanced dataset balanced and hide what weighted losses,
-    samplers and thresholds are for. Splits named in `keep` stay whole.
+    Every class of a split is scaled by one factor, keeping the split's class balance (capping each
+    class separately would balance an imbalanced dataset and hide what weighted losses are for).
     """
     if max_per_class is None:
         return frame
     parts = []
     for name, split in frame.groupby("split", sort=True):
-        if name in keep:
-            parts.append(split)
-            continue
-        factor = min(1.0, max_per_class / split["label"].value_counts().max())
+        factor = 1.0 if name in keep else min(1.0, max_per_class / split["label"].value_counts().max())
         for _, group in split.groupby("label", sort=True):
             n = max(1, round(len(group) * factor))
             parts.append(group.sample(n=min(len(group), n), random_state=seed))
@@ -326,17 +256,12 @@ class DataSplits:
     duplicates: pd.DataFrame = field(default_factory=lambda: cross_split_duplicates(
         pd.DataFrame(columns=["path", "split", "class_name"]), []))  # pairs of copies in two splits
 
-    @property
-    def train(self) -> pd.DataFrame:
-        return self.frame[self.frame["split"] == "train"].reset_index(drop=True)
+    def _part(self, split: str) -> pd.DataFrame:
+        return self.frame[self.frame["split"] == split].reset_index(drop=True)
 
-    @property
-    def val(self) -> pd.DataFrame:
-        return self.frame[self.frame["split"] == "val"].reset_index(drop=True)
-
-    @property
-    def test(self) -> pd.DataFrame:
-        return self.frame[self.frame["split"] == "test"].reset_index(drop=True)
+    train = property(lambda self: self._part("train"), doc="The train rows.")
+    val = property(lambda self: self._part("val"), doc="The validation rows.")
+    test = property(lambda self: self._part("test"), doc="The test rows.")
 
     def counts(self) -> pd.DataFrame:
         """Images per split (rows) and class (columns)."""
@@ -348,12 +273,10 @@ class DataSplits:
 def _require_every_class(frame: pd.DataFrame, spec: DatasetSpec, carved: tuple[str, ...]) -> None:
     """Stop with a message naming the split and class when a split lacks a class."""
     for split in ("train", "val", "test"):
-        present = set(frame.loc[frame["split"] == split, "class_name"])
-        absent = [c for c in spec.class_names if c not in present]
-        if absent:
-            how = ("carved out of train/ by patient: too few patient groups of that class to give every "
-                   "split one (see the note on patients: if those groups are no patients, pass "
-                   "load_splits(..., groups=...)); add images or lower the number of carved splits"
+        if absent := [c for c in spec.class_names if c not in set(frame.loc[frame["split"] == split, "class_name"])]:
+            how = ("carved out of train/ by patient: too few patient groups of that class to give every split one "
+                   "(see the note on patients: if those groups are no patients, pass load_splits(..., groups=...)); "
+                   "add images or lower the number of carved splits"
                    if split in carved or (carved and split == "train") else "check the folder")
             raise ValueError(f"The {split} split holds no image of class {absent[0]} ({how}). "
                              "Every split must hold every class, or its metrics are undefined.")
@@ -365,29 +288,27 @@ def _scan_notes(frame: pd.DataFrame, root: Path, name: str, synthetic: bool) -> 
     if skipped := frame.attrs.get("skipped"):
         notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
     if unknown := frame.attrs.get("unknown_folders"):
-        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: "
-                     + ", ".join(unknown))
-    return (notes + exclusion_notes(frame.attrs.get("excluded", []), frame.attrs.get("nested", []),
-                                    frame.attrs.get("links", [])) + frame.attrs.get("read_notes", []))
+        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: " + ", ".join(unknown))
+    attrs = frame.attrs
+    return notes + exclusion_notes(attrs["excluded"], attrs["nested"], attrs["links"]) + attrs["read_notes"]
 
 
 Groups = Callable[[str], str] | str | Path | None
 
 
 def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetSpec) -> pd.DataFrame:
-    """`patient_id` and `patient_rule` from `groups`: a function of the image path, "parent" (the
-    image's folder is its patient) or a CSV file of (file, patient) rows, file being the path below
-    the dataset root or any tail of it (the file name)."""
+    """`patient_id`, `patient_rule` from `groups`: a function of the path, "parent" (the image's folder)
+    or a CSV of file,patient rows (file: the path below the root or any tail of it)."""
     paths = [os.path.relpath(p, root) for p in frame["path"]]
     if callable(groups):
         ids, rule = [groups(p) for p in frame["path"]], f"groups={getattr(groups, '__name__', 'function')}"
     elif str(groups) == "parent":
         flat = [p for p in paths if spec.canonical_class(Path(p).parent.name) or split_of(Path(p).parent.name)]
         if flat:
-            raise ValueError(f'groups="parent" takes the folder of each image as its patient, but {len(flat)} '
-                             f"image(s) lie directly in a class folder (e.g. {display_path(flat[0])}): a whole "
-                             "class would be one patient. Use it with one folder per patient "
-                             "(class/<patient>/image), or pass a CSV of file,patient or a function.")
+            raise ValueError(f'groups="parent" takes the folder of each image as its patient, but {len(flat)} image(s) '
+                             f"lie directly in a class folder (e.g. {display_path(flat[0])}): a whole class would be "
+                             "one patient. Use it with one folder per patient (class/<patient>/image), or pass a CSV "
+                             "of file,patient or a function.")
         ids, rule = [Path(p).parent.name for p in paths], 'groups="parent" (the folder of each image)'
     else:
         table = pd.read_csv(groups, dtype=str).dropna()
@@ -395,8 +316,7 @@ def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetS
         tails = [[Path(*Path(p).parts[i:]).as_posix() for i in range(len(Path(p).parts))] for p in paths]
         ids = [next((lookup[t] for t in ts if t in lookup), None) for ts in tails]
         rule = f"groups={display_path(groups)}"
-    missing = [p for p, i in zip(paths, ids) if i is None or str(i).strip() == ""]
-    if missing:
+    if missing := [p for p, i in zip(paths, ids) if i is None or str(i).strip() == ""]:
         raise ValueError(f"{rule} gives no patient for {len(missing)} image(s) (e.g. {display_path(missing[0])}): "
                          "every image needs one (a CSV row file,patient, file being the path below "
                          f"{display_path(root)} or the file name).")
@@ -404,8 +324,7 @@ def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetS
 
 
 def _grouping_notes(train: pd.DataFrame) -> list[str]:
-    """Which rule found the patient ids of the images carved from, and how many it grouped; a loud
-    note (and a warning when nothing was grouped) where the split is by image."""
+    """Which rule grouped how many images; a loud note (a warning if none were grouped) for images by image."""
     grouped = train[~train["patient_rule"].isin(IMAGE_IDS)]
     parts = [f"{len(part)} images into {part['patient_id'].nunique()} patients by {rule}"
              for rule, part in grouped.groupby("patient_rule", sort=False)]
@@ -414,10 +333,10 @@ def _grouping_notes(train: pd.DataFrame) -> list[str]:
     if len(by_image):
         rules = ", ".join(f"{r} {n}" for r, n in by_image["patient_rule"].value_counts().items())
         notes.append(f"WARNING: {len(by_image)} of {len(train)} images carry no patient id ({rules}; e.g. "
-                     f"{Path(by_image['path'].iloc[0]).name}): the split is by image there, and one patient's "
-                     "images may leak into two splits (scores look better than they are). Give the grouping "
-                     "with load_splits(..., groups=...): a function of the path, a CSV of file,patient, or "
-                     '"parent" (one folder per patient).')
+                     f"{Path(by_image['path'].iloc[0]).name}): the split is by image there, and one patient's images "
+                     "may leak into two splits (scores look better than they are). Give the grouping with "
+                     'load_splits(..., groups=...): a function of the path, a CSV of file,patient, or "parent" (one '
+                     "folder per patient).")
         if grouped.empty:
             warnings.warn(notes[-1], stacklevel=3)
     return notes
@@ -430,57 +349,40 @@ def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], n
     train = frame[frame["split"] == "train"]
     notes += _grouping_notes(train)
     joined = train["patient_id"].nunique() - train["group"].nunique()
-    frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction,
-                         seed=seed, carve=missing, group_by="group").drop(columns="group")
-    notes.append(f"Carved {' and '.join(missing)} out of train/ by patient "
-                 f"({frame['patient_id'].nunique()} patient ids"
-                 + (f"; {joined} joined with another because they share duplicate images"
-                    if joined else "") + "), stratified by class.")
+    frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, carve=missing,
+                         group_by="group").drop(columns="group")
+    notes.append(f"Carved {' and '.join(missing)} out of train/ by patient ({frame['patient_id'].nunique()} patient ids"
+                 + (f"; {joined} joined with another because they share duplicate images" if joined else "")
+                 + "), stratified by class.")
     return frame
 
 
-def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42,
-                val_fraction: float = 0.15, test_fraction: float = 0.15,
-                max_per_class: int | None = None, check_images: bool = True, groups: Groups = None) -> DataSplits:
-    """Find (or generate) a dataset, scan it and return train/val/test splits.
+def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42, val_fraction: float = 0.15,
+                test_fraction: float = 0.15, max_per_class: int | None = None, check_images: bool = True,
+                groups: Groups = None) -> DataSplits:
+    """Find (or generate, `data_dir="synthetic"`) a dataset, scan it and return train/val/test splits.
 
-    Provided splits are kept. A missing validation or test split is carved out of train/,
-    stratified by class and grouped by patient, so that no patient's images end up on both
-    sides (images of one patient look alike; a model tested on a patient it trained on looks
-    better than it is).
-
-    Why not use the official pneumonia `val/`? It holds 16 images (8 per class): one image
-    moves validation accuracy by 6 points, so choosing an epoch, threshold or model on it is
-    choosing on noise. A provided validation split with fewer than MIN_USEFUL_VAL_IMAGES images
-    that is also under MIN_USEFUL_VAL_FRACTION of train is therefore folded back into train,
-    and a patient-grouped validation split is carved instead.
-
-    Patients come from the file names (`PATIENT_RULES`), else from one folder per patient
-    (class/<patient>/...), else each image is its own group and a note warns that patients may
-    leak; `groups` overrides them (a function of the path, a CSV of file,patient, or "parent").
-    The notes say which rule grouped how many images. `seed` must be a whole number, as SEED is.
-
-    `data_dir="synthetic"` writes (once) and uses a small generated dataset with the same
-    folder layout, so everything runs offline.
+    Provided splits are kept; a missing val or test split is carved out of train/, stratified by
+    class and grouped by patient (`PATIENT_RULES`, else one folder per patient, else by image with a
+    warning; `groups` overrides: a function of the path, a CSV of file,patient, or "parent"). A tiny
+    provided val/ (the official pneumonia one: 16 images, one image moves accuracy 6 points) is
+    folded into train and a val split carved instead. `seed` must be a whole number, as SEED is.
     """
-    seed = check_seed(seed)
-    spec = get_spec(name)
+    seed, spec = check_seed(seed), get_spec(name)
     generate = data_dir is not None and str(data_dir) == "synthetic"
     root = make_synthetic_dataset(name, seed=seed) if generate else locate_dataset(name, data_dir)
     synthetic = generate or is_synthetic_dataset(root)
     frame = scan_dataset(root, name, check_images=check_images)
-    skipped, pairs = list(frame.attrs.get("skipped", [])), list(frame.attrs.get("duplicate_pairs", []))
-    excluded = list(frame.attrs.get("excluded", []))
-    notes = _scan_notes(frame, root, name, synthetic)
-    near_checked = frame.attrs.get("near_checked", True)
+    skipped, pairs, excluded = (list(frame.attrs[k]) for k in ("skipped", "duplicate_pairs", "excluded"))
+    notes, near_checked = _scan_notes(frame, root, name, synthetic), frame.attrs.get("near_checked", True)
     frame.attrs = {}  # pandas deep-copies attrs in every operation (each group of a groupby): keep none
     if groups is not None:
         frame = _user_groups(frame, groups, Path(root), spec)
     n_val, n_train = int((frame["split"] == "val").sum()), int((frame["split"] == "train").sum())
     if 0 < n_val < MIN_USEFUL_VAL_IMAGES and n_val < MIN_USEFUL_VAL_FRACTION * n_train:
         frame.loc[frame["split"] == "val", "split"] = "train"
-        notes.append(f"The provided val/ holds only {n_val} images: too few to select a model "
-                     "on, so it was folded into train and a validation split carved instead.")
+        notes.append(f"The provided val/ holds only {n_val} images: too few to select a model on, so it was folded "
+                     "into train and a validation split carved instead.")
     missing = tuple(s for s in ("val", "test") if not (frame["split"] == s).any())
     if missing:
         frame = _carve_missing(frame, pairs, missing, notes, val_fraction, test_fraction, seed)
@@ -491,12 +393,10 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
                      "class balance (profile setting)" + ("; the provided test split is kept whole." if whole else "."))
     _require_every_class(frame, spec, missing)
     duplicates = cross_split_duplicates(frame, pairs)
-    if note := duplicate_note(duplicates):
-        notes.append(note)
+    notes += [note] if (note := duplicate_note(duplicates)) else []
     if check_images and not near_checked:
-        notes.append("Near duplicates (re-encoded or resized copies) were not searched: " +
-                     ("generated images share one template." if synthetic else "too many of these "
-                      "images look alike at thumbnail scale to tell copies apart; only exact "
-                      "copies (same bytes) were searched."))
+        notes.append("Near duplicates (re-encoded or resized copies) were not searched: " + (
+            "generated images share one template." if synthetic else "too many of these images look alike at "
+            "thumbnail scale to tell copies apart; only exact copies (same bytes) were searched."))
     return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes, missing,
                       excluded, duplicates)

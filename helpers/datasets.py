@@ -1,9 +1,6 @@
-"""The course's datasets, and where to find a copy of one.
+"""The course's datasets (`DATASETS`), and where to find a copy of one (`locate_dataset`).
 
-`DATASETS` says what the course knows about each Kaggle dataset (handle, classes, folder-name
-aliases). `locate_dataset` finds a dataset's root folder: the `DATA_DIR` parameter, an attached
-Kaggle dataset under /kaggle/input, the local cache `data/<name>/`, or a kagglehub download, and
-refuses a folder that holds another dataset (`WrongDatasetError`). What is inside the folder
+A folder that holds another dataset is refused (`WrongDatasetError`); what is inside the folder
 (images, patients, splits) is `helpers.data`'s business.
 """
 
@@ -13,7 +10,9 @@ import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from helpers.images import display_path
 from helpers.runs import project_root
 
 IGNORED_DIRS = {"__MACOSX", ".ipynb_checkpoints"}
@@ -23,8 +22,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 
 
 def split_of(folder: str) -> str | None:
-    """The split a folder name means ("train", "val", "test"), or None: any case, separators and a
-    trailing "set"/"data"/"images" are ignored (`Train`, `TESTING`, `training_set`, `Val-Images`)."""
+    """The split ("train", "val", "test") a folder name means (`Train`, `training_set`, `Val-Images`), or None."""
     key = re.sub(r"[^a-z]", "", folder.lower())
     return SPLIT_ALIASES.get(re.sub(r"(set|data|images?)$", "", key) or key)
 
@@ -51,23 +49,17 @@ class DatasetSpec:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "pneumonia": DatasetSpec(
-        "pneumonia", "paultimothymooney/chest-xray-pneumonia", ("NORMAL", "PNEUMONIA"),
-        description="Pediatric chest X-rays, Guangzhou (Kermany et al. 2018), CC BY 4.0.",
-    ),
+    "pneumonia": DatasetSpec("pneumonia", "paultimothymooney/chest-xray-pneumonia", ("NORMAL", "PNEUMONIA"),
+                             description="Pediatric chest X-rays, Guangzhou (Kermany et al. 2018), CC BY 4.0."),
     "chest4": DatasetSpec(
-        "chest4", "jtiptj/chest-xray-pneumoniacovid19tuberculosis",
-        ("COVID19", "NORMAL", "PNEUMONIA", "TURBERCULOSIS"),
+        "chest4", "jtiptj/chest-xray-pneumoniacovid19tuberculosis", ("COVID19", "NORMAL", "PNEUMONIA", "TURBERCULOSIS"),
         aliases={"TUBERCULOSIS": "TURBERCULOSIS", "COVID-19": "COVID19", "COVID": "COVID19"},
-        description="Chest X-rays in 4 classes pooled from several sources (the TB folder "
-        "really is spelled TURBERCULOSIS).",
-    ),
-    "fundus": DatasetSpec(
-        "fundus", "pkdarabi/diagnosis-of-diabetic-retinopathy", ("normal", "disease"),
-        aliases={"No_DR": "normal", "DR": "disease"},
-        description="Retinal fundus photographs, diabetic retinopathy (DR) vs no DR; any folder "
-        "of disease/ and normal/ class folders works too.",
-    ),
+        description="Chest X-rays in 4 classes pooled from several sources (the TB folder really is spelled "
+        "TURBERCULOSIS)."),
+    "fundus": DatasetSpec("fundus", "pkdarabi/diagnosis-of-diabetic-retinopathy", ("normal", "disease"),
+                          aliases={"No_DR": "normal", "DR": "disease"},
+                          description="Retinal fundus photographs, diabetic retinopathy (DR) vs no DR; any "
+                          "folder of disease/ and normal/ class folders works too."),
 }
 
 
@@ -86,35 +78,33 @@ def get_spec(name: str) -> DatasetSpec:
     return DATASETS[name]
 
 
-
-# ----------------------------------------------------------------------------- class folders
-
-def class_folders(folder: Path, spec: DatasetSpec) -> list[Path]:
-    """Sub-folders of `folder` that are class folders of `spec` (any spelling it knows)."""
-    return [d for d in _subfolders(folder) if spec.canonical_class(d.name)]
-
-
 def visible_folders(folder: Path) -> list[Path]:
-    """Sub-folders that could be class folders: not hidden, not `__MACOSX`."""
-    return sorted(d for d in _subfolders(folder) if d.name not in IGNORED_DIRS and not d.name.startswith("."))
-
-
-def _subfolders(folder: Path) -> list[Path]:
-    """Sub-folders of `folder` (and broken links, which the scan reports); none when it is no folder
-    or cannot be read (the scan reports that)."""
+    """Sub-folders (and broken links, which the scan reports) that are not hidden nor `__MACOSX`; none
+    when `folder` is no folder or cannot be read (the scan reports that)."""
     try:
-        return [d for d in folder.iterdir() if d.is_dir() or (d.is_symlink() and not d.exists())] if folder.is_dir() else []
+        found = [d for d in folder.iterdir() if d.is_dir() or (d.is_symlink() and not d.exists())] if folder.is_dir() else []
     except OSError:
         return []
+    return sorted(d for d in found if d.name not in IGNORED_DIRS and not d.name.startswith("."))
+
+
+def one_per_meaning(folders: list[Path], meaning: Callable[[str], str | None], what: str) -> dict[str, Path]:
+    """{meaning: folder}; two folders with the same meaning are an error naming both."""
+    found: dict[str, Path] = {}
+    for d in folders:
+        if (key := meaning(d.name)) in found:
+            raise ValueError(
+                f"Two folders mean the same {what} {key!r}: {display_path(found[key])} and {display_path(d)} "
+                "(folder names match without regard to case and spelling). Merge them into one or remove "
+                "one, so that no image is silently left out.")
+        if key is not None:
+            found[key] = d
+    return found
 
 
 def _foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
-    """Why the class folders in `folder` belong to another known dataset, or None.
-
-    A folder offered as one dataset but holding class folders of another (the 4-class set offered
-    as pneumonia: COVID19 and TURBERCULOSIS beside NORMAL and PNEUMONIA) is another dataset, not
-    a superset of this one: taking only the wanted classes would silently measure something else.
-    """
+    """Why the class folders in `folder` belong to another known dataset (the 4-class set offered as
+    pneumonia is no superset of it: taking the wanted classes would measure something else), or None."""
     names = [d.name for d in visible_folders(folder)]
     foreign = {n: o.name for n in names if not spec.canonical_class(n)
                for o in DATASETS.values() if o.name != spec.name and o.canonical_class(n)}
@@ -131,37 +121,19 @@ def _foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
 
 
 def split_class_folders(split_dir: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[str]]:
-    """A split's class folders by canonical class, and the folders the dataset does not know.
-
-    Class folders of another known dataset are an error (`WrongDatasetError`), not extra data.
-    """
-    problem = _foreign_classes(split_dir, spec)
-    if problem is not None:
+    """A split's class folders by canonical class, and the folders the dataset does not know; class
+    folders of another known dataset are an error (`WrongDatasetError`)."""
+    if (problem := _foreign_classes(split_dir, spec)) is not None:
         raise WrongDatasetError(problem)
-    classes: dict[str, Path] = {}
-    unknown: list[str] = []
-    for d in visible_folders(split_dir):
-        canonical = spec.canonical_class(d.name)
-        if canonical is None:
-            unknown.append(str(d))
-        elif canonical in classes:
-            raise ValueError(
-                f"Two folders mean the same class {canonical!r}: {classes[canonical]} and {d} (class "
-                "folder names match without regard to case and spelling). Merge them into one or "
-                "remove one, so that no image is silently left out.")
-        else:
-            classes[canonical] = d
-    return classes, unknown
-
-
-# ----------------------------------------------------------------------------- locating
+    folders = visible_folders(split_dir)
+    unknown = [str(d) for d in folders if spec.canonical_class(d.name) is None]
+    return one_per_meaning(folders, spec.canonical_class, "class"), unknown
 
 def _is_dataset_root(folder: Path, spec: DatasetSpec, rejected: list[str] | None = None) -> bool:
-    """A root holds a train split (`split_of`: Train/, training/, ...) with a folder for every
-    class, or those class folders themselves, and no class folder of another known dataset
-    (reasons for refusing go to `rejected`)."""
+    """A root holds a train split with a folder for every class, or those class folders themselves,
+    and no class folder of another known dataset (reasons for refusing go to `rejected`)."""
     for parent in [d for d in visible_folders(folder) if split_of(d.name) == "train"] + [folder]:
-        if {spec.canonical_class(d.name) for d in class_folders(parent, spec)} == set(spec.class_names):
+        if {spec.canonical_class(d.name) for d in visible_folders(parent)} >= set(spec.class_names):
             problem = _foreign_classes(parent, spec)
             if problem is None:
                 return True
@@ -175,10 +147,8 @@ def find_dataset_root(folder: str | Path, spec: DatasetSpec, max_depth: int = 4,
                       rejected: list[str] | None = None) -> Path | None:
     """The shallowest folder below `folder` that looks like the dataset, or None.
 
-    Shallowest first, so the pneumonia archive's nested duplicate `chest_xray/chest_xray/` is
-    never picked over `chest_xray/`; `__MACOSX/` is never entered. A folder that holds another
-    dataset's classes, or is a validation or test split (`Test/` is never a dataset to train on), is
-    refused (reason appended to `rejected`) and not searched further.
+    Shallowest first (`chest_xray/` over its nested copy `chest_xray/chest_xray/`). A folder that holds
+    another dataset's classes, or is a val or test split, is refused (reason in `rejected`), not searched.
     """
     level = [Path(folder)]
     for _ in range(max_depth + 1):
@@ -220,52 +190,33 @@ def _online(host: str = "www.kaggle.com", timeout: float = 3.0) -> bool:
 
 def locate_dataset(name: str, data_dir: str | Path | None = None, *, download: bool = True,
                    kaggle_input: str | Path = KAGGLE_INPUT) -> Path:
-    """Find a dataset's root folder, in the order of the course design.
-
-    1. `data_dir`, when given (searched below for the dataset layout);
-    2. an attached Kaggle dataset under /kaggle/input (either mount form);
-    3. the local cache `data/<name>/` in the course folder;
-    4. `kagglehub.dataset_download(handle)` (skipped at once when offline);
-    5. otherwise one `DatasetNotFoundError` that lists these four ways.
-    """
+    """A dataset's root folder: in `data_dir` when given, else under /kaggle/input, else in the local
+    cache `data/<name>/`, else downloaded by kagglehub (when online); else a `DatasetNotFoundError`."""
     spec = get_spec(name)
-    rejected: list[str] = []
     if data_dir is not None:
         return _locate_in_data_dir(data_dir, spec)
-    for candidate in _kaggle_candidates(spec, Path(kaggle_input)):
-        root = find_dataset_root(candidate, spec, rejected=rejected)
-        if root is not None:
-            return root
+    rejected: list[str] = []
     local = project_root() / "data" / name
-    if local.is_dir() and (root := find_dataset_root(local, spec, rejected=rejected)) is not None:
-        return root
-    reason = "download=False"
-    if download:
-        if _online():
-            import kagglehub
+    for candidate in _kaggle_candidates(spec, Path(kaggle_input)) + ([local] if local.is_dir() else []):
+        if (root := find_dataset_root(candidate, spec, rejected=rejected)) is not None:
+            return root
+    reason = "download=False" if not download else "no internet connection (www.kaggle.com unreachable)"
+    if download and _online():
+        import kagglehub
 
-            try:
-                root = find_dataset_root(kagglehub.dataset_download(spec.handle), spec,
-                                         rejected=rejected)
-                if root is not None:
-                    return root
-                reason = "kagglehub downloaded it but the layout was not recognised"
-            except Exception as err:  # network errors, auth, quota...
-                reason = f"kagglehub failed: {type(err).__name__}: {err}"
-        else:
-            reason = "no internet connection (www.kaggle.com unreachable)"
+        try:
+            if (root := find_dataset_root(kagglehub.dataset_download(spec.handle), spec, rejected=rejected)):
+                return root
+            reason = "kagglehub downloaded it but the layout was not recognised"
+        except Exception as err:  # network errors, auth, quota...
+            reason = f"kagglehub failed: {type(err).__name__}: {err}"
     raise DatasetNotFoundError(
-        f"Could not find the {name!r} dataset ({spec.handle}); {reason}. Provide it one of four "
-        "ways:\n"
-        f"  1. set DATA_DIR to a folder holding train/ (and optionally val/, test/) with class "
-        f"folders {list(spec.class_names)};\n"
-        f"  2. on Kaggle, attach the dataset '{spec.handle}' (Add Input) so it appears under "
-        "/kaggle/input;\n"
-        f"  3. unzip it into {local};\n"
-        f"  4. turn on the internet so kagglehub.dataset_download('{spec.handle}') can fetch it.\n"
-        "Or run offline on generated images with DATA_DIR = 'synthetic'."
-        + "".join(f"\nRefused: {r}" for r in rejected)
-    )
+        f"Could not find the {name!r} dataset ({spec.handle}); {reason}. Provide it one of four ways:\n"
+        f"  1. set DATA_DIR to a folder holding train/ (and optionally val/, test/) with class folders "
+        f"{list(spec.class_names)};\n  2. on Kaggle, attach the dataset '{spec.handle}' (Add Input) so it "
+        f"appears under /kaggle/input;\n  3. unzip it into {local};\n  4. turn on the internet so "
+        f"kagglehub.dataset_download('{spec.handle}') can fetch it.\nOr run offline on generated images "
+        "with DATA_DIR = 'synthetic'." + "".join(f"\nRefused: {r}" for r in rejected))
 
 
 def _locate_in_data_dir(data_dir: str | Path, spec: DatasetSpec) -> Path:
@@ -279,13 +230,10 @@ def _locate_in_data_dir(data_dir: str | Path, spec: DatasetSpec) -> Path:
     if root is not None:
         return root
     if rejected:
-        raise WrongDatasetError(f"DATA_DIR={str(data_dir)!r} does not hold the {spec.name} "
-                                f"dataset: {rejected[0]}")
+        raise WrongDatasetError(f"DATA_DIR={str(data_dir)!r} does not hold the {spec.name} dataset: {rejected[0]}")
     where = (f" is the working directory ({Path.cwd()}), which is not searched below itself: give "
              "the dataset folder itself" if is_cwd else " does not hold the " + spec.name + " dataset")
     raise DatasetNotFoundError(
-        f"DATA_DIR={str(data_dir)!r}{where}: expected a train/ folder (optionally val/, test/) "
-        f"with class folders {list(spec.class_names)}, or the class folders themselves. Check "
-        "the path, or set DATA_DIR = None to locate/download it, or DATA_DIR = 'synthetic' for "
-        "generated data."
-    )
+        f"DATA_DIR={str(data_dir)!r}{where}: expected a train/ folder (optionally val/, test/) with class "
+        f"folders {list(spec.class_names)}, or the class folders themselves. Check the path, or set "
+        "DATA_DIR = None to locate/download it, or DATA_DIR = 'synthetic' for generated data.")

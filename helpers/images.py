@@ -1,10 +1,8 @@
-"""Reading an image file as the 8-bit RGB a model sees, the same way everywhere.
+"""Reading an image file (DICOM too) as the 8-bit RGB a model sees, the same way everywhere.
 
-`read_image` decodes a file (DICOM, recognised by content, through `read_dicom`: modality LUT, the
-file's display window or its BitsStored, MONOCHROME1 inverted), turns it as its EXIF orientation
-says and converts it with `to_rgb` (16-bit values rescaled by one bit depth per source: the file's
-PNG sBIT, else the rule the scan set for its dataset; transparency onto black, grayscale to 3
-channels). Training, the tensor cache, the figures, the dataset scan and the app all read through here.
+Training, the tensor cache, the figures, the dataset scan and the app all read through here:
+EXIF orientation applied, 16-bit values rescaled by one bit depth per source (PNG sBIT, else the
+rule the scan set for its dataset), transparency onto black, grayscale to 3 channels.
 """
 
 from __future__ import annotations
@@ -19,8 +17,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-# --------------------------------------------------------------------------- DICOM
-
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 _MAGIC_OFFSET = 128  # a DICOM Part 10 file: 128-byte preamble, then b"DICM"
 _VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
@@ -33,8 +29,7 @@ class DicomError(ValueError):
 
 
 def _looks_like_dicom(head: bytes) -> bool:
-    """The b"DICM" marker after the 128-byte preamble, or a data set from byte 0 (no preamble) that
-    starts with a group 0002 or 0008 element, in explicit VR (a VR code) or implicit VR (a short length)."""
+    """b"DICM" after the preamble, or a group 0002/0008 element at byte 0 (explicit or implicit VR)."""
     if head[_MAGIC_OFFSET:_MAGIC_OFFSET + 4] == b"DICM":
         return True
     return (len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
@@ -42,16 +37,15 @@ def _looks_like_dicom(head: bytes) -> bool:
 
 
 def is_dicom(source: str | Path | bytes) -> bool:
-    """DICOM by content (bytes, or a file's first bytes): with or without the 128-byte preamble,
-    whatever the file's name; a `.dcm` name counts too (pydicom then says what is wrong)."""
+    """DICOM by content (bytes or a file's first bytes), whatever the name; a `.dcm` name counts too."""
     if isinstance(source, (bytes, bytearray)):
         return _looks_like_dicom(bytes(source[:_MAGIC_OFFSET + 4]))
     try:
         with open(source, "rb") as f:
-            sniffed = _looks_like_dicom(f.read(_MAGIC_OFFSET + 4))
+            head = f.read(_MAGIC_OFFSET + 4)
     except OSError:
-        sniffed = False
-    return sniffed or Path(source).suffix.lower() in DICOM_EXTENSIONS
+        head = b""
+    return _looks_like_dicom(head) or Path(source).suffix.lower() in DICOM_EXTENSIONS
 
 
 def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
@@ -122,18 +116,13 @@ def read_dicom(source: str | Path | bytes | BinaryIO) -> tuple[Image.Image, list
     return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L"), notes
 
 
-# --------------------------------------------------------------------------- any image to RGB
-
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 ALPHA_BACKGROUND = (0, 0, 0)  # transparency is composited onto black, the background of a radiograph
-
-
 _DATASET_BITS: dict[str, int] = {}  # dataset folder -> bit depth of its 16-bit images without metadata
 
 
 def set_dataset_bit_depth(folder: str | Path, bits: int | None) -> None:
-    """The bit depth every 16-bit image under `folder` without metadata is read with (the scan sets
-    it: one rule per dataset, never one per image); None forgets it."""
+    """The bit depth of every 16-bit image without metadata under `folder` (set by the scan); None forgets it."""
     _DATASET_BITS.pop(os.path.abspath(folder), None)
     if bits is not None:
         _DATASET_BITS[os.path.abspath(folder)] = bits
@@ -157,8 +146,7 @@ def _png_sbit(stream: BinaryIO) -> int | None:
 
 
 def stored_bits(image: Image.Image, path: str | Path | None = None) -> tuple[int, str] | None:
-    """The bit depth a 16-bit image's source declares (PNG sBIT) or that the scan set for its
-    dataset (`set_dataset_bit_depth`), and where it comes from; None when neither says."""
+    """(bit depth, where from): the PNG's sBIT, else its dataset's rule (`set_dataset_bit_depth`), else None."""
     source = getattr(image, "_fp", None) if path is None else None  # an upload: the stream PIL read
     try:
         if image.format == "PNG" and (path is not None or source is not None):
@@ -178,9 +166,8 @@ def stored_bits(image: Image.Image, path: str | Path | None = None) -> tuple[int
 
 
 def _rescale_high_bit_depth(image: Image.Image, bits: tuple[int, str] | None) -> tuple[Image.Image, str]:
-    """16/32-bit grayscale -> 8-bit "L" by a bit depth (`stored_bits`: PNG sBIT or the dataset's
-    rule; without either, guessed from this image's maximum, and the note says so), never clipped by
-    `convert("L")`; floats in [0, 1] times 255; anything else stretched from its minimum to its maximum."""
+    """16/32-bit grayscale -> 8-bit "L" by `bits` (else guessed from the maximum), floats in [0, 1]
+    times 255, anything else stretched from its minimum to its maximum; and a note."""
     values = np.asarray(image, dtype=np.float64)
     if values.ndim == 3:  # e.g. a 2-channel 16-bit image opened as an array: keep the first
         values = values[..., 0]
@@ -192,17 +179,14 @@ def _rescale_high_bit_depth(image: Image.Image, bits: tuple[int, str] | None) ->
     elif image.mode == "F" and lo >= 0 and hi <= 1:
         scaled, how = values * 255.0, "as values in [0, 1]"
     else:
-        span = hi - lo if hi > lo else 1.0
-        scaled = (values - lo) / span * 255.0
+        scaled = (values - lo) / (hi - lo if hi > lo else 1.0) * 255.0
         how = "by its own range (minimum -> black, maximum -> white)"
     note = f"{image.mode} image (values {lo:g}..{hi:g}) rescaled to 8 bits {how}"
     return Image.fromarray(np.round(np.clip(scaled, 0, 255)).astype(np.uint8), mode="L"), note
 
 
 def to_rgb(image: Image.Image, *, bits: tuple[int, str] | None = None) -> tuple[Image.Image, list[str]]:
-    """Any PIL image -> 8-bit RGB, with notes: grayscale replicated, palettes expanded,
-    transparency onto black, 16/32-bit rescaled by its bit depth (`bits`, else `stored_bits`; never
-    clipped)."""
+    """Any PIL image -> 8-bit RGB, with notes (16/32-bit rescaled by `bits`, else `stored_bits`)."""
     notes: list[str] = []
     if image.mode in HIGH_BIT_DEPTH_MODES:
         image, note = _rescale_high_bit_depth(image, bits or stored_bits(image))
@@ -240,8 +224,7 @@ def display_path(path: str | Path) -> str:
 
 
 def oriented_rgb(image: Image.Image, path: str | Path | None = None) -> tuple[Image.Image, list[str]]:
-    """A decoded image turned as its EXIF orientation says, then `to_rgb`; with notes (`path`: the
-    file it came from, for its bit depth)."""
+    """EXIF orientation applied, then `to_rgb`, with notes (`path`: the file, for its bit depth)."""
     bits = stored_bits(image, path) if image.mode in HIGH_BIT_DEPTH_MODES else None
     notes: list[str] = []
     if (orientation := exif_orientation(image)) != 1:
@@ -260,26 +243,17 @@ def gone(path: str | Path) -> FileNotFoundError:
                              "was scanned). Run load_splits again to re-scan the folder, or put it back.")
 
 
-def read_image_with_notes(path: str | Path) -> tuple[Image.Image, list[str]]:
-    """An image file (DICOM too) as 8-bit RGB, with notes on what was converted."""
+def read_image(path: str | Path) -> Image.Image:
+    """An image file (DICOM too) as 8-bit RGB, exactly as training and the app see it."""
     try:
         if is_dicom(path):
-            image, notes = read_dicom(path)
-            rgb, converted = oriented_rgb(image)
-            return rgb, notes + converted
+            return oriented_rgb(read_dicom(path)[0])[0]
         with Image.open(path) as im:
             im.load()
-            rgb, notes = oriented_rgb(im, path)
-            if getattr(im, "n_frames", 1) > 1:
-                notes.insert(0, f"the file holds {im.n_frames} pages; only the first is used")
-            return (im.copy() if rgb is im else rgb), notes  # the file closes here: keep no lazy image
+            rgb = oriented_rgb(im, path)[0]
+            return im.copy() if rgb is im else rgb  # the file closes here: keep no lazy image
     except FileNotFoundError:
         raise gone(path) from None
-
-
-def read_image(path: str | Path) -> Image.Image:
-    """An image file as 8-bit RGB, exactly as training and the app see it."""
-    return read_image_with_notes(path)[0]
 
 
 def resized_tensor(image: Image.Image, image_size: int) -> torch.Tensor:
@@ -294,8 +268,7 @@ def load_image(path: str | Path, image_size: int) -> torch.Tensor:
 
 
 def to_grayscale(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB images (..., 3, H, W) -> their luminance (PIL's integer ITU-R 601-2 luma) in three
-    equal channels: removes colour casts (the tint of photographed films) a model could use."""
+    """uint8 RGB (..., 3, H, W) -> PIL's integer luma in 3 equal channels (removes colour casts)."""
     r, g, b = images.to(torch.int32).unbind(-3)
     luma = ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)
     return torch.stack([luma, luma, luma], dim=-3)

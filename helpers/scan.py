@@ -1,13 +1,8 @@
 """Walking a dataset folder: every file is used or counted by reason, and duplicates are found.
 
-`list_dataset` visits every file under a dataset root once and sorts it: an image of a class
-folder of a split (used, also from sub-folders of the class folder), or excluded with a reason
-(`REASONS`: hidden or system, not an image, unsupported format, outside any class folder, in a
-nested copy of the dataset, ...). Split and class folders match without regard to case; two
-folders that mean the same (`val/` and `valid/`, `NORMAL/` and `normal/`) are an error naming
-both. `check_image` decodes an image once (JPEG in draft mode) and returns its size, a content
-hash and a small thumbnail; `find_duplicates` turns those into exact (same bytes) and near
-(re-encoded, resized) duplicate pairs. `helpers.data.scan_dataset` puts it all in a table.
+`list_dataset` sorts every file under a root into the images of class folders and the rest by
+`REASONS`; `check_image` decodes an image once (size, content hash, thumbnail); `find_duplicates`
+turns those into exact and near duplicate pairs. `helpers.data.scan_dataset` puts it in a table.
 """
 
 from __future__ import annotations
@@ -24,42 +19,35 @@ import pandas as pd
 from PIL import Image, ImageOps
 
 from helpers.datasets import (IGNORED_DIRS, SPLIT_ALIASES, DatasetSpec, find_dataset_root,  # noqa: F401
-                              split_class_folders, split_of)
+                              one_per_meaning, split_class_folders, split_of)
 from helpers.images import (DICOM_EXTENSIONS, HIGH_BIT_DEPTH_MODES, MIN_IMAGE_SIDE, display_path, exif_orientation,
                             is_dicom, read_dicom, stored_bits)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", *DICOM_EXTENSIONS}
-# Image formats a folder may hold that the course does not read: counted as "unsupported format"
-# (convert them to PNG), not as "not an image".
-OTHER_IMAGE_EXTENSIONS = {".webp", ".gif", ".heic", ".heif", ".avif", ".jp2", ".j2k", ".jxl", ".svg",
-                          ".ico", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".psd", ".raw", ".nii", ".nrrd",
-                          ".mha", ".mhd", ".jfif", ".jpe"}
+# Image formats the course does not read: counted as "unsupported", not as "not an image".
+OTHER_IMAGE_EXTENSIONS = set(".webp .gif .heic .heif .avif .jp2 .j2k .jxl .svg .ico .ppm .pgm .pbm .pnm .tga .psd .raw "
+                             ".nii .nrrd .mha .mhd .jfif .jpe".split())
 REASONS = {
     "hidden": "hidden or system files (names starting with '.', __MACOSX, .ipynb_checkpoints)",
     "not_image": "files that are not images",
     "unsupported": "images in a format the course does not read (convert them to PNG or JPEG)",
-    "outside": "images outside any class folder (loose in the root or a split folder, or in a "
-               "folder that is no class of the dataset)",
+    "outside": "images outside any class folder (loose in the root or a split folder, or in a folder that is no class "
+               "of the dataset)",
     "ambiguous": "images in a folder named like another class or split, below a class folder",
     "duplicate_folder": "images in a nested copy of the dataset (a duplicate folder)",
     "bad_name": "files whose name is not valid UTF-8 (rename them, e.g. with convmv)",
     "unreadable_folder": "folders that could not be read (permission denied)",
 }
 THUMB = 32  # side of the grayscale thumbnail kept per image for near-duplicate search
-# Near duplicates: the correlation of two images' mean-centred 32 x 32 thumbnails. Measured on
-# the real pneumonia set (5,840 images): no two different images correlate above 0.98, while
-# copies of an image correlate 0.9997 or more re-encoded (JPEG q50, PNG, upscaled to 512 px) and
-# 0.989 to 0.993 when shrunk to 150 px. 64-bit perceptual hashes (imagehash pHash/dHash) do not
-# separate them on chest X-rays: unrelated radiographs lie a median 8 bits apart, shrunk copies
-# up to 12.
+# Near duplicates: correlation of mean-centred thumbnails. On real pneumonia (5,840 images) no two
+# different images exceed 0.98; copies reach 0.9997 re-encoded, 0.989-0.993 shrunk to 150 px
+# (pHash/dHash do not separate them: unrelated radiographs lie a median 8 bits apart, shrunk copies 12).
 NEAR_DUPLICATE_CORRELATION = 0.99
 MIN_THUMB_STD = 2.0  # a thumbnail flatter than this (grey levels) has no structure to compare
-# An image with more near matches than this is in a crowd that thumbnails cannot tell apart (real
-# fundus photographs: a bright disc on black, 26,000 pairs above the threshold among 2,607 images;
-# generated images): its near matches are dropped and counted as inconclusive, not grouped.
+# More near matches than this: a crowd thumbnails cannot tell apart (real fundus: 26,000 pairs among
+# 2,607 images); its matches are dropped as inconclusive. Over MAX_CROWDED_FRACTION of the images in
+# crowds (fundus 24%, pneumonia 0): no near pair is reported at all, only exact ones.
 MAX_NEAR_MATCHES = 3
-# When more than this fraction of a dataset is such a crowd (real fundus: 24%; pneumonia: 0), the
-# thumbnails cannot tell its images apart at all: no near pair is reported, only exact ones.
 MAX_CROWDED_FRACTION = 0.05
 
 
@@ -91,41 +79,9 @@ def _entries(folder: Path, must_read: bool, listing: Listing) -> list[os.DirEntr
         return []
 
 
-def _one_per_meaning(folders: list[Path], meaning, what: str) -> dict[str, Path]:
-    """{meaning: folder}; two folders with the same meaning are an error naming both."""
-    found: dict[str, Path] = {}
-    for d in folders:
-        key = meaning(d.name)
-        if key is None:
-            continue
-        if key in found:
-            raise ValueError(
-                f"Two folders mean the same {what} {key!r}: {display_path(found[key])} and "
-                f"{display_path(d)} (folder names match without regard to case and spelling). "
-                "Merge them into one or remove one, so that no image is silently left out.")
-        found[key] = d
-    return found
-
-
 def _visible_dirs(folder: Path, listing: Listing) -> list[Path]:
     return [Path(e.path) for e in _entries(folder, True, listing) if e.is_dir()
             and e.name not in IGNORED_DIRS and not e.name.startswith(".")]
-
-
-def split_folders(root: Path, spec: DatasetSpec, listing: Listing) -> dict[str, Path]:
-    """{split: folder} of a dataset root; a root of class folders is the train split."""
-    dirs = _visible_dirs(root, listing)
-    splits = _one_per_meaning(dirs, lambda n: split_of(n), "split")
-    classes = _one_per_meaning(dirs, spec.canonical_class, "class")
-    return splits if splits or len(classes) < 2 else {"train": root}
-
-
-def class_folders_of(split_dir: Path, spec: DatasetSpec, listing: Listing) -> dict[str, Path]:
-    """{class: folder} of one split folder (unknown folders go to `listing.unknown`)."""
-    _visible_dirs(split_dir, listing)  # an unreadable split folder is an error that says so
-    classes, unknown = split_class_folders(split_dir, spec)  # refuses another dataset's classes
-    listing.unknown += [u for u in unknown if split_of(Path(u).name) is None]
-    return classes
 
 
 def _file_reason(entry: os.DirEntry, context: str) -> str | None:
@@ -162,9 +118,15 @@ def _dir_context(entry: os.DirEntry, context: str, used: dict[str, tuple[str, st
 def list_dataset(root: Path, spec: DatasetSpec) -> tuple[Listing, dict[str, Path]]:
     """Every file under `root`, sorted into used images and reasons; and the split folders."""
     listing = Listing()
-    splits = split_folders(root, spec, listing)
-    listing.class_dirs = {(split, c): d for split, folder in splits.items()
-                          for c, d in class_folders_of(folder, spec, listing).items()}
+    dirs = _visible_dirs(root, listing)
+    splits = one_per_meaning(dirs, split_of, "split")
+    classes = one_per_meaning(dirs, spec.canonical_class, "class")
+    splits = splits or ({"train": root} if len(classes) >= 2 else {})  # a root of class folders: train
+    for split, folder in splits.items():
+        _visible_dirs(folder, listing)  # an unreadable split folder is an error that says so
+        classes, unknown = split_class_folders(folder, spec)  # refuses another dataset's classes
+        listing.class_dirs.update({(split, c): d for c, d in classes.items()})
+        listing.unknown += [u for u in unknown if split_of(Path(u).name) is None]
     used = {str(d): key for key, d in listing.class_dirs.items()}
     split_paths = {str(p) for p in splits.values()}
 
@@ -193,8 +155,6 @@ def list_dataset(root: Path, spec: DatasetSpec) -> tuple[Listing, dict[str, Path
     return listing, splits
 
 
-# ----------------------------------------------------------------------------- decoding once
-
 @dataclass
 class ImageCheck:
     """A decodable image: its size, a hash of its bytes and a small grayscale thumbnail."""
@@ -217,13 +177,8 @@ FLAGS = {
 
 
 def check_image(path: Path) -> ImageCheck | str:
-    """Decode an image once: `ImageCheck`, or the reason it cannot be used.
-
-    The bytes are read once and hashed (exact duplicates); JPEGs are decoded in draft mode (at
-    1/8 scale): every byte is still read, so truncated files fail, at a fraction of a full decode.
-    The EXIF orientation is applied, as training and the app do. `flags` say what reading it
-    did (`FLAGS`); `high` is set for a 16-bit image whose file declares no bit depth.
-    """
+    """Decode an image once (JPEG in draft mode: truncated files still fail), EXIF orientation
+    applied: `ImageCheck`, or the reason it cannot be used."""
     try:
         payload = path.read_bytes()
         digest = hashlib.blake2b(payload, digest_size=16).hexdigest()
@@ -253,27 +208,16 @@ def check_image(path: Path) -> ImageCheck | str:
         return f"{type(err).__name__}: {message}"
 
 
-def _low_frequencies(v: np.ndarray, k: int = 8) -> np.ndarray:
-    """The k x k lowest 2-D DCT coefficients (orthonormal, as pHash uses) of unit thumbnails (N, T*T)."""
-    n = np.arange(THUMB)
-    basis = np.sqrt(2.0 / THUMB) * np.cos(np.pi * (2 * n[None, :] + 1) * np.arange(k)[:, None] / (2 * THUMB))
-    basis[0] /= np.sqrt(2.0)  # orthonormal DCT-II rows (k, THUMB)
-    basis = basis.astype(np.float32)
-    images = v.reshape(len(v), THUMB, THUMB)
-    return np.einsum("ki,nij,lj->nkl", basis, images, basis, optimize=True).reshape(len(v), k * k)
-
-
 def _near_pairs(v: np.ndarray, near: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index pairs (a < b) of unit vectors with a . b >= near, and their similarity.
-
-    Candidates come from a k-d tree over the 6 x 6 lowest DCT coefficients (a projection onto
-    orthonormal vectors never lengthens a difference, so no near pair is missed, and the tree
-    avoids comparing all N^2 pairs); each candidate is then verified on the whole thumbnail.
-    """
+    """Index pairs (a < b) of unit vectors with a . b >= near, and their similarity: candidates from a
+    k-d tree over the 6 x 6 lowest orthonormal DCT coefficients (a projection never lengthens a
+    difference, so none is missed), verified on the whole thumbnail."""
+    from scipy.fft import dctn
     from scipy.spatial import cKDTree
 
+    low = dctn(v.reshape(len(v), THUMB, THUMB), norm="ortho", axes=(1, 2))[:, :6, :6].reshape(len(v), 36)
     radius = float(np.sqrt(2.0 * (1.0 - near))) + 1e-4  # |u - w| of unit vectors at similarity `near`
-    pairs = cKDTree(_low_frequencies(v, 6)).query_pairs(radius, output_type="ndarray")
+    pairs = cKDTree(low).query_pairs(radius, output_type="ndarray")
     a, b = np.sort(pairs, axis=1).T if len(pairs) else (np.zeros(0, int), np.zeros(0, int))
     sims = np.concatenate([np.einsum("nd,nd->n", v[a[i:i + 4096]], v[b[i:i + 4096]])
                            for i in range(0, len(a), 4096)]) if len(a) else np.zeros(0, np.float32)
@@ -282,14 +226,8 @@ def _near_pairs(v: np.ndarray, near: float) -> tuple[np.ndarray, np.ndarray, np.
 
 
 def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEAR_DUPLICATE_CORRELATION) -> pd.DataFrame:
-    """Pairs (a, b) of row indices, a < b: `kind` "exact" (same bytes) or "near", and `similarity`.
-
-    Near: the correlation of the mean-centred thumbnails is at least `near`
-    (`NEAR_DUPLICATE_CORRELATION`; `near > 1` turns it off); flat thumbnails take part only in
-    exact matching, and images with more than `MAX_NEAR_MATCHES` near matches are left out
-    (counted in `attrs["inconclusive"]`); where they are over `MAX_CROWDED_FRACTION` of the
-    images, no near pair is reported (`attrs["near_checked"]` False).
-    """
+    """Pairs (a < b) of row indices, `kind` "exact" (same bytes) or "near" (thumbnail correlation >=
+    `near`; `near > 1` turns it off), and `similarity`; `attrs`: "inconclusive", "near_checked"."""
     rows: list[tuple[int, int, str, float]] = []
     by_digest = pd.Series(range(len(digests))).groupby(pd.Series(digests, dtype=object)).agg(list)
     for members in by_digest[by_digest.map(len) > 1]:
@@ -314,41 +252,33 @@ def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEA
     return found
 
 
-# ----------------------------------------------------------------------------- what the scan found
-
 def duplicate_groups(frame: pd.DataFrame, pairs: list[dict], key: str = "patient_id") -> pd.Series:
-    """One group label per row: the rows' `key` (patient ids), joined wherever two images are
-    duplicates, so that carving keeps every copy of an image on the same side."""
-    parent = {k: k for k in frame[key].astype(str)}
+    """One group per row: its `key` (patient id), joined with others where images are duplicates."""
+    ids = frame[key].astype(str)
+    parent = dict(zip(ids, ids))
 
     def find(k: str) -> str:
         while parent[k] != k:
-            parent[k] = parent[parent[k]]
             k = parent[k]
         return k
 
-    of_path = dict(zip(frame["path"], frame[key].astype(str)))
-    for pair in pairs:
-        a, b = of_path.get(pair["path_a"]), of_path.get(pair["path_b"])
-        if a is not None and b is not None and find(a) != find(b):
+    of_path = dict(zip(frame["path"], ids))
+    for a, b in ((of_path.get(p["path_a"]), of_path.get(p["path_b"])) for p in pairs):
+        if a is not None and b is not None:
             ra, rb = sorted((find(a), find(b)))
-            parent[rb] = ra
-    return frame[key].astype(str).map(find)
-
-
-SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
+            parent[rb] = ra  # the smallest id names the group
+    return ids.map(find)
 
 
 def cross_split_duplicates(frame: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
-    """The duplicate pairs whose two images lie in different splits of `frame` (earlier split first):
-    path, split and class of each image, kind ("exact"/"near") and similarity."""
-    info = frame.set_index("path")[["split", "class_name"]]
+    """The duplicate pairs across splits (earlier split first): path, split, class of each, kind, similarity."""
+    info, order = frame.set_index("path")[["split", "class_name"]], ("train", "val", "test").index
     rows = []
     for pair in pairs:
         a, b = pair["path_a"], pair["path_b"]
         if a not in info.index or b not in info.index or info.at[a, "split"] == info.at[b, "split"]:
             continue
-        if SPLIT_ORDER[info.at[a, "split"]] > SPLIT_ORDER[info.at[b, "split"]]:
+        if order(info.at[a, "split"]) > order(info.at[b, "split"]):
             a, b = b, a
         rows.append(dict(path_a=a, split_a=info.at[a, "split"], class_a=info.at[a, "class_name"],
                          path_b=b, split_b=info.at[b, "split"], class_b=info.at[b, "class_name"],
@@ -364,39 +294,32 @@ def duplicate_note(duplicates: pd.DataFrame) -> str | None:
     kinds = duplicates["kind"].value_counts()
     where = (duplicates["split_a"] + "-" + duplicates["split_b"]).value_counts()
     conflict = int((duplicates["class_a"] != duplicates["class_b"]).sum())
-    return (f"Duplicates across splits: {int(kinds.get('exact', 0))} exact (same bytes) and "
-            f"{int(kinds.get('near', 0))} near (re-encoded or resized) pair(s) of images in two "
-            f"splits ({', '.join(f'{k} {v}' for k, v in where.items())})"
-            + (f", {conflict} of them with different labels" if conflict else "")
-            + "; see splits.duplicates. A model scored on a copy of a training image looks better "
-            "than it is: they come from the provided splits (carved splits keep copies together).")
+    where = ", ".join(f"{k} {v}" for k, v in where.items())
+    return (f"Duplicates across splits: {int(kinds.get('exact', 0))} exact (same bytes) and {int(kinds.get('near', 0))} "
+            f"near (re-encoded or resized) pair(s) of images in two splits ({where})"
+            + (f", {conflict} of them with different labels" if conflict else "") + "; see splits.duplicates. A model "
+            "scored on a copy of a training image looks better than it is: they come from the provided splits (carved "
+            "splits keep copies together).")
 
 
 def flag_notes(flagged: list[tuple[str, str]]) -> list[str]:
-    """One sentence per kind of `FLAGS` for (path, flag) pairs: how many images, and an example."""
-    by_flag: dict[str, list[str]] = {}
-    for path, flag in flagged:
-        by_flag.setdefault(flag, []).append(path)
+    """One sentence per kind of `FLAGS` in (path, flag) pairs, with a count and an example."""
+    by_flag = pd.DataFrame(flagged, columns=["path", "flag"]).groupby("flag", sort=False)["path"].agg(list)
     return [f"{len(paths)} {FLAGS[flag]} (e.g. {display_path(paths[0])})." for flag, paths in by_flag.items()]
 
 
 def exclusion_notes(excluded: list[tuple[str, str]], nested: list[str], links: list[str] = ()) -> list[str]:
-    """Sentences that count the files not used, by reason (with an example each), the nested images
-    used and the symbolic links to folders followed."""
+    """Sentences on the files not used (by reason), the nested images used and the links followed."""
     notes = [f"Followed {len(links)} symbolic link(s) to folders: " + "; ".join(links[:5])] if links else []
     if excluded:
-        by_reason: dict[str, list[str]] = {}
-        for path, reason in excluded:
-            by_reason.setdefault(reason, []).append(path)
+        by_reason = pd.DataFrame(excluded, columns=["path", "reason"]).groupby("reason", sort=False)["path"].agg(list)
         parts = []
         for reason, paths in by_reason.items():
             suffixes = pd.Series([Path(p).suffix.lower() or "(none)" for p in paths]).value_counts()
-            kinds = (" [" + ", ".join(f"{k} {v}" for k, v in suffixes.head(5).items()) + "]"
-                     if reason in ("unsupported", "not_image") else "")
+            kinds = " [" + ", ".join(f"{k} {v}" for k, v in suffixes.head(5).items()) + "]"
+            kinds = kinds if reason in ("unsupported", "not_image") else ""
             parts.append(f"{len(paths)} {REASONS[reason]}{kinds}, e.g. {paths[0]}")
         notes.append(f"Not used: {len(excluded)} file(s) or folder(s) under the root: " + "; ".join(parts)
                      + " (listed in splits.excluded).")
-    if nested:
-        notes.append(f"Used {len(nested)} image(s) from sub-folders of class folders, with the class of "
-                     f"the folder above (e.g. {display_path(nested[0])}).")
-    return notes
+    return notes + ([f"Used {len(nested)} image(s) from sub-folders of class folders, with the class of the folder "
+                     f"above (e.g. {display_path(nested[0])})."] if nested else [])
