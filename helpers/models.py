@@ -1,10 +1,9 @@
 """torchvision backbones with a new classification head, and freezing.
 
-The models keep torchvision's structure: the head is ``model.fc`` (ResNet), ``model.classifier``
-(DenseNet, MobileNetV2) or ``model.heads`` (ViT). `build_model` records ``model.arch``,
-``model.pretrained``, ``model.weights_info``, ``model.input_mean`` / ``input_std`` (the
-normalisation its weights need), ``model.head_kind``, ``model.freeze`` and ``model.image_size``.
-`freeze_backbone` and `unfreeze` are what chapters 01 and 04 write in cells with ``requires_grad``.
+The models keep torchvision's structure (head: ``fc``, ``classifier`` or ``heads``). `build_model` records
+``arch``, ``pretrained``, ``weights_info``, ``input_mean``/``input_std`` (the normalisation its weights need),
+``head_kind``, ``freeze`` and ``image_size`` on the model. `freeze_backbone`/`unfreeze` save what chapters
+01 and 04 write in cells with ``requires_grad``.
 """
 
 from __future__ import annotations
@@ -19,20 +18,19 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from helpers.core import model_device
+from helpers.core import IMAGENET_MEAN, IMAGENET_STD, model_device
+from helpers.runs import project_root
 
 ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101", "resnet152", "densenet121", "mobilenet_v2",
                                   "vit_b_16")
 HEADS: tuple[str, ...] = ("linear", "gap_dropout", "mlp")
 FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "last_block")
 
-# Name of the attribute that holds the classifier head in each torchvision family.
 _HEAD_ATTR = {"resnet": "fc", "densenet": "classifier", "mobilenet": "classifier", "vit": "heads"}
 
 
 def _family(arch: str) -> str:
-    """'resnet' | 'densenet' | 'mobilenet' | 'vit' for a known architecture name."""
-    for family in ("resnet", "densenet", "mobilenet", "vit"):
+    for family in _HEAD_ATTR:  # resnet, densenet, mobilenet, vit
         if arch.startswith(family):
             return family
     raise ValueError(f"Unknown architecture {arch!r}. Known: {', '.join(ARCHITECTURES)}")
@@ -44,16 +42,10 @@ def _check_choice(value: str, known: tuple[str, ...], what: str) -> None:
 
 
 def _arch_of(model: nn.Module) -> str:
-    arch = getattr(model, "arch", None)
-    if arch is None:
-        raise ValueError(
-            "This model has no `.arch` attribute; build it with helpers.models.build_model "
-            "or set model.arch to one of: " + ", ".join(ARCHITECTURES)
-        )
+    if (arch := getattr(model, "arch", None)) is None:
+        raise ValueError("This model has no `.arch` attribute; build it with helpers.models.build_model "
+                         "or set model.arch to one of: " + ", ".join(ARCHITECTURES))
     return arch
-
-
-# --------------------------------------------------------------------------- heads
 
 
 def make_head(in_features: int, num_outputs: int, head: str = "linear") -> nn.Module:
@@ -68,11 +60,6 @@ def make_head(in_features: int, num_outputs: int, head: str = "linear") -> nn.Mo
                          nn.Linear(512, num_outputs))
 
 
-def _in_features(old_head: nn.Module) -> int:
-    """Input width of torchvision's original head (a Linear, possibly inside a Sequential)."""
-    return next(m for m in old_head.modules() if isinstance(m, nn.Linear)).in_features
-
-
 def get_head(model: nn.Module) -> nn.Module:
     """The classifier head module of a model built by :func:`build_model`."""
     return getattr(model, _HEAD_ATTR[_family(_arch_of(model))])
@@ -83,23 +70,15 @@ def head_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     return get_head(model).parameters()
 
 
-# --------------------------------------------------------------------------- weights
-
-
-# Offline ImageNet weights (torchvision's server unreachable): an ordinary weights file written by
-# tools/convert_tflite_weights.py (state_dict + the normalisation and padding the weights need).
+# Offline ImageNet weights: a file written by tools/convert_tflite_weights.py (state_dict, normalisation, padding).
 WEIGHTS_DIR_ENV = "COURSE_WEIGHTS_DIR"
 OFFLINE_FILES = {"mobilenet_v2": "mobilenet_v2_imagenet.pt"}
 TFLITE_FILES = {"mobilenet_v2": "mobilenet_v2_1.0_224_quant.tflite"}  # what the tool converts
 CONVERT_COMMAND = "uv run python tools/convert_tflite_weights.py"
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 class TFSamePadConv2d(nn.Conv2d):
-    """A ``Conv2d`` with TensorFlow's "SAME" padding: for a stride-2 3x3 convolution on an even
-    size, 0 pixels top/left and 1 bottom/right (torchvision pads 1 everywhere). Same parameters
-    and state_dict keys as ``nn.Conv2d``."""
+    """A ``Conv2d`` with TensorFlow's "SAME" padding (stride 2, even size: 0 top/left, 1 bottom/right)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = []
@@ -111,8 +90,7 @@ class TFSamePadConv2d(nn.Conv2d):
 
 
 def use_tf_same_padding(model: nn.Module) -> nn.Module:
-    """Give every strided 3x3 ``Conv2d`` of ``model`` TensorFlow's SAME padding, in place (the
-    parameters are kept, so ``load_state_dict`` works before or after). Returns the model."""
+    """Give every strided 3x3 ``Conv2d`` of ``model`` TensorFlow's SAME padding, in place; returns it."""
     for module in list(model.modules()):
         if type(module) is nn.Conv2d and module.stride != (1, 1) and module.kernel_size == (3, 3):
             module.__class__, module.padding = TFSamePadConv2d, (0, 0)  # pads in forward instead
@@ -121,8 +99,7 @@ def use_tf_same_padding(model: nn.Module) -> nn.Module:
 
 def weights_dirs() -> list[Path]:
     """The folders searched for offline weights, in order (those that do not exist included)."""
-    root = Path(__file__).resolve().parent.parent
-    root = root if (root / "pyproject.toml").exists() else Path.cwd()  # pip-installed: the course folder
+    root = project_root()
     env = [Path(os.environ[WEIGHTS_DIR_ENV]).expanduser()] if os.environ.get(WEIGHTS_DIR_ENV) else []
     return env + [root / "data" / "weights", root.parent / "shared" / "weights"]
 
@@ -134,8 +111,7 @@ def find_offline(arch: str, names: dict[str, str] = OFFLINE_FILES) -> Path | Non
 
 
 def load_weights_file(arch: str, path: str | Path) -> tuple[nn.Module, dict]:
-    """torchvision ``arch`` (ImageNet head) from a converted weights file or a plain state dict,
-    and its weights_info (source, normalisation, padding, ...)."""
+    """torchvision ``arch`` (ImageNet head) from a converted weights file or a state dict, and its weights_info."""
     path = Path(path).expanduser()
     if path.suffix == ".tflite":
         raise ValueError(f"{path} is a TensorFlow Lite file: convert it first with "
@@ -157,8 +133,7 @@ def load_weights_file(arch: str, path: str | Path) -> tuple[nn.Module, dict]:
 
 
 def apply_weights_info(model: nn.Module, info: dict) -> nn.Module:
-    """Give a model what its weights carry: SAME padding if ``info["padding"] == "tf_same"``,
-    ``input_mean``/``input_std``, ``weights_info`` and ``pretrained``. Returns the model."""
+    """Give a model what its weights carry (padding, input_mean/std, weights_info, pretrained); returns it."""
     if info.get("padding") == "tf_same":
         use_tf_same_padding(model)
     model.input_mean, model.input_std = tuple(info["input_mean"]), tuple(info["input_std"])
@@ -186,16 +161,13 @@ _ANNOUNCED: set[str] = set()  # architectures whose missing weights were already
 def _pretrained_warning(arch: str, error: Exception) -> None:
     """Say loudly that ImageNet weights are missing and what that means."""
     tflite = find_offline(arch, TFLITE_FILES)
-    message = (
-        f"Could not load ImageNet weights for {arch} ({type(error).__name__}: {error}). "
-        "Continuing from RANDOM initialisation: this is not transfer learning, the numbers "
-        "will be much worse and are NOT comparable to the reference results. "
-        "model.pretrained is False (recorded in metrics.json). To fix: enable internet "
-        "(Kaggle: Settings -> Internet on), put the torchvision weight file in "
-        "~/.cache/torch/hub/checkpoints/, or (MobileNetV2) put a weights file converted by "
-        f"tools/convert_tflite_weights.py in data/weights/ or in the folder named by ${WEIGHTS_DIR_ENV}."
-        + (f" {tflite} is there but not converted: run `{CONVERT_COMMAND} --tflite {tflite}`." if tflite else "")
-    )
+    message = (f"Could not load ImageNet weights for {arch} ({type(error).__name__}: {error}). Continuing from RANDOM "
+               "initialisation: this is not transfer learning, the numbers will be much worse and are NOT comparable "
+               "to the reference results. model.pretrained is False (recorded in metrics.json). To fix: enable "
+               "internet (Kaggle: Settings -> Internet on), put the torchvision weight file in "
+               "~/.cache/torch/hub/checkpoints/, or (MobileNetV2) put a weights file converted by "
+               f"tools/convert_tflite_weights.py in data/weights/ or in the folder named by ${WEIGHTS_DIR_ENV}."
+               + (f" {tflite} is there but not converted: run `{CONVERT_COMMAND} --tflite {tflite}`." if tflite else ""))
     warnings.warn(message, RuntimeWarning, stacklevel=4)
     if arch in _ANNOUNCED:  # the full banner once per architecture, then a reminder
         print(f"!! {arch}: again no ImageNet weights, random initialisation (model.pretrained = False)", flush=True)
@@ -210,34 +182,23 @@ def _load_pretrained(arch: str) -> nn.Module:
     return torchvision.models.get_model(arch, weights="DEFAULT")
 
 
-def _resize_vit(pretrained_vit: nn.Module, image_size: int) -> nn.Module:
-    """A ViT-B/16 for ``image_size`` with ImageNet weights and interpolated position embeddings."""
+def _torchvision_imagenet(arch: str, image_size: int) -> nn.Module:
+    """torchvision's DEFAULT ImageNet model (ViT-B/16 with position embeddings interpolated to ``image_size``)."""
     from torchvision.models.vision_transformer import interpolate_embeddings
 
-    state = interpolate_embeddings(image_size, 16, pretrained_vit.state_dict())
-    model = torchvision.models.vit_b_16(weights=None, image_size=image_size)
-    model.load_state_dict(state)
-    return model
-
-
-def _torchvision_imagenet(arch: str, image_size: int) -> nn.Module:
-    """torchvision's DEFAULT ImageNet model (ViT-B/16 resized to ``image_size``)."""
     model = _load_pretrained(arch)
-    if arch == "vit_b_16" and image_size != 224:
-        warnings.warn(
-            f"ViT-B/16 ImageNet weights were trained at 224 px; image_size={image_size}: "
-            "position embeddings are interpolated (bicubic) to the new patch grid. "
-            "Expect lower accuracy than at 224 px.",
-            UserWarning,
-            stacklevel=4,
-        )
-        model = _resize_vit(model, image_size)
-    return model
+    if arch != "vit_b_16" or image_size == 224:
+        return model
+    warnings.warn(f"ViT-B/16 ImageNet weights were trained at 224 px; image_size={image_size}: position embeddings "
+                  "are interpolated (bicubic) to the new patch grid. Expect lower accuracy than at 224 px.",
+                  UserWarning, stacklevel=4)
+    resized = torchvision.models.vit_b_16(weights=None, image_size=image_size)
+    resized.load_state_dict(interpolate_embeddings(image_size, 16, model.state_dict()))
+    return resized
 
 
 def _backbone_with_weights(arch: str, weights: str | Path, image_size: int) -> tuple[nn.Module, dict]:
     """The torchvision model (with its ImageNet head) and its weights_info (source "random" if none)."""
-    vit_kwargs = {"image_size": image_size} if arch == "vit_b_16" else {}
     if weights == "imagenet":
         try:
             return _torchvision_imagenet(arch, image_size), torchvision_info(arch)
@@ -251,6 +212,7 @@ def _backbone_with_weights(arch: str, weights: str | Path, image_size: int) -> t
                 weights = offline
     if weights not in ("imagenet", "random"):
         return load_weights_file(arch, weights)
+    vit_kwargs = {"image_size": image_size} if arch == "vit_b_16" else {}
     return torchvision.models.get_model(arch, weights=None, **vit_kwargs), random_info()
 
 
@@ -267,36 +229,17 @@ def _resolve_weights_argument(pretrained: bool | None, weights: str | Path | Non
     raise ValueError(f"weights={weights!r}: use 'imagenet', 'random' or the path of a weights file (.pt).")
 
 
-# --------------------------------------------------------------------------- building
-
-
-def build_model(
-    arch: str,
-    num_outputs: int,
-    *,
-    pretrained: bool | None = None,
-    weights: str | Path | None = None,
-    head: str = "linear",
-    freeze: str = "none",
-    image_size: int = 224,
-) -> nn.Module:
+def build_model(arch: str, num_outputs: int, *, pretrained: bool | None = None, weights: str | Path | None = None,
+                head: str = "linear", freeze: str = "none", image_size: int = 224) -> nn.Module:
     """A torchvision ``arch`` with a new ``head`` of ``num_outputs`` logits and a freezing policy.
 
-    ``weights``: ``"imagenet"`` (the default) loads torchvision's DEFAULT ImageNet weights; when
-    they cannot be downloaded, a converted weights file (``tools/convert_tflite_weights.py``) is
-    looked for (:func:`weights_dirs`), else it warns loudly and continues from random
-    initialisation. ``"random"``: random initialisation. A path: a converted weights file (it
-    carries its normalisation and padding) or a plain state-dict ``.pt``.
-    ``pretrained=True/False`` (older callers) means ``"imagenet"`` / ``"random"``.
-
-    The model records ``model.pretrained`` (were ImageNet weights really loaded),
-    ``model.weights_info`` (source, file, sha256, padding, calibration, agreement) and the input
-    normalisation its weights need: ``model.input_mean``, ``model.input_std`` (tuples).
-    ``image_size`` only matters for ViT-B/16 (a multiple of 16; a pretrained ViT at a size
-    other than 224 gets interpolated position embeddings). CNNs accept any input size.
+    ``weights``: ``"imagenet"`` (default: torchvision's, else a converted file in :func:`weights_dirs`,
+    else a loud warning and random initialisation), ``"random"``, or the path of a converted weights
+    file or state-dict ``.pt``; ``pretrained=True/False`` (older callers) means imagenet/random.
+    ``model.pretrained`` says whether ImageNet weights were really loaded. ``image_size`` only matters
+    for ViT-B/16 (a multiple of 16; other than 224: interpolated position embeddings).
     """
     _check_choice(arch, ARCHITECTURES, "architecture")
-    family = _family(arch)
     _check_choice(head, HEADS, "head")
     _check_choice(freeze, FREEZE_POLICIES, "freeze policy")
     if num_outputs < 1:
@@ -306,49 +249,33 @@ def build_model(
 
     weights = _resolve_weights_argument(pretrained, weights)
     model, info = _backbone_with_weights(arch, weights, image_size)
-    head_attr = _HEAD_ATTR[family]
-    new_head = make_head(_in_features(getattr(model, head_attr)), num_outputs, head)
-    setattr(model, head_attr, new_head)
-
-    model.arch = arch
-    model.pretrained = info["source"] != "random"
-    model.weights_info = info
-    model.input_mean, model.input_std = tuple(info["input_mean"]), tuple(info["input_std"])
-    model.head_kind = head
-    model.image_size = image_size
-    set_trainable(model, freeze)
-    return model
+    head_attr = _HEAD_ATTR[_family(arch)]
+    in_features = next(m for m in getattr(model, head_attr).modules() if isinstance(m, nn.Linear)).in_features
+    setattr(model, head_attr, make_head(in_features, num_outputs, head))
+    apply_weights_info(model, info)
+    model.arch, model.head_kind, model.image_size = arch, head, image_size
+    return set_trainable(model, freeze)
 
 
-# --------------------------------------------------------------------------- freezing
-
-
-def _last_block_modules(model: nn.Module) -> list[nn.Module]:
-    """What ``freeze="last_block"`` trains besides the head: the last stage of the backbone."""
-    family = _family(_arch_of(model))
-    if family == "resnet":
-        return [model.layer4]
-    if family == "densenet":
-        return [model.features.denseblock4, model.features.norm5]
-    if family == "mobilenet":
-        return [model.features[-2], model.features[-1]]
-    return [model.encoder.layers[-1], model.encoder.ln]
+# What freeze="last_block" trains besides the head (the backbone's last stage), and the layer Grad-CAM reads.
+_LAST_BLOCK = {"resnet": lambda m: [m.layer4], "densenet": lambda m: [m.features.denseblock4, m.features.norm5],
+               "mobilenet": lambda m: [m.features[-2], m.features[-1]],
+               "vit": lambda m: [m.encoder.layers[-1], m.encoder.ln]}
+_GRADCAM_LAYER = {"resnet": lambda m: m.layer4[-1], "densenet": lambda m: m.features.denseblock4,
+                  "mobilenet": lambda m: m.features[-1], "vit": lambda m: m.encoder.layers[-1].ln_1}
 
 
 def freeze_backbone(model: nn.Module) -> nn.Module:
     """Freeze every parameter except the head's (``requires_grad = False``); returns the model."""
-    for p in model.parameters():
-        p.requires_grad = False
-    for p in get_head(model).parameters():
-        p.requires_grad = True
+    model.requires_grad_(False)
+    get_head(model).requires_grad_(True)
     model.freeze = "head"
     return model
 
 
 def unfreeze(model: nn.Module) -> nn.Module:
     """Make every parameter trainable again (full fine-tuning); returns the model."""
-    for p in model.parameters():
-        p.requires_grad = True
+    model.requires_grad_(True)
     model.freeze = "none"
     return model
 
@@ -360,7 +287,7 @@ def set_trainable(model: nn.Module, freeze: str) -> nn.Module:
         return unfreeze(model)
     freeze_backbone(model)
     if freeze == "last_block":
-        for module in _last_block_modules(model):
+        for module in _LAST_BLOCK[_family(_arch_of(model))](model):
             module.requires_grad_(True)
     model.freeze = freeze
     return model
@@ -368,13 +295,11 @@ def set_trainable(model: nn.Module, freeze: str) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) number of parameters."""
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
-            sum(p.numel() for p in model.parameters()))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
 
 
 def train_mode(model: nn.Module) -> nn.Module:
-    """``model.train()``, except sub-modules whose parameters are all frozen: they stay in eval
-    mode, so frozen BatchNorm keeps its running statistics (as in `train.extract_features`)."""
+    """``model.train()``, except sub-modules whose parameters are all frozen (frozen BatchNorm keeps its statistics)."""
     model.train()
     for module in model.modules():
         params = list(module.parameters())
@@ -385,30 +310,18 @@ def train_mode(model: nn.Module) -> nn.Module:
 
 def _placeholder_batchnorm(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """Frozen BatchNorm layers still holding their initial statistics (mean 0, variance 1)."""
-    return [
-        m for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-        and not any(p.requires_grad for p in m.parameters())
-        and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())
-    ]
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+            and not any(p.requires_grad for p in m.parameters())
+            and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
 
 
 @torch.no_grad()
 def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
                               max_batches: int = 10) -> int:
-    """Estimate the statistics of frozen BatchNorm layers that never had any; returns how many.
-
-    A randomly initialised backbone (no ImageNet weights) has BatchNorm statistics of mean 0
-    and variance 1: placeholders. Frozen, they are never updated, so activations grow layer
-    after layer (ResNet-152 features reach ~1e6 and fp16 overflows). Running the training
-    images through once with those layers in train mode ("precise BN") gives them real
-    statistics. Layers with pretrained statistics are left alone: a model whose ImageNet weights
-    were loaded (``model.pretrained``) is never touched, whatever values its statistics hold.
-    The batches run on ``device`` (default: the model's).
-    """
-    if getattr(model, "pretrained", False):
-        return 0
-    layers = _placeholder_batchnorm(model)
+    """Estimate the statistics of frozen BatchNorm layers that never had any (mean 0, variance 1 placeholders,
+    which let activations grow until fp16 overflows) from up to ``max_batches`` training batches on ``device``
+    (default: the model's); returns how many layers. A model with ImageNet weights is never touched."""
+    layers = [] if getattr(model, "pretrained", False) else _placeholder_batchnorm(model)
     if not layers:
         return 0
     was_training = model.training
@@ -418,11 +331,9 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches seen
         m.train()
-    seen = 0
-    device = model_device(model) if device is None else device
-    for x, _ in loader:
+    device, seen = model_device(model) if device is None else device, 0
+    for seen, (x, _) in enumerate(loader, 1):
         model(x.to(device))
-        seen += 1
         if seen >= max_batches:
             break
     for m, momentum in zip(layers, momenta):
@@ -435,9 +346,6 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
     return len(layers)
 
 
-# --------------------------------------------------------------------------- backbone / head
-
-
 class _ViTBackbone(nn.Module):
     """ViT up to the class-token embedding (after the final LayerNorm), sharing the weights."""
 
@@ -448,24 +356,17 @@ class _ViTBackbone(nn.Module):
         self.encoder = vit.encoder
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_proj(x)  # (N, D, H/16, W/16)
-        x = x.flatten(2).transpose(1, 2)  # (N, tokens, D)
-        cls = self.class_token.expand(x.shape[0], -1, -1)
-        x = self.encoder(torch.cat([cls, x], dim=1))
-        return x[:, 0]
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (N, tokens, D)
+        return self.encoder(torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1))[:, 0]
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    """(backbone giving pooled features (N, D), head), sharing the model's weights:
-    ``head(backbone(x))`` equals ``model(x)``."""
+    """(backbone giving pooled features (N, D), head), sharing the weights: ``head(backbone(x)) == model(x)``."""
     family = _family(_arch_of(model))
     head = get_head(model)
     if family == "resnet":
-        backbone = nn.Sequential(
-            model.conv1, model.bn1, model.relu, model.maxpool,
-            model.layer1, model.layer2, model.layer3, model.layer4,
-            model.avgpool, nn.Flatten(1),
-        )
+        backbone = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
+                                 model.layer3, model.layer4, model.avgpool, nn.Flatten(1))
     elif family == "densenet":
         # torchvision's DenseNet.forward: features -> ReLU -> global average pool.
         backbone = nn.Sequential(model.features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
@@ -479,17 +380,9 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 
 def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM reads: ResNet ``layer4[-1]``; DenseNet ``features.denseblock4`` (norm5's
-    output goes through an in-place ReLU, which breaks backward hooks); MobileNetV2 ``features[-1]``;
-    ViT ``encoder.layers[-1].ln_1`` (tokens: fold them with `vit_tokens_to_map`)."""
-    family = _family(_arch_of(model))
-    if family == "resnet":
-        return model.layer4[-1]
-    if family == "densenet":
-        return model.features.denseblock4
-    if family == "mobilenet":
-        return model.features[-1]
-    return model.encoder.layers[-1].ln_1
+    """The layer Grad-CAM reads (DenseNet: ``denseblock4``, as norm5's in-place ReLU breaks backward hooks;
+    ViT: ``encoder.layers[-1].ln_1``, tokens to fold with `vit_tokens_to_map`)."""
+    return _GRADCAM_LAYER[_family(_arch_of(model))](model)
 
 
 def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:

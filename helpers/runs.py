@@ -1,12 +1,8 @@
 """One notebook run: its profile, its output folder, and what it saves there.
 
-A notebook's `parameters` cell sets `PROFILE`; the next cell calls `start_run`, which fills in image
-size, epochs, batch size, subset size, whether to load pretrained weights and how many bootstrap
-resamples the 95% intervals take (`None` for a knob means "use the profile's value"). At the end the
-notebook saves what it measured: `save_predictions` (one CSV per split, one row per image) and
-`save_metrics` (metrics.json, in the schema of CONTRIBUTING.md). Reading those files back (results
-tables, freshness checks) is the course builder's job (`coursebuild.records`). torch is imported
-only inside functions, so the builder can read profiles and paths without it.
+`start_run` resolves the `PROFILE` knobs (`None` = the profile's value); at the end the notebook calls
+`save_predictions` (one CSV per split) and `save_metrics` (metrics.json, schema in CONTRIBUTING.md).
+Reading them back is `coursebuild.records`' job. torch is imported only inside functions.
 """
 
 from __future__ import annotations
@@ -18,7 +14,7 @@ import numbers
 import os
 import secrets
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,20 +25,17 @@ import pandas as pd
 if TYPE_CHECKING:
     import torch
 
+# smoke: offline, 2 CPU cores, a minute per notebook (proves the code runs, nothing more); cpu: real data on
+# a laptop, minutes not hours; full: the Kaggle T4 recipe.
 PROFILES: dict[str, dict] = {
-    # Offline, 2 CPU cores, about a minute per notebook: proves the code runs, says nothing
-    # about the real task.
     "smoke": dict(image_size=64, epochs=1, batch_size=16, max_per_class=24, pretrained=False,
                   amp=False, num_workers=0, n_bootstrap=200),
-    # Real data on a laptop: minutes, not hours.
     "cpu": dict(image_size=128, epochs=3, batch_size=32, max_per_class=300, pretrained=True,
                 amp=False, num_workers=2, n_bootstrap=1000),
-    # The Kaggle T4 recipe.
     "full": dict(image_size=224, epochs=None, batch_size=32, max_per_class=None, pretrained=True,
                  amp=True, num_workers=2, n_bootstrap=1000),
 }
 METRICS_FILE = "metrics.json"
-PREDICTIONS_PATTERN = "*_predictions.csv"  # save_predictions: <split>_predictions.csv
 PREVIOUS_RUN_DIR = ".previous_run"  # where start_run moves an earlier run's outputs
 OUTPUTS_FILE = ".course_outputs.json"  # the run's own outputs: the only files a later run may move
 SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing"}
@@ -64,7 +57,7 @@ class Config:
     n_bootstrap: int  # bootstrap resamples for every 95% interval of this run
 
     def __post_init__(self) -> None:
-        """Refuse sizes that would fail late or train nothing (EPOCHS=0 returns an empty history)."""
+        """Refuse sizes that would fail late or train nothing."""
         for name in ("image_size", "epochs", "batch_size", "max_per_class"):
             value = getattr(self, name)
             if not (name == "max_per_class" and value is None) and not _whole(value, 1):
@@ -77,37 +70,28 @@ class Config:
 
 
 def _whole(value: Any, least: int) -> bool:
-    """Is `value` a whole number (not a bool) of at least `least`?"""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
 
 
 def apply_profile(profile: str, *, recipe_epochs: int | None = None, **overrides) -> Config:
-    """Resolve a profile name into a `Config`.
-
-    `recipe_epochs` is the notebook's full-profile epoch count; the smoke and cpu profiles cap it
-    (1 and 3 epochs). Keyword overrides replace single values; `None` overrides are ignored.
-    """
+    """A `Config` for `profile`: smoke/cpu cap `recipe_epochs` (the full recipe's); `None` overrides are ignored."""
     if profile not in PROFILES:
-        raise ValueError(
-            f"Unknown PROFILE {profile!r}. Use one of: {', '.join(PROFILES)} "
-            "('smoke' = synthetic data, seconds on a CPU; 'cpu' = real data, minutes; "
-            "'full' = the Kaggle GPU recipe; CONTRIBUTING.md, 'Profiles')."
-        )
+        raise ValueError(f"Unknown PROFILE {profile!r}. Use one of: {', '.join(PROFILES)} ('smoke' = synthetic data, "
+                         "seconds on a CPU; 'cpu' = real data, minutes; 'full' = the Kaggle GPU recipe; "
+                         "CONTRIBUTING.md, 'Profiles').")
     values = dict(PROFILES[profile])
     if values["epochs"] is None:
         values["epochs"] = recipe_epochs if recipe_epochs is not None else 10
     elif recipe_epochs is not None:
         values["epochs"] = min(values["epochs"], recipe_epochs)
-    unknown = set(overrides) - set(values)
-    if unknown:
+    if unknown := set(overrides) - set(values):
         raise TypeError(f"Unknown setting(s) {sorted(unknown)}; known: {sorted(values)}")
     values.update({k: v for k, v in overrides.items() if v is not None})
     return Config(profile=profile, **values)
 
 
 def project_root() -> Path:
-    """The course folder (holding `helpers/`, `notebooks/`, `assets/`): the parent of `helpers/` in
-    a checkout, the working directory where `helpers` was pip-installed (Kaggle)."""
+    """The course folder: the parent of `helpers/` in a checkout, else (pip-installed) the working directory."""
     checkout = Path(__file__).resolve().parent.parent
     return checkout if (checkout / "pyproject.toml").exists() else Path.cwd()
 
@@ -125,9 +109,8 @@ def _cannot_write(folder: Path) -> OSError | None:
 
 
 def output_root() -> Path:
-    """Where runs write (assets/<notebook>, generated data in data/synthetic): the course folder,
-    or, when it is read-only (a course attached as a Kaggle dataset under /kaggle/input), the working
-    directory (/kaggle/working), else a folder in the temporary directory."""
+    """Where runs write: the course folder, else (read-only, e.g. /kaggle/input) the working directory,
+    else a folder in the temporary directory."""
     for folder in (project_root(), Path.cwd(), Path(tempfile.gettempdir()) / "course-outputs"):
         if _cannot_write(folder) is None:
             return folder
@@ -135,20 +118,15 @@ def output_root() -> Path:
 
 
 def assets_dir(notebook: str, output_dir: str | Path | None = None, root: str | Path | None = None) -> Path:
-    """Where a notebook writes its outputs: `output_dir`, else `<root>/assets/<notebook>` (root:
-    `output_root()`); nothing is created."""
+    """`output_dir`, else `<root or output_root()>/assets/<notebook>`; nothing is created."""
     if output_dir is not None and str(output_dir) != "":
         return Path(output_dir)
     return Path(root if root is not None else output_root()) / "assets" / notebook
 
 
 def portable_data_dir(data_dir: str | Path | Mapping | None) -> str | dict | None:
-    """How metrics.json names a data folder: never an absolute path of the machine it ran on.
-
-    `None` and `"synthetic"` stay; a Kaggle location becomes `kaggle:<owner>/<slug>/...`; any other
-    folder a path relative to the course folder (`../shared/data/chest_xray_pneumonia_224`). A
-    mapping (one folder per dataset, notebook 00) is converted value by value.
-    """
+    """How metrics.json names a data folder (never an absolute path): `None`/"synthetic" stay, Kaggle
+    becomes `kaggle:<owner>/<slug>/...`, else relative to the course folder; a mapping value by value."""
     if isinstance(data_dir, Mapping):
         return {str(name): portable_data_dir(folder) for name, folder in data_dir.items()}
     if data_dir is None or str(data_dir) == "synthetic":
@@ -169,14 +147,12 @@ def portable_data_dir(data_dir: str | Path | Mapping | None) -> str | dict | Non
 
 
 def _own_name(folder: Path, name: Any) -> bool:
-    """Is `name` a plain relative path of a file inside `folder` (never `..`, never absolute)?"""
     return (isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
             and (folder / name).is_file())
 
 
 def recorded_outputs(folder: str | Path) -> dict[str, Any]:
-    """{"run_id", "files"}: the outputs a run recorded in `folder` (its OUTPUTS_FILE). A folder written
-    before that file existed: its metrics.json and the figures it lists. Only these may ever be moved."""
+    """{"run_id", "files"}: the outputs a run recorded in `folder` (OUTPUTS_FILE, else metrics.json and its figures)."""
     folder = Path(folder)
     for name in (OUTPUTS_FILE, METRICS_FILE):
         try:
@@ -194,19 +170,22 @@ def recorded_outputs(folder: str | Path) -> dict[str, Any]:
 def record_outputs(out_dir: str | Path, run_id: str, names: Sequence[str]) -> None:
     """Add `names` (files in `out_dir`) to the outputs run `run_id` recorded there (OUTPUTS_FILE)."""
     out_dir = Path(out_dir)
-    record = recorded_outputs(out_dir) if (out_dir / OUTPUTS_FILE).is_file() else {"run_id": run_id, "files": []}
-    if record.get("run_id") != run_id:
-        record = {"run_id": run_id, "files": []}
-    record["files"] = sorted({*record["files"], *(str(n) for n in names)})
-    temporary = out_dir / f".{OUTPUTS_FILE}.{secrets.token_hex(3)}.tmp"
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(temporary, out_dir / OUTPUTS_FILE)
+    earlier = recorded_outputs(out_dir) if (out_dir / OUTPUTS_FILE).is_file() else {}
+    files = {*(earlier["files"] if earlier.get("run_id") == run_id else []), *(str(n) for n in names)}
+    text = json.dumps({"run_id": run_id, "files": sorted(files)}, indent=1) + "\n"
+    _write_atomic(out_dir / OUTPUTS_FILE, secrets.token_hex(3), lambda t: t.write_text(text))
+
+
+def _write_atomic(path: Path, tag: str, write: Callable[[Path], Any]) -> None:
+    """`write` a temporary file, then rename it to `path`: a reader never sees half a file."""
+    temporary = path.with_name(f".{path.name}.{tag}.tmp")
+    write(temporary)
+    os.replace(temporary, path)
 
 
 def retire_previous_outputs(out_dir: Path) -> list[str]:
-    """Move the outputs an earlier run recorded in `out_dir` (`recorded_outputs`) into
-    `out_dir/.previous_run/`, replacing the ones an even earlier run was moved there; return the moved
-    names. Files the course did not record as its own (a user's pictures, notes) are never moved."""
+    """Move the outputs an earlier run recorded in `out_dir` to `.previous_run/` (replacing those there);
+    return their names. Files the course did not record (a user's notes) are never moved."""
     earlier = recorded_outputs(out_dir)
     names, previous = earlier["files"], out_dir / PREVIOUS_RUN_DIR
     if not names:
@@ -229,12 +208,11 @@ def _holds_images(folder: Path) -> bool:
 
 
 def dataset_folder_around(folder: str | Path, data_dir: str | Path | None = None) -> Path | None:
-    """The dataset folder that `folder` lies in, or None: `data_dir` itself, or a split folder
-    (train/, val/, test/...) holding class folders of images, or a class folder in one."""
+    """The dataset folder `folder` lies in (`data_dir`, or a split folder of class folders of images), or None."""
     folder = Path(folder).resolve()
-    if data_dir is not None and str(data_dir) != "synthetic" and Path(data_dir).is_dir():
-        if folder.is_relative_to(Path(data_dir).resolve()):
-            return Path(data_dir)
+    if (data_dir is not None and str(data_dir) != "synthetic" and Path(data_dir).is_dir()
+            and folder.is_relative_to(Path(data_dir).resolve())):
+        return Path(data_dir)
     for place in (folder, *folder.parents):
         if place.name.lower() in SPLIT_NAMES and place.is_dir() and any(
                 child.is_dir() and _holds_images(child) for child in place.iterdir()):
@@ -245,19 +223,16 @@ def dataset_folder_around(folder: str | Path, data_dir: str | Path | None = None
 
 
 def _writable_output_dir(notebook: str, output_dir: str | Path | None, data_dir: str | None = None) -> Path:
-    """The output folder, created and checked now (a probe file) rather than after training; never a
-    folder inside a dataset (a figure saved there would be trained on as an image)."""
+    """The output folder, created and probed now (not after training); never inside a dataset."""
     where = assets_dir(notebook, output_dir)
     if (dataset := dataset_folder_around(where, data_dir)) is not None:
-        raise ValueError(
-            f"OUTPUT_DIR {str(where)!r} lies inside the dataset folder {str(dataset)!r}: the figures saved there "
-            "would be read as images of the dataset by the next run. Set OUTPUT_DIR to a folder outside the "
-            "data (None: assets/<notebook>), then run this cell again.")
+        raise ValueError(f"OUTPUT_DIR {str(where)!r} lies inside the dataset folder {str(dataset)!r}: the figures "
+                         "saved there would be read as images of the dataset by the next run. Set OUTPUT_DIR to a "
+                         "folder outside the data (None: assets/<notebook>), then run this cell again.")
     if (error := _cannot_write(where)) is not None:
-        raise PermissionError(
-            f"OUTPUT_DIR {str(where)!r} cannot be written to ({type(error).__name__}: {error.strerror or error}). "
-            "Set OUTPUT_DIR to a folder you may write to (None: assets/<notebook>), or fix its "
-            "permissions, then run this cell again.") from None
+        raise PermissionError(f"OUTPUT_DIR {str(where)!r} cannot be written to ({type(error).__name__}: "
+                              f"{error.strerror or error}). Set OUTPUT_DIR to a folder you may write to (None: "
+                              "assets/<notebook>), or fix its permissions, then run this cell again.") from None
     return where
 
 
@@ -274,14 +249,13 @@ def now_iso() -> str:
 
 
 def new_run_id() -> str:
-    """A short id unique to one run: UTC start time plus 6 random hex digits (20261202T0612Z-a3f9c1)."""
+    """UTC start time plus 6 random hex digits: 20261202T0612Z-a3f9c1."""
     return f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%MZ}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)
 class Run:
-    """Everything a notebook needs to know about this run, resolved once. `run_id` and `started_at`
-    name it in its metrics.json, so that outputs of two runs are never taken for one."""
+    """This run, resolved once; `run_id`/`started_at` tell its outputs from another run's."""
 
     notebook: str
     cfg: Config
@@ -298,19 +272,14 @@ class Run:
 
     @property
     def n_bootstrap(self) -> int:
-        """Bootstrap resamples for the 95% intervals (the profile's `n_bootstrap`)."""
         return self.cfg.n_bootstrap
 
 
 def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed: int = 42,
               output_dir: str | None = None, recipe_epochs: int | None = None, **overrides) -> Run:
-    """Check the parameters, seed everything, pick the device, prepare the output folder.
-
-    What could fail late fails here: the profile's knobs, `seed`, a folder that cannot be written or
-    lies inside a dataset. The outputs an earlier run recorded in that folder move to `.previous_run/`
-    (nothing else there is touched); this run records its own in OUTPUTS_FILE. The smoke profile uses
-    synthetic data unless `data_dir` is given. Prints one line saying what this run is.
-    """
+    """Check the parameters (what could fail late fails here), seed everything, pick the device, prepare
+    the output folder (an earlier run's outputs move to `.previous_run/`) and print what this run is.
+    The smoke profile uses synthetic data unless `data_dir` is given."""
     from helpers.core import pick_device, seed_everything  # imports torch
 
     cfg = apply_profile(profile, recipe_epochs=recipe_epochs, **overrides)
@@ -319,25 +288,22 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
     if data_dir is None and profile == "smoke":
         data_dir = "synthetic"
     seed_everything(seed)
-    device = pick_device()
-    run = Run(notebook, cfg, None if data_dir is None else str(data_dir), out_dir, device, seed)
+    run = Run(notebook, cfg, None if data_dir is None else str(data_dir), out_dir, device := pick_device(), seed)
     moved = retire_previous_outputs(out_dir)
     record_outputs(out_dir, run.run_id, [])
     if output_root() != project_root():
         print(f"The course folder {project_root()} is read-only: outputs and generated data go to "
               f"{output_root()} instead.")
-    print(f"{notebook}: profile {cfg.profile!r} | data {data_dir or 'auto (locate/download)'} | "
-          f"{cfg.image_size} px | {cfg.epochs} epoch(s) | batch {cfg.batch_size} | "
-          f"max/class {cfg.max_per_class or 'all'} | pretrained requested: {cfg.pretrained} | "
-          f"device {device} | outputs -> {run.out_dir} | run {run.run_id}")
+    print(f"{notebook}: profile {cfg.profile!r} | data {data_dir or 'auto (locate/download)'} | {cfg.image_size} px | "
+          f"{cfg.epochs} epoch(s) | batch {cfg.batch_size} | max/class {cfg.max_per_class or 'all'} | pretrained "
+          f"requested: {cfg.pretrained} | device {device} | outputs -> {run.out_dir} | run {run.run_id}")
     if moved:
         print(f"  an earlier run's {len(moved)} output file(s) moved to {out_dir / PREVIOUS_RUN_DIR}")
     return run
 
 
 def _relative_image(path: Any, roots: Sequence[Path]) -> str:
-    """`path` relative to the first of `roots` that holds it (posix), else as it is; a name that is
-    not UTF-8 shows its bytes as \\x escapes (as `scan.display_path`)."""
+    """`path` relative to the first of `roots` holding it (posix); non-UTF-8 bytes as \\x escapes."""
     absolute = Path(path).resolve()
     relative = next((absolute.relative_to(r).as_posix() for r in roots if absolute.is_relative_to(r)), path)
     return os.fsencode(str(relative)).decode("utf-8", "backslashreplace")
@@ -345,19 +311,15 @@ def _relative_image(path: Any, roots: Sequence[Path]) -> str:
 
 def save_predictions(run: Run, split: str, frame: pd.DataFrame, y_true: Any, probs: Any,
                      class_names: Sequence[str], *, root: str | Path | None = None) -> Path:
-    """Write `<out_dir>/<split>_predictions.csv`, one row per image of `frame` (a split of
-    `data.DataSplits`): image (relative to `root`, else to DATA_DIR, else to the course folder),
-    label (the true class name), y_true (its index), prob_<class> for every class. A one-logit
-    binary run (`probs` of shape (n,) or (n, 1): the probability of class 1) still gets one
-    column per class."""
+    """Write `<out_dir>/<split>_predictions.csv`: image (relative to `root`, DATA_DIR or the course folder),
+    label, y_true, prob_<class> per class (also for one-logit binary `probs` of shape (n,) or (n, 1))."""
     from helpers.core import to_numpy
 
     y = np.asarray(to_numpy(y_true), dtype=int).reshape(-1)
     p = np.asarray(to_numpy(probs), dtype=float)
     names = [str(n) for n in class_names]
     if p.ndim == 1 or (p.ndim == 2 and p.shape[1] == 1 and len(names) == 2):
-        p = p.reshape(-1)
-        p = np.stack([1.0 - p, p], axis=1)
+        p = np.stack([1.0 - p.reshape(-1), p.reshape(-1)], axis=1)
     if p.ndim != 2 or p.shape[1] != len(names):
         raise ValueError(f"probs has shape {p.shape}: expected one column per class ({len(names)}: {names}).")
     if not len(frame) == len(y) == len(p):
@@ -367,14 +329,11 @@ def save_predictions(run: Run, split: str, frame: pd.DataFrame, y_true: Any, pro
     folders += [run.data_dir] if run.data_dir is not None and Path(run.data_dir).is_dir() else []
     roots = [Path(f).resolve() for f in folders]
     table = pd.DataFrame({"image": [_relative_image(x, roots + [project_root()]) for x in frame["path"]],
-                          "label": [names[i] for i in y], "y_true": y})
-    for j, name in enumerate(names):
-        table[f"prob_{name}"] = p[:, j]
+                          "label": [names[i] for i in y], "y_true": y,
+                          **{f"prob_{name}": p[:, j] for j, name in enumerate(names)}})
     path = run.out_dir / f"{split}_predictions.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{run.run_id}.tmp")
-    table.to_csv(temporary, index=False)
-    os.replace(temporary, path)
+    _write_atomic(path, run.run_id, lambda t: table.to_csv(t, index=False))
     record_outputs(run.out_dir, run.run_id, [path.name])
     return path
 
@@ -383,19 +342,15 @@ def to_jsonable(value: Any) -> Any:
     """Recursively convert numpy/torch values, Paths and tuples to plain JSON types; NaN/inf -> None."""
     import torch
 
+    if isinstance(value, (torch.Tensor, np.ndarray, np.bool_, np.number)):
+        value = value.tolist()  # numpy scalars too: plain bool, int, float
     if isinstance(value, dict):
         return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
         return [to_jsonable(v) for v in value]
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return to_jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
+    if isinstance(value, float):
         return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
+    if value is None or isinstance(value, (bool, int, str)):
         return value
     if hasattr(value, "to_dict"):  # pandas objects
         return to_jsonable(value.to_dict())
@@ -403,8 +358,7 @@ def to_jsonable(value: Any) -> Any:
 
 
 def _data_dir(run: Run, splits: Any) -> Any:
-    """The data folder(s) a run read: `splits.root`, one per dataset for a mapping of splits
-    (notebook 00), else the run's DATA_DIR."""
+    """The data folder(s) a run read: `splits.root` (one per dataset for a mapping), else DATA_DIR."""
     if isinstance(splits, Mapping):
         return {str(name): s.root for name, s in splits.items()}
     return run.data_dir if splits is None else splits.root
@@ -414,8 +368,7 @@ WEIGHTS_KEYS = ("source", "file", "sha256", "padding", "input_mean", "input_std"
 
 
 def weights_label(block: dict | None, pretrained: bool | None = None) -> str:
-    """A few words for a table or a figure: "ImageNet (TFLite, converted)", "torchvision ImageNet",
-    "random"... from a `weights` block of metrics.json (or `pretrained` when there is none)."""
+    """"ImageNet (TFLite, converted)", "torchvision ImageNet", "random"... from a metrics.json `weights` block."""
     source = str((block or {}).get("source") or "")
     if source.startswith("tflite-converted"):
         return "ImageNet (TFLite, converted)"
@@ -429,8 +382,7 @@ def weights_label(block: dict | None, pretrained: bool | None = None) -> str:
 
 
 def _model_fields(model: Any, pretrained: bool | None, weights: dict | None) -> tuple[Any, Any, Any]:
-    """(name, pretrained, weights block): a model built by `models.build_model` gives all three;
-    the weights block keeps where the weights came from and the input normalisation they need."""
+    """(name, pretrained, weights block), taken from a model built by `models.build_model` when given one."""
     import torch
 
     if isinstance(model, torch.nn.Module):
@@ -441,8 +393,7 @@ def _model_fields(model: Any, pretrained: bool | None, weights: dict | None) -> 
 
 
 def figure_stamp(run: Run, splits: Any = None, model: Any = None, weights: dict | None = None) -> str:
-    """"profile cpu | data <folder> | weights ImageNet (TFLite, converted)": the footer of a run's
-    figures (`plots.set_stamp`), so a figure can be told apart from another run's."""
+    """"profile cpu | data <folder> | weights ImageNet (TFLite, converted)": a figure footer (`plots.set_stamp`)."""
     data = portable_data_dir(_data_dir(run, splits))
     folders = data.values() if isinstance(data, Mapping) else [data]
     parts = [f"profile {run.cfg.profile}", "data " + ", ".join(Path(str(f)).name for f in folders)]
@@ -457,37 +408,26 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretraine
                    threshold: float | None = None, val: dict | None = None, test: dict | None = None,
                    timing: dict | None = None, figures: Sequence[str] = (), runs: list[dict] | None = None,
                    **extra: Any) -> dict[str, Any]:
-    """This run's metrics.json as a dict (schema: CONTRIBUTING.md, "metrics.json"). `splits`: a
-    `data.DataSplits`, a mapping of them, or None; `model`: a name or the model built by
-    `models.build_model`; `figures`: the files saved beside it; `extra` keys come last and may
-    replace a schema key (notebook 00 gives `image_size=None`)."""
+    """This run's metrics.json as a dict (schema: CONTRIBUTING.md); `extra` keys may replace schema keys."""
     model, pretrained, weights = _model_fields(model, pretrained, weights)
-    if class_names is None:
-        class_names = getattr(splits, "class_names", [])
+    class_names = getattr(splits, "class_names", []) if class_names is None else class_names
     record: dict[str, Any] = {
         "notebook": run.notebook, "profile": run.cfg.profile, "dataset": dataset,
         "data_dir": portable_data_dir(_data_dir(run, splits)), "model": model, "pretrained": pretrained,
         "image_size": run.cfg.image_size, "class_names": list(class_names), "threshold": threshold,
         "val": val, "test": test, "timing": timing, "device": str(run.device),
-    }
-    if weights is not None:
-        record["weights"] = weights
-    if runs is not None:
-        record["runs"] = runs
-    record.update(extra)
+        **{key: value for key, value in (("weights", weights), ("runs", runs)) if value is not None}, **extra}
     record.update(figures=list(figures), run_id=run.run_id, started_at=run.started_at, written_at=now_iso(),
                   n_bootstrap=run.cfg.n_bootstrap)
     return to_jsonable(record)
 
 
 def save_metrics(run: Run, splits: Any, *, dataset: str, model: Any, **fields: Any) -> dict[str, Any]:
-    """Write `run.metrics_path` (`metrics_record` of the same arguments) and return the dict: last,
-    and atomically (a temporary file, then `os.replace`), so a reader never sees half a file."""
+    """Write `run.metrics_path` (`metrics_record` of the same arguments) atomically; return the dict."""
     record = metrics_record(run, splits, dataset=dataset, model=model, **fields)
-    path = run.metrics_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{run.run_id}.tmp")
-    temporary.write_text(json.dumps(record, indent=2, allow_nan=False) + "\n")
-    os.replace(temporary, path)
-    record_outputs(run.out_dir, run.run_id, [METRICS_FILE] + [f for f in record["figures"] if _own_name(run.out_dir, f)])
+    run.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
+    _write_atomic(run.metrics_path, run.run_id, lambda t: t.write_text(text))
+    own_figures = [f for f in record["figures"] if _own_name(run.out_dir, f)]
+    record_outputs(run.out_dir, run.run_id, [METRICS_FILE, *own_figures])
     return record

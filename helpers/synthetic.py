@@ -1,19 +1,10 @@
 """Small generated datasets that look (a little) like the real ones, for offline runs.
 
-`make_synthetic_dataset` writes real JPEG files in the same folder layout as the Kaggle
-datasets, so exactly the same scanning, splitting and loading code runs on them. Each class
-has a visible, learnable signature:
-
-- chest X-rays (grayscale): dark lung fields in a brighter body, spine, heart and ribs.
-  PNEUMONIA adds a soft bright consolidation in one lung (file names `person<N>_bacteria_<k>`)
-  or a bilateral haze (`person<N>_virus_<k>`); COVID19 a peripheral haze in the lower zones
-  of both lungs; TURBERCULOSIS clusters of small nodules in the upper zones.
-- fundus photographs (colour): an orange retina with optic disc and vessels; "disease" adds
-  dark-red dots (haemorrhages) and yellow spots (exudates).
-
-It also generates *outside* images (uint8 tensors, no files) for out-of-distribution experiments:
-`synthetic_landscapes`, `synthetic_noise` and `synthetic_shapes` (three different generators).
-
+`make_synthetic_dataset` writes JPEG files in the Kaggle datasets' folder layouts, each class with a
+learnable signature: chest X-rays (PNEUMONIA: a consolidation, `person<N>_bacteria_<k>`, or a bilateral
+haze, `person<N>_virus_<k>`; COVID19: lower-zone peripheral haze; TURBERCULOSIS: upper-zone nodules) and
+colour fundus photographs (DR: haemorrhages and exudates). `synthetic_landscapes`, `synthetic_noise` and
+`synthetic_shapes` make *outside* images (uint8 tensors) for out-of-distribution experiments.
 Synthetic numbers say that the code works, never how well a method works on patients.
 """
 
@@ -21,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +21,7 @@ from PIL import Image, ImageDraw
 
 from helpers.runs import output_root, project_root
 
-# Images per class and split. Pneumonia mimics the Kaggle training folder (train/ only, about
-# 1 NORMAL : 2.5 PNEUMONIA, several images per patient); the others provide all three splits.
+# Images per class and split; pneumonia mimics the Kaggle train/ folder (1 NORMAL : 2.5 PNEUMONIA).
 DEFAULT_COUNTS: dict[str, dict[str, dict[str, int]]] = {
     "pneumonia": {"train": {"NORMAL": 48, "PNEUMONIA": 120}},
     "chest4": {split: {c: n for c in ("COVID19", "NORMAL", "PNEUMONIA", "TURBERCULOSIS")}
@@ -108,8 +99,7 @@ def _fundus(rng: np.random.Generator, disease: bool, size: int) -> Image.Image:
 def _write_pneumonia(root: Path, counts: dict, rng: np.random.Generator, size: int) -> None:
     for split, per_class in counts.items():
         for class_name, n in per_class.items():
-            folder = root / split / class_name
-            folder.mkdir(parents=True)
+            (folder := root / split / class_name).mkdir(parents=True)
             written, patient = 0, 1
             while written < n:
                 images = min(n - written, int(rng.integers(1, 4)))  # 1-3 images per patient
@@ -127,25 +117,21 @@ def _write_pneumonia(root: Path, counts: dict, rng: np.random.Generator, size: i
                 patient += 1
 
 
-def _write_chest4(root: Path, counts: dict, rng: np.random.Generator, size: int) -> None:
-    finding = {"COVID19": "peripheral", "NORMAL": "none", "PNEUMONIA": "consolidation",
-               "TURBERCULOSIS": "nodules"}
-    for split, per_class in counts.items():
-        for class_name, n in per_class.items():
-            folder = root / split / class_name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                h, w = int(rng.integers(size - 12, size + 20)), int(rng.integers(size, size + 32))
-                _chest(rng, finding[class_name], h, w).save(folder / f"{class_name.lower()}_{split}_{i:04d}.jpg", quality=92)
+_CHEST4_FINDINGS = {"COVID19": "peripheral", "NORMAL": "none", "PNEUMONIA": "consolidation", "TURBERCULOSIS": "nodules"}
 
 
-def _write_fundus(root: Path, counts: dict, rng: np.random.Generator, size: int) -> None:
+def _write_chest4_or_fundus(root: Path, counts: dict, rng: np.random.Generator, size: int, fundus: bool) -> None:
     for split, per_class in counts.items():
         for class_name, n in per_class.items():
-            folder = root / split / class_name
-            folder.mkdir(parents=True)
+            (folder := root / split / class_name).mkdir(parents=True)
             for i in range(n):
-                _fundus(rng, class_name == "DR", size).save(folder / f"{class_name.lower()}_eye{i:04d}_{split}.jpg", quality=92)
+                if fundus:
+                    image, name = _fundus(rng, class_name == "DR", size), f"{class_name.lower()}_eye{i:04d}_{split}.jpg"
+                else:
+                    h, w = int(rng.integers(size - 12, size + 20)), int(rng.integers(size, size + 32))
+                    image = _chest(rng, _CHEST4_FINDINGS[class_name], h, w)
+                    name = f"{class_name.lower()}_{split}_{i:04d}.jpg"
+                image.save(folder / name, quality=92)
 
 
 def chest_xray_image(finding: str = "consolidation", size: int = 224, seed: int = 0) -> Image.Image:
@@ -153,18 +139,17 @@ def chest_xray_image(finding: str = "consolidation", size: int = 224, seed: int 
     return _chest(np.random.default_rng(seed), finding, size, size)
 
 
-WRITERS = {"pneumonia": _write_pneumonia, "chest4": _write_chest4, "fundus": _write_fundus}
+WRITERS = {"pneumonia": _write_pneumonia, "chest4": partial(_write_chest4_or_fundus, fundus=False),
+           "fundus": partial(_write_chest4_or_fundus, fundus=True)}
 
 
 def make_synthetic_dataset(name: str, root: str | Path | None = None, *,
                            counts: dict | None = None, image_size: int = 112,
                            seed: int = 0) -> Path:
-    """Write (once) a synthetic version of dataset `name` and return its root folder.
+    """Write (once, deterministic by `seed`) a synthetic version of dataset `name`; return its folder.
 
-    Deterministic by `seed`. Default location: `data/synthetic/<name>-seed<seed>/` in the course
-    folder. `counts` maps split -> class folder -> number of images (see DEFAULT_COUNTS).
-    An existing complete folder is reused; the folder is written under a temporary name and
-    renamed at the end, so an interrupted run never leaves half a dataset behind.
+    Default: `data/synthetic/<name>-seed<seed>/` under `output_root()`. `counts`: split -> class -> images
+    (DEFAULT_COUNTS). Written under a temporary name and renamed, so no half dataset is ever left behind.
     """
     if name not in WRITERS:
         raise ValueError(f"No synthetic version of {name!r}; choose one of {list(WRITERS)}.")
@@ -190,21 +175,14 @@ def make_synthetic_dataset(name: str, root: str | Path | None = None, *,
 
 
 def is_synthetic_dataset(folder: str | Path) -> bool:
-    """Whether `folder` lies in a dataset written by `make_synthetic_dataset`.
-
-    True when it or one of its two parents holds the `.complete` marker of a generated dataset,
-    or when it lies under `data/synthetic/` of the course folder: such images were generated,
-    whatever path they were reached by (e.g. DATA_DIR = "../data" from notebooks/).
-    """
+    """Whether `folder` lies in a dataset written by `make_synthetic_dataset`: it or one of its two parents
+    holds the generated `.complete` marker, or it lies under the course folder's `data/synthetic/`."""
     folder = Path(folder).resolve()
     for candidate in [folder, *folder.parents[:2]]:
         marker = candidate / ".complete"
         if marker.is_file() and marker.read_text(errors="replace").startswith("synthetic"):
             return True
     return folder.is_relative_to((project_root() / "data" / "synthetic").resolve())
-
-
-# --------------------------------------------------------------------------- outside images
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int = 1) -> np.ndarray:
@@ -216,11 +194,7 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int
 
 
 def synthetic_landscapes(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
-    """`n` colour 'landscape photographs': sky gradient, sun, mountain ridges, textured ground.
-
-    uint8 (n, 3, size, size), like the tensor cache. Nothing like a chest X-ray: colourful,
-    bright sky on top, no body outline.
-    """
+    """`n` colour 'landscape photographs' (sky, sun, ridges, ground): uint8 (n, 3, size, size), like the cache."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:1:complex(size), 0:1:complex(size)]
     out = np.empty((n, size, size, 3), dtype=np.uint8)
@@ -248,17 +222,13 @@ def synthetic_landscapes(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
 
 
 def synthetic_noise(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
-    """`n` noise images: per-pixel colour noise, gray Gaussian noise and smooth colour fields.
-
-    uint8 (n, 3, size, size). What a broken camera, a corrupted file or a blank screen sends.
-    """
+    """`n` noise images (colour noise, gray Gaussian noise, smooth colour fields): uint8 (n, 3, size, size)."""
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
-        kind = i % 3
-        if kind == 0:
+        if i % 3 == 0:
             img = rng.random((size, size, 3))
-        elif kind == 1:
+        elif i % 3 == 1:
             img = np.repeat(np.clip(rng.normal(rng.uniform(0.3, 0.7), 0.2, (size, size, 1)), 0, 1), 3, axis=2)
         else:
             img = _smooth_noise(rng, size, int(rng.integers(3, 9)), 3)
@@ -267,10 +237,7 @@ def synthetic_noise(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
 
 
 def synthetic_shapes(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
-    """`n` 'clip-art / document' images: plain backgrounds with rectangles, ellipses and lines.
-
-    uint8 (n, 3, size, size). A third generator, unlike both landscapes and noise.
-    """
+    """`n` 'clip-art' images (rectangles, ellipses and lines on plain backgrounds): uint8 (n, 3, size, size)."""
     rng = np.random.default_rng(seed)
     out = np.empty((n, 3, size, size), dtype=np.uint8)
     for i in range(n):
