@@ -1,9 +1,5 @@
-"""Out-of-distribution (OOD) scores: how much an input looks like the training X-rays.
-
-Higher = more in-distribution; an input is rejected when its score falls below a threshold chosen
-on validation X-rays (`threshold_keeping`). Scores: maximum softmax probability, energy, an extra
-INVALID class, the Mahalanobis distance of backbone features; `ood_score` picks one by name.
-Used by notebook 08 and the app.
+"""Out-of-distribution scores (higher = more like the training X-rays; reject below `threshold_keeping`):
+maximum softmax probability, energy, an extra INVALID class, Mahalanobis distance of backbone features.
 """
 
 from __future__ import annotations
@@ -24,10 +20,7 @@ from helpers.models import backbone_and_head
 def _two_or_more_columns(logits: Any) -> torch.Tensor:
     """Logits as (N, C) float tensor; one logit z (sigmoid model) becomes [0, z] (same softmax)."""
     z = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits).float()
-    if is_one_logit(z):
-        z = z.reshape(-1, 1)
-        z = torch.cat([torch.zeros_like(z), z], dim=1)
-    return z
+    return torch.cat([torch.zeros_like(z.reshape(-1, 1)), z.reshape(-1, 1)], dim=1) if is_one_logit(z) else z
 
 
 def msp_score(logits: Any) -> np.ndarray:
@@ -43,14 +36,12 @@ def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
 
 def invalid_class_score(probs: Any, invalid_index: int = -1) -> np.ndarray:
     """For a model with an extra INVALID class: 1 - P(INVALID)."""
-    p = np.asarray(probs, dtype=np.float64)
-    return 1.0 - p[:, invalid_index]
+    return 1.0 - np.asarray(probs, dtype=np.float64)[:, invalid_index]
 
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """Run small linear algebra on one thread: a 1280 x 1280 inverse takes ~0.1 s that way, while
-    multi-threaded BLAS on a busy shared machine can take seconds (threads waiting on each other)."""
+    """Small linear algebra on one thread (multi-threaded BLAS on a busy machine can take seconds)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -60,8 +51,7 @@ def _one_thread() -> Iterator[None]:
 
 
 def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
-    """Class means and one shared Ledoit-Wolf-shrunk precision matrix of training features (Lee et
-    al. 2018); the shrinkage keeps it invertible with fewer images than feature dimensions."""
+    """Class means and one shared Ledoit-Wolf-shrunk precision matrix of training features (Lee et al. 2018)."""
     from sklearn.covariance import ledoit_wolf_shrinkage
 
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
@@ -81,8 +71,7 @@ def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
 def mahalanobis_score(features: Any, params: dict[str, torch.Tensor]) -> np.ndarray:
     """Minus the squared Mahalanobis distance to the closest class mean (higher = closer)."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    means = params["means"].double()
-    precision = params["precision"].double()
+    means, precision = params["means"].double(), params["precision"].double()
     with _one_thread():
         diff = x[:, None, :] - means[None, :, :]  # (N, C, D)
         d2 = ((diff @ precision) * diff).sum(dim=-1)  # (N, C) squared distances
@@ -106,8 +95,7 @@ def ood_score(method: str, logits: Any, features: Any = None, params: dict | Non
 
 
 def threshold_keeping(id_scores: Any, keep: float = 0.95) -> float:
-    """The score threshold that keeps at least a fraction `keep` of these (validation) images:
-    the floor((1 - keep) * n) lowest-scoring ones fall below it (fewer when scores tie)."""
+    """The score threshold keeping at least a fraction `keep` of these (validation) images (ties keep more)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     scores = np.sort(np.asarray(id_scores, dtype=np.float64).reshape(-1))
@@ -124,8 +112,7 @@ def rejection_rate(scores: Any, threshold: float) -> float:
 
 
 def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
-    """ROC AUC (scikit-learn) of telling outside images (positives) from real ones by a low score:
-    1.0 when every outside image scores below every real one, 0.5 at chance."""
+    """ROC AUC of telling outside images (positives) from real ones by a low score (0.5: chance)."""
     from sklearn.metrics import roc_auc_score
 
     a, b = np.asarray(id_scores, dtype=np.float64).ravel(), np.asarray(ood_scores, dtype=np.float64).ravel()
@@ -135,10 +122,8 @@ def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
 
 
 def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and pooled backbone features (N, D) of uint8 images (N, 3, S, S) at the
-    model's input size, normalised as its weights need: one pass gives both."""
-    backbone, head = backbone_and_head(model)
-    device = model_device(model)
+    """Logits (N, C) and pooled backbone features (N, D) of uint8 images (N, 3, S, S), in one pass."""
+    (backbone, head), device = backbone_and_head(model), model_device(model)
     model.eval()
     logits, feats = [], []
     with torch.inference_mode():

@@ -1,8 +1,5 @@
-"""Figures for the notebooks. Every function saves a PNG into `out_dir` and returns the Figure.
-
-In Jupyter a figure shows once automatically; write `fig = plots.plot_x(...)` (or end the line
-with `;`) so it is not shown twice. Outside Jupyter (scripts, tests) the figures are not
-registered with pyplot, so a loop that draws many of them does not leak memory.
+"""Figures for the notebooks: every function saves a PNG into `out_dir` and returns the Figure (write
+`fig = plots.plot_x(...)` so Jupyter shows it once). Outside Jupyter figures bypass pyplot (no leaks).
 """
 
 from __future__ import annotations
@@ -29,8 +26,7 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=figsize, layout=kwargs.pop("layout", "constrained"))
-        axes = fig.subplots(nrows, ncols, **kwargs)
-        return fig, axes
+        return fig, fig.subplots(nrows, ncols, **kwargs)
     import matplotlib.pyplot as plt
 
     return plt.subplots(nrows, ncols, figsize=figsize, layout=kwargs.pop("layout", "constrained"), **kwargs)
@@ -40,15 +36,13 @@ _STAMP: dict[str, str | None] = {"text": None}  # the footer of every saved figu
 
 
 def set_stamp(text: str | None) -> None:
-    """Print `text` (e.g. `runs.figure_stamp(run, splits, model)`: profile, data, weights) in
-    small grey letters under every figure saved from now on; None: no footer."""
+    """Print `text` (e.g. `runs.figure_stamp(run, splits, model)`) in small grey letters under every figure saved
+    from now on; None: no footer."""
     _STAMP["text"] = text
 
 
 def save_figure(fig, out_dir: str | Path, name: str, stamp: str | None = None):
-    """Save `fig` as out_dir/name (PNG, folder created if missing) and return it.
-
-    `stamp` (default: the text of `set_stamp`, if any) is written once under the figure."""
+    """Save `fig` as out_dir/name (PNG, folder created) with `stamp` (default: `set_stamp`'s) under it; return it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = stamp if stamp is not None else _STAMP["text"]
@@ -60,8 +54,8 @@ def save_figure(fig, out_dir: str | Path, name: str, stamp: str | None = None):
 
 
 def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves.png", best_epoch: int | None = None):
-    """Loss, accuracy/AUC and learning rate per epoch of a `train.FitResult` (its best epoch marked)
-    or a history DataFrame; dashed lines mark where a new `stage` starts."""
+    """Loss, accuracy/AUC and learning rate per epoch of a `train.FitResult` (best epoch marked) or a history
+    DataFrame; dashed lines mark where a new `stage` starts."""
     import pandas as pd
     from matplotlib.ticker import MaxNLocator
 
@@ -79,8 +73,7 @@ def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves
         for column in columns:
             if column in frame and frame[column].notna().any():
                 ax.plot(x, frame[column].astype(float), marker="o", markersize=3, label=column)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_lines():
@@ -149,8 +142,7 @@ def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: st
     """ROC (left) and precision-recall (right) curves: binary -> the positive class; multi-class -> one per class (one-vs-rest)."""
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
-    y = to_numpy(y_true).astype(np.int64)
-    p = as_probs(probs)
+    y, p = to_numpy(y_true).astype(np.int64), as_probs(probs)
     classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
     fig, (ax_roc, ax_pr) = new_figure(1, 2, figsize=(11, 4.5))
     for c in classes:
@@ -220,38 +212,21 @@ def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "je
     return np.clip((1 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
 
 
-def _grid_shape(count: int, max_cols: int = 8) -> tuple[int, int]:
-    cols = max(1, min(count, 4 if count <= 16 else max_cols))
-    return int(np.ceil(count / cols)), cols
-
-
-def plot_prediction_grid(
-    images_u8: Any,
-    y_true: Any,
-    probs: Any,
-    class_names: Sequence[str],
-    out_dir: str | Path,
-    name: str = "predictions.png",
-    n: int = 16,
-    errors_only: bool = False,
-    threshold: float | None = None,
-):
-    """Images with true label, predicted label and its probability; errors get a red title and border.
-
-    Binary predictions use `threshold` on P(class 1) when given, else the argmax.
-    """
-    images = to_numpy(images_u8)
-    y = to_numpy(y_true).astype(np.int64)
-    p = as_probs(probs)
+def plot_prediction_grid(images_u8: Any, y_true: Any, probs: Any, class_names: Sequence[str], out_dir: str | Path,
+                         name: str = "predictions.png", n: int = 16, errors_only: bool = False,
+                         threshold: float | None = None):
+    """Images with true and predicted label (`threshold` on P(class 1) if given, else argmax) and its
+    probability; errors get a red title and border."""
+    images, y, p = to_numpy(images_u8), to_numpy(y_true).astype(np.int64), as_probs(probs)
     pred = predict_labels(p, threshold)
-    indices = np.flatnonzero(pred != y) if errors_only else np.arange(len(y))
-    indices = indices[:n]
+    indices = (np.flatnonzero(pred != y) if errors_only else np.arange(len(y)))[:n]
     if len(indices) == 0:
         fig, ax = new_figure(figsize=(4, 1.5))
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
         ax.axis("off")
         return save_figure(fig, out_dir, name)
-    rows, cols = _grid_shape(len(indices))
+    cols = max(1, min(len(indices), 4 if len(indices) <= 16 else 8))
+    rows = int(np.ceil(len(indices) / cols))
     fig, axes = new_figure(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -259,8 +234,7 @@ def plot_prediction_grid(
         wrong = pred[i] != y[i]
         ax.imshow(to_display(images[i]))
         ax.axis("on")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         for spine in ax.spines.values():
             spine.set_color("red" if wrong else "lightgrey")
             spine.set_linewidth(3 if wrong else 1)
@@ -269,16 +243,8 @@ def plot_prediction_grid(
     return save_figure(fig, out_dir, name)
 
 
-def plot_sample_grid(
-    frame: Any,
-    class_names: Sequence[str],
-    out_dir: str | Path,
-    name: str = "samples.png",
-    per_class: int = 6,
-    seed: int = 0,
-    thumb_size: int = 256,
-    title: str | None = None,
-):
+def plot_sample_grid(frame: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "samples.png",
+                     per_class: int = 6, seed: int = 0, thumb_size: int = 256, title: str | None = None):
     """A few random images per class (one row each) from a DataFrame with `path` and `class_name` columns."""
     rows = len(class_names)
     fig, axes = new_figure(rows, per_class, figsize=(1.9 * per_class, 2.1 * rows), squeeze=False)
@@ -326,12 +292,8 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
                  name: str = "gradcam.png", target_layer: Any = None,
                  y_true: Sequence[int] | None = None, n: int = 8, alpha: float = 0.4,
                  threshold: float | None = None):
-    """Up to `n` images (uint8 (N, 3, H, W)) above their Grad-CAM overlays (`helpers.gradcam.explain`).
-
-    Titles give the predicted class and its probability, predicted as everywhere else in the
-    notebook: with `threshold` (chosen on validation) for a binary model, else the most probable
-    class. With `y_true` the true class is shown too, and wrong predictions are red.
-    """
+    """Up to `n` images (uint8 (N, 3, H, W)) above their Grad-CAM overlays (`gradcam.explain`), titled with the
+    predicted class (`threshold` for a binary model, else argmax); with `y_true` also the true one, errors red."""
     import torch
 
     images = (images_u8 if isinstance(images_u8, torch.Tensor) else torch.as_tensor(np.asarray(images_u8)))[:n]
@@ -355,15 +317,10 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
     return save_figure(fig, out_dir, name)
 
 
-def plot_reliability(
-    y_true: Any, probs: Any, out_dir: str | Path, name: str = "reliability.png", label: str | None = None, n_bins: int = 15
-):
-    """Reliability diagram: accuracy against confidence per bin (top label); ECE in the legend.
-
-    `probs` may be one (N, C) array or a dict {label: probs} to compare several, e.g.
-    {"before": p_raw, "after temperature scaling": p_cal}. Below: how many predictions per bin.
-    """
-
+def plot_reliability(y_true: Any, probs: Any, out_dir: str | Path, name: str = "reliability.png",
+                     label: str | None = None, n_bins: int = 15):
+    """Reliability diagram (accuracy against top-label confidence per bin, ECE in the legend; below: counts) of
+    one (N, C) array or a dict {label: probs}, e.g. {"before": p_raw, "after temperature scaling": p_cal}."""
     curves = dict(probs) if isinstance(probs, dict) else {label or "model": probs}
     fig, (ax, ax_hist) = new_figure(2, 1, figsize=(5.5, 6), height_ratios=[3, 1], sharex=True)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
@@ -375,27 +332,22 @@ def plot_reliability(
         line = ax.plot(confidence[keep], accuracy[keep], marker="o", label=f"{curve_label} (ECE {ece:.3f})")[0]
         ax_hist.stairs(counts, edges, color=line.get_color())
     ax.set(ylabel="accuracy", title="reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax_hist.set(xlabel="confidence (top probability)", ylabel="count")
-    ax_hist.grid(alpha=0.3)
+    for a in (ax, ax_hist):
+        a.grid(alpha=0.3)
     return save_figure(fig, out_dir, name)
 
 
-def plot_run_comparison(
-    runs: Any, metrics: Sequence[str], out_dir: str | Path, name: str = "comparison.png", label_column: str | None = None
-):
-    """Grouped bars of `metrics` per run, with 95% interval whiskers from `<metric>_lo`/`<metric>_hi` columns.
-
-    `runs` is a DataFrame such as `evaluate.results_table(...)`; bars are labelled by
-    `label_column` (default: "run" where filled, else "model").
-    """
+def plot_run_comparison(runs: Any, metrics: Sequence[str], out_dir: str | Path, name: str = "comparison.png",
+                        label_column: str | None = None):
+    """Grouped bars of `metrics` per row of `runs` (a DataFrame), whiskers from `<metric>_lo`/`_hi` columns;
+    labelled by `label_column` (default: "run" where filled, else "model")."""
     import pandas as pd
     import seaborn as sns
 
     frame = runs if isinstance(runs, pd.DataFrame) else pd.DataFrame(runs)
-    missing = [m for m in metrics if m not in frame]
-    if missing:
+    if missing := [m for m in metrics if m not in frame]:
         raise ValueError(f"Unknown metric column(s) {missing}. Available: {list(frame.columns)}")
     if label_column is None:
         label_column = "run" if "run" in frame and frame["run"].notna().all() else "model"
