@@ -68,11 +68,7 @@ def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """bf16 on GPUs that support it natively, else fp16; None (no autocast) off CUDA."""
     if not amp or device.type != "cuda":
         return None
-    try:
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    except TypeError:  # older torch without the argument
-        native_bf16 = torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if native_bf16 else torch.float16
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Mixed-precision context on CUDA (`dtype` from `amp_dtype`), a no-op elsewhere."""
@@ -85,8 +81,7 @@ def seed_everything(seed: int, deterministic: bool = False) -> int:
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
     if deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return seed
 
 def progress_bar(loader: Iterable, desc: str, enabled: bool = True) -> Iterable:
@@ -116,8 +111,7 @@ def check_normalization(model: nn.Module, loader: Any) -> None:
     wanted, given = as_normalization(model), as_normalization(given)
     if any(abs(a - b) > 1e-6 for a, b in zip(wanted[0] + wanted[1], given[0] + given[1])):
         source = (getattr(model, "weights_info", None) or {}).get("source")
-        raise ValueError(
-            f"The loader normalises images with mean {given[0]}, std {given[1]}, but this model's "
-            f"weights{f' ({source})' if source else ''} need mean {wanted[0]}, std {wanted[1]}. Make the loaders with the "
-            "model's normalisation: loading.make_loaders(..., normalization=model) (or "
-            "TensorLoader(..., normalization=model)), after building the model.")
+        raise ValueError(f"The loader normalises images with mean {given[0]}, std {given[1]}, but this model's weights"
+                         f"{f' ({source})' if source else ''} need mean {wanted[0]}, std {wanted[1]}. Make the loaders "
+                         "with the model's normalisation: loading.make_loaders(..., normalization=model) (or "
+                         "TensorLoader(..., normalization=model)), after building the model.")

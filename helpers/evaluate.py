@@ -87,9 +87,8 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], dict[str, float]], n: int, *,
                  seed: int = 0) -> dict[str, list[float] | None]:
     """Percentile bootstrap 95% intervals of every value `statistic(idx)` returns (`idx`: one resample of
     range(n)); NaN values (undefined on that resample) are left out; a key never defined gets None."""
-    rng = np.random.default_rng(seed)
+    rng, intervals = np.random.default_rng(seed), {}
     draws = [statistic(rng.integers(0, n, n)) for _ in range(n_bootstrap)]
-    intervals = {}
     for key in (draws[0] if draws else {}):
         values = np.array([d[key] for d in draws], dtype=np.float64)
         values = values[np.isfinite(values)]
@@ -111,16 +110,11 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     present = np.unique(y)
     return float(np.mean([_roc_auc(y == c, p[:, c]) for c in present])) if len(present) > 1 else math.nan
 
-def _recalls(y: np.ndarray, correct: np.ndarray, n_classes: int) -> np.ndarray:
-    """Recall per class (NaN for a class absent from y)."""
-    support = np.bincount(y, minlength=n_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.bincount(y, weights=correct, minlength=n_classes) / support
-
 def _summary(y: np.ndarray, p: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy, AUC and every class's recall: what the intervals are for."""
     correct = (y == y_pred).astype(np.float64)
-    recalls = _recalls(y, correct, p.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN recall for a class absent from y
+        recalls = np.bincount(y, weights=correct, minlength=p.shape[1]) / np.bincount(y, minlength=p.shape[1])
     return {"accuracy": float(correct.mean()), "balanced_accuracy": float(np.nanmean(recalls)),
             "auc": _auc(y, p), **{f"recall{c}": float(r) for c, r in enumerate(recalls)}}
 
@@ -147,12 +141,11 @@ def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = 
 def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Labels and probabilities as arrays, or a ValueError that says what does not fit."""
     y, p = _as_labels(y_true), checked_probs(probs)
-    n, n_classes = p.shape
-    if n_classes != len(names):
+    if (n_classes := p.shape[1]) != len(names):
         raise ValueError(f"probs has {n_classes} columns but there are {len(names)} class names {names}")
-    if len(y) != n:
-        raise ValueError(f"y_true has {len(y)} labels but probs has {n} rows")
-    if n == 0:
+    if len(y) != len(p):
+        raise ValueError(f"y_true has {len(y)} labels but probs has {len(p)} rows")
+    if len(p) == 0:
         raise ValueError("compute_metrics needs at least one sample")
     if y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"labels must lie in 0..{n_classes - 1}, got {sorted(set(y.tolist()))}")
@@ -162,8 +155,7 @@ def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None)
 
 def _per_class(cm: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
     """Precision, recall, F1 and support of every class from the confusion matrix."""
-    support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
-    table: dict[str, dict[str, Any]] = {}
+    (support, predicted, tp), table = (cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)), {}
     for c, name in enumerate(names):
         precision = float(tp[c] / predicted[c]) if predicted[c] > 0 else 0.0
         recall = float(tp[c] / support[c]) if support[c] > 0 else None
@@ -192,9 +184,6 @@ def flag_too_few(metrics: dict[str, Any], names: list[str], notes: list[str]) ->
                  + f" (fewer than {MIN_CLASS_IMAGES}): their recall is given without an interval and "
                  "says little; balanced accuracy and AUC rest on it too")
 
-def _none_if_nan(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
 def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, threshold: float | None = None,
                     n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """All the numbers of one evaluation (the `val`/`test` block of metrics.json): accuracy, balanced_accuracy,
@@ -215,7 +204,7 @@ def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, thre
     if math.isnan(overall["auc"]):
         notes.append("AUC undefined: y_true contains a single class")
     metrics: dict[str, Any] = {"accuracy": overall["accuracy"], "balanced_accuracy": overall["balanced_accuracy"],
-                               "auc": _none_if_nan(overall["auc"]), "average_precision": _average_precision(y, p)}
+                               "auc": None if math.isnan(overall["auc"]) else overall["auc"], "average_precision": _average_precision(y, p)}
     if binary:
         metrics.update(sensitivity=per_class[names[1]]["recall"], specificity=per_class[names[0]]["recall"],
                        threshold=threshold)
@@ -268,8 +257,7 @@ def choose_threshold(y_true: Any, p_pos: Any, method: str = "youden", target: fl
 def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width confidence bin: (mean confidence, accuracy, count); NaN for empty bins."""
     y, p = _as_labels(y_true), checked_probs(probs)
-    confidence = p.max(axis=1)
-    correct = (predict_labels(p) == y).astype(np.float64)
+    confidence, correct = p.max(axis=1), (predict_labels(p) == y).astype(np.float64)
     bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
     counts = np.bincount(bins, minlength=n_bins).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -92,9 +92,8 @@ def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, opti
 def evaluate_loss(model: nn.Module, loader: Loader, criterion: Criterion, *, dtype: torch.dtype | None = None,
                   progress: bool = False) -> dict[str, float]:
     """The validation pass (eval mode, no gradients): {"loss", "accuracy", "balanced_accuracy", "auc"}."""
-    device = model_device(model)
+    device, total_loss, probs, labels = model_device(model), 0.0, [], []
     model.eval()
-    total_loss, probs, labels = 0.0, [], []
     for x, y in progress_bar(loader, "val", progress):
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
@@ -143,8 +142,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
         check_normalization(model, loader)
     if isinstance(criterion, nn.Module):
         criterion.to(device)
-    scheduler = _make_scheduler(scheduler, optimizer, epochs, mode)
-    dtype = amp_dtype(device, amp)
+    scheduler, dtype = _make_scheduler(scheduler, optimizer, epochs, mode), amp_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if temporary := checkpoint_path is None:
         handle, checkpoint_path = tempfile.mkstemp(suffix=".pt", prefix="best_")
@@ -164,11 +162,11 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
             row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                    **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "seconds": time.perf_counter() - t0,
                    "images_per_second": train["images"] / max(seconds, 1e-9)}
-            rows.append(row)
             if improved := _is_better(row[monitor], best_value, mode):
                 best_epoch, best_value = epoch, row[monitor]
                 torch.save({"model_state_dict": model.state_dict(), "epoch": epoch, "monitor": monitor,
                             "value": best_value}, path)
+            rows.append(row)
             print(_epoch_line(row, epochs, improved), flush=True)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 if not math.isnan(row[monitor]):
@@ -181,8 +179,8 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
     finally:
         if temporary:
             path.unlink(missing_ok=True)
-    return FitResult(pd.DataFrame(rows, columns=HISTORY_COLUMNS), best_epoch, best_value, monitor, time.perf_counter() - start,
-                     train_images / max(train_time, 1e-9))
+    return FitResult(pd.DataFrame(rows, columns=HISTORY_COLUMNS), best_epoch, best_value, monitor,
+                     time.perf_counter() - start, train_images / max(train_time, 1e-9))
 
 def _once_in_order(loader: Loader) -> Loader:
     """Every image of `loader` once, in order, unaugmented (a TensorLoader or DataLoader)."""
