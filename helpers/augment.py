@@ -1,12 +1,6 @@
-"""Random augmentation for whole batches of image tensors, drawn independently for every image.
-
-Applying a torchvision v2 transform to a batch tensor draws ONE set of random parameters for the
-whole batch (every image rotated by the same angle). `BatchAugment` gives each image its own
-rotation, scale, shift and flip in one `grid_sample` call, plus its own brightness and contrast,
-so the tensor cache of `helpers.loading` can be augmented on the GPU at the speed of the model.
-
-No preset flips: a chest X-ray is never taken mirrored, and a flip that only the minority class
-receives (what 'strong' is for) would be a cue that belongs to that class.
+"""Batch augmentation with random parameters drawn for every image (a torchvision v2 transform on a batch
+tensor draws one set for all), in one `grid_sample` call, on the GPU. No preset flips: X-rays are never
+mirrored, and a flip only the minority class gets ('strong') would be a cue for that class.
 """
 
 from __future__ import annotations
@@ -18,7 +12,6 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-
 @lru_cache(maxsize=8)
 def _base_grid(height: int, width: int, device: str) -> torch.Tensor:
     """Pixel-centre coordinates in [-1, 1] with a column of ones, (1, H*W, 3): `F.affine_grid`'s grid, cached."""
@@ -26,7 +19,6 @@ def _base_grid(height: int, width: int, device: str) -> torch.Tensor:
     xs = (torch.arange(width, device=device) * 2 + 1) / width - 1
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([xx, yy, torch.ones_like(xx)], -1).view(1, height * width, 3)
-
 
 @dataclass(frozen=True)
 class BatchAugment:
@@ -43,15 +35,10 @@ class BatchAugment:
     @staticmethod
     def preset(name: str) -> "BatchAugment":
         """'light' (default training), 'strong' (minority class) or 'none'; no preset flips (module doc)."""
-        presets = {
-            "none": BatchAugment(0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0),
-            "light": BatchAugment(),
-            "strong": BatchAugment(rotate=25.0, scale=(0.75, 1.2), translate=0.12,
-                                   brightness=0.35, contrast=0.35),
-        }
+        presets = {"none": BatchAugment(0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0), "light": BatchAugment(),
+                   "strong": BatchAugment(rotate=25.0, scale=(0.75, 1.2), translate=0.12, brightness=0.35, contrast=0.35)}
         if name not in presets:
-            raise ValueError(f"Unknown augmentation {name!r}; use one of {list(presets)} "
-                             "or a BatchAugment(...)")
+            raise ValueError(f"Unknown augmentation {name!r}; use one of {list(presets)} or a BatchAugment(...)")
         return presets[name]
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
@@ -62,8 +49,7 @@ class BatchAugment:
         def uniform(lo: float, hi: float) -> torch.Tensor:
             return torch.rand(n, generator=generator).to(dev) * (hi - lo) + lo
 
-        angle = uniform(-self.rotate, self.rotate) * math.pi / 180
-        scale = uniform(*self.scale)
+        angle, scale = uniform(-self.rotate, self.rotate) * math.pi / 180, uniform(*self.scale)
         flip_x = torch.where(uniform(0, 1) < self.hflip, -1.0, 1.0)
         flip_y = torch.where(uniform(0, 1) < self.vflip, -1.0, 1.0)
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale

@@ -1,8 +1,5 @@
 """Evaluation: predictions, metrics with bootstrap intervals, paired comparisons, thresholds and
-calibration. AUC, ROC and confusion matrices come from scikit-learn.
-
-Honest evaluation: choose checkpoints, thresholds and temperatures on the *validation* split, apply
-them to *test* once, and report balanced accuracy, per-class recall and AUC with a 95% interval.
+calibration (AUC, ROC, confusion matrices from scikit-learn). Choose on *validation*, apply to *test* once.
 """
 
 from __future__ import annotations
@@ -25,7 +22,6 @@ from helpers.core import check_normalization, is_one_logit, logits_to_probs, mod
 # or 1 and a zero-width interval, which reads as certainty.
 MIN_CLASS_IMAGES = 10
 
-
 def as_probs(probs: Any) -> np.ndarray:
     """Probabilities as a float64 (N, C) array; a 1-D array is read as P(positive) of a binary task."""
     p = to_numpy(probs).astype(np.float64)
@@ -35,35 +31,27 @@ def as_probs(probs: Any) -> np.ndarray:
         raise ValueError(f"probs must have shape (N, C) (or (N,) for binary), got {p.shape}")
     return p
 
-
 def checked_probs(probs: Any, what: str = "probs") -> np.ndarray:
     """`as_probs`, refusing what is not probabilities: values outside [0, 1] (logits) or NaN, and
     rows of several classes that do not sum to 1 (scores of independent sigmoids, unnormalised)."""
     p = as_probs(probs)
-    outside = np.isnan(p) | (p < -1e-6) | (p > 1 + 1e-6)  # float32 rounding is no logit
-    if outside.any():
-        bad = p[outside]
+    bad = p[np.isnan(p) | (p < -1e-6) | (p > 1 + 1e-6)]  # float32 rounding is no logit
+    if bad.size:
+        why = "NaN is no probability (did training diverge?)" if np.isnan(bad).any() else "these look like logits"
         raise ValueError(f"{what} must be probabilities in [0, 1], but it holds {bad.size} value(s) outside, e.g. "
-                         f"{bad.flat[0]:.4g}: " + ("NaN is no probability (did training diverge?). " if np.isnan(bad).any()
-                                                   else "these look like logits. ") + "Apply the sigmoid (one output: "
-                         "torch.sigmoid(logits)) or the softmax (several: torch.softmax(logits, dim=1)) first, "
-                         "or use evaluate.predict, which returns probabilities.")
+                         f"{bad.flat[0]:.4g}: {why}. Apply the sigmoid (one output: torch.sigmoid(logits)) or the "
+                         "softmax (several: torch.softmax(logits, dim=1)) first, or use evaluate.predict, which "
+                         "returns probabilities.")
     p = np.clip(p, 0.0, 1.0)
-    sums = p.sum(axis=1)
-    if p.size and not np.allclose(sums, 1.0, atol=1e-3):
+    if p.size and not np.allclose(sums := p.sum(axis=1), 1.0, atol=1e-3):
         row = int(np.argmax(np.abs(sums - 1.0)))
         raise ValueError(f"Each row of {what} must sum to 1 (one probability per class), but row {row} sums to "
                          f"{sums[row]:.4g}. Apply the softmax over the classes (torch.softmax(logits, dim=1)), "
                          "not a sigmoid per class.")
     return p
 
-
 def _as_labels(y: Any) -> np.ndarray:
     return to_numpy(y).astype(np.int64).reshape(-1)
-
-
-# --------------------------------------------------------------------------- prediction
-
 
 def predict(model: nn.Module, loader: Iterable, *, device: str | torch.device | None = None,
             tta: None | str | Sequence[Callable] = None, return_logits: bool = False) -> tuple:
@@ -86,7 +74,6 @@ def predict(model: nn.Module, loader: Iterable, *, device: str | torch.device | 
     out = (torch.cat(probs).double().numpy(), torch.cat(labels).long().numpy())
     return (*out, torch.cat(logits).double().numpy()) if return_logits else out
 
-
 def ensemble_probs(list_of_probs: Sequence[Any]) -> np.ndarray:
     """The mean of several models' (N, C) probabilities (a simple ensemble)."""
     arrays = [checked_probs(p) for p in list_of_probs]
@@ -96,36 +83,25 @@ def ensemble_probs(list_of_probs: Sequence[Any]) -> np.ndarray:
         raise ValueError(f"All probability arrays must have the same shape, got {sorted({a.shape for a in arrays})}")
     return np.mean(arrays, axis=0)
 
-
-# --------------------------------------------------------------------------- the bootstrap
-
-
 def bootstrap_ci(statistic: Callable[[np.ndarray], dict[str, float]], n: int, *, n_bootstrap: int = 1000,
                  seed: int = 0) -> dict[str, list[float] | None]:
-    """Percentile bootstrap 95% intervals of every value `statistic(idx)` returns.
-
-    `idx` is one resample of range(n), drawn with replacement; a NaN value (undefined on that
-    resample, e.g. an AUC without positives) is left out; a key never defined gets None.
-    """
-    rng = np.random.default_rng(seed)
+    """Percentile bootstrap 95% intervals of every value `statistic(idx)` returns (`idx`: one resample of
+    range(n)); NaN values (undefined on that resample) are left out; a key never defined gets None."""
+    rng, intervals = np.random.default_rng(seed), {}
     draws = [statistic(rng.integers(0, n, n)) for _ in range(n_bootstrap)]
-    intervals = {}
     for key in (draws[0] if draws else {}):
         values = np.array([d[key] for d in draws], dtype=np.float64)
         values = values[np.isfinite(values)]
         intervals[key] = [float(v) for v in np.percentile(values, [2.5, 97.5])] if values.size else None
     return intervals
 
-
 def _roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
-    """ROC AUC as the area under scikit-learn's `roc_curve` (`roc_auc_score` without its per-call
-    checks, half the time: the bootstrap calls it thousands of times); NaN without both classes."""
+    """ROC AUC from `roc_curve` (`roc_auc_score` without its checks: twice as fast); NaN without both classes."""
     if positive.all() or not positive.any():
         return math.nan
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
         fpr, tpr, _ = roc_curve(positive, score)
         return float(auc(fpr, tpr))
-
 
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
     """Binary: ROC AUC of class 1; multi-class: mean one-vs-rest AUC over the classes present."""
@@ -134,30 +110,18 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     present = np.unique(y)
     return float(np.mean([_roc_auc(y == c, p[:, c]) for c in present])) if len(present) > 1 else math.nan
 
-
-def _recalls(y: np.ndarray, correct: np.ndarray, n_classes: int) -> np.ndarray:
-    """Recall per class (NaN for a class absent from y)."""
-    support = np.bincount(y, minlength=n_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.bincount(y, weights=correct, minlength=n_classes) / support
-
-
 def _summary(y: np.ndarray, p: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy, AUC and every class's recall: what the intervals are for."""
     correct = (y == y_pred).astype(np.float64)
-    recalls = _recalls(y, correct, p.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):  # NaN recall for a class absent from y
+        recalls = np.bincount(y, weights=correct, minlength=p.shape[1]) / np.bincount(y, minlength=p.shape[1])
     return {"accuracy": float(correct.mean()), "balanced_accuracy": float(np.nanmean(recalls)),
             "auc": _auc(y, p), **{f"recall{c}": float(r) for c, r in enumerate(recalls)}}
 
-
 def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = "auc",
                       n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """metric(a) - metric(b) on the same images, with a paired bootstrap 95% interval.
-
-    Each resample draws the same images for both models, so the noise they share cancels.
-    `metric`: "auc", "balanced_accuracy" or "accuracy" (argmax predictions).
-    Returns {"metric", "a", "b", "diff", "ci95": [lo, hi] (None without resamples)}.
-    """
+    """metric(a) - metric(b) on the same images with a paired bootstrap 95% interval: {"metric", "a", "b",
+    "diff", "ci95"}. `metric`: "auc", "balanced_accuracy" or "accuracy" (argmax predictions)."""
     y, a, b = _as_labels(y_true), checked_probs(probs_a, "probs_a"), checked_probs(probs_b, "probs_b")
     if not len(y) == len(a) == len(b):
         raise ValueError(f"a paired comparison needs the same images: {len(y)} labels, {len(a)} and {len(b)} rows")
@@ -170,25 +134,18 @@ def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = 
             raise ValueError(f"Unknown metric {metric!r}. Known: auc, balanced_accuracy, accuracy")
         return stats[metric]
 
-    everything = np.arange(len(y))
-    value_a, value_b = value(everything, a), value(everything, b)
-    ci = bootstrap_ci(lambda idx: {"diff": value(idx, a) - value(idx, b)}, len(y), n_bootstrap=n_bootstrap,
-                      seed=seed)
+    value_a, value_b = value(np.arange(len(y)), a), value(np.arange(len(y)), b)
+    ci = bootstrap_ci(lambda idx: {"diff": value(idx, a) - value(idx, b)}, len(y), n_bootstrap=n_bootstrap, seed=seed)
     return {"metric": metric, "a": value_a, "b": value_b, "diff": value_a - value_b, "ci95": ci.get("diff")}
-
-
-# --------------------------------------------------------------------------- compute_metrics
-
 
 def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Labels and probabilities as arrays, or a ValueError that says what does not fit."""
     y, p = _as_labels(y_true), checked_probs(probs)
-    n, n_classes = p.shape
-    if n_classes != len(names):
+    if (n_classes := p.shape[1]) != len(names):
         raise ValueError(f"probs has {n_classes} columns but there are {len(names)} class names {names}")
-    if len(y) != n:
-        raise ValueError(f"y_true has {len(y)} labels but probs has {n} rows")
-    if n == 0:
+    if len(y) != len(p):
+        raise ValueError(f"y_true has {len(y)} labels but probs has {len(p)} rows")
+    if len(p) == 0:
         raise ValueError("compute_metrics needs at least one sample")
     if y.min() < 0 or y.max() >= n_classes:
         raise ValueError(f"labels must lie in 0..{n_classes - 1}, got {sorted(set(y.tolist()))}")
@@ -196,11 +153,9 @@ def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None)
         raise ValueError("threshold only applies to binary tasks; multi-class predictions use argmax")
     return y, p
 
-
 def _per_class(cm: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
     """Precision, recall, F1 and support of every class from the confusion matrix."""
-    support, predicted, tp = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
-    table: dict[str, dict[str, Any]] = {}
+    (support, predicted, tp), table = (cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)), {}
     for c, name in enumerate(names):
         precision = float(tp[c] / predicted[c]) if predicted[c] > 0 else 0.0
         recall = float(tp[c] / support[c]) if support[c] > 0 else None
@@ -208,19 +163,15 @@ def _per_class(cm: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
         table[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support[c])}
     return table
 
-
 def _average_precision(y: np.ndarray, p: np.ndarray) -> float | None:
     """Binary: AP of class 1; multi-class: mean one-vs-rest AP over the classes present."""
     classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
     present = [c for c in classes if (y == c).any()]
     return float(np.mean([average_precision_score(y == c, p[:, c]) for c in present])) if present else None
 
-
 def flag_too_few(metrics: dict[str, Any], names: list[str], notes: list[str]) -> None:
-    """Classes with 0 < support < MIN_CLASS_IMAGES go into `too_few` {class: images} and their
-    recall (sensitivity, specificity) loses its interval, which would read as certainty."""
-    too_few = {n: metrics["per_class"][n]["support"] for n in names
-               if 0 < metrics["per_class"][n]["support"] < MIN_CLASS_IMAGES}
+    """Classes with 0 < support < MIN_CLASS_IMAGES go into `too_few`; their recall loses its interval."""
+    too_few = {n: k for n in names if 0 < (k := metrics["per_class"][n]["support"]) < MIN_CLASS_IMAGES}
     if not too_few:
         return
     metrics["too_few"] = too_few
@@ -233,47 +184,19 @@ def flag_too_few(metrics: dict[str, Any], names: list[str], notes: list[str]) ->
                  + f" (fewer than {MIN_CLASS_IMAGES}): their recall is given without an interval and "
                  "says little; balanced accuracy and AUC rest on it too")
 
-
-def too_few_for(block: dict[str, Any], key: str) -> str:
-    """'1 NORMAL image' when `key` of a `compute_metrics` block rests on a class with too few images."""
-    too_few, names = block.get("too_few") or {}, list(block.get("per_class") or {})
-    if key == "specificity" and names:
-        too_few = {n: k for n, k in too_few.items() if n == names[0]}
-    elif key == "sensitivity" and names:
-        too_few = {n: k for n, k in too_few.items() if n == names[-1]}
-    elif key != "recall":
-        return ""
-    return ", ".join(f"{k} {n} image{'s' if k > 1 else ''}" for n, k in too_few.items())
-
-
-def _none_if_nan(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
-
-
 def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, threshold: float | None = None,
                     n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """All the numbers of one evaluation, as the `val`/`test` block of metrics.json.
-
-    Keys: accuracy, balanced_accuracy, auc (binary: ROC AUC of class 1; multi-class: macro
-    one-vs-rest over the classes present), average_precision, [binary: sensitivity, specificity,
-    threshold], ece, n, per_class {name: precision, recall, f1, support}, confusion_matrix (rows =
-    true class), ci95 {accuracy, balanced_accuracy, auc, [binary: sensitivity, specificity]: [lo, hi],
-    recall: {name: [lo, hi]}} (`bootstrap_ci`, `n_bootstrap` resamples), `too_few` {class: images}
-    under MIN_CLASS_IMAGES (intervals None), and `notes` on what was not measured.
-    Binary predictions are `probs[:, 1] >= threshold` (default 0.5), multi-class the argmax.
-    Values are plain Python numbers; undefined ones are None.
-    """
+    """All the numbers of one evaluation (the `val`/`test` block of metrics.json): accuracy, balanced_accuracy,
+    auc (macro one-vs-rest when multi-class), average_precision, [binary: sensitivity, specificity, threshold],
+    ece, n, per_class, confusion_matrix (rows = true class), ci95 (`bootstrap_ci`), too_few, notes.
+    Binary predictions are `probs[:, 1] >= threshold` (default 0.5), multi-class the argmax; undefined: None."""
     names = [str(c) for c in class_names]
     y, p = _checked(y_true, probs, names, threshold)
-    n, n_classes = p.shape
-    binary = n_classes == 2
-    if binary:
-        threshold = 0.5 if threshold is None else float(threshold)
+    (n, n_classes), binary = p.shape, p.shape[1] == 2
+    threshold = (0.5 if threshold is None else float(threshold)) if binary else threshold
     y_pred = predict_labels(p, threshold)
     cm = confusion_matrix(y, y_pred, labels=list(range(n_classes)))
-    per_class = _per_class(cm, names)
-    overall = _summary(y, p, y_pred)
-    notes: list[str] = []
+    per_class, overall, notes = _per_class(cm, names), _summary(y, p, y_pred), []
     if absent := [names[c] for c in range(n_classes) if cm[c].sum() == 0]:
         notes.append(f"class(es) absent from y_true: {absent}; their recall is undefined (None)")
         if not binary and n_classes - len(absent) >= 2:
@@ -281,7 +204,7 @@ def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, thre
     if math.isnan(overall["auc"]):
         notes.append("AUC undefined: y_true contains a single class")
     metrics: dict[str, Any] = {"accuracy": overall["accuracy"], "balanced_accuracy": overall["balanced_accuracy"],
-                               "auc": _none_if_nan(overall["auc"]), "average_precision": _average_precision(y, p)}
+                               "auc": None if math.isnan(overall["auc"]) else overall["auc"], "average_precision": _average_precision(y, p)}
     if binary:
         metrics.update(sensitivity=per_class[names[1]]["recall"], specificity=per_class[names[0]]["recall"],
                        threshold=threshold)
@@ -300,24 +223,17 @@ def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, thre
         metrics["notes"] = notes
     return metrics
 
-
 def epoch_metrics(y_true: Any, probs: Any) -> dict[str, float]:
-    """Accuracy, balanced accuracy and AUC of the argmax, without intervals (what `train.fit`
-    reports per epoch); NaN where undefined (a class missing, probabilities not finite)."""
+    """Accuracy, balanced accuracy and AUC of the argmax without intervals (`train.fit`'s per epoch); NaN if undefined."""
     y, p = _as_labels(y_true), as_probs(probs)
     finite, p = bool(np.isfinite(p).all()), np.nan_to_num(p)
     summary = _summary(y, p, predict_labels(p))
     auc = summary["auc"] if finite and len(np.unique(y)) == p.shape[1] else math.nan
     return {"accuracy": summary["accuracy"], "balanced_accuracy": summary["balanced_accuracy"], "auc": auc}
 
-
-# --------------------------------------------------------------------------- thresholds
-
-
 def choose_threshold(y_true: Any, p_pos: Any, method: str = "youden", target: float = 0.95) -> float:
-    """A decision threshold on P(positive) for a binary task, chosen on VALIDATION data with
-    scikit-learn's `roc_curve`: "youden" maximises sensitivity + specificity - 1; "sensitivity"
-    is the highest threshold whose sensitivity still reaches `target`. Ties go to the higher one."""
+    """A threshold on P(positive), chosen on VALIDATION data with `roc_curve`: "youden" maximises sensitivity +
+    specificity - 1; "sensitivity": the highest threshold reaching `target` sensitivity. Ties: the higher one."""
     y = _as_labels(y_true)
     p = checked_probs(np.asarray(to_numpy(p_pos), dtype=np.float64).reshape(-1), "p_pos")[:, 1]
     if len(p) != len(y):
@@ -338,21 +254,15 @@ def choose_threshold(y_true: Any, p_pos: Any, method: str = "youden", target: fl
         return float(thresholds[np.argmax(tpr - fpr)])  # thresholds fall: argmax takes the highest
     return float(thresholds[np.flatnonzero(tpr >= target - 1e-12)[0]])
 
-
-# --------------------------------------------------------------------------- calibration
-
-
 def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width confidence bin: (mean confidence, accuracy, count); NaN for empty bins."""
     y, p = _as_labels(y_true), checked_probs(probs)
-    confidence = p.max(axis=1)
-    correct = (predict_labels(p) == y).astype(np.float64)
+    confidence, correct = p.max(axis=1), (predict_labels(p) == y).astype(np.float64)
     bins = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
     counts = np.bincount(bins, minlength=n_bins).astype(np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         return (np.bincount(bins, weights=confidence, minlength=n_bins) / counts,
                 np.bincount(bins, weights=correct, minlength=n_bins) / counts, counts)
-
 
 def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> float:
     """Top-label ECE: the mean |accuracy - confidence| over confidence bins, weighted by their size."""
@@ -360,30 +270,22 @@ def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> flo
     keep = counts > 0
     return float(np.sum(counts[keep] / counts.sum() * np.abs(accuracy[keep] - confidence[keep])))
 
-
 def _as_logits(logits: Any) -> np.ndarray:
     z = to_numpy(logits).astype(np.float64)
     return z.reshape(-1, 1) if is_one_logit(z) else z
 
-
 def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
     """Mean negative log-likelihood of `y` under logits / temperature (sigmoid for one logit)."""
     from scipy.special import log_expit, logsumexp
-
     z = z / temperature
     if z.shape[1] == 1:
         return float(-log_expit(np.where(y == 1, z[:, 0], -z[:, 0])).mean())
     return float((logsumexp(z, axis=1) - z[np.arange(len(y)), y]).mean())
 
-
 def fit_temperature(logits: Any, labels: Any) -> float:
-    """The temperature T > 0 minimising the NLL of `labels` under softmax(logits / T).
-
-    Fit on VALIDATION logits (`predict(..., return_logits=True)`), apply to test with
-    `apply_temperature`. T > 1 softens an over-confident model; the argmax never changes.
-    """
+    """The temperature T > 0 minimising the NLL of `labels` under softmax(logits / T), fit on VALIDATION logits
+    (`predict(..., return_logits=True)`); apply with `apply_temperature`. The argmax never changes."""
     from scipy.optimize import minimize_scalar
-
     z, y = _as_logits(logits), _as_labels(labels)
     if len(y) != len(z):
         raise ValueError(f"{len(z)} logits but {len(y)} labels")
@@ -395,7 +297,6 @@ def fit_temperature(logits: Any, labels: Any) -> float:
                       "almost no information about the labels (an untrained model?), so treat T with suspicion.",
                       stacklevel=2)
     return temperature
-
 
 def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
     """Calibrated probabilities (N, C) from logits divided by `temperature`."""

@@ -1,6 +1,4 @@
-"""Notebook 08's lesson: export to ONNX and int8 quantization with ONNX Runtime, then compare size
-and latency. ONNX and ONNX Runtime (the `deploy` extra) are imported only when needed.
-"""
+"""Notebook 08's lesson: export to ONNX, int8 quantization with ONNX Runtime, size and latency."""
 
 from __future__ import annotations
 
@@ -21,7 +19,6 @@ from torch import nn
 from helpers.core import as_normalization, logits_to_probs
 from helpers.loading import normalize
 
-
 def _from_deploy_extra(module: str, *names: str) -> Any:
     """`from module import names` (or the module) of ONNX / ONNX Runtime, saying how to install them."""
     try:
@@ -32,30 +29,23 @@ def _from_deploy_extra(module: str, *names: str) -> Any:
                           "(`uv sync` installs them).") from error
     return [getattr(imported, name) for name in names] if names else imported
 
-
 def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int = 17) -> Path:
-    """Export `model` (eval mode, CPU copy) to ONNX: input "input" float32 (N, 3, S, S), output
-    "logits", the normalisation its weights need in the metadata. TorchScript exporter (`dynamo=False`:
-    the dynamo one needs onnxscript, which the course does not install)."""
+    """Export `model` (CPU copy, eval mode) to ONNX ("input" (N, 3, S, S) -> "logits", its normalisation in the
+    metadata) with the TorchScript exporter (the dynamo one needs onnxscript)."""
     _from_deploy_extra("onnx")  # torch's exporter needs it
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cpu_model = copy.deepcopy(model).cpu().eval()
-    example = torch.zeros(1, 3, image_size, image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notices of the TorchScript exporter
-        torch.onnx.export(cpu_model, (example,), str(path), dynamo=False, opset_version=opset,
+        torch.onnx.export(copy.deepcopy(model).cpu().eval(), (torch.zeros(1, 3, image_size, image_size),), str(path), dynamo=False, opset_version=opset,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     _write_normalization(path, as_normalization(model))
     return path
 
-
 def _write_normalization(path: Path, normalization: tuple) -> None:
     """Store (mean, std) in an ONNX file's metadata_props."""
-    onnx = _from_deploy_extra("onnx")
-    graph = onnx.load(str(path))
+    graph = (onnx := _from_deploy_extra("onnx")).load(str(path))
     kept = [(p.key, p.value) for p in graph.metadata_props if p.key not in ("input_mean", "input_std")]
     del graph.metadata_props[:]
     for key, value in kept:
@@ -64,17 +54,13 @@ def _write_normalization(path: Path, normalization: tuple) -> None:
         graph.metadata_props.add(key=key, value=json.dumps(list(values)))
     onnx.save(graph, str(path))
 
-
 def onnx_normalization(source: Any) -> tuple:
     """(mean, std) stored by `export_onnx` in an ONNX file (a path) or session; ImageNet's when absent."""
-    if isinstance(source, (str, Path)):
-        props = {p.key: p.value for p in _from_deploy_extra("onnx").load(str(source)).metadata_props}
-    else:
-        props = source.get_modelmeta().custom_metadata_map
+    props = ({p.key: p.value for p in _from_deploy_extra("onnx").load(str(source)).metadata_props}
+             if isinstance(source, (str, Path)) else source.get_modelmeta().custom_metadata_map)
     if "input_mean" not in props:
         return as_normalization(None)
     return as_normalization((json.loads(props["input_mean"]), json.loads(props["input_std"])))
-
 
 class _CalibrationReader:
     """Feeds calibration images (normalised, batch 1) to ONNX Runtime's static quantizer."""
@@ -84,12 +70,10 @@ class _CalibrationReader:
                               for img in images_u8])
 
     def get_next(self) -> dict | None:
-        """The next calibration batch, or None when all were given."""
         return next(self._batches, None)
 
-    def rewind(self) -> None:  # pragma: no cover  (not used by MinMax calibration)
-        """Part of ONNX Runtime's reader interface; MinMax calibration reads the images once."""
-
+    def rewind(self) -> None:  # pragma: no cover  (ONNX Runtime's interface; MinMax reads the images once)
+        pass
 
 def _preprocessed(src: Path) -> Path:
     """ONNX Runtime's recommended pre-processing (shape inference, graph optimisation)."""
@@ -98,11 +82,9 @@ def _preprocessed(src: Path) -> Path:
     quant_pre_process(str(src), str(dst))
     return dst
 
-
 def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor,
                          per_channel: bool = True, normalization: Any = None) -> Path:
-    """Static int8 quantization (QDQ): weights and activations int8, activation ranges from the
-    calibration images (MinMax); per-channel weight scales for MobileNetV2's depthwise convolutions.
+    """Static int8 quantization (QDQ, MinMax ranges from the calibration images, per-channel weight scales);
     `normalization`: default what `export_onnx` stored in `src`."""
     CalibrationMethod, QuantFormat, QuantType, quantize_static = _from_deploy_extra(
         "onnxruntime.quantization", "CalibrationMethod", "QuantFormat", "QuantType", "quantize_static")
@@ -121,7 +103,6 @@ def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8
     _write_normalization(dst, normalization)
     return dst
 
-
 def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> Path:
     """Post-training dynamic int8 quantization: int8 weights, activations quantized on the fly."""
     QuantType, quantize_dynamic = _from_deploy_extra("onnxruntime.quantization", "QuantType", "quantize_dynamic")
@@ -136,10 +117,8 @@ def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> Path:
     _write_normalization(dst, onnx_normalization(src))
     return dst
 
-
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
-    """A CPU ONNX Runtime session (`threads`: default torch's), without thread spinning, which
-    would keep burning CPU after a run and slow down whatever is measured next."""
+    """A CPU ONNX Runtime session (`threads`: default torch's) without thread spinning (which would burn CPU)."""
     ort = _from_deploy_extra("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
@@ -148,17 +127,15 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-
 def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64, normalization: Any = None) -> np.ndarray:
-    """Class probabilities (N, C) from an ONNX Runtime session, for uint8 images (N, 3, S, S),
-    normalised as `normalization` says (default: the file's metadata, written by `export_onnx`)."""
+    """Class probabilities (N, C) of uint8 images (N, 3, S, S), normalised as `normalization` (default: the file's
+    metadata) says."""
     normalization = onnx_normalization(session) if normalization is None else normalization
     outs = []
     for start in range(0, len(images_u8), batch_size):
         x = normalize(images_u8[start:start + batch_size], normalization=normalization).numpy()
         outs.append(torch.from_numpy(session.run(["logits"], {"input": x})[0]))
     return logits_to_probs(torch.cat(outs)).numpy().astype(np.float64)
-
 
 def measure_latency(run_once: Callable[[], Any], n_runs: int = 50, warmup: int = 5) -> dict[str, float]:
     """Median and 90th percentile wall time (ms) of `run_once()`, after `warmup` untimed calls."""
@@ -173,11 +150,9 @@ def measure_latency(run_once: Callable[[], Any], n_runs: int = 50, warmup: int =
     return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
             "runs": n_runs}
 
-
 def file_size_mb(path: str | Path) -> float:
     """Size of a file in MB (10^6 bytes)."""
     return Path(path).stat().st_size / 1e6
-
 
 def linear_parameter_share(model: nn.Module) -> float:
     """Share of the parameters that sit in nn.Linear layers (what dynamic Linear quantization touches)."""

@@ -1,16 +1,6 @@
-"""Grad-CAM: which parts of the image pushed the model towards its prediction?
-
-Grad-CAM (Selvaraju et al., 2017) takes the activations A_k of one layer (K maps of h x w),
-weights each map by the average gradient of the class score with respect to it, sums, and keeps
-the positive part:  cam = ReLU(sum_k mean(dScore/dA_k) * A_k).  The map is then upsampled to the
-image size and scaled to [0, 1]. A heatmap shows where the evidence is, not *why*, and a
-confident model can look at the wrong place (a text marker, the edge of the film): that is
-exactly what it is useful for spotting.
-
-For a ViT the layer output is a sequence of tokens (N, 1 + h*w, D); we drop the class token and
-fold the patch tokens back into an (N, D, h, w) grid (`helpers.models.vit_tokens_to_map`). Use the
-tokens that *enter* the last block's attention (`encoder.layers[-1].ln_1`): the output of the last block only
-reaches the classifier through the class token, so its patch tokens get zero gradient.
+"""Grad-CAM (Selvaraju et al., 2017): cam = ReLU(sum_k mean(dScore/dA_k) * A_k) over one layer's maps A_k,
+upsampled and scaled to [0, 1]: where the evidence is, not why. For a ViT the patch tokens entering the last
+block (`encoder.layers[-1].ln_1`) are folded into a grid (`models.vit_tokens_to_map`).
 """
 
 from __future__ import annotations
@@ -31,9 +21,7 @@ from helpers.models import gradcam_target_layer, vit_tokens_to_map
 
 def _is_vit(model: nn.Module) -> bool:
     from torchvision.models import VisionTransformer
-
     return isinstance(model, VisionTransformer)
-
 
 def default_target_layer(model: nn.Module) -> nn.Module:
     """`models.gradcam_target_layer(model)`, else ViT `encoder.layers[-1].ln_1` or the last Conv2d."""
@@ -48,34 +36,27 @@ def default_target_layer(model: nn.Module) -> nn.Module:
         raise ValueError("No Conv2d layer found: pass target_layer= explicitly.")
     return convs[-1]
 
-
 def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:
     """`layer`, or for a ViT target whose patch tokens cannot receive gradient (the last block, the
     encoder, its final LayerNorm) the last block's `ln_1`, with a warning."""
     if _is_vit(model):
         last = model.encoder.layers[-1]
         if layer is last or layer is model.encoder or layer is model.encoder.ln:
-            warnings.warn(
-                "Grad-CAM on the ViT's last encoder output gives zero gradient for patch tokens; "
-                "using encoder.layers[-1].ln_1 (the tokens entering the last block) instead.",
-                stacklevel=3,
-            )
+            warnings.warn("Grad-CAM on the ViT's last encoder output gives zero gradient for patch tokens; using "
+                          "encoder.layers[-1].ln_1 (the tokens entering the last block) instead.", stacklevel=3)
             return last.ln_1
     return layer
 
-
 def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The score to explain per sample and its class; one logit z: +z for class 1, -z for class 0."""
-    one_logit = is_one_logit(logits)
     if class_idx is not None:
         classes = torch.as_tensor(class_idx, device=logits.device).long().expand(logits.shape[0])
     else:
-        classes = (logits.reshape(-1) > 0).long() if one_logit else logits.argmax(dim=1)
-    if one_logit:
+        classes = (logits.reshape(-1) > 0).long() if is_one_logit(logits) else logits.argmax(dim=1)
+    if is_one_logit(logits):
         z = logits.reshape(-1)
         return torch.where(classes == 1, z, -z), classes
     return logits.gather(1, classes[:, None])[:, 0], classes
-
 
 def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Sequence[int],
                     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
@@ -87,29 +68,16 @@ def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Se
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
     cam = F.relu((weights * activations).sum(dim=1, keepdim=True))  # (N, 1, h, w)
     cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-    low = cam.amin(dim=(1, 2), keepdim=True)
-    high = cam.amax(dim=(1, 2), keepdim=True)
+    low, high = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
     span = (high - low).clamp_min(torch.finfo(cam.dtype).tiny)  # no fixed epsilon: maps can be tiny
     return torch.where(high > low, (cam - low) / span, torch.zeros_like(cam))
 
-
-def grad_cam(
-    model: nn.Module,
-    x: torch.Tensor,
-    target_layer: nn.Module,
-    class_idx: int | Sequence[int] | None = None,
-    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    *,
-    warn_blank: bool = True,
-) -> np.ndarray:
-    """Grad-CAM heatmaps (N, H, W) in [0, 1] for a normalised batch x (N, 3, H, W).
-
-    `class_idx`: the class to explain (an int, one per sample, or None = the predicted class);
-    `reshape_transform` turns the layer output into (N, K, h, w) (ViT tokens are folded by
-    default). A forward hook swaps the layer's output for a detached copy that requires grad, so
-    gradients reach it even with every parameter frozen; the hook acts only on this thread's
-    forward pass (the app's sessions share one model). `warn_blank=False`: no blank-map warning.
-    """
+def grad_cam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | Sequence[int] | None = None,
+             reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+             warn_blank: bool = True) -> np.ndarray:
+    """Grad-CAM heatmaps (N, H, W) in [0, 1] for a normalised batch x of the class `class_idx` (int, one per
+    sample, or None = predicted). A hook swaps the layer's output (on this thread only: the app's sessions share
+    one model) for a detached copy requiring grad, so frozen models work; `reshape_transform` -> (N, K, h, w)."""
     captured: dict[str, torch.Tensor] = {}
     owner = threading.get_ident()
 
@@ -133,11 +101,9 @@ def grad_cam(
             (gradients,) = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
             if gradients is None or not gradients.any():
                 if warn_blank:
-                    warnings.warn(
-                        "Grad-CAM: the class score has zero gradient at target_layer (an untrained head that "
-                        "starts at zero, or a layer that does not reach the output); heatmaps will be blank.",
-                        stacklevel=2,
-                    )
+                    warnings.warn("Grad-CAM: the class score has zero gradient at target_layer (an untrained head that "
+                                  "starts at zero, or a layer that does not reach the output); heatmaps will be blank.",
+                                  stacklevel=2)
                 gradients = torch.zeros_like(activations)
             cam = _normalised_map(activations.detach(), gradients.detach(), x.shape[-2:], reshape_transform)
     finally:
@@ -145,11 +111,10 @@ def grad_cam(
         model.train(was_training)
     return cam.cpu().numpy().astype(np.float32)
 
-
 def explain(model: nn.Module, images_u8: torch.Tensor, *, target_layer: nn.Module | None = None,
             threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probabilities (N, C), predicted classes (`core.predict_labels` with `threshold`) and the
-    Grad-CAM heatmaps (N, H, W) of that class, for uint8 images normalised as the model needs."""
+    """Probabilities (N, C), predicted classes (`predict_labels` with `threshold`) and their Grad-CAM heatmaps
+    (N, H, W), for uint8 images normalised as the model needs."""
     layer = usable_target_layer(model, target_layer if target_layer is not None else default_target_layer(model))
     x = normalize(images_u8.to(model_device(model)), normalization=model)  # as its weights need
     was_training = model.training
@@ -158,5 +123,4 @@ def explain(model: nn.Module, images_u8: torch.Tensor, *, target_layer: nn.Modul
         probs = logits_to_probs(model(x)).cpu().numpy()
     model.train(was_training)
     predicted = predict_labels(probs, threshold)
-    heatmaps = grad_cam(model, x, layer, class_idx=predicted.tolist())
-    return probs, predicted, heatmaps
+    return probs, predicted, grad_cam(model, x, layer, class_idx=predicted.tolist())

@@ -1,9 +1,5 @@
-"""Getting pixels into a model: the tensor cache and `TensorLoader`, the course's one data path.
-
-`cache_images` decodes and resizes every image once (`helpers.images.load_image`) into a uint8
-tensor; `TensorLoader` cuts batches from it, augments whole batches as tensors (on the GPU when
-there is one) and normalises them as the model's weights need (`normalization=model` reads
-`model.input_mean` / `input_std`; the default is ImageNet's). `make_loaders` builds train/val/test.
+"""The course's one data path: `cache_images` decodes every image once into a uint8 tensor; `TensorLoader`
+cuts, augments (on the GPU if any) and normalises batches from it; `make_loaders` builds train/val/test.
 """
 
 from __future__ import annotations
@@ -25,50 +21,34 @@ from helpers.core import as_label_tensor, as_normalization
 from helpers.data import DataSplits
 from helpers.images import gone, load_image, to_grayscale
 
-
 def normalize(x: torch.Tensor, scale: float | None = None, *, normalization=None,
               mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
-    """Images (N, 3 or 1, H, W) -> float, normalised: (x / scale - mean) / std, in one multiply-add.
-
-    `normalization`: a model, a (mean, std) pair or None (ImageNet's), or `mean=`/`std=`; `scale`:
-    255 for uint8 input, else 1. One channel (grayscale) broadcasts to three.
-    """
+    """Images (N, 3 or 1, H, W) -> (x / scale - mean) / std as floats (`normalization`: a model, a (mean, std)
+    pair or None = ImageNet's, or `mean=`/`std=`; `scale`: 255 for uint8, else 1). One channel broadcasts."""
     m, s = as_normalization(normalization if mean is None else (mean, std))
-    if scale is None:
-        scale = 255.0 if x.dtype == torch.uint8 else 1.0
-    mean_t = torch.tensor(m, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(s, device=x.device).view(1, 3, 1, 1)
+    scale = (255.0 if x.dtype == torch.uint8 else 1.0) if scale is None else scale
+    mean_t, std_t = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (m, s))
     return torch.addcmul(-mean_t / std_t, x.float(), 1.0 / (scale * std_t))
-
 
 def denormalize(x: torch.Tensor, normalization=None) -> torch.Tensor:
     """Inverse of `normalize` (same `normalization`): back to [0, 1] floats for display."""
     m, s = as_normalization(normalization)
-    mean = torch.tensor(m, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(s, device=x.device).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (m, s))
     return (x * std + mean).clamp(0, 1)
-
-
-# ----------------------------------------------------------------------------- tensor cache
 
 # Bump when the pixels a file gives change in a way the source fingerprint below cannot see.
 PREPROCESS_VERSION = 2
 
-
 def _preprocess_fingerprint() -> str:
-    """A hash of the code that turns a file into cached pixels (`helpers.images`) and of PIL's
-    version: a cache made by other preprocessing code is never reused."""
+    """A hash of `helpers.images`' source and PIL's version: a cache made by other preprocessing is never reused."""
     import inspect
-
     import PIL
 
-    parts = [inspect.getsource(image_files), PIL.__version__, str(PREPROCESS_VERSION)]
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
-
+    return hashlib.sha1("\n".join([inspect.getsource(image_files), PIL.__version__, str(PREPROCESS_VERSION)])
+                        .encode()).hexdigest()
 
 def _cache_key(paths: Sequence[str], image_size: int) -> str:
-    """Keyed on the preprocessing code, the size and every file's path and content (a hash of its
-    bytes: a file replaced with the same modification time still gets a new key)."""
+    """Keyed on the preprocessing code, the size and every file's path and content (a hash of its bytes)."""
     digest = hashlib.sha1(f"{_preprocess_fingerprint()}|{image_size}".encode())
     for p in paths:
         digest.update(os.fsencode(p))
@@ -77,7 +57,6 @@ def _cache_key(paths: Sequence[str], image_size: int) -> str:
         except FileNotFoundError:
             raise gone(p) from None
     return digest.hexdigest()[:16]
-
 
 def _load_cache(target: Path, n: int, image_size: int) -> torch.Tensor | None:
     """A saved image cache, or None (with a warning) when it is corrupt or of the wrong shape."""
@@ -89,29 +68,19 @@ def _load_cache(target: Path, n: int, image_size: int) -> torch.Tensor | None:
         problem = "it holds something else than the expected uint8 images"
     except Exception as err:  # truncated or overwritten file
         problem = f"{type(err).__name__}: {err}"
-    warnings.warn(f"The image cache {target} could not be used ({problem}); rebuilding it.",
-                  stacklevel=3)
+    warnings.warn(f"The image cache {target} could not be used ({problem}); rebuilding it.", stacklevel=3)
     return None
-
 
 def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path | None = None,
                  num_threads: int | None = None, grayscale: bool = False) -> torch.Tensor:
-    """Decode and resize every image of `frame` once: uint8 tensor (N, 3, S, S), frame order.
-
-    With `cache_dir`, the tensor is also saved there (keyed by the files' paths and contents, the
-    size and the preprocessing code: `_cache_key`; written to a temporary file, then renamed) and
-    loaded from disk next time. Decoding runs in threads (PIL releases the GIL).
-    `grayscale=True` stores every image as three equal channels (`to_grayscale`).
-    """
-    paths = [str(p) for p in frame["path"]]
-    target = None
+    """Decode and resize every image of `frame` once (in threads): uint8 tensor (N, 3, S, S), frame order; with
+    `cache_dir` also saved there (`_cache_key`) and loaded next time. `grayscale`: three equal channels."""
+    paths, target = [str(p) for p in frame["path"]], None
     if cache_dir is not None:
         gray = "_gray" if grayscale else ""
         target = Path(cache_dir) / f"images_{image_size}px{gray}_{_cache_key(paths, image_size)}.pt"
-        if target.exists():
-            cached = _load_cache(target, len(paths), image_size)
-            if cached is not None:
-                return cached
+        if target.exists() and (cached := _load_cache(target, len(paths), image_size)) is not None:
+            return cached
     out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
     workers = num_threads or min(8, (os.cpu_count() or 2) * 2)
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -127,39 +96,28 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
             partial.unlink(missing_ok=True)
     return out
 
-
 def _as_augment(augment: str | BatchAugment) -> BatchAugment:
     return BatchAugment.preset(augment) if isinstance(augment, str) else augment
 
-
 def _compact(images: torch.Tensor, device: torch.device) -> tuple[bool, torch.Tensor]:
-    """(is grayscale, the images as stored): one channel when all three are equal, on the GPU if any.
-
-    Grayscale X-rays are stored as 3 equal channels; keeping one (and letting `normalize`
-    broadcast it back) saves two thirds of the memory and of the augmentation work. On a GPU
-    the cache stays there, so batches never cross the PCIe bus.
-    """
+    """(is grayscale, the images as stored): one channel when all three are equal (a third of the memory and
+    augmentation work), on the GPU if the loader's device is one."""
     if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError("TensorLoader expects uint8 images of shape (N, 3, H, W) "
-                         "(use cache_images to make them).")
+        raise ValueError("TensorLoader expects uint8 images of shape (N, 3, H, W) (use cache_images to make them).")
     gray = bool(torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]))
     stored = images[:, :1].clone() if gray else images
     return gray, stored.to(device) if device.type == "cuda" else stored
 
-
 class TensorLoader:
-    """Batches from a uint8 image tensor, augmented per image, normalised, on `device`.
+    """A DataLoader stand-in: batches from a uint8 image tensor, augmented per image, normalised (a model, a
+    (mean, std) pair or None = ImageNet's), on `device`; `sample_weights` draw with replacement;
+    `strong_classes` get `strong`; `drop_single` drops a last batch of one."""
 
-    A DataLoader stand-in: `sample_weights` draw with replacement; `strong_classes` get `strong`;
-    `drop_single` drops a last batch of one; `ordered()`: each image once, in order; `normalization`:
-    a model (its weights' `input_mean` / `input_std`), a (mean, std) pair or None (ImageNet's)."""
-
-    def __init__(self, images: torch.Tensor, labels, *, batch_size: int = 32,
-                 shuffle: bool = False, augment: str | BatchAugment = "none",
-                 strong: str | BatchAugment = "strong", strong_classes: Sequence[int] = (),
-                 sample_weights: torch.Tensor | None = None, device: str | torch.device = "cpu",
-                 drop_last: bool = False, seed: int | None = None, drop_single: bool = False,
-                 normalization=None):
+    def __init__(self, images: torch.Tensor, labels, *, batch_size: int = 32, shuffle: bool = False,
+                 augment: str | BatchAugment = "none", strong: str | BatchAugment = "strong",
+                 strong_classes: Sequence[int] = (), sample_weights: torch.Tensor | None = None,
+                 device: str | torch.device = "cpu", drop_last: bool = False, seed: int | None = None,
+                 drop_single: bool = False, normalization=None):
         self.device, self.normalization = torch.device(device), as_normalization(normalization)  # (mean, std)
         self.grayscale, self._images = _compact(images, self.device)
         self.labels = as_label_tensor(labels)
@@ -167,8 +125,7 @@ class TensorLoader:
             raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
         self.batch_size, self.shuffle, self.drop_last, self.drop_single = batch_size, shuffle, drop_last, drop_single
         self.augment, self.strong = _as_augment(augment), _as_augment(strong)
-        self.strong_classes = torch.as_tensor(list(strong_classes), dtype=torch.long)
-        self.sample_weights = sample_weights
+        self.strong_classes, self.sample_weights = torch.as_tensor(list(strong_classes), dtype=torch.long), sample_weights
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
     @property
@@ -208,10 +165,9 @@ class TensorLoader:
             x = _augment_batch(x, torch.isin(y, self.strong_classes), self.augment, self.strong, self.generator)
             yield normalize(x, 255.0, normalization=self.normalization), y.to(self.device, non_blocking=True)
 
-
 def _augment_batch(x: torch.Tensor, is_strong: torch.Tensor, augment: BatchAugment, strong: BatchAugment,
                    generator: torch.Generator | None) -> torch.Tensor:
-    """Pixel values 0..255 in, augmented out: `strong` for the images `is_strong` (CPU) marks, `augment` for the rest."""
+    """Pixels 0..255 augmented: `strong` for the images `is_strong` (CPU) marks, `augment` for the rest."""
     if not is_strong.any():
         return augment(x, generator, 255.0)  # one call for the whole batch (the usual case)
     is_strong = is_strong.to(x.device)
@@ -220,10 +176,8 @@ def _augment_batch(x: torch.Tensor, is_strong: torch.Tensor, augment: BatchAugme
         x[~is_strong] = augment(x[~is_strong], generator, 255.0)
     return x
 
-
 def with_normalization(loaders, normalization):
-    """`loaders` (a dict of them, or one) normalising as `normalization` says (a model, a (mean, std)
-    pair): TensorLoaders are copied, sharing their images; other loaders come back unchanged."""
+    """`loaders` (a dict or one) normalising as `normalization` says: TensorLoaders copied (sharing images)."""
     if isinstance(loaders, dict):
         return {name: with_normalization(loader, normalization) for name, loader in loaders.items()}
     if not isinstance(loaders, TensorLoader):
@@ -232,23 +186,17 @@ def with_normalization(loaders, normalization):
     view.normalization = as_normalization(normalization)
     return view
 
-
 def weighted_sampler_weights(labels) -> torch.Tensor:
     """One weight per image, 1 / (images in its class): every class is drawn equally often."""
     labels = as_label_tensor(labels)
     return (1.0 / torch.bincount(labels).float())[labels].double()
 
-
 def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *, device: str | torch.device = "cpu",
                  augment: str | BatchAugment = "light", strong_classes: Sequence[int] = (),
                  balanced_sampler: bool = False, cache_dir: str | Path | None = None, seed: int = 42,
                  grayscale: bool = False, normalization=None) -> dict[str, TensorLoader]:
-    """{"train", "val", "test"}: TensorLoaders over the cached images; only train is shuffled and
-    augmented (`strong` for `strong_classes`), drawn class-balanced with `balanced_sampler`.
-
-    `normalization=model`: as the model's weights need. `grayscale`: three equal channels. A last
-    training batch of one image is dropped (BatchNorm cannot normalise a single value).
-    """
+    """{"train", "val", "test"} TensorLoaders over the cached images; only train is shuffled, augmented (`strong`
+    for `strong_classes`), class-balanced with `balanced_sampler` and drops a last batch of one image."""
     loaders = {}
     for split in ("train", "val", "test"):
         frame, train = getattr(splits, split), split == "train"

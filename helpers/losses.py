@@ -1,9 +1,5 @@
-"""The loss a model minimises, and how to weight the classes in it.
-
-`make_criterion("ce")` is cross-entropy over one logit per class; `make_criterion("bce")` is
-binary cross-entropy over a single logit (the positive class is index 1). Both take int64 class
-indices, so every loader and training loop in the course works with either. For imbalanced data
-`class_weights` (for "ce") and `pos_weight` (for "bce") come from the training labels.
+"""Losses taking int64 class indices: cross-entropy ("ce", one logit per class) or binary cross-entropy ("bce",
+one logit for class 1), weighted by `class_weights` / `pos_weight` from the training labels.
 """
 
 from __future__ import annotations
@@ -13,7 +9,6 @@ from torch import nn
 
 from helpers.core import as_label_tensor, is_one_logit
 
-
 def class_weights(labels, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, scaled to mean 1 (for `CrossEntropyLoss(weight=...)`)."""
     counts = torch.bincount(as_label_tensor(labels), minlength=num_classes).float()
@@ -21,7 +16,6 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
         raise ValueError(f"Some class has no training images (counts per class: {counts.tolist()}).")
     weights = counts.sum() / (num_classes * counts)
     return weights / weights.mean()
-
 
 def pos_weight(labels) -> torch.Tensor:
     """n_negative / n_positive, shape (1,), for `BCEWithLogitsLoss(pos_weight=...)`."""
@@ -31,13 +25,8 @@ def pos_weight(labels) -> torch.Tensor:
         raise ValueError("No positive training images: pos_weight is undefined.")
     return torch.tensor([(len(labels) - n_pos) / n_pos], dtype=torch.float32)
 
-
 class BCEWithIndexTargets(nn.Module):
-    """`BCEWithLogitsLoss` for a 1-logit binary model that takes int64 class indices.
-
-    Targets are turned into floats of the logits' shape; `label_smoothing` moves them
-    towards 0.5 (0 -> eps/2, 1 -> 1 - eps/2).
-    """
+    """`BCEWithLogitsLoss` for a 1-logit model taking int64 class indices; `label_smoothing` moves them to 0.5."""
 
     def __init__(self, pos_weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
         super().__init__()
@@ -46,29 +35,17 @@ class BCEWithIndexTargets(nn.Module):
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not is_one_logit(logits):
-            raise ValueError(
-                f"BCE expects one logit per image, got logits of shape {tuple(logits.shape)}. "
-                "Use make_criterion('ce') for a model with one output per class."
-            )
+            raise ValueError(f"BCE expects one logit per image, got logits of shape {tuple(logits.shape)}. "
+                             "Use make_criterion('ce') for a model with one output per class.")
         target = y.to(logits.dtype).reshape(logits.shape)
         if self.label_smoothing:
             target = target * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
         return self.loss(logits, target)
 
-
-def make_criterion(
-    kind: str = "ce",
-    *,
-    class_weights: torch.Tensor | None = None,
-    pos_weight: torch.Tensor | float | None = None,
-    label_smoothing: float = 0.0,
-) -> nn.Module:
-    """A loss `(logits, y_int64) -> scalar`.
-
-    - `"ce"`: cross-entropy on C logits; `class_weights` (C,) weights the classes.
-    - `"bce"`: binary cross-entropy on 1 logit; `pos_weight` (e.g. n_neg / n_pos)
-      up-weights the positive class (index 1).
-    """
+def make_criterion(kind: str = "ce", *, class_weights: torch.Tensor | None = None,
+                   pos_weight: torch.Tensor | float | None = None, label_smoothing: float = 0.0) -> nn.Module:
+    """A loss `(logits, y_int64) -> scalar`: "ce" on C logits (`class_weights` (C,)) or "bce" on 1 logit
+    (`pos_weight`, e.g. n_neg / n_pos, up-weights class 1)."""
     if kind == "ce":
         if pos_weight is not None:
             raise ValueError("pos_weight is for kind='bce'; with 'ce' use class_weights.")

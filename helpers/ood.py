@@ -1,9 +1,5 @@
-"""Out-of-distribution (OOD) scores: how much an input looks like the training X-rays.
-
-Higher = more in-distribution; an input is rejected when its score falls below a threshold chosen
-on validation X-rays (`threshold_keeping`). Scores: maximum softmax probability, energy, an extra
-INVALID class, the Mahalanobis distance of backbone features; `ood_score` picks one by name.
-Used by notebook 08 and the app.
+"""Out-of-distribution scores (higher = more like the training X-rays; reject below `threshold_keeping`):
+maximum softmax probability, energy, an extra INVALID class, Mahalanobis distance of backbone features.
 """
 
 from __future__ import annotations
@@ -20,37 +16,27 @@ from helpers.core import is_one_logit, model_device
 from helpers.loading import normalize
 from helpers.models import backbone_and_head
 
-
 def _two_or_more_columns(logits: Any) -> torch.Tensor:
     """Logits as (N, C) float tensor; one logit z (sigmoid model) becomes [0, z] (same softmax)."""
     z = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits).float()
-    if is_one_logit(z):
-        z = z.reshape(-1, 1)
-        z = torch.cat([torch.zeros_like(z), z], dim=1)
-    return z
-
+    return torch.cat([torch.zeros_like(z.reshape(-1, 1)), z.reshape(-1, 1)], dim=1) if is_one_logit(z) else z
 
 def msp_score(logits: Any) -> np.ndarray:
     """Maximum softmax probability (Hendrycks & Gimpel 2017): confidence of the predicted class."""
     return torch.softmax(_two_or_more_columns(logits), dim=1).max(dim=1).values.numpy().astype(np.float64)
-
 
 def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
     """Negative energy T * logsumexp(logits / T) (Liu et al. 2020): large logits = familiar input."""
     z = _two_or_more_columns(logits)
     return (temperature * torch.logsumexp(z / temperature, dim=1)).numpy().astype(np.float64)
 
-
 def invalid_class_score(probs: Any, invalid_index: int = -1) -> np.ndarray:
     """For a model with an extra INVALID class: 1 - P(INVALID)."""
-    p = np.asarray(probs, dtype=np.float64)
-    return 1.0 - p[:, invalid_index]
-
+    return 1.0 - np.asarray(probs, dtype=np.float64)[:, invalid_index]
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
-    """Run small linear algebra on one thread: a 1280 x 1280 inverse takes ~0.1 s that way, while
-    multi-threaded BLAS on a busy shared machine can take seconds (threads waiting on each other)."""
+    """Small linear algebra on one thread (multi-threaded BLAS on a busy machine can take seconds)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -58,12 +44,9 @@ def _one_thread() -> Iterator[None]:
     finally:
         torch.set_num_threads(before)
 
-
 def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
-    """Class means and one shared Ledoit-Wolf-shrunk precision matrix of training features (Lee et
-    al. 2018); the shrinkage keeps it invertible with fewer images than feature dimensions."""
+    """Class means and one shared Ledoit-Wolf-shrunk precision matrix of training features (Lee et al. 2018)."""
     from sklearn.covariance import ledoit_wolf_shrinkage
-
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     y = np.asarray(labels).reshape(-1)
     classes = np.unique(y)
@@ -77,20 +60,16 @@ def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
         precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))
     return {"means": means.float(), "precision": precision.float(), "shrinkage": torch.tensor(shrink)}
 
-
 def mahalanobis_score(features: Any, params: dict[str, torch.Tensor]) -> np.ndarray:
     """Minus the squared Mahalanobis distance to the closest class mean (higher = closer)."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    means = params["means"].double()
-    precision = params["precision"].double()
+    means, precision = params["means"].double(), params["precision"].double()
     with _one_thread():
         diff = x[:, None, :] - means[None, :, :]  # (N, C, D)
         d2 = ((diff @ precision) * diff).sum(dim=-1)  # (N, C) squared distances
     return (-d2.min(dim=1).values).numpy()
 
-
 OOD_METHODS: tuple[str, ...] = ("msp", "energy", "mahalanobis")
-
 
 def ood_score(method: str, logits: Any, features: Any = None, params: dict | None = None) -> np.ndarray:
     """Dispatch to one of `OOD_METHODS` (higher = more in-distribution)."""
@@ -104,10 +83,8 @@ def ood_score(method: str, logits: Any, features: Any = None, params: dict | Non
         return mahalanobis_score(features, params)
     raise ValueError(f"Unknown OOD method {method!r}. Known: {', '.join(OOD_METHODS)}")
 
-
 def threshold_keeping(id_scores: Any, keep: float = 0.95) -> float:
-    """The score threshold that keeps at least a fraction `keep` of these (validation) images:
-    the floor((1 - keep) * n) lowest-scoring ones fall below it (fewer when scores tie)."""
+    """The score threshold keeping at least a fraction `keep` of these (validation) images (ties keep more)."""
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     scores = np.sort(np.asarray(id_scores, dtype=np.float64).reshape(-1))
@@ -116,29 +93,22 @@ def threshold_keeping(id_scores: Any, keep: float = 0.95) -> float:
     k = int(np.floor((1.0 - keep) * len(scores) + 1e-9))
     return float(scores[min(k, len(scores) - 1)])
 
-
 def rejection_rate(scores: Any, threshold: float) -> float:
     """Share of images whose score falls below `threshold` (i.e. would be rejected)."""
     s = np.asarray(scores, dtype=np.float64)
     return float((s < threshold).mean()) if len(s) else float("nan")
 
-
 def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
-    """ROC AUC (scikit-learn) of telling outside images (positives) from real ones by a low score:
-    1.0 when every outside image scores below every real one, 0.5 at chance."""
+    """ROC AUC of telling outside images (positives) from real ones by a low score (0.5: chance)."""
     from sklearn.metrics import roc_auc_score
-
     a, b = np.asarray(id_scores, dtype=np.float64).ravel(), np.asarray(ood_scores, dtype=np.float64).ravel()
     if len(a) == 0 or len(b) == 0:
         return float("nan")
     return float(roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], -np.r_[a, b]))
 
-
 def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Logits (N, C) and pooled backbone features (N, D) of uint8 images (N, 3, S, S) at the
-    model's input size, normalised as its weights need: one pass gives both."""
-    backbone, head = backbone_and_head(model)
-    device = model_device(model)
+    """Logits (N, C) and pooled backbone features (N, D) of uint8 images (N, 3, S, S), in one pass."""
+    (backbone, head), device = backbone_and_head(model), model_device(model)
     model.eval()
     logits, feats = [], []
     with torch.inference_mode():

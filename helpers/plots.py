@@ -1,8 +1,5 @@
-"""Figures for the notebooks. Every function saves a PNG into `out_dir` and returns the Figure.
-
-In Jupyter a figure shows once automatically; write `fig = plots.plot_x(...)` (or end the line
-with `;`) so it is not shown twice. Outside Jupyter (scripts, tests) the figures are not
-registered with pyplot, so a loop that draws many of them does not leak memory.
+"""Figures for the notebooks: every function saves a PNG into `out_dir` and returns the Figure (write
+`fig = plots.plot_x(...)` so Jupyter shows it once). Outside Jupyter figures bypass pyplot (no leaks).
 """
 
 from __future__ import annotations
@@ -22,33 +19,24 @@ from helpers.images import read_image
 DPI = 110
 _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
-
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **kwargs: Any):
     """`fig, axes` like `plt.subplots`; a pyplot-free Figure when the backend cannot show windows."""
     if matplotlib.get_backend().lower() in _NON_INTERACTIVE:
         from matplotlib.figure import Figure
-
         fig = Figure(figsize=figsize, layout=kwargs.pop("layout", "constrained"))
-        axes = fig.subplots(nrows, ncols, **kwargs)
-        return fig, axes
+        return fig, fig.subplots(nrows, ncols, **kwargs)
     import matplotlib.pyplot as plt
-
     return plt.subplots(nrows, ncols, figsize=figsize, layout=kwargs.pop("layout", "constrained"), **kwargs)
-
 
 _STAMP: dict[str, str | None] = {"text": None}  # the footer of every saved figure, set by set_stamp
 
-
 def set_stamp(text: str | None) -> None:
-    """Print `text` (e.g. `runs.figure_stamp(run, splits, model)`: profile, data, weights) in
-    small grey letters under every figure saved from now on; None: no footer."""
+    """Print `text` (e.g. `runs.figure_stamp(run, splits, model)`) in small grey letters under every figure saved
+    from now on; None: no footer."""
     _STAMP["text"] = text
 
-
 def save_figure(fig, out_dir: str | Path, name: str, stamp: str | None = None):
-    """Save `fig` as out_dir/name (PNG, folder created if missing) and return it.
-
-    `stamp` (default: the text of `set_stamp`, if any) is written once under the figure."""
+    """Save `fig` as out_dir/name (PNG, folder created) with `stamp` (default: `set_stamp`'s) under it; return it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = stamp if stamp is not None else _STAMP["text"]
@@ -58,13 +46,11 @@ def save_figure(fig, out_dir: str | Path, name: str, stamp: str | None = None):
     fig.savefig(out_dir / name, dpi=DPI, bbox_inches="tight")
     return fig
 
-
 def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves.png", best_epoch: int | None = None):
-    """Loss, accuracy/AUC and learning rate per epoch of a `train.FitResult` (its best epoch marked)
-    or a history DataFrame; dashed lines mark where a new `stage` starts."""
+    """Loss, accuracy/AUC and learning rate per epoch of a `train.FitResult` (best epoch marked) or a history
+    DataFrame; dashed lines mark where a new `stage` starts."""
     import pandas as pd
     from matplotlib.ticker import MaxNLocator
-
     if hasattr(history, "history"):  # a FitResult
         history, best_epoch = history.history, history.best_epoch if best_epoch is None else best_epoch
     frame = history if isinstance(history, pd.DataFrame) else pd.DataFrame(history)
@@ -79,8 +65,7 @@ def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves
         for column in columns:
             if column in frame and frame[column].notna().any():
                 ax.plot(x, frame[column].astype(float), marker="o", markersize=3, label=column)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
+        ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if ax.get_lines():
@@ -94,7 +79,6 @@ def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves
             axes[0].axvline(x[rows[-1]], color="green", linestyle=":", linewidth=1, label="best")
     return save_figure(fig, out_dir, name)
 
-
 def _mark_stages(axes: Any, frame: Any, x: np.ndarray) -> None:
     """A dashed line where the `stage` column (if any) changes."""
     stages = frame["stage"].astype(str).tolist() if "stage" in frame else []
@@ -102,7 +86,6 @@ def _mark_stages(axes: Any, frame: Any, x: np.ndarray) -> None:
         if stages[i] != stages[i - 1]:
             for ax in np.ravel(axes):
                 ax.axvline(x[i] - 0.5, color="grey", linestyle="--", linewidth=1)
-
 
 def plot_history_comparison(histories: dict[str, Any], out_dir: str | Path, name: str = "history_comparison.png"):
     """Validation loss and AUC per epoch, one line per run (`FitResult`s or history DataFrames)."""
@@ -120,18 +103,15 @@ def plot_history_comparison(histories: dict[str, Any], out_dir: str | Path, name
         ax.legend(fontsize=8)
     return save_figure(fig, out_dir, name)
 
-
 def _heatmap(ax, matrix: np.ndarray, class_names: Sequence[str], fmt: str, title: str, vmax: float) -> None:
     """One annotated seaborn heatmap: rows = true class, columns = predicted class."""
     import seaborn as sns
-
     sns.heatmap(matrix, ax=ax, annot=True, fmt=fmt, cmap="Blues", vmin=0, vmax=vmax, square=True,
                 linewidths=0.5, linecolor="white", annot_kws={"fontsize": 9}, cbar_kws={"shrink": 0.8},
                 xticklabels=list(class_names), yticklabels=list(class_names))
     ax.set_xticklabels(ax.get_xticklabels(), rotation=30, ha="right")
     ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
     ax.set(xlabel="predicted", ylabel="true", title=title)
-
 
 def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "confusion_matrix.png"):
     """Counts (left) and row-normalised rates (right: the diagonal is each class's recall)."""
@@ -144,13 +124,10 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Pa
     _heatmap(axes[1], rates, class_names, ".2f", "row-normalised (recall on diagonal)", vmax=1.0)
     return save_figure(fig, out_dir, name)
 
-
 def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "roc_pr.png"):
     """ROC (left) and precision-recall (right) curves: binary -> the positive class; multi-class -> one per class (one-vs-rest)."""
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
-
-    y = to_numpy(y_true).astype(np.int64)
-    p = as_probs(probs)
+    y, p = to_numpy(y_true).astype(np.int64), as_probs(probs)
     classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
     fig, (ax_roc, ax_pr) = new_figure(1, 2, figsize=(11, 4.5))
     for c in classes:
@@ -173,12 +150,10 @@ def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: st
         ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
     return save_figure(fig, out_dir, name)
 
-
 def plot_threshold_sweep(y_true: Any, p_pos: Any, out_dir: str | Path, chosen: float | None = None,
                          name: str = "threshold_sweep.png"):
     """Sensitivity and specificity against the threshold on P(positive) (scikit-learn's `roc_curve`)."""
     from sklearn.metrics import roc_curve
-
     y, p = to_numpy(y_true).astype(np.int64), to_numpy(p_pos).astype(np.float64)
     p = p[:, 1] if p.ndim == 2 else p
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
@@ -196,7 +171,6 @@ def plot_threshold_sweep(y_true: Any, p_pos: Any, out_dir: str | Path, chosen: f
     ax.legend(fontsize=8, loc="lower center")
     return save_figure(fig, out_dir, name)
 
-
 def to_display(image: Any) -> np.ndarray:
     """An image as (H, W, 3) floats in [0, 1] for `imshow`; takes uint8 or float, CHW or HWC, tensor or array."""
     img = to_numpy(image)
@@ -209,7 +183,6 @@ def to_display(image: Any) -> np.ndarray:
         img = np.repeat(img, 3, axis=-1)
     return np.clip(img, 0.0, 1.0)
 
-
 def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:
     """Blend a [0, 1] heatmap (H, W), coloured with `cmap`, over an image; returns RGB floats (H, W, 3)."""
     img = to_display(image)
@@ -219,39 +192,21 @@ def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "je
     colored = matplotlib.colormaps[cmap](heat)[..., :3]
     return np.clip((1 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
 
-
-def _grid_shape(count: int, max_cols: int = 8) -> tuple[int, int]:
-    cols = max(1, min(count, 4 if count <= 16 else max_cols))
-    return int(np.ceil(count / cols)), cols
-
-
-def plot_prediction_grid(
-    images_u8: Any,
-    y_true: Any,
-    probs: Any,
-    class_names: Sequence[str],
-    out_dir: str | Path,
-    name: str = "predictions.png",
-    n: int = 16,
-    errors_only: bool = False,
-    threshold: float | None = None,
-):
-    """Images with true label, predicted label and its probability; errors get a red title and border.
-
-    Binary predictions use `threshold` on P(class 1) when given, else the argmax.
-    """
-    images = to_numpy(images_u8)
-    y = to_numpy(y_true).astype(np.int64)
-    p = as_probs(probs)
+def plot_prediction_grid(images_u8: Any, y_true: Any, probs: Any, class_names: Sequence[str], out_dir: str | Path,
+                         name: str = "predictions.png", n: int = 16, errors_only: bool = False,
+                         threshold: float | None = None):
+    """Images with true and predicted label (`threshold` on P(class 1) if given, else argmax) and its
+    probability; errors get a red title and border."""
+    images, y, p = to_numpy(images_u8), to_numpy(y_true).astype(np.int64), as_probs(probs)
     pred = predict_labels(p, threshold)
-    indices = np.flatnonzero(pred != y) if errors_only else np.arange(len(y))
-    indices = indices[:n]
+    indices = (np.flatnonzero(pred != y) if errors_only else np.arange(len(y)))[:n]
     if len(indices) == 0:
         fig, ax = new_figure(figsize=(4, 1.5))
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
         ax.axis("off")
         return save_figure(fig, out_dir, name)
-    rows, cols = _grid_shape(len(indices))
+    cols = max(1, min(len(indices), 4 if len(indices) <= 16 else 8))
+    rows = int(np.ceil(len(indices) / cols))
     fig, axes = new_figure(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
@@ -259,8 +214,7 @@ def plot_prediction_grid(
         wrong = pred[i] != y[i]
         ax.imshow(to_display(images[i]))
         ax.axis("on")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
         for spine in ax.spines.values():
             spine.set_color("red" if wrong else "lightgrey")
             spine.set_linewidth(3 if wrong else 1)
@@ -268,17 +222,8 @@ def plot_prediction_grid(
                      fontsize=8, color="red" if wrong else "black")
     return save_figure(fig, out_dir, name)
 
-
-def plot_sample_grid(
-    frame: Any,
-    class_names: Sequence[str],
-    out_dir: str | Path,
-    name: str = "samples.png",
-    per_class: int = 6,
-    seed: int = 0,
-    thumb_size: int = 256,
-    title: str | None = None,
-):
+def plot_sample_grid(frame: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "samples.png",
+                     per_class: int = 6, seed: int = 0, thumb_size: int = 256, title: str | None = None):
     """A few random images per class (one row each) from a DataFrame with `path` and `class_name` columns."""
     rows = len(class_names)
     fig, axes = new_figure(rows, per_class, figsize=(1.9 * per_class, 2.1 * rows), squeeze=False)
@@ -299,13 +244,11 @@ def plot_sample_grid(
         fig.suptitle(title)
     return save_figure(fig, out_dir, name)
 
-
 def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balance.png",
                        title: str = "images per split and class"):
     """Number of images per split and class (grouped bars with the counts written on them)."""
     import pandas as pd
     import seaborn as sns
-
     data = frame.copy()
     if "split" not in data:
         data["split"] = "all"
@@ -321,19 +264,13 @@ def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balan
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, out_dir, name)
 
-
 def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir: str | Path,
                  name: str = "gradcam.png", target_layer: Any = None,
                  y_true: Sequence[int] | None = None, n: int = 8, alpha: float = 0.4,
                  threshold: float | None = None):
-    """Up to `n` images (uint8 (N, 3, H, W)) above their Grad-CAM overlays (`helpers.gradcam.explain`).
-
-    Titles give the predicted class and its probability, predicted as everywhere else in the
-    notebook: with `threshold` (chosen on validation) for a binary model, else the most probable
-    class. With `y_true` the true class is shown too, and wrong predictions are red.
-    """
+    """Up to `n` images (uint8 (N, 3, H, W)) above their Grad-CAM overlays (`gradcam.explain`), titled with the
+    predicted class (`threshold` for a binary model, else argmax); with `y_true` also the true one, errors red."""
     import torch
-
     images = (images_u8 if isinstance(images_u8, torch.Tensor) else torch.as_tensor(np.asarray(images_u8)))[:n]
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"images_u8 must have shape (N, 3, H, W), got {tuple(images.shape)}")
@@ -354,16 +291,10 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
     fig.suptitle("Grad-CAM: where the evidence for the predicted class is", fontsize=10)
     return save_figure(fig, out_dir, name)
 
-
-def plot_reliability(
-    y_true: Any, probs: Any, out_dir: str | Path, name: str = "reliability.png", label: str | None = None, n_bins: int = 15
-):
-    """Reliability diagram: accuracy against confidence per bin (top label); ECE in the legend.
-
-    `probs` may be one (N, C) array or a dict {label: probs} to compare several, e.g.
-    {"before": p_raw, "after temperature scaling": p_cal}. Below: how many predictions per bin.
-    """
-
+def plot_reliability(y_true: Any, probs: Any, out_dir: str | Path, name: str = "reliability.png",
+                     label: str | None = None, n_bins: int = 15):
+    """Reliability diagram (accuracy against top-label confidence per bin, ECE in the legend; below: counts) of
+    one (N, C) array or a dict {label: probs}, e.g. {"before": p_raw, "after temperature scaling": p_cal}."""
     curves = dict(probs) if isinstance(probs, dict) else {label or "model": probs}
     fig, (ax, ax_hist) = new_figure(2, 1, figsize=(5.5, 6), height_ratios=[3, 1], sharex=True)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
@@ -375,27 +306,20 @@ def plot_reliability(
         line = ax.plot(confidence[keep], accuracy[keep], marker="o", label=f"{curve_label} (ECE {ece:.3f})")[0]
         ax_hist.stairs(counts, edges, color=line.get_color())
     ax.set(ylabel="accuracy", title="reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left")
     ax_hist.set(xlabel="confidence (top probability)", ylabel="count")
-    ax_hist.grid(alpha=0.3)
+    for a in (ax, ax_hist):
+        a.grid(alpha=0.3)
     return save_figure(fig, out_dir, name)
 
-
-def plot_run_comparison(
-    runs: Any, metrics: Sequence[str], out_dir: str | Path, name: str = "comparison.png", label_column: str | None = None
-):
-    """Grouped bars of `metrics` per run, with 95% interval whiskers from `<metric>_lo`/`<metric>_hi` columns.
-
-    `runs` is a DataFrame such as `evaluate.results_table(...)`; bars are labelled by
-    `label_column` (default: "run" where filled, else "model").
-    """
+def plot_run_comparison(runs: Any, metrics: Sequence[str], out_dir: str | Path, name: str = "comparison.png",
+                        label_column: str | None = None):
+    """Grouped bars of `metrics` per row of `runs` (a DataFrame), whiskers from `<metric>_lo`/`_hi` columns;
+    labelled by `label_column` (default: "run" where filled, else "model")."""
     import pandas as pd
     import seaborn as sns
-
     frame = runs if isinstance(runs, pd.DataFrame) else pd.DataFrame(runs)
-    missing = [m for m in metrics if m not in frame]
-    if missing:
+    if missing := [m for m in metrics if m not in frame]:
         raise ValueError(f"Unknown metric column(s) {missing}. Available: {list(frame.columns)}")
     if label_column is None:
         label_column = "run" if "run" in frame and frame["run"].notna().all() else "model"

@@ -1,10 +1,5 @@
-"""Training: the loop chapter 02 writes in its cells, saved, and `fit` around it.
-
-`train_one_epoch` is that loop (forward, loss, zero_grad, backward, step) and `evaluate_loss` the
-validation pass after it. `fit` repeats them for some epochs and adds what a long run needs:
-a checkpoint of the best epoch (loaded back at the end), mixed precision on CUDA, a learning-rate
-schedule and one printed line per epoch. `fit_head_only` trains a head on backbone features
-computed once (`extract_features`). A loader is anything that yields `(x, y)` batches.
+"""Training: chapter 02's loop (`train_one_epoch`, `evaluate_loss`) saved, and `fit` around it (best-epoch
+checkpoint, mixed precision, scheduler); `fit_head_only` trains a head on features computed once.
 """
 
 from __future__ import annotations
@@ -37,7 +32,6 @@ HISTORY_COLUMNS: list[str] = ["epoch", "train_loss", "train_accuracy", "val_loss
 MONITORS: dict[str, str] = {"val_loss": "min", "val_auc": "max", "val_balanced_accuracy": "max",
                             "val_accuracy": "max", "train_loss": "min"}  # lower or higher is better
 
-
 @dataclass
 class FitResult:
     """What `fit` and `fit_head_only` return: the history (one row per epoch) and the best epoch."""
@@ -50,18 +44,11 @@ class FitResult:
     images_per_second: float  # training images per second of training passes
     feature_seconds: float = 0.0  # fit_head_only's one-off backbone pass
 
-
-# --------------------------------------------------------------------------- the loop of chapter 02
-
-
 def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, optimizer: torch.optim.Optimizer, *,
                     scaler: torch.amp.GradScaler | None = None, dtype: torch.dtype | None = None,
                     grad_clip: float | None = None, progress: bool = False) -> dict[str, float]:
-    """One pass over the training data: {"loss", "accuracy", "images"}.
-
-    Frozen parts of the model stay in eval mode (`models.train_mode`). `dtype` (float16/bfloat16)
-    runs the forward pass in mixed precision; float16 needs a `scaler` against underflow.
-    """
+    """One pass over the training data: {"loss", "accuracy", "images"}; frozen parts stay in eval mode
+    (`models.train_mode`). `dtype`: mixed precision forward pass (float16 needs a `scaler`)."""
     device = model_device(model)
     train_mode(model)
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
@@ -75,10 +62,8 @@ def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, opti
             logits = model(x)  # forward
             loss = criterion(logits, y)
         optimizer.zero_grad()
-        if scaler is None:
-            loss.backward()
-        else:
-            scaler.scale(loss).backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
             scaler.unscale_(optimizer)
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -103,14 +88,12 @@ def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, opti
                       RuntimeWarning, stacklevel=2)
     return {"loss": total_loss / seen, "accuracy": correct / seen, "images": seen}
 
-
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: Loader, criterion: Criterion, *, dtype: torch.dtype | None = None,
                   progress: bool = False) -> dict[str, float]:
     """The validation pass (eval mode, no gradients): {"loss", "accuracy", "balanced_accuracy", "auc"}."""
-    device = model_device(model)
+    device, total_loss, probs, labels = model_device(model), 0.0, [], []
     model.eval()
-    total_loss, probs, labels = 0.0, [], []
     for x, y in progress_bar(loader, "val", progress):
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
@@ -122,10 +105,6 @@ def evaluate_loss(model: nn.Module, loader: Loader, criterion: Criterion, *, dty
         raise ValueError("The validation loader produced no batches.")
     return {"loss": total_loss / sum(map(len, labels)), **epoch_metrics(torch.cat(labels), torch.cat(probs))}
 
-
-# --------------------------------------------------------------------------- fit
-
-
 def _make_scheduler(scheduler: str | Any | None, optimizer: torch.optim.Optimizer, epochs: int, mode: str) -> Any:
     if scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.2, patience=2, min_lr=1e-7)
@@ -135,12 +114,10 @@ def _make_scheduler(scheduler: str | Any | None, optimizer: torch.optim.Optimize
         raise ValueError(f"Unknown scheduler {scheduler!r}. Known: None, 'plateau', 'cosine'")
     return scheduler  # None, or a scheduler object (stepped once per epoch)
 
-
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if best is None or (math.isnan(best) and not math.isnan(value)):
         return True
     return value < best if mode == "min" else value > best  # False for NaN
-
 
 def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
     val = "" if math.isnan(row["val_loss"]) else (
@@ -150,19 +127,13 @@ def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
             f"{val} | lr {row['lr']:.2e} | {row['seconds']:.1f}s {row['images_per_second']:.0f} img/s"
             f"{' *' if improved else ''}")
 
-
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, epochs: int, criterion: Criterion,
         optimizer: torch.optim.Optimizer, scheduler: str | Any | None = None, monitor: str = "val_loss",
         grad_clip: float | None = None, amp: bool = True, checkpoint_path: str | Path | None = None,
         progress: bool = True) -> FitResult:
-    """`train_one_epoch` + `evaluate_loss` for `epochs` epochs, on the device the model is on.
-
-    - `monitor` picks the best epoch: "val_loss" (lower is better), "val_auc",
-      "val_balanced_accuracy", "val_accuracy"; "train_loss" without validation data. Each new
-      best is saved to `checkpoint_path` (a temporary file when None) and loaded back at the end.
-    - `scheduler`: None, "plateau" (ReduceLROnPlateau on `monitor`), "cosine", or an object.
-    - `amp`: mixed precision on CUDA (bfloat16 where supported, else float16 with a GradScaler).
-    """
+    """`train_one_epoch` + `evaluate_loss` for `epochs` epochs. Each new best of `monitor` (one of MONITORS;
+    "train_loss" without val data) goes to `checkpoint_path` (default a temporary file), loaded back at the end.
+    `scheduler`: None, "plateau", "cosine" or an object; `amp`: mixed precision on CUDA (bf16, else fp16)."""
     if monitor not in MONITORS:
         raise ValueError(f"Unknown monitor {monitor!r}. Known: {', '.join(MONITORS)}")
     monitor = monitor if val_loader is not None else "train_loss"
@@ -171,17 +142,14 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
         check_normalization(model, loader)
     if isinstance(criterion, nn.Module):
         criterion.to(device)
-    scheduler = _make_scheduler(scheduler, optimizer, epochs, mode)
-    dtype = amp_dtype(device, amp)
+    scheduler, dtype = _make_scheduler(scheduler, optimizer, epochs, mode), amp_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    temporary = checkpoint_path is None
-    if temporary:
+    if temporary := checkpoint_path is None:
         handle, checkpoint_path = tempfile.mkstemp(suffix=".pt", prefix="best_")
         os.close(handle)
     path = Path(checkpoint_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows, best_epoch, best_value, start = [], 0, None, time.perf_counter()
-    train_time, train_images = 0.0, 0
+    rows, best_epoch, best_value, start, train_time, train_images = [], 0, None, time.perf_counter(), 0.0, 0
     try:
         for epoch in range(1, epochs + 1):
             t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
@@ -194,12 +162,11 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
             row = {"epoch": epoch, "train_loss": train["loss"], "train_accuracy": train["accuracy"],
                    **{f"val_{k}": v for k, v in val.items()}, "lr": lr, "seconds": time.perf_counter() - t0,
                    "images_per_second": train["images"] / max(seconds, 1e-9)}
-            rows.append(row)
-            improved = _is_better(row[monitor], best_value, mode)
-            if improved:
+            if improved := _is_better(row[monitor], best_value, mode):
                 best_epoch, best_value = epoch, row[monitor]
                 torch.save({"model_state_dict": model.state_dict(), "epoch": epoch, "monitor": monitor,
                             "value": best_value}, path)
+            rows.append(row)
             print(_epoch_line(row, epochs, improved), flush=True)
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 if not math.isnan(row[monitor]):
@@ -212,13 +179,8 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
     finally:
         if temporary:
             path.unlink(missing_ok=True)
-    history = pd.DataFrame(rows, columns=HISTORY_COLUMNS)
-    return FitResult(history, best_epoch, best_value, monitor, time.perf_counter() - start,
-                     train_images / max(train_time, 1e-9))
-
-
-# --------------------------------------------------------------------------- head only, on cached features
-
+    return FitResult(pd.DataFrame(rows, columns=HISTORY_COLUMNS), best_epoch, best_value, monitor,
+                     time.perf_counter() - start, train_images / max(train_time, 1e-9))
 
 def _once_in_order(loader: Loader) -> Loader:
     """Every image of `loader` once, in order, unaugmented (a TensorLoader or DataLoader)."""
@@ -229,13 +191,11 @@ def _once_in_order(loader: Loader) -> Loader:
                           generator=torch.Generator())  # leaves the global random state alone
     return loader
 
-
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: Loader, device: str | torch.device | None = None, *,
                      amp: bool = True, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32 CPU, labels (N,)) of a frozen backbone in eval mode, every image
-    once, in order, unaugmented (`_once_in_order`). A backbone's output for an image never
-    changes while it is frozen, so a head can train on these features for many epochs."""
+    """(features (N, D) float32 CPU, labels (N,)) of a frozen backbone in eval mode, every image once, in order,
+    unaugmented: a head can train on them for many epochs."""
     check_normalization(backbone, loader)
     device = torch.device(device) if device is not None else model_device(backbone)
     backbone.to(device).eval()
@@ -247,10 +207,8 @@ def extract_features(backbone: nn.Module, loader: Loader, device: str | torch.de
         labels.append(torch.as_tensor(y).cpu())
     return torch.cat(features), torch.cat(labels).long()
 
-
 def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Tensor) -> DataLoader:
-    """A DataLoader over cached features with the batch size and shuffling (or weighted sampling)
-    of `loader` (a TensorLoader or DataLoader; anything else: batches of 64 in order)."""
+    """A DataLoader over cached features batched and shuffled (or weighted) like `loader` (else 64, in order)."""
     dataset = TensorDataset(features, labels)
     weights = getattr(loader, "sample_weights", None)
     if isinstance(getattr(loader, "sampler", None), WeightedRandomSampler):
@@ -261,13 +219,10 @@ def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Te
     return DataLoader(dataset, batch_size=getattr(loader, "batch_size", None) or 64, sampler=sampler,
                       shuffle=shuffle, drop_last=bool(getattr(loader, "drop_last", False)))
 
-
 def _dataset_augments(loader: Loader, draws: int = 8) -> bool:
-    """Does the dataset of a torch DataLoader give a different tensor for the same image on each read
-    (random transforms, torchvision's or any other)? Tried on its first image, `draws` times, with the
-    random state of torch, numpy and `random` restored afterwards."""
+    """Does a DataLoader's dataset give a different tensor for its first image on each of `draws` reads (random
+    transforms)? The random states of torch, numpy and `random` are restored afterwards."""
     import random
-
     dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
     if dataset is None or isinstance(dataset, TensorDataset) or not hasattr(dataset, "__getitem__"):
         return False
@@ -285,15 +240,10 @@ def _dataset_augments(loader: Loader, draws: int = 8) -> bool:
             np.random.set_state(np_state)
     return any(v.shape != views[0].shape or not torch.equal(v, views[0]) for v in views[1:])
 
-
 def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, epochs: int,
                   criterion: Criterion, use_feature_cache: bool = True, **fit_kwargs: Any) -> FitResult:
-    """Train only the head (`models.freeze_backbone`), where the model is; `fit_kwargs` go to `fit`.
-
-    With `use_feature_cache` the backbone runs once over train and val (`extract_features`) and
-    the head trains on the stored features: the same head as the slow path (`fit` on the whole
-    model) as long as the training loader does not augment, which is refused.
-    """
+    """Train only the head (`models.freeze_backbone`); `fit_kwargs` go to `fit`. With `use_feature_cache` the
+    backbone runs once (`extract_features`) and the head trains on the features (augmenting loaders refused)."""
     freeze_backbone(model)
     check_normalization(model, train_loader)
     estimate_frozen_batchnorm(model, train_loader)  # only frozen BatchNorm without statistics
@@ -307,10 +257,8 @@ def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | N
     amp, progress = fit_kwargs.get("amp", True), fit_kwargs.get("progress", True)
     backbone, head = backbone_and_head(model)
     t0 = time.perf_counter()
-    train_data = feature_loader_like(train_loader, *extract_features(backbone, train_loader, amp=amp,
-                                                                     progress=progress))
-    val_data = None if val_loader is None else feature_loader_like(
-        val_loader, *extract_features(backbone, val_loader, amp=amp, progress=progress))
+    train_data, val_data = (None if loader is None else feature_loader_like(
+        loader, *extract_features(backbone, loader, amp=amp, progress=progress)) for loader in (train_loader, val_loader))
     feature_seconds = time.perf_counter() - t0
     print(f"Feature cache: {len(train_data.dataset)} train images in {feature_seconds:.1f}s", flush=True)
     result = fit(head, train_data, val_data, epochs=epochs, criterion=criterion, **fit_kwargs)
@@ -318,16 +266,12 @@ def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | N
     result.train_seconds += feature_seconds
     return result
 
-
 def linear_probe(model: nn.Module, train_loader: Loader, test_loader: Loader, *, seed: int = 0) -> np.ndarray:
-    """(N_test, C) probabilities of a logistic regression on the frozen, pooled features of `model`
-    (standardised on train): how good the features are without any fine-tuning."""
+    """(N_test, C) probabilities of a logistic regression on the frozen, standardised features of `model`."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-
     backbone, _ = backbone_and_head(model)
-    x_train, y_train = extract_features(backbone, train_loader, progress=False)
-    x_test, _ = extract_features(backbone, test_loader, progress=False)
+    (x_train, y_train), (x_test, _) = (extract_features(backbone, d, progress=False) for d in (train_loader, test_loader))
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     return probe.fit(x_train.numpy(), y_train.numpy()).predict_proba(x_test.numpy())
