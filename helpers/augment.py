@@ -12,6 +12,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+
 @lru_cache(maxsize=8)
 def _base_grid(height: int, width: int, device: str) -> torch.Tensor:
     """Pixel-centre coordinates in [-1, 1] with a column of ones, (1, H*W, 3): `F.affine_grid`'s grid, cached."""
@@ -19,6 +20,7 @@ def _base_grid(height: int, width: int, device: str) -> torch.Tensor:
     xs = (torch.arange(width, device=device) * 2 + 1) / width - 1
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([xx, yy, torch.ones_like(xx)], -1).view(1, height * width, 3)
+
 
 @dataclass(frozen=True)
 class BatchAugment:

@@ -16,11 +16,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+
 def to_numpy(values: Any) -> np.ndarray:
     """A tensor (any device, with or without grad), list or array as a NumPy array."""
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().numpy()
     return np.asarray(values)
+
 
 def as_label_tensor(labels: Any) -> torch.Tensor:
     """Class labels (list, NumPy array, pandas Series or tensor) as a new int64 CPU tensor."""
@@ -28,9 +30,11 @@ def as_label_tensor(labels: Any) -> torch.Tensor:
         return labels.detach().to("cpu", torch.long).clone()
     return torch.tensor(np.asarray(labels, dtype=np.int64).reshape(-1))
 
+
 def is_one_logit(logits: Any) -> bool:
     """Is `logits` (N,) or (N, 1): a one-logit binary model, P(class 1) = sigmoid(z)? Else (N, C), softmax."""
     return len(logits.shape) == 1 or logits.shape[1] == 1
+
 
 def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities (N, C), float32: [1 - p, p] with p = sigmoid(z) for one logit, else softmax."""
@@ -40,12 +44,14 @@ def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
         return torch.stack([1.0 - p, p], dim=1)
     return torch.softmax(logits, dim=1)
 
+
 def predict_labels(probs: Any, threshold: float | None = None) -> np.ndarray:
     """Predicted class (int64) per row of probs (N, C): binary with `threshold`: P(class 1) >= threshold; else argmax."""
     p = to_numpy(probs)
     if p.ndim == 2 and p.shape[1] == 2 and threshold is not None:
         return (p[:, 1] >= threshold).astype(np.int64)
     return p.argmax(axis=1).astype(np.int64)
+
 
 def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     """`prefer` (e.g. "cpu", "cuda:0") when available, else (with a warning if asked) CUDA, MPS or CPU."""
@@ -60,9 +66,11 @@ def pick_device(prefer: str | torch.device | None = None) -> torch.device:
         return torch.device("mps")
     return torch.device("cpu")
 
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's parameters (CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
 
 def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
     """bf16 on GPUs that support it natively, else fp16; None (no autocast) off CUDA."""
@@ -70,9 +78,11 @@ def amp_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
+
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """Mixed-precision context on CUDA (`dtype` from `amp_dtype`), a no-op elsewhere."""
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
 
 def seed_everything(seed: int, deterministic: bool = False) -> int:
     """Seed Python, NumPy and torch (CPU and CUDA). `deterministic` also fixes cuDNN algorithms."""
@@ -84,13 +94,16 @@ def seed_everything(seed: int, deterministic: bool = False) -> int:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return seed
 
+
 def progress_bar(loader: Iterable, desc: str, enabled: bool = True) -> Iterable:
     """`loader` wrapped in a text progress bar, shown only in a terminal (tqdm's `disable=None`)."""
     return tqdm(loader, desc=desc, leave=False, disable=None if enabled else True, dynamic_ncols=True)
 
+
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 Normalization = tuple[tuple[float, ...], tuple[float, ...]]
+
 
 def as_normalization(spec: Any = None) -> Normalization:
     """(mean, std) tuples from a model (`input_mean`/`input_std`), a loader, a (mean, std) pair or None (ImageNet's)."""
@@ -102,6 +115,7 @@ def as_normalization(spec: Any = None) -> Normalization:
         return as_normalization(spec.normalization)
     mean, std = spec
     return tuple(map(float, mean)), tuple(map(float, std))
+
 
 def check_normalization(model: nn.Module, loader: Any) -> None:
     """Refuse a loader that says how it normalises (a `TensorLoader`) unlike what the model's weights need."""

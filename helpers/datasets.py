@@ -129,6 +129,7 @@ def split_class_folders(split_dir: Path, spec: DatasetSpec) -> tuple[dict[str, P
     unknown = [str(d) for d in folders if spec.canonical_class(d.name) is None]
     return one_per_meaning(folders, spec.canonical_class, "class"), unknown
 
+
 def _is_dataset_root(folder: Path, spec: DatasetSpec, rejected: list[str] | None = None) -> bool:
     """A root holds a train split with a folder for every class, or those class folders themselves,
     and no class folder of another known dataset (reasons for refusing go to `rejected`)."""

@@ -22,6 +22,7 @@ from helpers.core import check_normalization, is_one_logit, logits_to_probs, mod
 # or 1 and a zero-width interval, which reads as certainty.
 MIN_CLASS_IMAGES = 10
 
+
 def as_probs(probs: Any) -> np.ndarray:
     """Probabilities as a float64 (N, C) array; a 1-D array is read as P(positive) of a binary task."""
     p = to_numpy(probs).astype(np.float64)
@@ -30,6 +31,7 @@ def as_probs(probs: Any) -> np.ndarray:
     if p.ndim != 2:
         raise ValueError(f"probs must have shape (N, C) (or (N,) for binary), got {p.shape}")
     return p
+
 
 def checked_probs(probs: Any, what: str = "probs") -> np.ndarray:
     """`as_probs`, refusing what is not probabilities: values outside [0, 1] (logits) or NaN, and
@@ -50,8 +52,10 @@ def checked_probs(probs: Any, what: str = "probs") -> np.ndarray:
                          "not a sigmoid per class.")
     return p
 
+
 def _as_labels(y: Any) -> np.ndarray:
     return to_numpy(y).astype(np.int64).reshape(-1)
+
 
 def predict(model: nn.Module, loader: Iterable, *, device: str | torch.device | None = None,
             tta: None | str | Sequence[Callable] = None, return_logits: bool = False) -> tuple:
@@ -74,6 +78,7 @@ def predict(model: nn.Module, loader: Iterable, *, device: str | torch.device | 
     out = (torch.cat(probs).double().numpy(), torch.cat(labels).long().numpy())
     return (*out, torch.cat(logits).double().numpy()) if return_logits else out
 
+
 def ensemble_probs(list_of_probs: Sequence[Any]) -> np.ndarray:
     """The mean of several models' (N, C) probabilities (a simple ensemble)."""
     arrays = [checked_probs(p) for p in list_of_probs]
@@ -82,6 +87,7 @@ def ensemble_probs(list_of_probs: Sequence[Any]) -> np.ndarray:
     if len({a.shape for a in arrays}) != 1:
         raise ValueError(f"All probability arrays must have the same shape, got {sorted({a.shape for a in arrays})}")
     return np.mean(arrays, axis=0)
+
 
 def bootstrap_ci(statistic: Callable[[np.ndarray], dict[str, float]], n: int, *, n_bootstrap: int = 1000,
                  seed: int = 0) -> dict[str, list[float] | None]:
@@ -95,6 +101,7 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], dict[str, float]], n: int, *,
         intervals[key] = [float(v) for v in np.percentile(values, [2.5, 97.5])] if values.size else None
     return intervals
 
+
 def _roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
     """ROC AUC from `roc_curve` (`roc_auc_score` without its checks: twice as fast); NaN without both classes."""
     if positive.all() or not positive.any():
@@ -103,12 +110,14 @@ def _roc_auc(positive: np.ndarray, score: np.ndarray) -> float:
         fpr, tpr, _ = roc_curve(positive, score)
         return float(auc(fpr, tpr))
 
+
 def _auc(y: np.ndarray, p: np.ndarray) -> float:
     """Binary: ROC AUC of class 1; multi-class: mean one-vs-rest AUC over the classes present."""
     if p.shape[1] == 2:
         return _roc_auc(y == 1, p[:, 1])
     present = np.unique(y)
     return float(np.mean([_roc_auc(y == c, p[:, c]) for c in present])) if len(present) > 1 else math.nan
+
 
 def _summary(y: np.ndarray, p: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
     """Accuracy, balanced accuracy, AUC and every class's recall: what the intervals are for."""
@@ -117,6 +126,7 @@ def _summary(y: np.ndarray, p: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
         recalls = np.bincount(y, weights=correct, minlength=p.shape[1]) / np.bincount(y, minlength=p.shape[1])
     return {"accuracy": float(correct.mean()), "balanced_accuracy": float(np.nanmean(recalls)),
             "auc": _auc(y, p), **{f"recall{c}": float(r) for c, r in enumerate(recalls)}}
+
 
 def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = "auc",
                       n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -138,6 +148,7 @@ def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = 
     ci = bootstrap_ci(lambda idx: {"diff": value(idx, a) - value(idx, b)}, len(y), n_bootstrap=n_bootstrap, seed=seed)
     return {"metric": metric, "a": value_a, "b": value_b, "diff": value_a - value_b, "ci95": ci.get("diff")}
 
+
 def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Labels and probabilities as arrays, or a ValueError that says what does not fit."""
     y, p = _as_labels(y_true), checked_probs(probs)
@@ -153,6 +164,7 @@ def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None)
         raise ValueError("threshold only applies to binary tasks; multi-class predictions use argmax")
     return y, p
 
+
 def _per_class(cm: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
     """Precision, recall, F1 and support of every class from the confusion matrix."""
     (support, predicted, tp), table = (cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)), {}
@@ -163,11 +175,13 @@ def _per_class(cm: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
         table[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support[c])}
     return table
 
+
 def _average_precision(y: np.ndarray, p: np.ndarray) -> float | None:
     """Binary: AP of class 1; multi-class: mean one-vs-rest AP over the classes present."""
     classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
     present = [c for c in classes if (y == c).any()]
     return float(np.mean([average_precision_score(y == c, p[:, c]) for c in present])) if present else None
+
 
 def flag_too_few(metrics: dict[str, Any], names: list[str], notes: list[str]) -> None:
     """Classes with 0 < support < MIN_CLASS_IMAGES go into `too_few`; their recall loses its interval."""
@@ -183,6 +197,7 @@ def flag_too_few(metrics: dict[str, Any], names: list[str], notes: list[str]) ->
     notes.append("too few images to measure: " + ", ".join(f"{n} {k}" for n, k in too_few.items())
                  + f" (fewer than {MIN_CLASS_IMAGES}): their recall is given without an interval and "
                  "says little; balanced accuracy and AUC rest on it too")
+
 
 def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, threshold: float | None = None,
                     n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -223,6 +238,7 @@ def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, thre
         metrics["notes"] = notes
     return metrics
 
+
 def epoch_metrics(y_true: Any, probs: Any) -> dict[str, float]:
     """Accuracy, balanced accuracy and AUC of the argmax without intervals (`train.fit`'s per epoch); NaN if undefined."""
     y, p = _as_labels(y_true), as_probs(probs)
@@ -230,6 +246,7 @@ def epoch_metrics(y_true: Any, probs: Any) -> dict[str, float]:
     summary = _summary(y, p, predict_labels(p))
     auc = summary["auc"] if finite and len(np.unique(y)) == p.shape[1] else math.nan
     return {"accuracy": summary["accuracy"], "balanced_accuracy": summary["balanced_accuracy"], "auc": auc}
+
 
 def choose_threshold(y_true: Any, p_pos: Any, method: str = "youden", target: float = 0.95) -> float:
     """A threshold on P(positive), chosen on VALIDATION data with `roc_curve`: "youden" maximises sensitivity +
@@ -254,6 +271,7 @@ def choose_threshold(y_true: Any, p_pos: Any, method: str = "youden", target: fl
         return float(thresholds[np.argmax(tpr - fpr)])  # thresholds fall: argmax takes the highest
     return float(thresholds[np.flatnonzero(tpr >= target - 1e-12)[0]])
 
+
 def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per equal-width confidence bin: (mean confidence, accuracy, count); NaN for empty bins."""
     y, p = _as_labels(y_true), checked_probs(probs)
@@ -264,15 +282,18 @@ def reliability_bins(y_true: Any, probs: Any, n_bins: int = 15) -> tuple[np.ndar
         return (np.bincount(bins, weights=confidence, minlength=n_bins) / counts,
                 np.bincount(bins, weights=correct, minlength=n_bins) / counts, counts)
 
+
 def expected_calibration_error(y_true: Any, probs: Any, n_bins: int = 15) -> float:
     """Top-label ECE: the mean |accuracy - confidence| over confidence bins, weighted by their size."""
     confidence, accuracy, counts = reliability_bins(y_true, probs, n_bins)
     keep = counts > 0
     return float(np.sum(counts[keep] / counts.sum() * np.abs(accuracy[keep] - confidence[keep])))
 
+
 def _as_logits(logits: Any) -> np.ndarray:
     z = to_numpy(logits).astype(np.float64)
     return z.reshape(-1, 1) if is_one_logit(z) else z
+
 
 def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
     """Mean negative log-likelihood of `y` under logits / temperature (sigmoid for one logit)."""
@@ -281,6 +302,7 @@ def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
     if z.shape[1] == 1:
         return float(-log_expit(np.where(y == 1, z[:, 0], -z[:, 0])).mean())
     return float((logsumexp(z, axis=1) - z[np.arange(len(y)), y]).mean())
+
 
 def fit_temperature(logits: Any, labels: Any) -> float:
     """The temperature T > 0 minimising the NLL of `labels` under softmax(logits / T), fit on VALIDATION logits
@@ -297,6 +319,7 @@ def fit_temperature(logits: Any, labels: Any) -> float:
                       "almost no information about the labels (an untrained model?), so treat T with suspicion.",
                       stacklevel=2)
     return temperature
+
 
 def apply_temperature(logits: Any, temperature: float) -> np.ndarray:
     """Calibrated probabilities (N, C) from logits divided by `temperature`."""

@@ -19,6 +19,7 @@ from torch import nn
 from helpers.core import as_normalization, logits_to_probs
 from helpers.loading import normalize
 
+
 def _from_deploy_extra(module: str, *names: str) -> Any:
     """`from module import names` (or the module) of ONNX / ONNX Runtime, saying how to install them."""
     try:
@@ -28,6 +29,7 @@ def _from_deploy_extra(module: str, *names: str) -> Any:
                           '`pip install ".[deploy]"` in the course folder, or `pip install onnx onnxruntime` '
                           "(`uv sync` installs them).") from error
     return [getattr(imported, name) for name in names] if names else imported
+
 
 def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int = 17) -> Path:
     """Export `model` (CPU copy, eval mode) to ONNX ("input" (N, 3, S, S) -> "logits", its normalisation in the
@@ -43,6 +45,7 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int 
     _write_normalization(path, as_normalization(model))
     return path
 
+
 def _write_normalization(path: Path, normalization: tuple) -> None:
     """Store (mean, std) in an ONNX file's metadata_props."""
     graph = (onnx := _from_deploy_extra("onnx")).load(str(path))
@@ -54,6 +57,7 @@ def _write_normalization(path: Path, normalization: tuple) -> None:
         graph.metadata_props.add(key=key, value=json.dumps(list(values)))
     onnx.save(graph, str(path))
 
+
 def onnx_normalization(source: Any) -> tuple:
     """(mean, std) stored by `export_onnx` in an ONNX file (a path) or session; ImageNet's when absent."""
     props = ({p.key: p.value for p in _from_deploy_extra("onnx").load(str(source)).metadata_props}
@@ -61,6 +65,7 @@ def onnx_normalization(source: Any) -> tuple:
     if "input_mean" not in props:
         return as_normalization(None)
     return as_normalization((json.loads(props["input_mean"]), json.loads(props["input_std"])))
+
 
 class _CalibrationReader:
     """Feeds calibration images (normalised, batch 1) to ONNX Runtime's static quantizer."""
@@ -75,12 +80,14 @@ class _CalibrationReader:
     def rewind(self) -> None:  # pragma: no cover  (ONNX Runtime's interface; MinMax reads the images once)
         pass
 
+
 def _preprocessed(src: Path) -> Path:
     """ONNX Runtime's recommended pre-processing (shape inference, graph optimisation)."""
     (quant_pre_process,) = _from_deploy_extra("onnxruntime.quantization.shape_inference", "quant_pre_process")
     dst = src.with_name(src.stem + "_prep.onnx")
     quant_pre_process(str(src), str(dst))
     return dst
+
 
 def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor,
                          per_channel: bool = True, normalization: Any = None) -> Path:
@@ -103,6 +110,7 @@ def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8
     _write_normalization(dst, normalization)
     return dst
 
+
 def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> Path:
     """Post-training dynamic int8 quantization: int8 weights, activations quantized on the fly."""
     QuantType, quantize_dynamic = _from_deploy_extra("onnxruntime.quantization", "QuantType", "quantize_dynamic")
@@ -117,6 +125,7 @@ def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> Path:
     _write_normalization(dst, onnx_normalization(src))
     return dst
 
+
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     """A CPU ONNX Runtime session (`threads`: default torch's) without thread spinning (which would burn CPU)."""
     ort = _from_deploy_extra("onnxruntime")
@@ -127,6 +136,7 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
+
 def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64, normalization: Any = None) -> np.ndarray:
     """Class probabilities (N, C) of uint8 images (N, 3, S, S), normalised as `normalization` (default: the file's
     metadata) says."""
@@ -136,6 +146,7 @@ def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64, no
         x = normalize(images_u8[start:start + batch_size], normalization=normalization).numpy()
         outs.append(torch.from_numpy(session.run(["logits"], {"input": x})[0]))
     return logits_to_probs(torch.cat(outs)).numpy().astype(np.float64)
+
 
 def measure_latency(run_once: Callable[[], Any], n_runs: int = 50, warmup: int = 5) -> dict[str, float]:
     """Median and 90th percentile wall time (ms) of `run_once()`, after `warmup` untimed calls."""
@@ -150,9 +161,11 @@ def measure_latency(run_once: Callable[[], Any], n_runs: int = 50, warmup: int =
     return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
             "runs": n_runs}
 
+
 def file_size_mb(path: str | Path) -> float:
     """Size of a file in MB (10^6 bytes)."""
     return Path(path).stat().st_size / 1e6
+
 
 def linear_parameter_share(model: nn.Module) -> float:
     """Share of the parameters that sit in nn.Linear layers (what dynamic Linear quantization touches)."""

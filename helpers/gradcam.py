@@ -19,9 +19,11 @@ from helpers.core import is_one_logit, logits_to_probs, model_device, predict_la
 from helpers.loading import normalize
 from helpers.models import gradcam_target_layer, vit_tokens_to_map
 
+
 def _is_vit(model: nn.Module) -> bool:
     from torchvision.models import VisionTransformer
     return isinstance(model, VisionTransformer)
+
 
 def default_target_layer(model: nn.Module) -> nn.Module:
     """`models.gradcam_target_layer(model)`, else ViT `encoder.layers[-1].ln_1` or the last Conv2d."""
@@ -36,6 +38,7 @@ def default_target_layer(model: nn.Module) -> nn.Module:
         raise ValueError("No Conv2d layer found: pass target_layer= explicitly.")
     return convs[-1]
 
+
 def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:
     """`layer`, or for a ViT target whose patch tokens cannot receive gradient (the last block, the
     encoder, its final LayerNorm) the last block's `ln_1`, with a warning."""
@@ -47,6 +50,7 @@ def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:
             return last.ln_1
     return layer
 
+
 def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The score to explain per sample and its class; one logit z: +z for class 1, -z for class 0."""
     if class_idx is not None:
@@ -57,6 +61,7 @@ def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -
         z = logits.reshape(-1)
         return torch.where(classes == 1, z, -z), classes
     return logits.gather(1, classes[:, None])[:, 0], classes
+
 
 def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Sequence[int],
                     reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
@@ -71,6 +76,7 @@ def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Se
     low, high = cam.amin(dim=(1, 2), keepdim=True), cam.amax(dim=(1, 2), keepdim=True)
     span = (high - low).clamp_min(torch.finfo(cam.dtype).tiny)  # no fixed epsilon: maps can be tiny
     return torch.where(high > low, (cam - low) / span, torch.zeros_like(cam))
+
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | Sequence[int] | None = None,
              reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
@@ -110,6 +116,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_i
         handle.remove()
         model.train(was_training)
     return cam.cpu().numpy().astype(np.float32)
+
 
 def explain(model: nn.Module, images_u8: torch.Tensor, *, target_layer: nn.Module | None = None,
             threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -21,6 +21,7 @@ from helpers.core import as_label_tensor, as_normalization
 from helpers.data import DataSplits
 from helpers.images import gone, load_image, to_grayscale
 
+
 def normalize(x: torch.Tensor, scale: float | None = None, *, normalization=None,
               mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
     """Images (N, 3 or 1, H, W) -> (x / scale - mean) / std as floats (`normalization`: a model, a (mean, std)
@@ -30,14 +31,17 @@ def normalize(x: torch.Tensor, scale: float | None = None, *, normalization=None
     mean_t, std_t = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (m, s))
     return torch.addcmul(-mean_t / std_t, x.float(), 1.0 / (scale * std_t))
 
+
 def denormalize(x: torch.Tensor, normalization=None) -> torch.Tensor:
     """Inverse of `normalize` (same `normalization`): back to [0, 1] floats for display."""
     m, s = as_normalization(normalization)
     mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (m, s))
     return (x * std + mean).clamp(0, 1)
 
+
 # Bump when the pixels a file gives change in a way the source fingerprint below cannot see.
 PREPROCESS_VERSION = 2
+
 
 def _preprocess_fingerprint() -> str:
     """A hash of `helpers.images`' source and PIL's version: a cache made by other preprocessing is never reused."""
@@ -46,6 +50,7 @@ def _preprocess_fingerprint() -> str:
 
     return hashlib.sha1("\n".join([inspect.getsource(image_files), PIL.__version__, str(PREPROCESS_VERSION)])
                         .encode()).hexdigest()
+
 
 def _cache_key(paths: Sequence[str], image_size: int) -> str:
     """Keyed on the preprocessing code, the size and every file's path and content (a hash of its bytes)."""
@@ -57,6 +62,7 @@ def _cache_key(paths: Sequence[str], image_size: int) -> str:
         except FileNotFoundError:
             raise gone(p) from None
     return digest.hexdigest()[:16]
+
 
 def _load_cache(target: Path, n: int, image_size: int) -> torch.Tensor | None:
     """A saved image cache, or None (with a warning) when it is corrupt or of the wrong shape."""
@@ -70,6 +76,7 @@ def _load_cache(target: Path, n: int, image_size: int) -> torch.Tensor | None:
         problem = f"{type(err).__name__}: {err}"
     warnings.warn(f"The image cache {target} could not be used ({problem}); rebuilding it.", stacklevel=3)
     return None
+
 
 def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path | None = None,
                  num_threads: int | None = None, grayscale: bool = False) -> torch.Tensor:
@@ -96,8 +103,10 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
             partial.unlink(missing_ok=True)
     return out
 
+
 def _as_augment(augment: str | BatchAugment) -> BatchAugment:
     return BatchAugment.preset(augment) if isinstance(augment, str) else augment
+
 
 def _compact(images: torch.Tensor, device: torch.device) -> tuple[bool, torch.Tensor]:
     """(is grayscale, the images as stored): one channel when all three are equal (a third of the memory and
@@ -107,6 +116,7 @@ def _compact(images: torch.Tensor, device: torch.device) -> tuple[bool, torch.Te
     gray = bool(torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]))
     stored = images[:, :1].clone() if gray else images
     return gray, stored.to(device) if device.type == "cuda" else stored
+
 
 class TensorLoader:
     """A DataLoader stand-in: batches from a uint8 image tensor, augmented per image, normalised (a model, a
@@ -165,6 +175,7 @@ class TensorLoader:
             x = _augment_batch(x, torch.isin(y, self.strong_classes), self.augment, self.strong, self.generator)
             yield normalize(x, 255.0, normalization=self.normalization), y.to(self.device, non_blocking=True)
 
+
 def _augment_batch(x: torch.Tensor, is_strong: torch.Tensor, augment: BatchAugment, strong: BatchAugment,
                    generator: torch.Generator | None) -> torch.Tensor:
     """Pixels 0..255 augmented: `strong` for the images `is_strong` (CPU) marks, `augment` for the rest."""
@@ -176,6 +187,7 @@ def _augment_batch(x: torch.Tensor, is_strong: torch.Tensor, augment: BatchAugme
         x[~is_strong] = augment(x[~is_strong], generator, 255.0)
     return x
 
+
 def with_normalization(loaders, normalization):
     """`loaders` (a dict or one) normalising as `normalization` says: TensorLoaders copied (sharing images)."""
     if isinstance(loaders, dict):
@@ -186,10 +198,12 @@ def with_normalization(loaders, normalization):
     view.normalization = as_normalization(normalization)
     return view
 
+
 def weighted_sampler_weights(labels) -> torch.Tensor:
     """One weight per image, 1 / (images in its class): every class is drawn equally often."""
     labels = as_label_tensor(labels)
     return (1.0 / torch.bincount(labels).float())[labels].double()
+
 
 def make_loaders(splits: DataSplits, image_size: int, batch_size: int, *, device: str | torch.device = "cpu",
                  augment: str | BatchAugment = "light", strong_classes: Sequence[int] = (),

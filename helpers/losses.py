@@ -9,6 +9,7 @@ from torch import nn
 
 from helpers.core import as_label_tensor, is_one_logit
 
+
 def class_weights(labels, num_classes: int) -> torch.Tensor:
     """Inverse-frequency weights, scaled to mean 1 (for `CrossEntropyLoss(weight=...)`)."""
     counts = torch.bincount(as_label_tensor(labels), minlength=num_classes).float()
@@ -17,6 +18,7 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
     weights = counts.sum() / (num_classes * counts)
     return weights / weights.mean()
 
+
 def pos_weight(labels) -> torch.Tensor:
     """n_negative / n_positive, shape (1,), for `BCEWithLogitsLoss(pos_weight=...)`."""
     labels = as_label_tensor(labels)
@@ -24,6 +26,7 @@ def pos_weight(labels) -> torch.Tensor:
     if n_pos == 0:
         raise ValueError("No positive training images: pos_weight is undefined.")
     return torch.tensor([(len(labels) - n_pos) / n_pos], dtype=torch.float32)
+
 
 class BCEWithIndexTargets(nn.Module):
     """`BCEWithLogitsLoss` for a 1-logit model taking int64 class indices; `label_smoothing` moves them to 0.5."""
@@ -41,6 +44,7 @@ class BCEWithIndexTargets(nn.Module):
         if self.label_smoothing:
             target = target * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
         return self.loss(logits, target)
+
 
 def make_criterion(kind: str = "ce", *, class_weights: torch.Tensor | None = None,
                    pos_weight: torch.Tensor | float | None = None, label_smoothing: float = 0.0) -> nn.Module:

@@ -16,23 +16,28 @@ from helpers.core import is_one_logit, model_device
 from helpers.loading import normalize
 from helpers.models import backbone_and_head
 
+
 def _two_or_more_columns(logits: Any) -> torch.Tensor:
     """Logits as (N, C) float tensor; one logit z (sigmoid model) becomes [0, z] (same softmax)."""
     z = torch.as_tensor(np.asarray(logits) if not isinstance(logits, torch.Tensor) else logits).float()
     return torch.cat([torch.zeros_like(z.reshape(-1, 1)), z.reshape(-1, 1)], dim=1) if is_one_logit(z) else z
 
+
 def msp_score(logits: Any) -> np.ndarray:
     """Maximum softmax probability (Hendrycks & Gimpel 2017): confidence of the predicted class."""
     return torch.softmax(_two_or_more_columns(logits), dim=1).max(dim=1).values.numpy().astype(np.float64)
+
 
 def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
     """Negative energy T * logsumexp(logits / T) (Liu et al. 2020): large logits = familiar input."""
     z = _two_or_more_columns(logits)
     return (temperature * torch.logsumexp(z / temperature, dim=1)).numpy().astype(np.float64)
 
+
 def invalid_class_score(probs: Any, invalid_index: int = -1) -> np.ndarray:
     """For a model with an extra INVALID class: 1 - P(INVALID)."""
     return 1.0 - np.asarray(probs, dtype=np.float64)[:, invalid_index]
+
 
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
@@ -43,6 +48,7 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
 
 def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
     """Class means and one shared Ledoit-Wolf-shrunk precision matrix of training features (Lee et al. 2018)."""
@@ -60,6 +66,7 @@ def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
         precision = torch.cholesky_inverse(torch.linalg.cholesky(cov))
     return {"means": means.float(), "precision": precision.float(), "shrinkage": torch.tensor(shrink)}
 
+
 def mahalanobis_score(features: Any, params: dict[str, torch.Tensor]) -> np.ndarray:
     """Minus the squared Mahalanobis distance to the closest class mean (higher = closer)."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
@@ -69,7 +76,9 @@ def mahalanobis_score(features: Any, params: dict[str, torch.Tensor]) -> np.ndar
         d2 = ((diff @ precision) * diff).sum(dim=-1)  # (N, C) squared distances
     return (-d2.min(dim=1).values).numpy()
 
+
 OOD_METHODS: tuple[str, ...] = ("msp", "energy", "mahalanobis")
+
 
 def ood_score(method: str, logits: Any, features: Any = None, params: dict | None = None) -> np.ndarray:
     """Dispatch to one of `OOD_METHODS` (higher = more in-distribution)."""
@@ -83,6 +92,7 @@ def ood_score(method: str, logits: Any, features: Any = None, params: dict | Non
         return mahalanobis_score(features, params)
     raise ValueError(f"Unknown OOD method {method!r}. Known: {', '.join(OOD_METHODS)}")
 
+
 def threshold_keeping(id_scores: Any, keep: float = 0.95) -> float:
     """The score threshold keeping at least a fraction `keep` of these (validation) images (ties keep more)."""
     if not 0 < keep <= 1:
@@ -93,10 +103,12 @@ def threshold_keeping(id_scores: Any, keep: float = 0.95) -> float:
     k = int(np.floor((1.0 - keep) * len(scores) + 1e-9))
     return float(scores[min(k, len(scores) - 1)])
 
+
 def rejection_rate(scores: Any, threshold: float) -> float:
     """Share of images whose score falls below `threshold` (i.e. would be rejected)."""
     s = np.asarray(scores, dtype=np.float64)
     return float((s < threshold).mean()) if len(s) else float("nan")
+
 
 def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
     """ROC AUC of telling outside images (positives) from real ones by a low score (0.5: chance)."""
@@ -105,6 +117,7 @@ def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
     if len(a) == 0 or len(b) == 0:
         return float("nan")
     return float(roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], -np.r_[a, b]))
+
 
 def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) and pooled backbone features (N, D) of uint8 images (N, 3, S, S), in one pass."""

@@ -19,6 +19,7 @@ from helpers.images import read_image
 DPI = 110
 _NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
+
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **kwargs: Any):
     """`fig, axes` like `plt.subplots`; a pyplot-free Figure when the backend cannot show windows."""
     if matplotlib.get_backend().lower() in _NON_INTERACTIVE:
@@ -28,12 +29,15 @@ def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6
     import matplotlib.pyplot as plt
     return plt.subplots(nrows, ncols, figsize=figsize, layout=kwargs.pop("layout", "constrained"), **kwargs)
 
+
 _STAMP: dict[str, str | None] = {"text": None}  # the footer of every saved figure, set by set_stamp
+
 
 def set_stamp(text: str | None) -> None:
     """Print `text` (e.g. `runs.figure_stamp(run, splits, model)`) in small grey letters under every figure saved
     from now on; None: no footer."""
     _STAMP["text"] = text
+
 
 def save_figure(fig, out_dir: str | Path, name: str, stamp: str | None = None):
     """Save `fig` as out_dir/name (PNG, folder created) with `stamp` (default: `set_stamp`'s) under it; return it."""
@@ -45,6 +49,7 @@ def save_figure(fig, out_dir: str | Path, name: str, stamp: str | None = None):
         fig.text(0.5, 0.0, stamp, ha="center", va="top", fontsize=6.5, color="0.45")
     fig.savefig(out_dir / name, dpi=DPI, bbox_inches="tight")
     return fig
+
 
 def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves.png", best_epoch: int | None = None):
     """Loss, accuracy/AUC and learning rate per epoch of a `train.FitResult` (best epoch marked) or a history
@@ -79,6 +84,7 @@ def plot_history(history: Any, out_dir: str | Path, name: str = "training_curves
             axes[0].axvline(x[rows[-1]], color="green", linestyle=":", linewidth=1, label="best")
     return save_figure(fig, out_dir, name)
 
+
 def _mark_stages(axes: Any, frame: Any, x: np.ndarray) -> None:
     """A dashed line where the `stage` column (if any) changes."""
     stages = frame["stage"].astype(str).tolist() if "stage" in frame else []
@@ -86,6 +92,7 @@ def _mark_stages(axes: Any, frame: Any, x: np.ndarray) -> None:
         if stages[i] != stages[i - 1]:
             for ax in np.ravel(axes):
                 ax.axvline(x[i] - 0.5, color="grey", linestyle="--", linewidth=1)
+
 
 def plot_history_comparison(histories: dict[str, Any], out_dir: str | Path, name: str = "history_comparison.png"):
     """Validation loss and AUC per epoch, one line per run (`FitResult`s or history DataFrames)."""
@@ -103,6 +110,7 @@ def plot_history_comparison(histories: dict[str, Any], out_dir: str | Path, name
         ax.legend(fontsize=8)
     return save_figure(fig, out_dir, name)
 
+
 def _heatmap(ax, matrix: np.ndarray, class_names: Sequence[str], fmt: str, title: str, vmax: float) -> None:
     """One annotated seaborn heatmap: rows = true class, columns = predicted class."""
     import seaborn as sns
@@ -112,6 +120,7 @@ def _heatmap(ax, matrix: np.ndarray, class_names: Sequence[str], fmt: str, title
     ax.set_xticklabels(ax.get_xticklabels(), rotation=30, ha="right")
     ax.set_yticklabels(ax.get_yticklabels(), rotation=0)
     ax.set(xlabel="predicted", ylabel="true", title=title)
+
 
 def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "confusion_matrix.png"):
     """Counts (left) and row-normalised rates (right: the diagonal is each class's recall)."""
@@ -123,6 +132,7 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Pa
     _heatmap(axes[0], counts, class_names, "d", "counts", vmax=max(int(counts.max()), 1))
     _heatmap(axes[1], rates, class_names, ".2f", "row-normalised (recall on diagonal)", vmax=1.0)
     return save_figure(fig, out_dir, name)
+
 
 def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "roc_pr.png"):
     """ROC (left) and precision-recall (right) curves: binary -> the positive class; multi-class -> one per class (one-vs-rest)."""
@@ -150,6 +160,7 @@ def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: st
         ax.legend(fontsize=8, loc="lower right" if ax is ax_roc else "lower left")
     return save_figure(fig, out_dir, name)
 
+
 def plot_threshold_sweep(y_true: Any, p_pos: Any, out_dir: str | Path, chosen: float | None = None,
                          name: str = "threshold_sweep.png"):
     """Sensitivity and specificity against the threshold on P(positive) (scikit-learn's `roc_curve`)."""
@@ -171,6 +182,7 @@ def plot_threshold_sweep(y_true: Any, p_pos: Any, out_dir: str | Path, chosen: f
     ax.legend(fontsize=8, loc="lower center")
     return save_figure(fig, out_dir, name)
 
+
 def to_display(image: Any) -> np.ndarray:
     """An image as (H, W, 3) floats in [0, 1] for `imshow`; takes uint8 or float, CHW or HWC, tensor or array."""
     img = to_numpy(image)
@@ -183,6 +195,7 @@ def to_display(image: Any) -> np.ndarray:
         img = np.repeat(img, 3, axis=-1)
     return np.clip(img, 0.0, 1.0)
 
+
 def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:
     """Blend a [0, 1] heatmap (H, W), coloured with `cmap`, over an image; returns RGB floats (H, W, 3)."""
     img = to_display(image)
@@ -191,6 +204,7 @@ def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "je
         raise ValueError(f"heatmap {heat.shape} and image {img.shape[:2]} differ in size")
     colored = matplotlib.colormaps[cmap](heat)[..., :3]
     return np.clip((1 - alpha) * img + alpha * colored, 0.0, 1.0).astype(np.float32)
+
 
 def plot_prediction_grid(images_u8: Any, y_true: Any, probs: Any, class_names: Sequence[str], out_dir: str | Path,
                          name: str = "predictions.png", n: int = 16, errors_only: bool = False,
@@ -222,6 +236,7 @@ def plot_prediction_grid(images_u8: Any, y_true: Any, probs: Any, class_names: S
                      fontsize=8, color="red" if wrong else "black")
     return save_figure(fig, out_dir, name)
 
+
 def plot_sample_grid(frame: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "samples.png",
                      per_class: int = 6, seed: int = 0, thumb_size: int = 256, title: str | None = None):
     """A few random images per class (one row each) from a DataFrame with `path` and `class_name` columns."""
@@ -244,6 +259,7 @@ def plot_sample_grid(frame: Any, class_names: Sequence[str], out_dir: str | Path
         fig.suptitle(title)
     return save_figure(fig, out_dir, name)
 
+
 def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balance.png",
                        title: str = "images per split and class"):
     """Number of images per split and class (grouped bars with the counts written on them)."""
@@ -263,6 +279,7 @@ def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balan
     ax.legend(fontsize=8, title=None)
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, out_dir, name)
+
 
 def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir: str | Path,
                  name: str = "gradcam.png", target_layer: Any = None,
@@ -291,6 +308,7 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
     fig.suptitle("Grad-CAM: where the evidence for the predicted class is", fontsize=10)
     return save_figure(fig, out_dir, name)
 
+
 def plot_reliability(y_true: Any, probs: Any, out_dir: str | Path, name: str = "reliability.png",
                      label: str | None = None, n_bins: int = 15):
     """Reliability diagram (accuracy against top-label confidence per bin, ECE in the legend; below: counts) of
@@ -311,6 +329,7 @@ def plot_reliability(y_true: Any, probs: Any, out_dir: str | Path, name: str = "
     for a in (ax, ax_hist):
         a.grid(alpha=0.3)
     return save_figure(fig, out_dir, name)
+
 
 def plot_run_comparison(runs: Any, metrics: Sequence[str], out_dir: str | Path, name: str = "comparison.png",
                         label_column: str | None = None):

@@ -13,8 +13,10 @@ import numpy as np
 if TYPE_CHECKING:
     from helpers.runs import Config
 
+
 def _undefined(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
 
 def _too_few(block: dict[str, Any], key: str) -> str:
     """'1 NORMAL image' when `key` of a `compute_metrics` block rests on a class in its `too_few`."""
@@ -25,6 +27,7 @@ def _too_few(block: dict[str, Any], key: str) -> str:
     elif key != "recall":
         return ""
     return ", ".join(f"{k} {n} image{'s' if k > 1 else ''}" for n, k in too_few.items())
+
 
 def with_ci(block: dict[str, Any], key: str, digits: int = 3, missing: str = "undefined") -> str:
     """'0.912 [0.890, 0.931]' from a `compute_metrics` block (interval in `ci95`) or a results-table row
@@ -39,6 +42,7 @@ def with_ci(block: dict[str, Any], key: str, digits: int = 3, missing: str = "un
     if not interval or any(_undefined(v) for v in interval):
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
 
 def run_caveats(cfg: Config, *, synthetic: bool, pretrained: bool | None,
                 task: str = "the task") -> list[str]:
@@ -63,9 +67,11 @@ def run_caveats(cfg: Config, *, synthetic: bool, pretrained: bool | None,
                        "not comparable with published transfer-learning results.")
     return caveats
 
+
 def predicted_counts(block: dict[str, Any]) -> list[int]:
     """Images predicted as each class: the column sums of `block["confusion_matrix"]`."""
     return np.asarray(block["confusion_matrix"], dtype=int).sum(axis=0).tolist()
+
 
 class Dominant(NamedTuple):
     """The class a run answers for (almost) every image (`dominant_class`)."""
@@ -73,6 +79,7 @@ class Dominant(NamedTuple):
     share: float  # of all predictions
     true_share: float  # of the true labels
     collapsed: bool  # True: (almost) every image; False: leaning on it
+
 
 def dominant_class(block: dict[str, Any], *, collapsed: float = 0.95, leaning: float = 0.80,
                    excess: float = 0.15) -> Dominant | None:
@@ -88,6 +95,7 @@ def dominant_class(block: dict[str, Any], *, collapsed: float = 0.95, leaning: f
     if share >= leaning and share - true_share >= excess:
         return Dominant(top, float(share), float(true_share), False)
     return None
+
 
 def collapse_note(block: dict[str, Any], class_names: Sequence[str], **thresholds: float) -> str | None:
     """A sentence for the conclusion when one class dominates the predictions (`dominant_class`), else None."""
@@ -120,9 +128,11 @@ def collapse_note(block: dict[str, Any], class_names: Sequence[str], **threshold
     return (head + ranking + cause + " ImageNet weights (notebook 04), class-balanced sampling or loss weights "
             "(notebook 05) and more epochs (the `full` profile) are the usual ways out.")
 
+
 def _enough_digits(a: float, b: float, start: int = 3, most: int = 8) -> int:
     """The fewest digits (`start` to `most`) at which `a` and `b` print differently; `start` when equal."""
     return start if a == b else next((d for d in range(start, most) if f"{a:.{d}f}" != f"{b:.{d}f}"), most)
+
 
 def versus(name_a: str, name_b: str, diff: dict[str, Any], digits: int = 3) -> str:
     """"A is higher than B by 0.095 [0.066, 0.122]" when the paired interval of `evaluate.paired_difference`
@@ -139,6 +149,7 @@ def versus(name_a: str, name_b: str, diff: dict[str, Any], digits: int = 3) -> s
         return (f"{name_a} is {'higher' if lo > 0 else 'lower'} than {name_b} by {abs(d):.{n}f} "
                 f"[{near:.{n}f}, {far:.{n}f}]")
     return f"{name_a} and {name_b} are not clearly different (difference {d:+.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}])"
+
 
 def target_note(what: str, value: float | None, target: float, *, higher_is_better: bool = True) -> str:
     """"sensitivity: met (0.912 >= 0.900)" / "missed (0.8996 < 0.9000)", with enough digits for the two to differ."""

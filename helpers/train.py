@@ -32,6 +32,7 @@ HISTORY_COLUMNS: list[str] = ["epoch", "train_loss", "train_accuracy", "val_loss
 MONITORS: dict[str, str] = {"val_loss": "min", "val_auc": "max", "val_balanced_accuracy": "max",
                             "val_accuracy": "max", "train_loss": "min"}  # lower or higher is better
 
+
 @dataclass
 class FitResult:
     """What `fit` and `fit_head_only` return: the history (one row per epoch) and the best epoch."""
@@ -43,6 +44,7 @@ class FitResult:
     train_seconds: float  # everything, the feature pass of fit_head_only included
     images_per_second: float  # training images per second of training passes
     feature_seconds: float = 0.0  # fit_head_only's one-off backbone pass
+
 
 def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, optimizer: torch.optim.Optimizer, *,
                     scaler: torch.amp.GradScaler | None = None, dtype: torch.dtype | None = None,
@@ -88,6 +90,7 @@ def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, opti
                       RuntimeWarning, stacklevel=2)
     return {"loss": total_loss / seen, "accuracy": correct / seen, "images": seen}
 
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, loader: Loader, criterion: Criterion, *, dtype: torch.dtype | None = None,
                   progress: bool = False) -> dict[str, float]:
@@ -105,6 +108,7 @@ def evaluate_loss(model: nn.Module, loader: Loader, criterion: Criterion, *, dty
         raise ValueError("The validation loader produced no batches.")
     return {"loss": total_loss / sum(map(len, labels)), **epoch_metrics(torch.cat(labels), torch.cat(probs))}
 
+
 def _make_scheduler(scheduler: str | Any | None, optimizer: torch.optim.Optimizer, epochs: int, mode: str) -> Any:
     if scheduler == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, factor=0.2, patience=2, min_lr=1e-7)
@@ -114,10 +118,12 @@ def _make_scheduler(scheduler: str | Any | None, optimizer: torch.optim.Optimize
         raise ValueError(f"Unknown scheduler {scheduler!r}. Known: None, 'plateau', 'cosine'")
     return scheduler  # None, or a scheduler object (stepped once per epoch)
 
+
 def _is_better(value: float, best: float | None, mode: str) -> bool:
     if best is None or (math.isnan(best) and not math.isnan(value)):
         return True
     return value < best if mode == "min" else value > best  # False for NaN
+
 
 def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
     val = "" if math.isnan(row["val_loss"]) else (
@@ -126,6 +132,7 @@ def _epoch_line(row: dict[str, Any], epochs: int, improved: bool) -> str:
     return (f"epoch {row['epoch']}/{epochs} | train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f}"
             f"{val} | lr {row['lr']:.2e} | {row['seconds']:.1f}s {row['images_per_second']:.0f} img/s"
             f"{' *' if improved else ''}")
+
 
 def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, epochs: int, criterion: Criterion,
         optimizer: torch.optim.Optimizer, scheduler: str | Any | None = None, monitor: str = "val_loss",
@@ -182,6 +189,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
     return FitResult(pd.DataFrame(rows, columns=HISTORY_COLUMNS), best_epoch, best_value, monitor,
                      time.perf_counter() - start, train_images / max(train_time, 1e-9))
 
+
 def _once_in_order(loader: Loader) -> Loader:
     """Every image of `loader` once, in order, unaugmented (a TensorLoader or DataLoader)."""
     if isinstance(loader, TensorLoader):
@@ -190,6 +198,7 @@ def _once_in_order(loader: Loader) -> Loader:
         return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
                           generator=torch.Generator())  # leaves the global random state alone
     return loader
+
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: Loader, device: str | torch.device | None = None, *,
@@ -207,6 +216,7 @@ def extract_features(backbone: nn.Module, loader: Loader, device: str | torch.de
         labels.append(torch.as_tensor(y).cpu())
     return torch.cat(features), torch.cat(labels).long()
 
+
 def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Tensor) -> DataLoader:
     """A DataLoader over cached features batched and shuffled (or weighted) like `loader` (else 64, in order)."""
     dataset = TensorDataset(features, labels)
@@ -218,6 +228,7 @@ def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Te
                                    or isinstance(getattr(loader, "sampler", None), RandomSampler))
     return DataLoader(dataset, batch_size=getattr(loader, "batch_size", None) or 64, sampler=sampler,
                       shuffle=shuffle, drop_last=bool(getattr(loader, "drop_last", False)))
+
 
 def _dataset_augments(loader: Loader, draws: int = 8) -> bool:
     """Does a DataLoader's dataset give a different tensor for its first image on each of `draws` reads (random
@@ -239,6 +250,7 @@ def _dataset_augments(loader: Loader, draws: int = 8) -> bool:
             random.setstate(state)
             np.random.set_state(np_state)
     return any(v.shape != views[0].shape or not torch.equal(v, views[0]) for v in views[1:])
+
 
 def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, epochs: int,
                   criterion: Criterion, use_feature_cache: bool = True, **fit_kwargs: Any) -> FitResult:
@@ -265,6 +277,7 @@ def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | N
     result.feature_seconds = feature_seconds
     result.train_seconds += feature_seconds
     return result
+
 
 def linear_probe(model: nn.Module, train_loader: Loader, test_loader: Loader, *, seed: int = 0) -> np.ndarray:
     """(N_test, C) probabilities of a logistic regression on the frozen, standardised features of `model`."""

@@ -10,21 +10,26 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+
 def identity(x: torch.Tensor) -> torch.Tensor:
     """No augmentation."""
     return x
+
 
 def hflip(x: torch.Tensor) -> torch.Tensor:
     """Mirror left-right."""
     return torch.flip(x, dims=[-1])
 
+
 def vflip(x: torch.Tensor) -> torch.Tensor:
     """Mirror top-bottom (an upside-down chest X-ray: anatomically implausible)."""
     return torch.flip(x, dims=[-2])
 
+
 def rot90(x: torch.Tensor) -> torch.Tensor:
     """Rotate by 90 degrees (anatomically implausible for X-rays)."""
     return torch.rot90(x, k=1, dims=[-2, -1])
+
 
 def _affine(x: torch.Tensor, degrees: float = 0.0, shift: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
     """Rotate by `degrees`, shift by (dx, dy) fractions of the size; the border repeats (no black corners)."""
@@ -33,6 +38,7 @@ def _affine(x: torch.Tensor, degrees: float = 0.0, shift: tuple[float, float] = 
     matrix = torch.tensor([[cos, -sin, -2 * shift[0]], [sin, cos, -2 * shift[1]]], dtype=x.dtype, device=x.device)
     grid = F.affine_grid(matrix.expand(x.shape[0], 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
 
 def rotate(degrees: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """A TTA function that rotates by `degrees` (positive = counter-clockwise)."""
@@ -43,6 +49,7 @@ def rotate(degrees: float) -> Callable[[torch.Tensor], torch.Tensor]:
     _rotate.__name__ = f"rotate({degrees:+g})"
     return _rotate
 
+
 def shift(dx: float, dy: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """A TTA function that shifts by (dx, dy), fractions of the image width and height."""
 
@@ -52,6 +59,7 @@ def shift(dx: float, dy: float) -> Callable[[torch.Tensor], torch.Tensor]:
     _shift.__name__ = f"shift({dx:+g},{dy:+g})"
     return _shift
 
+
 #: The common "reference" set: cheap, but upside-down or sideways chest X-rays never occur.
 TTA_FLIPS: list[Callable[[torch.Tensor], torch.Tensor]] = [identity, hflip, vflip, rot90]
 #: Anatomically plausible views: small rotations and shifts, like differences in patient positioning.
@@ -59,6 +67,7 @@ TTA_PLAUSIBLE: list[Callable[[torch.Tensor], torch.Tensor]] = [
     identity, rotate(-7), rotate(7), shift(0.04, 0.0), shift(-0.04, 0.0), shift(0.0, 0.04)]
 TTA_SETS: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
     "none": [identity], "flips": TTA_FLIPS, "plausible": TTA_PLAUSIBLE}
+
 
 def resolve(tta: None | str | Sequence[Callable]) -> list[Callable]:
     """The list of view functions for `tta`: None -> [identity], a name of `TTA_SETS`, or a list."""
