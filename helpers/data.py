@@ -18,14 +18,17 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from helpers.datasets import (SPLIT_ALIASES, DatasetNotFoundError, DatasetSpec, get_spec,  # noqa: F401
-                              locate_dataset, split_of)
+from helpers import datasets, scan
+from helpers.datasets import DatasetNotFoundError, DatasetSpec, get_spec, locate_dataset, split_of
 from helpers.images import depth_holding, display_path, set_dataset_bit_depth
 from helpers.runs import _check_seed as check_seed  # SEED is refused by the same rule as start_run's
-from helpers.scan import (IMAGE_EXTENSIONS, NEAR_DUPLICATE_CORRELATION, THUMB, Listing,  # noqa: F401
-                          check_image, cross_split_duplicates, duplicate_groups, duplicate_note,
-                          exclusion_notes, find_duplicates, flag_notes, list_dataset)
+from helpers.scan import (NEAR_DUPLICATE_CORRELATION, THUMB, Listing, check_image, cross_split_duplicates,
+                          duplicate_groups, duplicate_note, exclusion_notes, find_duplicates, flag_notes,
+                          list_dataset)
 from helpers.synthetic import is_synthetic_dataset, make_synthetic_dataset
+
+IMAGE_EXTENSIONS = scan.IMAGE_EXTENSIONS  # the file types a class folder's images may have
+SPLIT_ALIASES = datasets.SPLIT_ALIASES  # split folder names, matched without regard to case
 
 # The official pneumonia val/ holds 16 images (0.3% of train): far too few to select a model.
 # A provided val/ under both limits is folded into train and a real one carved instead.
