@@ -1,10 +1,11 @@
-"""Plumbing shared by the course notebooks, one module per idea.
+"""The course package: what the chapters have shown, saved, plus plumbing; one module per idea.
 
-Read it from the bottom up: `core` (conversions, devices, seeding); `config` and `synthetic`;
-`datasets`, `data`, `augment`, `loading`, `models`, `tta`; `losses`, `train`, `feature_cache`, `evaluate`,
-`gradcam`, `reporting`; `plots`; `ood`, `export` (the app's backend is in app/). A module only
+Read it from the bottom up: `core` (conversions, devices, seeding); `runs`, `synthetic`, `images`;
+`datasets`, `scan`, `data`, `augment`, `loading`, `models`, `tta`; `losses`, `evaluate`, `train`,
+`gradcam`, `reporting`; `plots`; `ood`, `export`; the `exercises` package on top. A module only
 imports from its own floor or below (README, "The package helpers"). Importing `helpers` imports
-nothing else.
+nothing else. Not here: the app's backend (app/), run records and results tables (coursebuild/),
+the TensorFlow Lite weight converter (tools/).
 """
 
 __version__ = "0.1.0"
