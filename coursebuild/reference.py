@@ -88,6 +88,45 @@ def stale_copies(assets_dir: Path | str, notebooks_dir: Path | str) -> dict[str,
     return stale
 
 
+# What must not reach a page of the course: machine paths, download and housekeeping lines.
+MACHINE_PATH = re.compile(r"(?<![\w.])(/work/|/root/|/home/|/tmp/|/Users/|/private/|[A-Z]:\\\\)")
+PAGE_NOISE = ("Downloading: ", ".previous_run", "Warning: ", "warnings.warn(")
+CAPTION = re.compile(r"^\*\*Figure \d+\.\*\*")
+
+
+def _texts(cell: nbformat.NotebookNode) -> list[str]:
+    """The text a reader sees of a code cell: its outputs' text (stream, plain and markdown)."""
+    texts = []
+    for output in cell.get("outputs", []):
+        texts.append(output.get("text", ""))
+        data = output.get("data", {})
+        texts += [data.get("text/plain", ""), data.get("text/markdown", ""), data.get("text/html", "")]
+    return ["".join(t) if isinstance(t, list) else str(t) for t in texts]
+
+
+def page_problems(executed: Path | str, *, paths: bool = True) -> list[str]:
+    """What an executed notebook would show a reader that a book would not: a figure without a
+    caption (a markdown cell starting "**Figure N.**" right after the cell that drew it), a machine
+    path (`paths`), a download, warning or housekeeping line, a code line over 100 characters."""
+    cells, problems = nbformat.read(executed, as_version=4).cells, []
+    for i, cell in enumerate(cells):
+        if cell.cell_type != "code":
+            continue
+        where = f"code cell {i} ({_first_line(cell.source)[:40]!r})"
+        after = cells[i + 1] if i + 1 < len(cells) else None
+        if any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])) and not (
+                after is not None and after.cell_type == "markdown" and CAPTION.match(after.source)):
+            problems.append(f"{where}: a figure without a caption")
+        shown = _texts(cell) + ([] if INJECTED_TAG in cell.metadata.get("tags", []) else [cell.source])
+        for text in shown:
+            if paths and (hit := MACHINE_PATH.search(text)):
+                problems.append(f"{where}: a machine path ({text[hit.start():hit.start() + 40]!r})")
+            problems += [f"{where}: {noise!r} on the page" for noise in PAGE_NOISE if noise in text]
+        problems += [f"{where}: a code line of {len(line)} characters" for line in cell.source.splitlines()
+                     if len(line) > 100 and INJECTED_TAG not in cell.metadata.get("tags", [])]
+    return problems
+
+
 def _first_line(source: str) -> str:
     return next((line.strip() for line in source.splitlines() if line.strip()), "")[:80]
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from coursebuild import records
+from coursebuild import records, reference
 
 # pytest-xdist (pyproject addopts): tests sharing this module's fixtures run on one worker.
 pytestmark = pytest.mark.xdist_group("smoke-notebooks")
@@ -99,6 +99,9 @@ def test_notebooks_are_committed_clean_and_parameterised():
 def test_notebook_runs_in_smoke_profile(notebook, tmp_path_factory):
     metrics, out_dir = execute_smoke(notebook, smoke_run_dir(tmp_path_factory))
     _check_outputs(notebook, metrics, out_dir)
+    executed = smoke_run_dir(tmp_path_factory) / "notebooks" / notebook.name
+    problems = reference.page_problems(executed, paths=False)  # smoke writes to a temporary folder
+    assert not problems, f"{notebook.name}: {problems}"
 
 
 @pytest.mark.notebook

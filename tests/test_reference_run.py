@@ -29,6 +29,29 @@ def test_committed_executed_copies_run_the_code_of_their_notebooks() -> None:
     )
 
 
+def test_committed_executed_copies_read_like_a_book() -> None:
+    problems = {stem: reference.page_problems(path)
+                for stem, path in reference.executed_notebooks(ROOT / "assets").items()}
+    problems = {stem: found for stem, found in problems.items() if found}
+    assert not problems, "; ".join(f"{stem}: {', '.join(found[:5])}" for stem, found in problems.items())
+
+
+def test_page_problems_finds_an_uncaptioned_figure_a_machine_path_and_noise(tmp_path: Path) -> None:
+    png = new_output("display_data", data={"image/png": "iVBORw0KGgo=", "text/plain": "<Figure>"})
+    cells = [new_code_cell("plot()", outputs=[png]), new_markdown_cell("**Figure 1.** The curves."),
+             new_code_cell("plot()", outputs=[png]), new_markdown_cell("Some text."),
+             new_code_cell("print(p)", outputs=[new_output("stream", name="stdout", text="/work/x/data\n")]),
+             new_code_cell("w()", outputs=[new_output("stream", name="stderr",
+                                                      text='Downloading: "https://x" to ../y\n')]),
+             new_code_cell("x = 1  # " + "y" * 100)]
+    path = tmp_path / "page.ipynb"
+    nbformat.write(new_notebook(cells=cells), path)
+    found = reference.page_problems(path)
+    assert len(found) == 4 and "cell 2" in found[0] and "caption" in found[0]
+    assert "machine path" in found[1] and "Downloading" in found[2] and "characters" in found[3]
+    assert len(reference.page_problems(path, paths=False)) == 3
+
+
 def _source(path: Path, code: list[str]) -> Path:
     cells = [new_markdown_cell("# Title"), new_code_cell(SETUP),
              new_code_cell('PROFILE = "full"', metadata={"tags": ["parameters"]})]
