@@ -84,14 +84,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> int:
-    """Seed Python, NumPy and torch (CPU and CUDA). `deterministic` also fixes cuDNN algorithms."""
+def seed_everything(seed: int) -> int:
+    """Seed Python, NumPy and torch (CPU and CUDA)."""
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    if deterministic:
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     return seed
 
 

@@ -39,8 +39,8 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notices of the TorchScript exporter
-        torch.onnx.export(copy.deepcopy(model).cpu().eval(), (torch.zeros(1, 3, image_size, image_size),), str(path), dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["logits"],
+        torch.onnx.export(copy.deepcopy(model).cpu().eval(), (torch.zeros(1, 3, image_size, image_size),), str(path),
+                          dynamo=False, opset_version=opset, input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     _write_normalization(path, as_normalization(model))
     return path
@@ -89,41 +89,38 @@ def _preprocessed(src: Path) -> Path:
     return dst
 
 
-def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor,
-                         per_channel: bool = True, normalization: Any = None) -> Path:
-    """Static int8 quantization (QDQ, MinMax ranges from the calibration images, per-channel weight scales);
-    `normalization`: default what `export_onnx` stored in `src`."""
-    CalibrationMethod, QuantFormat, QuantType, quantize_static = _from_deploy_extra(
-        "onnxruntime.quantization", "CalibrationMethod", "QuantFormat", "QuantType", "quantize_static")
-    src, dst = Path(src), Path(dst)
-    normalization = onnx_normalization(src) if normalization is None else as_normalization(normalization)
+def _quantize(src: Path, dst: Path, quantize: Callable[[str, str], Any], normalization: tuple) -> Path:
+    """`quantize(preprocessed src, dst)` with ONNX Runtime's warnings silenced; `dst` keeps `normalization`."""
     prep = _preprocessed(src)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_static(str(prep), str(dst), _CalibrationReader(calibration_images_u8, normalization),
-                            quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax)
+            quantize(str(prep), str(dst))
     finally:
         prep.unlink(missing_ok=True)
     _write_normalization(dst, normalization)
     return dst
 
 
+def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor,
+                         per_channel: bool = True, normalization: Any = None) -> Path:
+    """Static int8 quantization (QDQ, MinMax ranges from the calibration images, per-channel weight scales);
+    `normalization`: default what `export_onnx` stored in `src`."""
+    CalibrationMethod, QuantFormat, QuantType, quantize_static = _from_deploy_extra(
+        "onnxruntime.quantization", "CalibrationMethod", "QuantFormat", "QuantType", "quantize_static")
+    src = Path(src)
+    normalization = onnx_normalization(src) if normalization is None else as_normalization(normalization)
+    reader = _CalibrationReader(calibration_images_u8, normalization)
+    return _quantize(src, Path(dst), lambda prep, out: quantize_static(
+        prep, out, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax), normalization)
+
+
 def quantize_onnx_dynamic(src: str | Path, dst: str | Path) -> Path:
     """Post-training dynamic int8 quantization: int8 weights, activations quantized on the fly."""
     QuantType, quantize_dynamic = _from_deploy_extra("onnxruntime.quantization", "QuantType", "quantize_dynamic")
-    src, dst = Path(src), Path(dst)
-    prep = _preprocessed(src)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(str(prep), str(dst), weight_type=QuantType.QInt8)
-    finally:
-        prep.unlink(missing_ok=True)
-    _write_normalization(dst, onnx_normalization(src))
-    return dst
+    return _quantize(Path(src), Path(dst), lambda prep, out: quantize_dynamic(prep, out, weight_type=QuantType.QInt8),
+                     onnx_normalization(src))
 
 
 def onnx_session(path: str | Path, threads: int | None = None) -> Any:

@@ -1,10 +1,11 @@
 """Grad-CAM (Selvaraju et al., 2017): cam = ReLU(sum_k mean(dScore/dA_k) * A_k) over one layer's maps A_k,
 upsampled and scaled to [0, 1]: where the evidence is, not why. For a ViT the patch tokens entering the last
-block (`encoder.layers[-1].ln_1`) are folded into a grid (`models.vit_tokens_to_map`).
+block (`encoder.layers[-1].ln_1`) are folded into a grid (`vit_tokens_to_map`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import warnings
 from collections.abc import Callable, Sequence
@@ -17,7 +18,12 @@ from torch import nn
 
 from helpers.core import is_one_logit, logits_to_probs, model_device, predict_labels
 from helpers.loading import normalize
-from helpers.models import gradcam_target_layer, vit_tokens_to_map
+
+
+# The layer Grad-CAM reads in a model of `models.build_model`, by family (DenseNet: ``denseblock4``, as norm5's
+# in-place ReLU breaks backward hooks; ViT: the tokens entering the last block, folded by `vit_tokens_to_map`).
+_TARGET_LAYER = {"resnet": lambda m: m.layer4[-1], "densenet": lambda m: m.features.denseblock4,
+                 "mobilenet": lambda m: m.features[-1], "vit": lambda m: m.encoder.layers[-1].ln_1}
 
 
 def _is_vit(model: nn.Module) -> bool:
@@ -26,17 +32,27 @@ def _is_vit(model: nn.Module) -> bool:
 
 
 def default_target_layer(model: nn.Module) -> nn.Module:
-    """`models.gradcam_target_layer(model)`, else ViT `encoder.layers[-1].ln_1` or the last Conv2d."""
-    try:
-        return gradcam_target_layer(model)
-    except (ImportError, AttributeError, KeyError, ValueError):
-        pass
+    """The layer Grad-CAM reads (`_TARGET_LAYER` by `model.arch`), else ViT's last `ln_1` or the last Conv2d."""
+    arch = str(getattr(model, "arch", ""))
+    for family, layer in _TARGET_LAYER.items():
+        if arch.startswith(family):
+            with contextlib.suppress(AttributeError, IndexError):
+                return layer(model)
     if _is_vit(model):
         return model.encoder.layers[-1].ln_1
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
         raise ValueError("No Conv2d layer found: pass target_layer= explicitly.")
     return convs[-1]
+
+
+def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, 1 + h*w, D) ViT tokens -> (N, D, h, w) map (class token dropped; square grid)."""
+    patches = tokens[:, 1:, :]
+    side = int(round(patches.shape[1] ** 0.5))
+    if side * side != patches.shape[1]:
+        raise ValueError(f"{patches.shape[1]} patch tokens do not form a square grid")
+    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
 
 
 def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:

@@ -257,12 +257,10 @@ def build_model(arch: str, num_outputs: int, *, pretrained: bool | None = None, 
     return set_trainable(model, freeze)
 
 
-# What freeze="last_block" trains besides the head (the backbone's last stage), and the layer Grad-CAM reads.
+# What freeze="last_block" trains besides the head: the backbone's last stage.
 _LAST_BLOCK = {"resnet": lambda m: [m.layer4], "densenet": lambda m: [m.features.denseblock4, m.features.norm5],
                "mobilenet": lambda m: [m.features[-2], m.features[-1]],
                "vit": lambda m: [m.encoder.layers[-1], m.encoder.ln]}
-_GRADCAM_LAYER = {"resnet": lambda m: m.layer4[-1], "densenet": lambda m: m.features.denseblock4,
-                  "mobilenet": lambda m: m.features[-1], "vit": lambda m: m.encoder.layers[-1].ln_1}
 
 
 def freeze_backbone(model: nn.Module) -> nn.Module:
@@ -378,17 +376,3 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
         backbone.input_mean, backbone.input_std = model.input_mean, model.input_std
     return backbone, head
 
-
-def gradcam_target_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM reads (DenseNet: ``denseblock4``, as norm5's in-place ReLU breaks backward hooks;
-    ViT: ``encoder.layers[-1].ln_1``, tokens to fold with `vit_tokens_to_map`)."""
-    return _GRADCAM_LAYER[_family(_arch_of(model))](model)
-
-
-def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
-    """(N, 1 + h*w, D) ViT tokens -> (N, D, h, w) map (class token dropped; square grid)."""
-    patches = tokens[:, 1:, :]
-    side = int(round(patches.shape[1] ** 0.5))
-    if side * side != patches.shape[1]:
-        raise ValueError(f"{patches.shape[1]} patch tokens do not form a square grid")
-    return patches.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)

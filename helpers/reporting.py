@@ -68,11 +68,6 @@ def run_caveats(cfg: Config, *, synthetic: bool, pretrained: bool | None,
     return caveats
 
 
-def predicted_counts(block: dict[str, Any]) -> list[int]:
-    """Images predicted as each class: the column sums of `block["confusion_matrix"]`."""
-    return np.asarray(block["confusion_matrix"], dtype=int).sum(axis=0).tolist()
-
-
 class Dominant(NamedTuple):
     """The class a run answers for (almost) every image (`dominant_class`)."""
     index: int  # the class, an index into class_names
@@ -101,7 +96,7 @@ def collapse_note(block: dict[str, Any], class_names: Sequence[str], **threshold
     """A sentence for the conclusion when one class dominates the predictions (`dominant_class`), else None."""
     if (dominant := dominant_class(block, **thresholds)) is None:
         return None
-    predicted = predicted_counts(block)
+    predicted = np.asarray(block["confusion_matrix"], dtype=int).sum(axis=0).tolist()  # per predicted class
     total, name, k = sum(predicted), class_names[dominant.index], len(class_names)
     auc_ci = (block.get("ci95") or {}).get("auc")
     if block.get("auc") is None:

@@ -270,10 +270,6 @@ class Run:
     def metrics_path(self) -> Path:
         return self.out_dir / METRICS_FILE
 
-    @property
-    def n_bootstrap(self) -> int:
-        return self.cfg.n_bootstrap
-
 
 def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed: int = 42,
               output_dir: str | None = None, recipe_epochs: int | None = None, **overrides) -> Run:

@@ -9,18 +9,16 @@ import torch
 import torchvision
 from torch import nn
 
-from helpers import models
+from helpers import gradcam, models
 from helpers.models import (
     ARCHITECTURES,
     backbone_and_head,
     build_model,
     count_parameters,
-    gradcam_target_layer,
     freeze_backbone,
     set_trainable,
     train_mode,
     unfreeze,
-    vit_tokens_to_map,
 )
 
 SIZE = 32  # smoke size: every architecture (ViT-B/16 included) accepts 32 px
@@ -151,7 +149,7 @@ def test_backbone_and_head_compose_to_the_model(arch: str) -> None:
 def test_gradcam_target_layer_gives_activations_and_gradients(arch: str) -> None:
     model = get_model(arch).eval()
     set_trainable(model, "none")
-    layer = gradcam_target_layer(model)
+    layer = gradcam.default_target_layer(model)
     seen: dict[str, torch.Tensor] = {}
 
     def hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
@@ -167,7 +165,7 @@ def test_gradcam_target_layer_gives_activations_and_gradients(arch: str) -> None
     act = seen["act"]
     if arch == "vit_b_16":
         assert act.shape == (2, 1 + (SIZE // 16) ** 2, 768)
-        act = vit_tokens_to_map(act)
+        act = gradcam.vit_tokens_to_map(act)
         assert act.shape == (2, 768, SIZE // 16, SIZE // 16)
     assert act.ndim == 4 and seen["grad"].abs().sum() > 0
 

@@ -18,7 +18,7 @@ from torch import nn  # noqa: E402
 from torchvision.models import VisionTransformer  # noqa: E402
 
 from helpers import evaluate as ev  # noqa: E402
-from helpers import gradcam, models, plots  # noqa: E402
+from helpers import gradcam, plots  # noqa: E402
 
 
 def assert_png(path) -> None:
@@ -123,7 +123,7 @@ def test_gradcam_on_vit_tokens() -> None:
     assert heat.shape == (2, 32, 32)
     assert np.isfinite(heat).all() and heat.max() == pytest.approx(1.0)
     tokens = torch.randn(2, 1 + 16, 5)
-    grid = models.vit_tokens_to_map(tokens)  # what grad_cam applies to token outputs by itself
+    grid = gradcam.vit_tokens_to_map(tokens)  # what grad_cam applies to token outputs by itself
     assert not hasattr(gradcam, "vit_reshape_transform")
     assert grid.shape == (2, 5, 4, 4)
     assert torch.equal(grid[1, :, 0, 1], tokens[1, 2])  # patch 1 (row 0, col 1) is token 2
