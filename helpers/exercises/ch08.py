@@ -334,10 +334,11 @@ q5 = Problem(
 
 A = np.array([[0.60, 0.40], [0.30, 0.70], [0.55, 0.45], [0.50, 0.50]])
 B = np.array([[0.58, 0.42], [0.32, 0.68], [0.62, 0.38], [0.50, 0.50]])
+EDGE = np.array([[0.58, 0.42], [0.32, 0.68], [0.62, 0.38], [0.49, 0.51]])  # row 4: A sits on 0.5
 
 
 def _run_agreement(fn: Any, m: Any) -> np.ndarray:
-    cases = [(m.p_fp32, m.p_int8, m.threshold), (A, B, 0.44), (A, B, 0.5), (A, A, 0.3)]
+    cases = [(m.p_fp32, m.p_int8, m.threshold), (A, B, 0.44), (A, B, 0.5), (A, EDGE, 0.5), (A, A, 0.3)]
     out = []
     for a, b, t in cases:
         v = fn(a.copy(), b.copy(), float(t))
