@@ -19,6 +19,7 @@ import torchvision
 from torch import nn
 
 from helpers.core import IMAGENET_MEAN, IMAGENET_STD, model_device
+from helpers.images import display_path
 from helpers.runs import project_root
 
 ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101", "resnet152", "densenet121", "mobilenet_v2",
@@ -167,7 +168,8 @@ def _pretrained_warning(arch: str, error: Exception) -> None:
                "internet (Kaggle: Settings -> Internet on), put the torchvision weight file in "
                "~/.cache/torch/hub/checkpoints/, or (MobileNetV2) put a weights file converted by "
                f"tools/convert_tflite_weights.py in data/weights/ or in the folder named by ${WEIGHTS_DIR_ENV}."
-               + (f" {tflite} is there but not converted: run `{CONVERT_COMMAND} --tflite {tflite}`." if tflite else ""))
+               + (f" {display_path(tflite)} is there but not converted: run `{CONVERT_COMMAND} --tflite "
+                  f"{display_path(tflite)}`." if tflite else ""))
     warnings.warn(message, RuntimeWarning, stacklevel=4)
     if arch in _ANNOUNCED:  # the full banner once per architecture, then a reminder
         print(f"!! {arch}: again no ImageNet weights, random initialisation (model.pretrained = False)", flush=True)
@@ -208,7 +210,7 @@ def _backbone_with_weights(arch: str, weights: str | Path, image_size: int) -> t
                 _pretrained_warning(arch, error)
             else:
                 print(f"torchvision's ImageNet weights for {arch} could not be loaded ({type(error).__name__}); "
-                      f"using the offline copy {offline}.", flush=True)
+                      f"using the offline copy {display_path(offline)}.", flush=True)
                 weights = offline
     if weights not in ("imagenet", "random"):
         return load_weights_file(arch, weights)

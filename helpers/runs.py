@@ -281,6 +281,7 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
     the output folder (an earlier run's outputs move to `.previous_run/`) and print what this run is.
     The smoke profile uses synthetic data unless `data_dir` is given."""
     from helpers.core import pick_device, seed_everything  # imports torch
+    from helpers.images import display_path
 
     cfg = apply_profile(profile, recipe_epochs=recipe_epochs, **overrides)
     seed = _check_seed(seed)
@@ -292,11 +293,12 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
     moved = retire_previous_outputs(out_dir)
     record_outputs(out_dir, run.run_id, [])
     if output_root() != project_root():
-        print(f"The course folder {project_root()} is read-only: outputs and generated data go to "
-              f"{output_root()} instead.")
-    print(f"{notebook}: profile {cfg.profile!r} | data {data_dir or 'auto (locate/download)'} | {cfg.image_size} px | "
+        print(f"The course folder {display_path(project_root())} is read-only: outputs and generated data go to "
+              f"{display_path(output_root())} instead.")
+    data = "auto (locate/download)" if data_dir is None else display_path(data_dir)
+    print(f"{notebook}: profile {cfg.profile!r} | data {data} | {cfg.image_size} px | "
           f"{cfg.epochs} epoch(s) | batch {cfg.batch_size} | max/class {cfg.max_per_class or 'all'} | pretrained "
-          f"requested: {cfg.pretrained} | device {device} | outputs -> {run.out_dir} | run {run.run_id}")
+          f"requested: {cfg.pretrained} | device {device} | outputs -> {display_path(run.out_dir)} | run {run.run_id}")
     if moved:
         print(f"  an earlier run's {len(moved)} output file(s) moved to {out_dir / PREVIOUS_RUN_DIR}")
     return run

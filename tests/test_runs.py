@@ -160,6 +160,16 @@ def test_save_predictions_outside_every_root_keeps_the_path_as_it_prints(tmp_pat
     assert pd.read_csv(path)["image"].tolist() == ["/nowhere/x.png"]
 
 
+def test_start_run_names_folders_under_the_working_directory_relatively(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    runs.start_run("04_x", "smoke", data_dir=str(tmp_path / "shared" / "data"), output_dir=str(tmp_path / "out"))
+    printed = capsys.readouterr().out
+    assert "| data ../shared/data |" in printed and "outputs -> ../out |" in printed
+    assert str(tmp_path) not in printed
+
+
 def test_start_run_moves_an_earlier_runs_predictions_aside(tmp_path) -> None:
     run = runs.start_run("04_x", "smoke", output_dir=str(tmp_path))
     runs.save_predictions(run, "val", pd.DataFrame({"path": ["a.png"]}), [1], [[0.1, 0.9]], ["a", "b"])
