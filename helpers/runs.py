@@ -290,7 +290,7 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
         data_dir = "synthetic"
     seed_everything(seed)
     run = Run(notebook, cfg, None if data_dir is None else str(data_dir), out_dir, device := pick_device(), seed)
-    moved = retire_previous_outputs(out_dir)
+    retire_previous_outputs(out_dir)  # silently: the run's own earlier outputs only, never a user's file
     record_outputs(out_dir, run.run_id, [])
     if output_root() != project_root():
         print(f"The course folder {display_path(project_root())} is read-only: outputs and generated data go to "
@@ -299,8 +299,6 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
     print(f"{notebook}: profile {cfg.profile!r} | data {data} | {cfg.image_size} px | "
           f"{cfg.epochs} epoch(s) | batch {cfg.batch_size} | max/class {cfg.max_per_class or 'all'} | pretrained "
           f"requested: {cfg.pretrained} | device {device} | outputs -> {display_path(run.out_dir)} | run {run.run_id}")
-    if moved:
-        print(f"  an earlier run's {len(moved)} output file(s) moved to {out_dir / PREVIOUS_RUN_DIR}")
     return run
 
 

@@ -170,9 +170,11 @@ def test_start_run_names_folders_under_the_working_directory_relatively(tmp_path
     assert str(tmp_path) not in printed
 
 
-def test_start_run_moves_an_earlier_runs_predictions_aside(tmp_path) -> None:
+def test_start_run_moves_an_earlier_runs_predictions_aside(tmp_path, capsys) -> None:
     run = runs.start_run("04_x", "smoke", output_dir=str(tmp_path))
     runs.save_predictions(run, "val", pd.DataFrame({"path": ["a.png"]}), [1], [[0.1, 0.9]], ["a", "b"])
+    capsys.readouterr()
     runs.start_run("04_x", "smoke", output_dir=str(tmp_path))
+    assert runs.PREVIOUS_RUN_DIR not in capsys.readouterr().out  # housekeeping, not for the page
     assert not (tmp_path / "val_predictions.csv").exists()
     assert (tmp_path / runs.PREVIOUS_RUN_DIR / "val_predictions.csv").is_file()
