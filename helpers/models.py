@@ -8,6 +8,8 @@ The models keep torchvision's structure (head: ``fc``, ``classifier`` or ``heads
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -188,7 +190,11 @@ def _torchvision_imagenet(arch: str, image_size: int) -> nn.Module:
     """torchvision's DEFAULT ImageNet model (ViT-B/16 with position embeddings interpolated to ``image_size``)."""
     from torchvision.models.vision_transformer import interpolate_embeddings
 
-    model = _load_pretrained(arch)
+    said = io.StringIO()  # torch.hub's "Downloading: ... to /root/..." (stdout or stderr) and its progress bar
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        model = _load_pretrained(arch)  # on failure the caller's one-line note says what happened
+    if said.getvalue():
+        print(f"Downloaded torchvision's ImageNet weights for {arch}.", flush=True)
     if arch != "vit_b_16" or image_size == 224:
         return model
     warnings.warn(f"ViT-B/16 ImageNet weights were trained at 224 px; image_size={image_size}: position embeddings "
