@@ -403,6 +403,17 @@ def figure_stamp(run: Run, splits: Any = None, model: Any = None, weights: dict 
     return " | ".join(parts)
 
 
+def _split_sizes(splits: Any) -> dict[str, int] | None:
+    """Images per split ({"train": n, "val": n, "test": n}) of a `DataSplits`; None for an object without them."""
+    sizes = {}
+    for split in ("train", "val", "test"):
+        try:
+            sizes[split] = len(getattr(splits, split))
+        except (AttributeError, TypeError, KeyError):  # no such split
+            pass
+    return sizes or None
+
+
 def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretrained: bool | None = None,
                    weights: dict | None = None, class_names: Sequence[str] | None = None,
                    threshold: float | None = None, val: dict | None = None, test: dict | None = None,
@@ -416,7 +427,8 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretraine
         "data_dir": portable_data_dir(_data_dir(run, splits)), "model": model, "pretrained": pretrained,
         "image_size": run.cfg.image_size, "class_names": list(class_names), "threshold": threshold,
         "val": val, "test": test, "timing": timing, "device": str(run.device),
-        **{key: value for key, value in (("weights", weights), ("runs", runs)) if value is not None}, **extra}
+        **{key: value for key, value in (("n_images", _split_sizes(splits)), ("weights", weights), ("runs", runs))
+           if value is not None}, **extra}
     record.update(figures=list(figures), run_id=run.run_id, started_at=run.started_at, written_at=now_iso(),
                   n_bootstrap=run.cfg.n_bootstrap)
     return to_jsonable(record)
