@@ -298,7 +298,8 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
     data = "auto (locate/download)" if data_dir is None else display_path(data_dir)
     print(f"{notebook}: profile {cfg.profile!r} | data {data} | {cfg.image_size} px | "
           f"{cfg.epochs} epoch(s) | batch {cfg.batch_size} | max/class {cfg.max_per_class or 'all'} | pretrained "
-          f"requested: {cfg.pretrained} | device {device} | outputs -> {display_path(run.out_dir)} | run {run.run_id}")
+          f"requested: {cfg.pretrained} | device {device} | outputs -> {display_path(run.out_dir)} | "
+          f"run {run.run_id}")
     return run
 
 
