@@ -331,12 +331,22 @@ def _literal(text: str) -> Any:
         return text
 
 
-def _parameters(args: argparse.Namespace, stem: str) -> dict[str, Any]:
+def _relative_to(folder: str | Path, cwd: Path) -> str:
+    """`folder` as seen from `cwd` (e.g. ../../shared/data), absolute where it has no relative form."""
+    try:
+        return Path(os.path.relpath(Path(folder).resolve(), cwd.resolve())).as_posix()
+    except ValueError:  # another drive
+        return str(Path(folder).resolve())
+
+
+def _parameters(args: argparse.Namespace, stem: str, cwd: Path | None = None) -> dict[str, Any]:
     params: dict[str, Any] = {"PROFILE": args.profile}
     if args.data_dir is not None:
         data_dir = args.data_dir
-        # Notebooks run with cwd = notebooks/, so make folder paths absolute.
-        params["DATA_DIR"] = data_dir if data_dir == "synthetic" else str(Path(data_dir).resolve())
+        # Notebooks run with cwd = their folder (`cwd`, default notebooks/): a folder is named from there, so
+        # the executed copies show no machine path.
+        folder = cwd or args.notebooks_dir
+        params["DATA_DIR"] = data_dir if data_dir == "synthetic" else _relative_to(data_dir, folder)
     if args.output_dir_root is not None:
         params["OUTPUT_DIR"] = str((args.output_dir_root / stem).resolve())
     for item in args.parameter:
@@ -359,8 +369,8 @@ def _execute_all(notebooks: Sequence[Path], args: argparse.Namespace, timeout: f
     for i, path in enumerate(notebooks, start=1):
         print(f"[{i}/{len(notebooks)}] {path.stem} ...", end=" ", flush=True)
         result = run_notebook(
-            path, args.build_dir / "notebooks" / f"{path.stem}.ipynb", _parameters(args, path.stem), timeout
-        )
+            path, args.build_dir / "notebooks" / f"{path.stem}.ipynb", _parameters(args, path.stem, path.parent),
+            timeout)
         results.append(result)
         if reference and result.executed_path is not None:
             keep_executed_copy(result.executed_path, result.name, root / "assets", root)

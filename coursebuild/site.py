@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(__file__).resolve().parent / "sphinx"
 README_LINK = re.compile(r"\[([^\]]+)\]\(notebooks/(\d\d_[^)/]+)\.ipynb\)")
 CHAPTER_LINK = re.compile(r"\]\(\.\./(\d\d_[^)/]+\.ipynb)\)")
+CAPTION = re.compile(r"\*\*Figure \d+\.\*\*")  # a markdown cell after a figure that starts so is its caption
 RELATIVE_LINK = re.compile(r"\[([^\]]+)\]\((?![a-z]+:|#)[^)]+\)")
 KEY_COLUMNS = ["notebook", "profile", "data", "model", "weights", "image size",
                "balanced accuracy", "AUC [95% CI]"]
@@ -162,6 +163,9 @@ def chapter_notebook(chapter: Chapter, banner: str) -> nbformat.NotebookNode:
             if cell.cell_type == "markdown":
                 cell.source = CHAPTER_LINK.sub(r"](../chapters/\1)", cell.source)
         nb.cells = exercise_cells_with_answers(nb.cells, chapter.stem[:2])
+    for before, cell in zip(nb.cells, nb.cells[1:]):
+        if before.cell_type == "code" and cell.cell_type == "markdown" and CAPTION.match(cell.source.lstrip()):
+            cell.source = f"`````{{container}} figure-caption\n{cell.source.strip()}\n`````"  # course.css
     first = nb.cells[0] if nb.cells else None
     if first is not None and first.cell_type == "markdown" and first.source.startswith("# "):
         title, _, rest = first.source.partition("\n")

@@ -287,7 +287,7 @@ def _require_every_class(frame: pd.DataFrame, spec: DatasetSpec, carved: tuple[s
 
 def _scan_notes(frame: pd.DataFrame, root: Path, name: str, synthetic: bool) -> list[str]:
     """The notes on what the scan used, skipped and left out."""
-    notes = [f"Data: {root}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
+    notes = [f"Data: {display_path(root)}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
     if skipped := frame.attrs.get("skipped"):
         notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
     if unknown := frame.attrs.get("unknown_folders"):

@@ -219,7 +219,12 @@ def exif_orientation(image: Image.Image) -> int:
 
 
 def display_path(path: str | Path) -> str:
-    """A path that prints: bytes of a non-UTF-8 name shown as \\x escapes."""
+    """A path that prints: relative to the working directory (as given where it has no relative form, e.g.
+    another drive), bytes of a non-UTF-8 name shown as \\x escapes."""
+    try:
+        path = os.path.relpath(path)
+    except (ValueError, OSError, TypeError):  # another drive, the working directory gone, no path
+        pass
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")
 
 

@@ -74,7 +74,8 @@ def _load_cache(target: Path, n: int, image_size: int) -> torch.Tensor | None:
         problem = "it holds something else than the expected uint8 images"
     except Exception as err:  # truncated or overwritten file
         problem = f"{type(err).__name__}: {err}"
-    warnings.warn(f"The image cache {target} could not be used ({problem}); rebuilding it.", stacklevel=3)
+    warnings.warn(f"The image cache {image_files.display_path(target)} could not be used ({problem}); "
+                  "rebuilding it.", stacklevel=3)
     return None
 
 

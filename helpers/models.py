@@ -8,6 +8,8 @@ The models keep torchvision's structure (head: ``fc``, ``classifier`` or ``heads
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import warnings
 from pathlib import Path
@@ -19,6 +21,7 @@ import torchvision
 from torch import nn
 
 from helpers.core import IMAGENET_MEAN, IMAGENET_STD, model_device
+from helpers.images import display_path
 from helpers.runs import project_root
 
 ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101", "resnet152", "densenet121", "mobilenet_v2",
@@ -167,7 +170,8 @@ def _pretrained_warning(arch: str, error: Exception) -> None:
                "internet (Kaggle: Settings -> Internet on), put the torchvision weight file in "
                "~/.cache/torch/hub/checkpoints/, or (MobileNetV2) put a weights file converted by "
                f"tools/convert_tflite_weights.py in data/weights/ or in the folder named by ${WEIGHTS_DIR_ENV}."
-               + (f" {tflite} is there but not converted: run `{CONVERT_COMMAND} --tflite {tflite}`." if tflite else ""))
+               + (f" {display_path(tflite)} is there but not converted: run `{CONVERT_COMMAND} --tflite "
+                  f"{display_path(tflite)}`." if tflite else ""))
     warnings.warn(message, RuntimeWarning, stacklevel=4)
     if arch in _ANNOUNCED:  # the full banner once per architecture, then a reminder
         print(f"!! {arch}: again no ImageNet weights, random initialisation (model.pretrained = False)", flush=True)
@@ -186,7 +190,11 @@ def _torchvision_imagenet(arch: str, image_size: int) -> nn.Module:
     """torchvision's DEFAULT ImageNet model (ViT-B/16 with position embeddings interpolated to ``image_size``)."""
     from torchvision.models.vision_transformer import interpolate_embeddings
 
-    model = _load_pretrained(arch)
+    said = io.StringIO()  # torch.hub's "Downloading: ... to /root/..." (stdout or stderr) and its progress bar
+    with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+        model = _load_pretrained(arch)  # on failure the caller's one-line note says what happened
+    if said.getvalue():
+        print(f"Downloaded torchvision's ImageNet weights for {arch}.", flush=True)
     if arch != "vit_b_16" or image_size == 224:
         return model
     warnings.warn(f"ViT-B/16 ImageNet weights were trained at 224 px; image_size={image_size}: position embeddings "
@@ -208,7 +216,7 @@ def _backbone_with_weights(arch: str, weights: str | Path, image_size: int) -> t
                 _pretrained_warning(arch, error)
             else:
                 print(f"torchvision's ImageNet weights for {arch} could not be loaded ({type(error).__name__}); "
-                      f"using the offline copy {offline}.", flush=True)
+                      f"using the offline copy {display_path(offline)}.", flush=True)
                 weights = offline
     if weights not in ("imagenet", "random"):
         return load_weights_file(arch, weights)

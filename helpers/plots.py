@@ -293,19 +293,21 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
         raise ValueError(f"images_u8 must have shape (N, 3, H, W), got {tuple(images.shape)}")
     images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
     probs, pred, heatmaps = gradcam.explain(model, images, target_layer=target_layer, threshold=threshold)
-    fig, axes = new_figure(nrows=2, ncols=len(images), figsize=(2.2 * len(images), 4.8), squeeze=False)
+    cols, groups = min(4, len(images)), -(-len(images) // 4)  # at most 4 panels a row, each about 3 inches
+    fig, axes = new_figure(nrows=2 * groups, ncols=cols, figsize=(3 * cols, 6.6 * groups), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
     for i, image in enumerate(images):
+        top, col = 2 * (i // cols), i % cols
         title, color = f"pred {class_names[pred[i]]} ({probs[i, pred[i]]:.2f})", "black"
         if y_true is not None:
             title = f"true {class_names[int(y_true[i])]}\n" + title
             color = "black" if int(y_true[i]) == pred[i] else "red"
-        axes[0, i].imshow(to_display(image))
-        axes[0, i].set_title(title, fontsize=8, color=color)
-        axes[1, i].imshow(overlay(image, heatmaps[i], alpha=alpha))
-        axes[1, i].set_title("Grad-CAM", fontsize=8)
-        for ax in axes[:, i]:
-            ax.axis("off")
-    fig.suptitle("Grad-CAM: where the evidence for the predicted class is", fontsize=10)
+        axes[top, col].imshow(to_display(image))
+        axes[top, col].set_title(title, fontsize=10, color=color)
+        axes[top + 1, col].imshow(overlay(image, heatmaps[i], alpha=alpha))
+        axes[top + 1, col].set_title("Grad-CAM", fontsize=10)
+    fig.suptitle("Grad-CAM: where the evidence for the predicted class is", fontsize=12)
     return save_figure(fig, out_dir, name)
 
 

@@ -277,6 +277,7 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
     the output folder (an earlier run's outputs move to `.previous_run/`) and print what this run is.
     The smoke profile uses synthetic data unless `data_dir` is given."""
     from helpers.core import pick_device, seed_everything  # imports torch
+    from helpers.images import display_path
 
     cfg = apply_profile(profile, recipe_epochs=recipe_epochs, **overrides)
     seed = _check_seed(seed)
@@ -285,16 +286,16 @@ def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed:
         data_dir = "synthetic"
     seed_everything(seed)
     run = Run(notebook, cfg, None if data_dir is None else str(data_dir), out_dir, device := pick_device(), seed)
-    moved = retire_previous_outputs(out_dir)
+    retire_previous_outputs(out_dir)  # silently: the run's own earlier outputs only, never a user's file
     record_outputs(out_dir, run.run_id, [])
     if output_root() != project_root():
-        print(f"The course folder {project_root()} is read-only: outputs and generated data go to "
-              f"{output_root()} instead.")
-    print(f"{notebook}: profile {cfg.profile!r} | data {data_dir or 'auto (locate/download)'} | {cfg.image_size} px | "
+        print(f"The course folder {display_path(project_root())} is read-only: outputs and generated data go to "
+              f"{display_path(output_root())} instead.")
+    data = "auto (locate/download)" if data_dir is None else display_path(data_dir)
+    print(f"{notebook}: profile {cfg.profile!r} | data {data} | {cfg.image_size} px | "
           f"{cfg.epochs} epoch(s) | batch {cfg.batch_size} | max/class {cfg.max_per_class or 'all'} | pretrained "
-          f"requested: {cfg.pretrained} | device {device} | outputs -> {run.out_dir} | run {run.run_id}")
-    if moved:
-        print(f"  an earlier run's {len(moved)} output file(s) moved to {out_dir / PREVIOUS_RUN_DIR}")
+          f"requested: {cfg.pretrained} | device {device} | outputs -> {display_path(run.out_dir)} | "
+          f"run {run.run_id}")
     return run
 
 
@@ -399,6 +400,17 @@ def figure_stamp(run: Run, splits: Any = None, model: Any = None, weights: dict 
     return " | ".join(parts)
 
 
+def _split_sizes(splits: Any) -> dict[str, int] | None:
+    """Images per split ({"train": n, "val": n, "test": n}) of a `DataSplits`; None for an object without them."""
+    sizes = {}
+    for split in ("train", "val", "test"):
+        try:
+            sizes[split] = len(getattr(splits, split))
+        except (AttributeError, TypeError, KeyError):  # no such split
+            pass
+    return sizes or None
+
+
 def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretrained: bool | None = None,
                    weights: dict | None = None, class_names: Sequence[str] | None = None,
                    threshold: float | None = None, val: dict | None = None, test: dict | None = None,
@@ -412,7 +424,8 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretraine
         "data_dir": portable_data_dir(_data_dir(run, splits)), "model": model, "pretrained": pretrained,
         "image_size": run.cfg.image_size, "class_names": list(class_names), "threshold": threshold,
         "val": val, "test": test, "timing": timing, "device": str(run.device),
-        **{key: value for key, value in (("weights", weights), ("runs", runs)) if value is not None}, **extra}
+        **{key: value for key, value in (("n_images", _split_sizes(splits)), ("weights", weights), ("runs", runs))
+           if value is not None}, **extra}
     record.update(figures=list(figures), run_id=run.run_id, started_at=run.started_at, written_at=now_iso(),
                   n_bootstrap=run.cfg.n_bootstrap)
     return to_jsonable(record)

@@ -318,7 +318,7 @@ def exclusion_notes(excluded: list[tuple[str, str]], nested: list[str], links: l
             suffixes = pd.Series([Path(p).suffix.lower() or "(none)" for p in paths]).value_counts()
             kinds = " [" + ", ".join(f"{k} {v}" for k, v in suffixes.head(5).items()) + "]"
             kinds = kinds if reason in ("unsupported", "not_image") else ""
-            parts.append(f"{len(paths)} {REASONS[reason]}{kinds}, e.g. {paths[0]}")
+            parts.append(f"{len(paths)} {REASONS[reason]}{kinds}, e.g. {display_path(paths[0])}")
         notes.append(f"Not used: {len(excluded)} file(s) or folder(s) under the root: " + "; ".join(parts)
                      + " (listed in splits.excluded).")
     return notes + ([f"Used {len(nested)} image(s) from sub-folders of class folders, with the class of the folder "

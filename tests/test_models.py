@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import urllib.error
 
 import pytest
@@ -200,6 +201,19 @@ def test_pretrained_unavailable_warns_prints_and_falls_back(monkeypatch, capsys)
         model = build_model("resnet18", 2, pretrained=True)
     assert model.pretrained is False and model.arch == "resnet18"
     assert "PRETRAINED WEIGHTS NOT AVAILABLE" in capsys.readouterr().out
+
+
+def test_a_failed_download_leaves_no_machine_path_in_the_output(monkeypatch, capsys) -> None:
+    def offline(arch: str) -> nn.Module:
+        sys.stdout.write('Downloading: "https://download.pytorch.org/models/x.pth" to /root/.cache/x.pth\n')
+        sys.stderr.write("  0%|          | 0.00/13.6M [00:00<?, ?B/s]\n")
+        raise urllib.error.URLError("no internet")
+
+    monkeypatch.setattr(models, "_load_pretrained", offline)
+    with pytest.warns(RuntimeWarning):
+        build_model("resnet18", 2, pretrained=True)
+    printed = capsys.readouterr()
+    assert "Downloading" not in printed.err + printed.out and "0%" not in printed.err + printed.out
 
 
 def test_pretrained_available_is_recorded(monkeypatch) -> None:

@@ -276,6 +276,16 @@ def test_extra_parameters_are_parsed_as_literals():
         run_all._parameters(run_all._parse_args(["-p", "oops"]), "04_x")
 
 
+def test_a_data_folder_is_injected_relative_to_the_notebooks_folder(tmp_path):
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "main" / "notebooks").mkdir(parents=True)
+    args = run_all._parse_args(["--data-dir", str(tmp_path / "shared" / "data"),
+                                "--notebooks-dir", str(tmp_path / "main" / "notebooks")])
+    assert run_all._parameters(args, "04_x")["DATA_DIR"] == "../../shared/data"  # papermill's cwd: notebooks/
+    nested = tmp_path / "main" / "notebooks" / "exercises"
+    assert run_all._parameters(args, "04_x", nested)["DATA_DIR"] == "../../../shared/data"
+
+
 def test_collect_only_tables_every_metrics_file_with_its_profile_and_data(tmp_path):
     root = tmp_path / "course"
     (root / "notebooks").mkdir(parents=True)

@@ -69,6 +69,17 @@ def test_save_metrics_schema_and_json(tmp_path) -> None:
     assert sorted(f.name for f in (tmp_path / "assets" / "04").iterdir()) == [runs.OUTPUTS_FILE, "metrics.json"]  # no temporary file
 
 
+def test_metrics_record_counts_the_images_of_each_split(tmp_path) -> None:
+    frame = pd.DataFrame({"path": [f"{i}.png" for i in range(6)], "split": ["train"] * 3 + ["val"] * 2 + ["test"],
+                          "class_name": ["a"] * 6})
+    splits = SimpleNamespace(root=tmp_path, class_names=["a"], train=frame[frame.split == "train"],
+                             val=frame[frame.split == "val"], test=frame[frame.split == "test"])
+    record = runs.metrics_record(_run(tmp_path / "out"), splits, dataset="x", model="resnet18")
+    assert record["n_images"] == {"train": 3, "val": 2, "test": 1}
+    no_frames = runs.metrics_record(_run(tmp_path / "out"), SimpleNamespace(root=tmp_path), dataset="x", model="m")
+    assert "n_images" not in no_frames  # an object without split frames: no key, no error
+
+
 def test_results_table_flattens_files_and_runs(tmp_path) -> None:
     y, p = _random_case(0, 2, n=80)
     block = ev.compute_metrics(y, p, ["NORMAL", "PNEUMONIA"], n_bootstrap=100)
@@ -160,9 +171,21 @@ def test_save_predictions_outside_every_root_keeps_the_path_as_it_prints(tmp_pat
     assert pd.read_csv(path)["image"].tolist() == ["/nowhere/x.png"]
 
 
-def test_start_run_moves_an_earlier_runs_predictions_aside(tmp_path) -> None:
+def test_start_run_names_folders_under_the_working_directory_relatively(tmp_path, monkeypatch, capsys) -> None:
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    runs.start_run("04_x", "smoke", data_dir=str(tmp_path / "shared" / "data"), output_dir=str(tmp_path / "out"))
+    printed = capsys.readouterr().out
+    assert "| data ../shared/data |" in printed and "outputs -> ../out |" in printed
+    assert str(tmp_path) not in printed
+
+
+def test_start_run_moves_an_earlier_runs_predictions_aside(tmp_path, capsys) -> None:
     run = runs.start_run("04_x", "smoke", output_dir=str(tmp_path))
     runs.save_predictions(run, "val", pd.DataFrame({"path": ["a.png"]}), [1], [[0.1, 0.9]], ["a", "b"])
+    capsys.readouterr()
     runs.start_run("04_x", "smoke", output_dir=str(tmp_path))
+    assert runs.PREVIOUS_RUN_DIR not in capsys.readouterr().out  # housekeeping, not for the page
     assert not (tmp_path / "val_predictions.csv").exists()
     assert (tmp_path / runs.PREVIOUS_RUN_DIR / "val_predictions.csv").is_file()

@@ -233,3 +233,21 @@ def test_exercise_pages_fold_each_solution_and_answer_from_the_package() -> None
                 assert chapter.problems[cell.metadata["exercise"]].solution_code.strip() in folded
         answers = "\n".join(c.source for c in cells if c.cell_type == "markdown")
         assert answers.count("<summary>Answer</summary>") == len(chapter.questions_list), path.name
+
+
+def test_a_figure_caption_cell_is_wrapped_for_its_style() -> None:
+    """A markdown cell starting "**Figure N.**" right after a code cell renders as a caption (course.css)."""
+    from types import SimpleNamespace
+
+    import nbformat
+
+    from coursebuild.site import chapter_notebook
+
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# 04 x"), nbformat.v4.new_code_cell("plot()"),
+        nbformat.v4.new_markdown_cell("**Figure 1.** Curves.\n\n$$ J = a - 1 $$"),
+        nbformat.v4.new_markdown_cell("**Figure 2.** not after a figure")])
+    chapter = SimpleNamespace(notebook=nb, exercises=False, title="x", stem="04_x")
+    cells = chapter_notebook(chapter, "banner").cells
+    assert cells[2].source.startswith("`````{container} figure-caption\n**Figure 1.** Curves.")
+    assert cells[3].source == "**Figure 2.** not after a figure"

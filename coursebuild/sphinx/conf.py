@@ -12,7 +12,8 @@ extensions = ["myst_nb", "sphinx.ext.githubpages"]  # githubpages: writes .nojek
 nb_execution_mode = "off"  # render the notebooks as the runner executed them
 nb_output_stderr = "show"
 nb_merge_streams = True
-myst_enable_extensions = ["colon_fence"]
+# $...$ and $$...$$ equations: MathJax, which the page loads from its CDN (offline they show as TeX).
+myst_enable_extensions = ["colon_fence", "dollarmath", "amsmath"]
 myst_heading_anchors = 3
 exclude_patterns = ["_build", ".doctrees", "**.ipynb_checkpoints"]
 # Notebook headings start at H1 in each chapter and the papermill error anchor is raw HTML.
