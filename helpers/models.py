@@ -172,7 +172,6 @@ def _pretrained_warning(arch: str, error: Exception) -> None:
                f"tools/convert_tflite_weights.py in data/weights/ or in the folder named by ${WEIGHTS_DIR_ENV}."
                + (f" {display_path(tflite)} is there but not converted: run `{CONVERT_COMMAND} --tflite "
                   f"{display_path(tflite)}`." if tflite else ""))
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
     if arch in _ANNOUNCED:  # the full banner once per architecture, then a reminder
         print(f"!! {arch}: again no ImageNet weights, random initialisation (model.pretrained = False)", flush=True)
         return

@@ -197,10 +197,10 @@ def test_pretrained_unavailable_warns_prints_and_falls_back(monkeypatch, capsys)
         raise urllib.error.URLError("no internet")
 
     monkeypatch.setattr(models, "_load_pretrained", offline)
-    with pytest.warns(RuntimeWarning, match="RANDOM initialisation"):
-        model = build_model("resnet18", 2, pretrained=True)
+    model = build_model("resnet18", 2, pretrained=True)
     assert model.pretrained is False and model.arch == "resnet18"
-    assert "PRETRAINED WEIGHTS NOT AVAILABLE" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "PRETRAINED WEIGHTS NOT AVAILABLE" in printed and "RANDOM initialisation" in printed
 
 
 def test_a_failed_download_leaves_no_machine_path_in_the_output(monkeypatch, capsys) -> None:
@@ -210,8 +210,7 @@ def test_a_failed_download_leaves_no_machine_path_in_the_output(monkeypatch, cap
         raise urllib.error.URLError("no internet")
 
     monkeypatch.setattr(models, "_load_pretrained", offline)
-    with pytest.warns(RuntimeWarning):
-        build_model("resnet18", 2, pretrained=True)
+    build_model("resnet18", 2, pretrained=True)
     printed = capsys.readouterr()
     assert "Downloading" not in printed.err + printed.out and "0%" not in printed.err + printed.out
 
