@@ -1,8 +1,9 @@
 """Chapter 03, ViT-B/16 head only: tokens and the patch grid, what a frozen ViT leaves to train,
 Grad-CAM on patch tokens, where the NORMAL test images went, and the border-only shortcut probe.
 
-The material: ``IMAGE_SIZE``/``PATCH`` (the chapter's 224 px and 16 px), ``vit`` (a small real
-torchvision ViT, patch 16, 64 px, width 32, random weights, backbone frozen, head ``vit.heads``),
+The material: ``IMAGE_SIZE``/``PATCH`` (the recipe's 224 px with ImageNet weights, and 16 px),
+``vit`` (a small real torchvision ViT, patch 16, 64 px, width 32, random weights, backbone frozen,
+head ``vit.heads``),
 ``x`` (four chest X-rays at 64 px, real or in the smoke profile synthetic, one per class),
 ``tokens``/``grads`` (the tokens entering ``vit``'s last encoder block for ``x`` and the gradient of
 the predicted class's score with respect to them), ``class_names``, ``test_pred``/``val_pred`` (the
@@ -22,7 +23,7 @@ from helpers.exercises.core import (Chapter, Experiment, Mistake, Problem, Quest
                                     probabilities)
 
 NOTEBOOK = "03_vit_b16_head_only"
-IMAGE_SIZE, PATCH, SMALL = 224, 16, 64  # the chapter's ViT-B/16 input; the exercises' small ViT
+IMAGE_SIZE, PATCH, SMALL = 224, 16, 64  # the recipe's ViT-B/16 input; the exercises' small ViT
 PROBE_SIZE, FRAME = 32, 4  # the chapter's border probe: 32 px thumbnails, the outer 4 px kept
 
 
