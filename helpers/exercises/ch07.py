@@ -526,9 +526,10 @@ QUESTIONS = [
 ]
 
 EXPERIMENTS = [
-    Experiment("A wrong view in numbers", "In chapter 07, add tta.vflip to WRONG (or as a third set) and rerun the "
-               "per-view table.", "Whether the upside-down view's validation AUC falls further from the identity "
-               "view's than the mirror's, and what averaging it in does to each model's AUC."),
+    Experiment("A wrong view in numbers", "In a copy of chapter 07, add tta.hflip and tta.vflip to VIEWS (not to "
+               "VIEW_SETS, so they are never chosen) and rerun the per-view table.", "Whether the upside-down "
+               "view's validation AUC falls further from the identity view's than the mirror's; the chapter itself "
+               "never mirrors a chest."),
     Experiment("Calibrate before you average", "Fit a temperature for each member on validation, average the "
                "calibrated probabilities, and compare the ensemble's test ECE with the chapter's.",
                "Whether calibrating members first lowers the ensemble's ECE, and whether its AUC moves (it may: "
