@@ -174,24 +174,34 @@ def _data_tour_line(metrics: Mapping[str, Any]) -> str:
     return line
 
 
+def _scores(test: Mapping[str, Any], macro: str) -> str:
+    """'test AUC 0.934 [0.914, 0.952], balanced accuracy 0.788 [...]' of one test block ('' if neither)."""
+    auc, balanced = _number(test.get("auc")), _number(test.get("balanced_accuracy"))
+    ci = test.get("ci95") or {}
+    parts = [f"test {macro}AUC {auc:.3f}{_interval(ci.get('auc'))}"] if auc is not None else []
+    if balanced is not None:
+        parts.append(f"balanced accuracy {balanced:.3f}{_interval(ci.get('balanced_accuracy'))}")
+    return ", ".join(parts)
+
+
 def key_line(metrics: Mapping[str, Any] | None) -> str:
-    """What a reader will see: the run's headline test numbers with their 95% interval."""
+    """What a reader will see: the run's headline test numbers with their 95% interval, then those of
+    each comparison run on ImageNet weights (a labelled block of ``runs``) that is not the headline."""
     if not metrics:
         return ""
     test = metrics.get("test") or {}
-    auc, balanced = _number(test.get("auc")), _number(test.get("balanced_accuracy"))
-    if auc is None and balanced is None:
+    macro = "macro " if len(metrics.get("class_names") or []) > 2 else ""
+    line = _scores(test, macro)
+    if not line:
         return _data_tour_line(metrics)
-    ci = test.get("ci95") or {}
-    parts = []
-    if auc is not None:
-        macro = "macro " if len(metrics.get("class_names") or []) > 2 else ""
-        parts.append(f"test {macro}AUC {auc:.3f}{_interval(ci.get('auc'))}")
-    if balanced is not None:
-        parts.append(f"balanced accuracy {balanced:.3f}{_interval(ci.get('balanced_accuracy'))}")
     chosen = metrics.get("chosen")
     name = (chosen.get("name") if isinstance(chosen, Mapping) else None) or metrics.get("strategy") or metrics.get("model")
-    return ", ".join(parts) + (f" ({name})" if name else "")
+    line += f" ({name})" if name else ""
+    for run in metrics.get("runs") or []:
+        label, block = run.get("label"), run.get("test")
+        if isinstance(label, str) and "ImageNet" in label and isinstance(block, Mapping) and block != test:
+            line += f"; {label}: {_scores(block, macro)}" if _scores(block, macro) else ""
+    return line
 
 
 def duration(seconds: float | None) -> str:
