@@ -327,7 +327,7 @@ def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetS
 
 
 def _grouping_notes(train: pd.DataFrame) -> list[str]:
-    """Which rule grouped how many images; a loud note (a warning if none were grouped) for images by image."""
+    """Which rule grouped how many images; a loud note for images split by image (`DataSplits.notes`)."""
     grouped = train[~train["patient_rule"].isin(IMAGE_IDS)]
     parts = [f"{len(part)} images into {part['patient_id'].nunique()} patients by {rule}"
              for rule, part in grouped.groupby("patient_rule", sort=False)]
@@ -340,8 +340,6 @@ def _grouping_notes(train: pd.DataFrame) -> list[str]:
                      "may leak into two splits (scores look better than they are). Give the grouping with "
                      'load_splits(..., groups=...): a function of the path, a CSV of file,patient, or "parent" (one '
                      "folder per patient).")
-        if grouped.empty:
-            warnings.warn(notes[-1], stacklevel=3)
     return notes
 
 
