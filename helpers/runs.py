@@ -364,8 +364,11 @@ def _data_dir(run: Run, splits: Any) -> Any:
 WEIGHTS_KEYS = ("source", "file", "sha256", "padding", "input_mean", "input_std", "agreement", "batchnorm")
 
 
-def weights_label(block: dict | None, pretrained: bool | None = None) -> str:
-    """"ImageNet (TFLite, converted)", "torchvision ImageNet", "random"... from a metrics.json `weights` block."""
+def weights_label(block: dict | str | None, pretrained: bool | None = None) -> str:
+    """"ImageNet (TFLite, converted)", "torchvision ImageNet", "random"... from a metrics.json `weights` block
+    (a string there is already such a label)."""
+    if isinstance(block, str):
+        return block
     source = str((block or {}).get("source") or "")
     if source.startswith("tflite-converted"):
         return "ImageNet (TFLite, converted)"

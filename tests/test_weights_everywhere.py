@@ -196,6 +196,10 @@ def test_metrics_json_gets_the_weights_block_and_results_name_them(tmp_path):
 
     assert "weights" in summary_frame(table).columns
     assert runs.weights_label({"source": "torchvision"}) == "torchvision ImageNet"
+    # A comparison run may record its weights as a label already (chapters 01 and 03).
+    compared = {**record, "runs": [{"label": "MobileNetV2, ImageNet", "weights": "ImageNet (TFLite, converted)",
+                                    "test": record.get("test")}]}
+    assert "ImageNet (TFLite, converted)" in list(records.results_table([compared])["weights"])
 
 
 def test_figures_carry_the_stamp_when_given(tmp_path):
