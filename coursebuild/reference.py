@@ -186,7 +186,8 @@ def _scores(test: Mapping[str, Any], macro: str) -> str:
 
 def key_line(metrics: Mapping[str, Any] | None) -> str:
     """What a reader will see: the run's headline test numbers with their 95% interval, then those of
-    each comparison run on ImageNet weights (a labelled block of ``runs``) that is not the headline."""
+    each single-model comparison run on ImageNet weights (a labelled block of ``runs``, not an ensemble)
+    that is not the headline."""
     if not metrics:
         return ""
     test = metrics.get("test") or {}
@@ -199,8 +200,9 @@ def key_line(metrics: Mapping[str, Any] | None) -> str:
     line += f" ({name})" if name else ""
     for run in metrics.get("runs") or []:
         label, block = run.get("label"), run.get("test")
-        if isinstance(label, str) and "ImageNet" in label and isinstance(block, Mapping) and block != test:
-            line += f"; {label}: {_scores(block, macro)}" if _scores(block, macro) else ""
+        single = isinstance(label, str) and "ImageNet" in label and "+" not in label  # not an ensemble
+        if single and isinstance(block, Mapping) and block != test and _scores(block, macro):
+            line += f"; {label.replace('|', '/')}: {_scores(block, macro)}"  # a table cell: no pipes
     return line
 
 

@@ -147,9 +147,10 @@ def test_what_you_will_see_is_the_runs_key_number_with_its_interval() -> None:
                                         "64% of pneumonia validation images beside a training image of the same patient")
     compared = {**metrics, "runs": [
         {"label": "ResNet-50, random weights", "test": metrics["test"]},
-        {"label": "MobileNetV2, ImageNet", "test": {"auc": 0.99, "balanced_accuracy": 0.9}}]}
+        {"label": "MobileNetV2, ImageNet | TTA none", "test": {"auc": 0.99, "balanced_accuracy": 0.9}},
+        {"label": "MobileNetV2, ImageNet + ResNet-50", "test": {"auc": 0.98, "balanced_accuracy": 0.9}}]}
     assert reference.key_line(compared) == reference.key_line(metrics) + (
-        "; MobileNetV2, ImageNet: test macro AUC 0.990, balanced accuracy 0.900")
+        "; MobileNetV2, ImageNet / TTA none: test macro AUC 0.990, balanced accuracy 0.900")
     assert reference.key_line(None) == "" and reference.key_line({"test": {"auc": None}}) == ""
 
 
