@@ -219,10 +219,12 @@ def exif_orientation(image: Image.Image) -> int:
 
 
 def display_path(path: str | Path) -> str:
-    """A path that prints: relative to the working directory (as given where it has no relative form, e.g.
-    another drive), bytes of a non-UTF-8 name shown as \\x escapes."""
+    """A path that prints: relative to the working directory when that is short (at most two levels up, not
+    the folder itself), else as given (another drive, a distant folder); bytes of a non-UTF-8 name as \\x."""
     try:
-        path = os.path.relpath(path)
+        relative = os.path.relpath(path)
+        if relative != "." and not relative.startswith(os.path.join(os.pardir, os.pardir, os.pardir)):
+            path = relative
     except (ValueError, OSError, TypeError):  # another drive, the working directory gone, no path
         pass
     return os.fsencode(str(path)).decode("utf-8", "backslashreplace")

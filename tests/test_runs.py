@@ -3,6 +3,7 @@ back from them): the schema, the files written, what a reader of them sees."""
 
 from __future__ import annotations
 
+import os
 import json
 import math
 from pathlib import Path
@@ -189,3 +190,15 @@ def test_start_run_moves_an_earlier_runs_predictions_aside(tmp_path, capsys) -> 
     assert runs.PREVIOUS_RUN_DIR not in capsys.readouterr().out  # housekeeping, not for the page
     assert not (tmp_path / "val_predictions.csv").exists()
     assert (tmp_path / runs.PREVIOUS_RUN_DIR / "val_predictions.csv").is_file()
+
+
+def test_paths_print_relative_when_short_else_as_given(tmp_path, monkeypatch):
+    from helpers.images import display_path
+
+    deep = tmp_path / "a" / "b" / "c" / "notebooks"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    assert display_path(deep / "x.png") == "x.png"
+    assert display_path(tmp_path / "a" / "b" / "data") == os.path.join("..", "..", "data")
+    assert display_path(deep) == str(deep)  # "." would say nothing
+    assert display_path(tmp_path / "far") == str(tmp_path / "far")  # three levels up: as given
