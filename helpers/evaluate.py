@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 import sklearn
+from scipy.stats import binomtest
 from sklearn.metrics import auc, average_precision_score, confusion_matrix, roc_curve
 from torch import nn
 
@@ -126,6 +127,14 @@ def _summary(y: np.ndarray, p: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
         recalls = np.bincount(y, weights=correct, minlength=p.shape[1]) / np.bincount(y, minlength=p.shape[1])
     return {"accuracy": float(correct.mean()), "balanced_accuracy": float(np.nanmean(recalls)),
             "auc": _auc(y, p), **{f"recall{c}": float(r) for c, r in enumerate(recalls)}}
+
+
+def proportion_ci(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of the proportion k / n (scipy), sane at 0 and n; (nan, nan) when n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    ci = binomtest(int(k), int(n)).proportion_ci(0.95, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = "auc",

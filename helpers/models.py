@@ -26,6 +26,9 @@ from helpers.runs import project_root
 
 ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101", "resnet152", "densenet121", "mobilenet_v2",
                                   "vit_b_16")
+DISPLAY_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
+                 "resnet152": "ResNet-152", "densenet121": "DenseNet-121", "mobilenet_v2": "MobileNetV2",
+                 "vit_b_16": "ViT-B/16"}
 HEADS: tuple[str, ...] = ("linear", "gap_dropout", "mlp")
 FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "last_block")
 
@@ -268,6 +271,12 @@ def build_model(arch: str, num_outputs: int, *, pretrained: bool | None = None, 
 _LAST_BLOCK = {"resnet": lambda m: [m.layer4], "densenet": lambda m: [m.features.denseblock4, m.features.norm5],
                "mobilenet": lambda m: [m.features[-2], m.features[-1]],
                "vit": lambda m: [m.encoder.layers[-1], m.encoder.ln]}
+
+
+def label(model: nn.Module) -> str:
+    """"ResNet-50, random weights" / "MobileNetV2, ImageNet": the architecture and the weights really loaded."""
+    arch, weights = _arch_of(model), "ImageNet" if getattr(model, "pretrained", False) else "random weights"
+    return f"{DISPLAY_NAMES.get(arch, arch)}, {weights}"
 
 
 def freeze_backbone(model: nn.Module) -> nn.Module:

@@ -124,7 +124,15 @@ def collapse_note(block: dict[str, Any], class_names: Sequence[str], **threshold
             "(notebook 05) and more epochs (the `full` profile) are the usual ways out.")
 
 
-def _enough_digits(a: float, b: float, start: int = 3, most: int = 8) -> int:
+def interval_columns(block: dict[str, Any], metric: str, prefix: str = "") -> dict[str, float]:
+    """One metric of a `compute_metrics` block and its 95% interval as three table columns (NaN if undefined:
+    no bar, no whiskers): {prefix+metric, prefix+metric_lo, prefix+metric_hi}."""
+    lo, hi = (block.get("ci95") or {}).get(metric) or (None, None)
+    return {f"{prefix}{metric}{end}": math.nan if _undefined(v) else float(v)
+            for end, v in (("", block.get(metric)), ("_lo", lo), ("_hi", hi))}
+
+
+def enough_digits(a: float, b: float, start: int = 3, most: int = 8) -> int:
     """The fewest digits (`start` to `most`) at which `a` and `b` print differently; `start` when equal."""
     return start if a == b else next((d for d in range(start, most) if f"{a:.{d}f}" != f"{b:.{d}f}"), most)
 
@@ -140,7 +148,7 @@ def versus(name_a: str, name_b: str, diff: dict[str, Any], digits: int = 3) -> s
     lo, hi = ci
     if lo > 0 or hi < 0:
         near, far = sorted((abs(lo), abs(hi)))
-        n = _enough_digits(near, 0.0, digits)  # an interval that excludes 0 never prints as touching it
+        n = enough_digits(near, 0.0, digits)  # an interval that excludes 0 never prints as touching it
         return (f"{name_a} is {'higher' if lo > 0 else 'lower'} than {name_b} by {abs(d):.{n}f} "
                 f"[{near:.{n}f}, {far:.{n}f}]")
     return f"{name_a} and {name_b} are not clearly different (difference {d:+.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}])"
@@ -152,5 +160,5 @@ def target_note(what: str, value: float | None, target: float, *, higher_is_bett
         return f"{what}: undefined (target {target})"
     met = value >= target if higher_is_better else value <= target
     op = (">=" if met else "<") if higher_is_better else ("<=" if met else ">")
-    n = _enough_digits(value, target)
+    n = enough_digits(value, target)
     return f"{what}: {'met' if met else 'missed'} ({value:.{n}f} {op} {target:.{n}f})"

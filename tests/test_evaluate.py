@@ -389,3 +389,12 @@ def test_epoch_metrics_are_nan_when_a_class_is_missing_and_match_sklearn() -> No
     assert scores["auc"] == pytest.approx(roc_auc_score(y, p, multi_class="ovr", average="macro"))
 
 
+
+
+def test_proportion_ci_is_wilsons_interval() -> None:
+    lo, hi = ev.proportion_ci(8, 10)
+    z, p, n = 1.959964, 0.8, 10  # Wilson's formula by hand
+    d = 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    assert np.isclose(lo, centre - half, atol=1e-5) and np.isclose(hi, centre + half, atol=1e-5)
+    assert ev.proportion_ci(0, 10)[0] == 0.0 and all(np.isnan(ev.proportion_ci(0, 0)))

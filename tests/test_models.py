@@ -255,3 +255,10 @@ def test_placeholder_batchnorm_statistics_are_estimated_only_when_frozen_and_uns
     assert estimate_frozen_batchnorm(model, loader, "cpu") == 0  # real statistics: left alone
     trainable = build_model("mobilenet_v2", 2, pretrained=False, freeze="none")
     assert estimate_frozen_batchnorm(trainable, loader, "cpu") == 0  # trainable BN learns its own
+
+
+def test_a_models_label_names_the_weights_it_really_has() -> None:
+    model = build_model("resnet18", 2, weights="random")
+    assert models.label(model) == "ResNet-18, random weights"
+    model.pretrained = True
+    assert models.label(model) == "ResNet-18, ImageNet"

@@ -3,6 +3,7 @@ collapsed runs), asserted on what they say."""
 
 from __future__ import annotations
 
+import math
 import numpy as np
 import pytest
 
@@ -122,3 +123,14 @@ def test_target_note_prints_enough_digits_to_show_why():
     assert reporting.target_note("ECE", 0.0504, 0.05, higher_is_better=False) == "ECE: missed (0.0504 > 0.0500)"
     assert reporting.target_note("AUC", None, 0.8) == "AUC: undefined (target 0.8)"
     assert reporting.target_note("AUC", float("nan"), 0.8) == "AUC: undefined (target 0.8)"
+
+
+def test_interval_columns_are_three_numbers_and_nan_where_undefined() -> None:
+    block = {"auc": 0.9, "recall": None, "ci95": {"auc": [0.8, 0.95]}}
+    assert reporting.interval_columns(block, "auc", "test_") == {"test_auc": 0.9, "test_auc_lo": 0.8,
+                                                                 "test_auc_hi": 0.95}
+    assert all(math.isnan(v) for v in reporting.interval_columns(block, "recall").values())
+
+
+def test_enough_digits_tells_two_close_numbers_apart() -> None:
+    assert reporting.enough_digits(0.8996, 0.9) == 4 and reporting.enough_digits(0.5, 0.5) == 3
