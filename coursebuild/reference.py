@@ -91,7 +91,7 @@ def stale_copies(assets_dir: Path | str, notebooks_dir: Path | str) -> dict[str,
 # What must not reach a page of the course: machine paths, download and housekeeping lines.
 MACHINE_PATH = re.compile(r"(?<![\w.])(/work/|/root/|/home/|/tmp/|/Users/|/private/|[A-Z]:\\\\)")
 PAGE_NOISE = ("Downloading: ", ".previous_run", "Warning: ", "warnings.warn(")
-CAPTION = re.compile(r"^\*\*Figure \d+\.\*\*")
+CAPTION = re.compile(r"^\*\*Figure \d+\.\*\*")  # a figure's caption cell starts so (site styles it)
 
 
 def _texts(cell: nbformat.NotebookNode) -> list[str]:
@@ -201,8 +201,8 @@ def key_line(metrics: Mapping[str, Any] | None) -> str:
     for run in metrics.get("runs") or []:
         label, block = run.get("label"), run.get("test")
         single = isinstance(label, str) and "ImageNet" in label and "+" not in label  # not an ensemble
-        if single and isinstance(block, Mapping) and block != test and _scores(block, macro):
-            line += f"; {label.replace('|', '/')}: {_scores(block, macro)}"  # a table cell: no pipes
+        scores = _scores(block, macro) if single and isinstance(block, Mapping) and block != test else ""
+        line += f"; {label.replace('|', '/')}: {scores}" if scores else ""  # a table cell: no pipes
     return line
 
 

@@ -33,7 +33,7 @@ import nbformat
 import pandas as pd
 
 from coursebuild.chapters import Chapter, load_chapters, load_exercises
-from coursebuild.reference import course_repo, duration, key_line, open_links, reference_table, weights_label
+from coursebuild.reference import CAPTION, course_repo, duration, key_line, open_links, reference_table, weights_label
 from coursebuild.results import SUMMARY_COLUMNS, course_tables, data_label, markdown_table, profile_note
 from helpers.runs import PROFILES
 
@@ -41,7 +41,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(__file__).resolve().parent / "sphinx"
 README_LINK = re.compile(r"\[([^\]]+)\]\(notebooks/(\d\d_[^)/]+)\.ipynb\)")
 CHAPTER_LINK = re.compile(r"\]\(\.\./(\d\d_[^)/]+\.ipynb)\)")
-CAPTION = re.compile(r"\*\*Figure \d+\.\*\*")  # a markdown cell after a figure that starts so is its caption
 RELATIVE_LINK = re.compile(r"\[([^\]]+)\]\((?![a-z]+:|#)[^)]+\)")
 KEY_COLUMNS = ["notebook", "profile", "data", "model", "weights", "image size",
                "balanced accuracy", "AUC [95% CI]"]
