@@ -1,5 +1,6 @@
-"""The sentences every conclusion needs, computed from the run so that they stay true: `with_ci`, `versus`,
-`target_note`, `run_caveats` (what a reduced run cannot show) and `collapse_note` (one class for every image).
+"""The sentences every conclusion needs, computed from the run so that they stay true: `with_ci`, `scores`,
+`recalls`, `versus`, `target_note`, `run_caveats` (what a reduced run cannot show) and `collapse_note` (one class
+for every image).
 """
 
 from __future__ import annotations
@@ -42,6 +43,23 @@ def with_ci(block: dict[str, Any], key: str, digits: int = 3, missing: str = "un
     if not interval or any(_undefined(v) for v in interval):
         return f"{value:.{digits}f}"
     return f"{value:.{digits}f} [{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "auc": "AUC", "accuracy": "accuracy",
+                "sensitivity": "sensitivity", "specificity": "specificity"}
+
+
+def scores(block: dict[str, Any], keys: Sequence[str] = ("balanced_accuracy", "auc", "accuracy"),
+           names: dict[str, str] | None = None) -> str:
+    """'balanced accuracy 0.904 [0.864, 0.939], AUC 0.990 [...], ...': `with_ci` of several metrics of a block."""
+    names = {**METRIC_NAMES, **(names or {})}
+    return ", ".join(f"{names.get(key, key)} {with_ci(block, key)}" for key in keys)
+
+
+def recalls(block: dict[str, Any], digits: int = 2) -> str:
+    """'COVID19 0.95, NORMAL 0.81, ...': the recall of every class of a `compute_metrics` block that has one."""
+    return ", ".join(f"{name} {s['recall']:.{digits}f}" for name, s in (block.get("per_class") or {}).items()
+                     if not _undefined(s.get("recall")))
 
 
 def run_caveats(cfg: Config, *, synthetic: bool, pretrained: bool | None,

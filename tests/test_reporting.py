@@ -134,3 +134,13 @@ def test_interval_columns_are_three_numbers_and_nan_where_undefined() -> None:
 
 def test_enough_digits_tells_two_close_numbers_apart() -> None:
     assert reporting.enough_digits(0.8996, 0.9) == 4 and reporting.enough_digits(0.5, 0.5) == 3
+
+
+def test_scores_and_recalls_read_the_metrics_block_they_are_given() -> None:
+    """`scores` joins `with_ci` of each metric under its name; `recalls` lists each class's recall."""
+    block = ev.compute_metrics([0, 1, 0, 1, 1, 0, 1, 1], [0.2, 0.8, 0.6, 0.7, 0.9, 0.1, 0.3, 0.6],
+                               ["NORMAL", "PNEUMONIA"], n_bootstrap=50)
+    text = reporting.scores(block, ("auc", "accuracy"), names={"auc": "macro AUC"})
+    assert text == f"macro AUC {reporting.with_ci(block, 'auc')}, accuracy {reporting.with_ci(block, 'accuracy')}"
+    assert reporting.recalls(block) == "NORMAL 0.67, PNEUMONIA 0.80"  # 2 of 3 NORMAL, 4 of 5 PNEUMONIA
+    assert reporting.recalls({"per_class": {"a": {"recall": None}, "b": {"recall": 0.5}}}) == "b 0.50"
