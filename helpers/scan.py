@@ -1,9 +1,5 @@
-"""Walking a dataset folder: every file is used or counted by reason, and duplicates are found.
-
-`list_dataset` sorts every file under a root into the images of class folders and the rest by
-`REASONS`; `check_image` decodes an image once (size, content hash, thumbnail); `find_duplicates`
-turns those into exact and near duplicate pairs. `helpers.data.scan_dataset` puts it in a table.
-"""
+"""Walking a dataset folder: `list_dataset` sorts every file into used images and `REASONS`; `check_image`
+decodes an image once, `find_duplicates` pairs copies. `helpers.data.scan_dataset` puts it in a table."""
 
 from __future__ import annotations
 
@@ -18,8 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from helpers.datasets import (IGNORED_DIRS, SPLIT_ALIASES, DatasetSpec, find_dataset_root,  # noqa: F401
-                              one_per_meaning, split_class_folders, split_of)
+from helpers.datasets import (IGNORED_DIRS, DatasetSpec, find_dataset_root, one_per_meaning, split_class_folders,
+                              split_of)
 from helpers.images import (DICOM_EXTENSIONS, HIGH_BIT_DEPTH_MODES, MIN_IMAGE_SIDE, display_path, exif_orientation,
                             is_dicom, read_dicom, stored_bits)
 
@@ -43,7 +39,6 @@ THUMB = 32  # side of the grayscale thumbnail kept per image for near-duplicate 
 # different images exceed 0.98; copies reach 0.9997 re-encoded, 0.989-0.993 shrunk to 150 px
 # (pHash/dHash do not separate them: unrelated radiographs lie a median 8 bits apart, shrunk copies 12).
 NEAR_DUPLICATE_CORRELATION = 0.99
-MIN_THUMB_STD = 2.0  # a thumbnail flatter than this (grey levels) has no structure to compare
 # More near matches than this: a crowd thumbnails cannot tell apart (real fundus: 26,000 pairs among
 # 2,607 images); its matches are dropped as inconclusive. Over MAX_CROWDED_FRACTION of the images in
 # crowds (fundus 24%, pneumonia 0): no near pair is reported at all, only exact ones.
@@ -227,14 +222,14 @@ def _near_pairs(v: np.ndarray, near: float) -> tuple[np.ndarray, np.ndarray, np.
 
 def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEAR_DUPLICATE_CORRELATION) -> pd.DataFrame:
     """Pairs (a < b) of row indices, `kind` "exact" (same bytes) or "near" (thumbnail correlation >=
-    `near`; `near > 1` turns it off), and `similarity`; `attrs`: "inconclusive", "near_checked"."""
+    `near`; `near > 1` turns it off), and `similarity`; `attrs["near_checked"]`: False for a crowd."""
     rows: list[tuple[int, int, str, float]] = []
     by_digest = pd.Series(range(len(digests))).groupby(pd.Series(digests, dtype=object)).agg(list)
     for members in by_digest[by_digest.map(len) > 1]:
         rows += [(a, b, "exact", 1.0) for i, a in enumerate(members) for b in members[i + 1:]]
     x = thumbs.reshape(len(thumbs), -1).astype(np.float32)
     x -= x.mean(axis=1, keepdims=True)
-    keep = np.flatnonzero(x.std(axis=1) >= MIN_THUMB_STD)
+    keep = np.flatnonzero(x.std(axis=1) >= 2.0)  # a flatter thumbnail (grey levels) has no structure to compare
     crowded = 0
     if len(keep) > 1 and near <= 1.0:
         v = x[keep] / np.linalg.norm(x[keep], axis=1, keepdims=True)
@@ -247,7 +242,6 @@ def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEA
         rows += [(int(keep[i]), int(keep[j]), "near", round(float(sim), 4))
                  for i, j, sim in zip(a[clear], b[clear], sims[clear]) if digest_of[keep[i]] != digest_of[keep[j]]]
     found = pd.DataFrame(rows, columns=["a", "b", "kind", "similarity"])
-    found.attrs["inconclusive"] = crowded  # images whose near matches were too many to trust
     found.attrs["near_checked"] = near <= 1.0 and crowded <= MAX_CROWDED_FRACTION * max(len(keep), 1)
     return found
 
