@@ -1,7 +1,6 @@
-"""What is in a dataset, and how to split it without leaking patients. `load_splits` is the one call a notebook
-needs: it finds (`helpers.datasets`) or generates the data, scans it into one row per image, keeps the provided
-splits, carves missing val/test splits out of `train/` grouped by patient, and optionally caps the images per class.
-"""
+"""What is in a dataset, and how to split it without leaking patients: `load_splits` finds (`helpers.datasets`) or
+generates the data, scans it into one row per image, keeps the provided splits, carves missing val/test splits out
+of `train/` grouped by patient, and optionally caps the images per class."""
 
 from __future__ import annotations
 
@@ -179,12 +178,9 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
 
 def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
                  carve: tuple[str, ...] = ("val", "test"), group_by: str = "patient_id") -> pd.DataFrame:
-    """Move whole patients (groups of `group_by`) from train into the splits in `carve`, per class.
-
-    Patients (class: their most frequent label) are shuffled within each class and taken until each
-    split holds its fraction of the class; a split left without a patient of a class takes the last
-    train patient of it, as long as train keeps one.
-    """
+    """Move whole patients (groups of `group_by`; class: their most frequent label) from train into the splits in
+    `carve`: shuffled within each class and taken until each split holds its fraction of the class; a split left
+    without a patient of a class takes the last train patient of it, as long as train keeps one."""
     frame = frame.copy()
     fractions = {"val": val_fraction, "test": test_fraction}
     train = frame[frame["split"] == "train"]
@@ -208,11 +204,9 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
 
 def subsample(frame: pd.DataFrame, max_per_class: int | None, seed: int = 42,
               keep: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A reproducible subset with at most `max_per_class` per class of a split; splits in `keep` stay whole.
-
-    Every class of a split is scaled by one factor, keeping the split's class balance (capping each
-    class separately would balance an imbalanced dataset and hide what weighted losses are for).
-    """
+    """A reproducible subset with at most `max_per_class` per class of a split; splits in `keep` stay whole. Every
+    class of a split is scaled by one factor, keeping the split's class balance (capping each class separately
+    would balance an imbalanced dataset and hide what weighted losses are for)."""
     if max_per_class is None:
         return frame
     parts = []
@@ -263,17 +257,6 @@ def _require_every_class(frame: pd.DataFrame, spec: DatasetSpec, carved: tuple[s
                    if split in carved or (carved and split == "train") else "check the folder")
             raise ValueError(f"The {split} split holds no image of class {absent[0]} ({how}). "
                              "Every split must hold every class, or its metrics are undefined.")
-
-
-def _scan_notes(frame: pd.DataFrame, root: Path, name: str, synthetic: bool) -> list[str]:
-    """The notes on what the scan used, skipped and left out."""
-    notes = [f"Data: {display_path(root)}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
-    if skipped := frame.attrs.get("skipped"):
-        notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
-    if unknown := frame.attrs.get("unknown_folders"):
-        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: " + ", ".join(unknown))
-    attrs = frame.attrs
-    return notes + exclusion_notes(attrs["excluded"], attrs["nested"], attrs["links"]) + attrs["read_notes"]
 
 
 def _user_groups(frame: pd.DataFrame, groups: Callable | str | Path, root: Path, spec: DatasetSpec) -> pd.DataFrame:
@@ -334,20 +317,23 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
                 groups: Callable[[str], str] | str | Path | None = None) -> DataSplits:
     """Find (or generate, `data_dir="synthetic"`) a dataset, scan it and return train/val/test splits.
 
-    Provided splits are kept; a missing val or test split is carved out of train/, stratified by
-    class and grouped by patient (`PATIENT_RULES`, else one folder per patient, else by image with a
-    warning; `groups` overrides: a function of the path, a CSV of file,patient, or "parent"). A tiny
-    provided val/ (the official pneumonia one: 16 images, one image moves accuracy 6 points) is
-    folded into train and a val split carved instead. `seed` must be a whole number, as SEED is.
-    """
+    Provided splits are kept; a missing val or test split is carved out of train/, stratified by class and grouped
+    by patient (`PATIENT_RULES`, else one folder per patient, else by image with a warning; `groups` overrides: a
+    function of the path, a CSV of file,patient, or "parent"). A tiny provided val/ (the official pneumonia one: 16
+    images, one image moves accuracy 6 points) is folded into train and a val split carved instead. `seed` must be
+    a whole number, as SEED is."""
     seed, spec = check_seed(seed), get_spec(name)
     generate = data_dir is not None and str(data_dir) == "synthetic"
     root = make_synthetic_dataset(name, seed=seed) if generate else locate_dataset(name, data_dir)
     synthetic = generate or is_synthetic_dataset(root)
     frame = scan_dataset(root, name, check_images=check_images)
-    skipped, pairs, excluded = (list(frame.attrs[k]) for k in ("skipped", "duplicate_pairs", "excluded"))
-    notes, near_checked = _scan_notes(frame, root, name, synthetic), frame.attrs.get("near_checked", True)
-    frame.attrs = {}  # pandas deep-copies attrs in every operation (each group of a groupby): keep none
+    attrs, frame.attrs = frame.attrs, {}  # pandas deep-copies attrs in every operation (each group of a groupby)
+    skipped, pairs, unknown = attrs["skipped"], attrs["duplicate_pairs"], attrs["unknown_folders"]
+    notes = [f"Data: {display_path(root)}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
+    notes += [f"Skipped {len(skipped)} unreadable image(s); see splits.skipped."] if skipped else []
+    if unknown:
+        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: " + ", ".join(unknown))
+    notes += exclusion_notes(attrs["excluded"], attrs["nested"], attrs["links"]) + attrs["read_notes"]
     if groups is not None:
         frame = _user_groups(frame, groups, Path(root), spec)
     n_val, n_train = int((frame["split"] == "val").sum()), int((frame["split"] == "train").sum())
@@ -366,9 +352,9 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     _require_every_class(frame, spec, missing)
     duplicates = cross_split_duplicates(frame, pairs)
     notes += [note] if (note := duplicate_note(duplicates)) else []
-    if check_images and not near_checked:
+    if check_images and not attrs.get("near_checked", True):
         notes.append("Near duplicates (re-encoded or resized copies) were not searched: " + (
             "generated images share one template." if synthetic else "too many of these images look alike at "
             "thumbnail scale to tell copies apart; only exact copies (same bytes) were searched."))
     return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes, missing,
-                      excluded, duplicates)
+                      attrs["excluded"], duplicates)

@@ -194,8 +194,7 @@ def check_image(path: Path) -> ImageCheck | str:
                 if exif_orientation(im) != 1:
                     image = ImageOps.exif_transpose(im)
                     size = size if image.size == im.size else (size[1], size[0])
-        gray = image if image.mode == "L" else image.convert("L")
-        thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR))
+        thumb = np.asarray(image.convert("L").resize((THUMB, THUMB), Image.BILINEAR))
         flags += ["small"] if min(size) < MIN_IMAGE_SIDE else []
         return ImageCheck(size[0], size[1], digest, thumb, tuple(flags), high)
     except Exception as err:  # PIL and pydicom raise many types for broken files
@@ -203,26 +202,12 @@ def check_image(path: Path) -> ImageCheck | str:
         return f"{type(err).__name__}: {message}"
 
 
-def _near_pairs(v: np.ndarray, near: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index pairs (a < b) of unit vectors with a . b >= near, and their similarity: candidates from a
-    k-d tree over the 6 x 6 lowest orthonormal DCT coefficients (a projection never lengthens a
-    difference, so none is missed), verified on the whole thumbnail."""
-    from scipy.fft import dctn
-    from scipy.spatial import cKDTree
-
-    low = dctn(v.reshape(len(v), THUMB, THUMB), norm="ortho", axes=(1, 2))[:, :6, :6].reshape(len(v), 36)
-    radius = float(np.sqrt(2.0 * (1.0 - near))) + 1e-4  # |u - w| of unit vectors at similarity `near`
-    pairs = cKDTree(low).query_pairs(radius, output_type="ndarray")
-    a, b = np.sort(pairs, axis=1).T if len(pairs) else (np.zeros(0, int), np.zeros(0, int))
-    sims = np.concatenate([np.einsum("nd,nd->n", v[a[i:i + 4096]], v[b[i:i + 4096]])
-                           for i in range(0, len(a), 4096)]) if len(a) else np.zeros(0, np.float32)
-    ok = sims >= near
-    return a[ok], b[ok], sims[ok]
-
-
 def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEAR_DUPLICATE_CORRELATION) -> pd.DataFrame:
     """Pairs (a < b) of row indices, `kind` "exact" (same bytes) or "near" (thumbnail correlation >=
     `near`; `near > 1` turns it off), and `similarity`; `attrs["near_checked"]`: False for a crowd."""
+    from scipy.fft import dctn
+    from scipy.spatial import cKDTree
+
     rows: list[tuple[int, int, str, float]] = []
     by_digest = pd.Series(range(len(digests))).groupby(pd.Series(digests, dtype=object)).agg(list)
     for members in by_digest[by_digest.map(len) > 1]:
@@ -233,7 +218,16 @@ def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEA
     crowded = 0
     if len(keep) > 1 and near <= 1.0:
         v = x[keep] / np.linalg.norm(x[keep], axis=1, keepdims=True)
-        a, b, sims = _near_pairs(v, near)
+        # Candidates from a k-d tree over the 6 x 6 lowest orthonormal DCT coefficients (a projection never
+        # lengthens a difference, so none is missed), verified on the whole thumbnail.
+        low = dctn(v.reshape(len(v), THUMB, THUMB), norm="ortho", axes=(1, 2))[:, :6, :6].reshape(len(v), 36)
+        radius = float(np.sqrt(2.0 * (1.0 - near))) + 1e-4  # |u - w| of unit vectors at similarity `near`
+        pairs = cKDTree(low).query_pairs(radius, output_type="ndarray")
+        a, b = np.sort(pairs, axis=1).T if len(pairs) else (np.zeros(0, int), np.zeros(0, int))
+        sims = np.concatenate([np.einsum("nd,nd->n", v[a[i:i + 4096]], v[b[i:i + 4096]])
+                               for i in range(0, len(a), 4096)]) if len(a) else np.zeros(0, np.float32)
+        ok = sims >= near
+        a, b, sims = a[ok], b[ok], sims[ok]
         matches = np.bincount(np.concatenate([a, b]), minlength=len(v))
         clear = (matches[a] <= MAX_NEAR_MATCHES) & (matches[b] <= MAX_NEAR_MATCHES)
         crowded = int((matches > MAX_NEAR_MATCHES).sum())
