@@ -53,7 +53,6 @@ PATIENT_RULES: list[tuple[str, re.Pattern, Callable[[str], str] | None]] = [
         ("APTOS <id>", r"([0-9a-f]{12})\.", None),
         ("Roboflow export of <source>", r"(.+)\.(?:png|jpe?g)$", None),
     ]]
-PATIENT_FOLDER = "patient folder (class/<patient>/...)"
 BY_IMAGE = "no patient id (each image its own group)"
 IMAGE_IDS = {"4-class COVID-<N>", "APTOS <id>", "Roboflow export of <source>", BY_IMAGE}
 
@@ -74,13 +73,6 @@ def parse_patient_id(filename: str) -> str:
     -> `person123`, `IM-0115-0001.jpeg` -> `IM-0115`, `Tuberculosis-23.jpg` -> `Tuberculosis-021-030`."""
     found = patient_rule(filename)
     return found[0] if found else Path(filename).stem
-
-
-def parse_subtype(filename: str, class_name: str) -> str:
-    """Pneumonia subtype from the file name: bacteria, virus, or normal."""
-    if m := _PERSON.match(Path(filename).name):
-        return m.group(2).lower()
-    return "normal" if class_name.upper() == "NORMAL" else "unknown"
 
 
 def _read_images(frame: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[tuple[str, str]], np.ndarray, list[str]]:
@@ -135,10 +127,12 @@ def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root
     rows = []
     for (split, c, f), parts in zip(listing.files, inside):
         pid, rule = patient_rule(f) or (  # one sub-folder in a class folder is no patient
-            (parts[0], PATIENT_FOLDER) if len(parts) > 1 and len(sub_folders[(split, c)]) > 1
+            (parts[0], "patient folder (class/<patient>/...)") if len(parts) > 1 and len(sub_folders[(split, c)]) > 1
             else (Path(os.path.relpath(f, root)).with_suffix("").as_posix(), BY_IMAGE))
+        person = _PERSON.match(os.path.basename(f))  # the pneumonia subtype: bacteria, virus, or normal
+        subtype = person.group(2).lower() if person else "normal" if c.upper() == "NORMAL" else "unknown"
         rows.append(dict(path=f, label=spec.class_names.index(c), class_name=c, split=split, patient_id=pid,
-                         patient_rule=rule, subtype=parse_subtype(os.path.basename(f), c)))
+                         patient_rule=rule, subtype=subtype))
     return rows
 
 

@@ -92,7 +92,7 @@ def one_per_meaning(folders: list[Path], meaning: Callable[[str], str | None], w
     return found
 
 
-def _foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
+def foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
     """Why the class folders in `folder` belong to another known dataset (the 4-class set offered as
     pneumonia is no superset of it: taking the wanted classes would measure something else), or None."""
     names = [d.name for d in visible_folders(folder)]
@@ -110,22 +110,12 @@ def _foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
             f"{whole[0].name if whole else 'the dataset it is'}.")
 
 
-def split_class_folders(split_dir: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[str]]:
-    """A split's class folders by canonical class, and the folders the dataset does not know; class
-    folders of another known dataset are an error (`WrongDatasetError`)."""
-    if (problem := _foreign_classes(split_dir, spec)) is not None:
-        raise WrongDatasetError(problem)
-    folders = visible_folders(split_dir)
-    unknown = [str(d) for d in folders if spec.canonical_class(d.name) is None]
-    return one_per_meaning(folders, spec.canonical_class, "class"), unknown
-
-
 def _is_dataset_root(folder: Path, spec: DatasetSpec, rejected: list[str]) -> bool:
     """A root holds a train split with a folder for every class, or those class folders themselves,
     and no class folder of another known dataset (reasons for refusing go to `rejected`)."""
     for parent in [d for d in visible_folders(folder) if split_of(d.name) == "train"] + [folder]:
         if {spec.canonical_class(d.name) for d in visible_folders(parent)} >= set(spec.class_names):
-            if (problem := _foreign_classes(parent, spec)) is not None:
+            if (problem := foreign_classes(parent, spec)) is not None:
                 rejected.append(problem)
             return problem is None
     return False

@@ -44,8 +44,7 @@ def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if "VOILUTSequence" in ds:
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2]) or 16
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
         return np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64) / (2 ** bits - 1), "its VOI LUT"
     if "WindowCenter" in ds and "WindowWidth" in ds:  # one value each, or several windows (CR, DX): the first
         centers, widths = (np.ravel(np.asarray(ds[k].value, dtype=np.float64)) for k in ("WindowCenter", "WindowWidth"))

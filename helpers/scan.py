@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from helpers.datasets import (IGNORED_DIRS, DatasetSpec, find_dataset_root, one_per_meaning, split_class_folders,
-                              split_of)
+from helpers.datasets import (IGNORED_DIRS, DatasetSpec, WrongDatasetError, find_dataset_root, foreign_classes,
+                              one_per_meaning, split_of, visible_folders)
 from helpers.images import (DICOM_EXTENSIONS, HIGH_BIT_DEPTH_MODES, MIN_IMAGE_SIDE, display_path, exif_orientation,
                             is_dicom, read_dicom, stored_bits)
 
@@ -119,9 +119,12 @@ def list_dataset(root: Path, spec: DatasetSpec) -> tuple[Listing, dict[str, Path
     splits = splits or ({"train": root} if len(classes) >= 2 else {})  # a root of class folders: train
     for split, folder in splits.items():
         _visible_dirs(folder, listing)  # an unreadable split folder is an error that says so
-        classes, unknown = split_class_folders(folder, spec)  # refuses another dataset's classes
+        if (problem := foreign_classes(folder, spec)) is not None:  # class folders of another known dataset
+            raise WrongDatasetError(problem)
+        folders = visible_folders(folder)
+        classes = one_per_meaning(folders, spec.canonical_class, "class")
         listing.class_dirs.update({(split, c): d for c, d in classes.items()})
-        listing.unknown += [u for u in unknown if split_of(Path(u).name) is None]
+        listing.unknown += [str(d) for d in folders if not spec.canonical_class(d.name) and split_of(d.name) is None]
     used = {str(d): key for key, d in listing.class_dirs.items()}
     split_paths = {str(p) for p in splits.values()}
 

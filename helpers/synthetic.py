@@ -234,11 +234,8 @@ def synthetic_shapes(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
             box = np.sort(rng.integers(0, size, 4).reshape(2, 2), axis=0).T.ravel()
             x0, x1, y0, y1 = (int(v) for v in box)
             colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-            shape = rng.integers(0, 3)
-            if shape == 0:
-                draw.rectangle([x0, y0, x1, y1], fill=colour)
-            elif shape == 1:
-                draw.ellipse([x0, y0, x1, y1], fill=colour)
+            if (shape := rng.integers(0, 3)) < 2:
+                (draw.rectangle if shape == 0 else draw.ellipse)([x0, y0, x1, y1], fill=colour)
             else:
                 draw.line([x0, y0, x1, y1], fill=colour, width=int(rng.integers(1, max(2, size // 16))))
         out[i] = np.asarray(image).transpose(2, 0, 1)
