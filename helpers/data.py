@@ -1,9 +1,6 @@
-"""What is in a dataset, and how to split it without leaking patients.
-
-`load_splits` is the one call a notebook needs: it finds (`helpers.datasets`) or generates the data,
-scans it into one row per image, keeps the provided splits, carves missing val/test splits out of
-`train/` grouped by patient, and optionally caps the images per class.
-"""
+"""What is in a dataset, and how to split it without leaking patients: `load_splits` finds (`helpers.datasets`) or
+generates the data, scans it into one row per image, keeps the provided splits, carves missing val/test splits out
+of `train/` grouped by patient, and optionally caps the images per class."""
 
 from __future__ import annotations
 
@@ -11,7 +8,7 @@ import os
 import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -29,11 +26,6 @@ from helpers.synthetic import is_synthetic_dataset, make_synthetic_dataset
 
 IMAGE_EXTENSIONS = scan.IMAGE_EXTENSIONS  # the file types a class folder's images may have
 SPLIT_ALIASES = datasets.SPLIT_ALIASES  # split folder names, matched without regard to case
-
-# The official pneumonia val/ holds 16 images (0.3% of train): far too few to select a model.
-# A provided val/ under both limits is folded into train and a real one carved instead.
-MIN_USEFUL_VAL_IMAGES = 50
-MIN_USEFUL_VAL_FRACTION = 0.05
 
 _PERSON = re.compile(r"^(person\d+)_(bacteria|virus)_", re.IGNORECASE)
 _ROBOFLOW = re.compile(r"^(.+?)_(png|jpe?g)\.rf\.[0-9a-f]+\.\w+$", re.IGNORECASE)  # abc_png.rf.<hash>.jpg
@@ -61,7 +53,6 @@ PATIENT_RULES: list[tuple[str, re.Pattern, Callable[[str], str] | None]] = [
         ("APTOS <id>", r"([0-9a-f]{12})\.", None),
         ("Roboflow export of <source>", r"(.+)\.(?:png|jpe?g)$", None),
     ]]
-PATIENT_FOLDER = "patient folder (class/<patient>/...)"
 BY_IMAGE = "no patient id (each image its own group)"
 IMAGE_IDS = {"4-class COVID-<N>", "APTOS <id>", "Roboflow export of <source>", BY_IMAGE}
 
@@ -84,16 +75,10 @@ def parse_patient_id(filename: str) -> str:
     return found[0] if found else Path(filename).stem
 
 
-def parse_subtype(filename: str, class_name: str) -> str:
-    """Pneumonia subtype from the file name: bacteria, virus, or normal."""
-    if m := _PERSON.match(Path(filename).name):
-        return m.group(2).lower()
-    return "normal" if class_name.upper() == "NORMAL" else "unknown"
-
-
-def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, str]], np.ndarray, list]:
-    """Decode every image once: readable rows (+ width, height, content_hash), (path, reason) of the
-    rest, and the thumbnails and checks of the readable rows."""
+def _read_images(frame: pd.DataFrame, root: Path) -> tuple[pd.DataFrame, list[tuple[str, str]], np.ndarray, list[str]]:
+    """Decode every image once: readable rows (+ width, height, content_hash), (path, reason) of the rest,
+    their thumbnails, and notes on reading them (`scan.FLAGS`; one bit depth set for the dataset's 16-bit
+    images without metadata)."""
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:
         checks = list(pool.map(check_image, map(Path, frame["path"])))
     bad = np.array([isinstance(c, str) for c in checks], dtype=bool)
@@ -105,25 +90,21 @@ def _drop_unreadable(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str,
     lost = set(zip(frame["split"], frame["class_name"])) - set(zip(kept["split"], kept["class_name"]))
     if lost:
         split, class_name = sorted(lost)[0]
-        i = next(i for i, (sp, cn, b) in enumerate(zip(frame["split"], frame["class_name"], bad))
-                 if b and sp == split and cn == class_name)
+        i = np.flatnonzero(bad & (frame["split"] == split) & (frame["class_name"] == class_name))[0]
         raise ValueError(
             f"Every image of class {class_name} in the {split} split is unreadable (e.g. "
             f"{display_path(frame['path'].iloc[i])}: {checks[i]}): the split would silently lose the "
             "class. Replace the files (check the download) or point DATA_DIR at a good copy.")
     thumbs = np.stack([c.thumb for c in good]) if good else np.zeros((0, THUMB, THUMB), np.uint8)
-    return kept, skipped, thumbs, good
-
-
-def _bit_depth_rule(root: Path, frame: pd.DataFrame, checks: list) -> list[str]:
-    """Set one bit depth for the dataset's 16-bit images without metadata; the notes of `scan.FLAGS`."""
-    highs = [c.high for c in checks if c.high is not None]
+    highs = [c.high for c in good if c.high is not None]
     bits = depth_holding(max(highs)) if highs else None
     set_dataset_bit_depth(root, bits)
-    notes = flag_notes([(p, f) for p, c in zip(frame["path"], checks) for f in c.flags])
-    return notes + ([f"{len(highs)} 16-bit image(s) without bit-depth metadata (PNG sBIT): all read as {bits}-bit "
-                     "values, one rule for the dataset guessed from its images (the brightest 0.1% of an "
-                     "image's pixels may clip to white)."] if highs else [])
+    notes = flag_notes([(p, f) for p, c in zip(kept["path"], good) for f in c.flags])
+    if highs:
+        notes.append(f"{len(highs)} 16-bit image(s) without bit-depth metadata (PNG sBIT): all read as {bits}-bit "
+                     "values, one rule for the dataset guessed from its images (the brightest 0.1% of an image's "
+                     "pixels may clip to white).")
+    return kept, skipped, thumbs, notes
 
 
 def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root: Path) -> list[dict]:
@@ -146,30 +127,19 @@ def _rows(listing: Listing, split_dirs: dict[str, Path], spec: DatasetSpec, root
     rows = []
     for (split, c, f), parts in zip(listing.files, inside):
         pid, rule = patient_rule(f) or (  # one sub-folder in a class folder is no patient
-            (parts[0], PATIENT_FOLDER) if len(parts) > 1 and len(sub_folders[(split, c)]) > 1
+            (parts[0], "patient folder (class/<patient>/...)") if len(parts) > 1 and len(sub_folders[(split, c)]) > 1
             else (Path(os.path.relpath(f, root)).with_suffix("").as_posix(), BY_IMAGE))
+        person = _PERSON.match(os.path.basename(f))  # the pneumonia subtype: bacteria, virus, or normal
+        subtype = person.group(2).lower() if person else "normal" if c.upper() == "NORMAL" else "unknown"
         rows.append(dict(path=f, label=spec.class_names.index(c), class_name=c, split=split, patient_id=pid,
-                         patient_rule=rule, subtype=parse_subtype(os.path.basename(f), c)))
+                         patient_rule=rule, subtype=subtype))
     return rows
 
 
-def _warn(frame: pd.DataFrame, name: str, spec: DatasetSpec) -> None:
-    skipped, unknown = frame.attrs["skipped"], frame.attrs["unknown_folders"]
-    if skipped:
-        warnings.warn(f"Skipped {len(skipped)} unreadable image(s) of {len(frame) + len(skipped)} (listed in "
-                      f"frame.attrs['skipped']), e.g. {skipped[0][0]} ({skipped[0][1]})", stacklevel=3)
-    if unknown:
-        warnings.warn(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset "
-                      f"{list(spec.class_names)}: {unknown}", stacklevel=3)
-
-
 def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> pd.DataFrame:
-    """One row per image of `root/{train,val,test}/<class>/` (or `root/<class>/`): path, label,
-    class_name, split, patient_id, subtype, width, height, content_hash.
-
-    `attrs` hold what was not used: "excluded" (path, `scan.REASONS` key), "skipped" (unreadable),
-    "unknown_folders" (warned), "nested", "links"; and "duplicate_pairs". A split without images of
-    some class is an error naming both.
+    """One row per image of `root/{train,val,test}/<class>/` (or `root/<class>/`): path, label, class_name, split,
+    patient_id, subtype, width, height, content_hash. `attrs` hold what was not used: "excluded" (path,
+    `scan.REASONS` key), "skipped" (unreadable), "unknown_folders" (warned), "nested", "links"; and "duplicate_pairs".
     """
     spec, root = get_spec(name), Path(root)
     listing, split_dirs = list_dataset(root, spec) if root.is_dir() else (Listing(), {})
@@ -179,9 +149,8 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
     skipped = [(display_path(p), "broken symbolic link (its target does not exist)") for p in listing.broken]
     pairs, read_notes = [], []
     if check_images:
-        frame, unreadable, thumbs, checks = _drop_unreadable(frame)
+        frame, unreadable, thumbs, read_notes = _read_images(frame, root)
         skipped += unreadable
-        read_notes = _bit_depth_rule(root, frame, checks)
         near = 2.0 if is_synthetic_dataset(root) else NEAR_DUPLICATE_CORRELATION  # generated: one template, exact only
         found = find_duplicates(list(frame["content_hash"]), thumbs, near=near)
         frame.attrs["near_checked"] = bool(found.attrs["near_checked"])
@@ -192,18 +161,20 @@ def scan_dataset(root: str | Path, name: str, *, check_images: bool = True) -> p
     excluded = [e for e in listing.excluded if not (e[0] == marker and is_synthetic_dataset(root))]
     frame.attrs.update(skipped=skipped, unknown_folders=listing.unknown, excluded=excluded,
                        nested=listing.nested, duplicate_pairs=pairs, links=listing.links, read_notes=read_notes)
-    _warn(frame, name, spec)
+    if skipped:
+        warnings.warn(f"Skipped {len(skipped)} unreadable image(s) of {len(frame) + len(skipped)} (listed in "
+                      f"frame.attrs['skipped']), e.g. {skipped[0][0]} ({skipped[0][1]})", stacklevel=2)
+    if listing.unknown:
+        warnings.warn(f"Ignored {len(listing.unknown)} folder(s) that are no class of the {name} dataset "
+                      f"{list(spec.class_names)}: {listing.unknown}", stacklevel=2)
     return frame
 
 
 def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 42,
                  carve: tuple[str, ...] = ("val", "test"), group_by: str = "patient_id") -> pd.DataFrame:
-    """Move whole patients (groups of `group_by`) from train into the splits in `carve`, per class.
-
-    Patients (class: their most frequent label) are shuffled within each class and taken until each
-    split holds its fraction of the class; a split left without a patient of a class takes the last
-    train patient of it, as long as train keeps one.
-    """
+    """Move whole patients (groups of `group_by`; class: their most frequent label) from train into the splits in
+    `carve`: shuffled within each class and taken until each split holds its fraction of the class; a split left
+    without a patient of a class takes the last train patient of it, as long as train keeps one."""
     frame = frame.copy()
     fractions = {"val": val_fraction, "test": test_fraction}
     train = frame[frame["split"] == "train"]
@@ -227,11 +198,9 @@ def carve_splits(frame: pd.DataFrame, *, val_fraction: float = 0.15, test_fracti
 
 def subsample(frame: pd.DataFrame, max_per_class: int | None, seed: int = 42,
               keep: tuple[str, ...] = ()) -> pd.DataFrame:
-    """A reproducible subset with at most `max_per_class` per class of a split; splits in `keep` stay whole.
-
-    Every class of a split is scaled by one factor, keeping the split's class balance (capping each
-    class separately would balance an imbalanced dataset and hide what weighted losses are for).
-    """
+    """A reproducible subset with at most `max_per_class` per class of a split; splits in `keep` stay whole. Every
+    class of a split is scaled by one factor, keeping the split's class balance (capping each class separately
+    would balance an imbalanced dataset and hide what weighted losses are for)."""
     if max_per_class is None:
         return frame
     parts = []
@@ -251,13 +220,12 @@ class DataSplits:
     root: Path
     class_names: list[str]
     frame: pd.DataFrame
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    synthetic: bool = False
-    notes: list[str] = field(default_factory=list)
-    carved: tuple[str, ...] = ()  # splits carved out of train/ (not provided by the dataset)
-    excluded: list[tuple[str, str]] = field(default_factory=list)  # (path, scan.REASONS key) not used
-    duplicates: pd.DataFrame = field(default_factory=lambda: cross_split_duplicates(
-        pd.DataFrame(columns=["path", "split", "class_name"]), []))  # pairs of copies in two splits
+    skipped: list[tuple[str, str]]
+    synthetic: bool
+    notes: list[str]
+    carved: tuple[str, ...]  # splits carved out of train/ (not provided by the dataset)
+    excluded: list[tuple[str, str]]  # (path, scan.REASONS key) not used
+    duplicates: pd.DataFrame  # pairs of copies in two splits (`scan.cross_split_duplicates`)
 
     def _part(self, split: str) -> pd.DataFrame:
         return self.frame[self.frame["split"] == split].reset_index(drop=True)
@@ -285,21 +253,7 @@ def _require_every_class(frame: pd.DataFrame, spec: DatasetSpec, carved: tuple[s
                              "Every split must hold every class, or its metrics are undefined.")
 
 
-def _scan_notes(frame: pd.DataFrame, root: Path, name: str, synthetic: bool) -> list[str]:
-    """The notes on what the scan used, skipped and left out."""
-    notes = [f"Data: {display_path(root)}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
-    if skipped := frame.attrs.get("skipped"):
-        notes.append(f"Skipped {len(skipped)} unreadable image(s); see splits.skipped.")
-    if unknown := frame.attrs.get("unknown_folders"):
-        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: " + ", ".join(unknown))
-    attrs = frame.attrs
-    return notes + exclusion_notes(attrs["excluded"], attrs["nested"], attrs["links"]) + attrs["read_notes"]
-
-
-Groups = Callable[[str], str] | str | Path | None
-
-
-def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetSpec) -> pd.DataFrame:
+def _user_groups(frame: pd.DataFrame, groups: Callable | str | Path, root: Path, spec: DatasetSpec) -> pd.DataFrame:
     """`patient_id`, `patient_rule` from `groups`: a function of the path, "parent" (the image's folder)
     or a CSV of file,patient rows (file: the path below the root or any tail of it)."""
     paths = [os.path.relpath(p, root) for p in frame["path"]]
@@ -326,29 +280,23 @@ def _user_groups(frame: pd.DataFrame, groups: Groups, root: Path, spec: DatasetS
     return frame.assign(patient_id=[str(i) for i in ids], patient_rule=rule)
 
 
-def _grouping_notes(train: pd.DataFrame) -> list[str]:
-    """Which rule grouped how many images; a loud note for images split by image (`DataSplits.notes`)."""
+def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], notes: list[str],
+                   val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
+    """Carve the `missing` splits out of train by patient, copies of one image kept together; notes which rule
+    grouped how many images, loudly for images split by image."""
+    frame["group"] = duplicate_groups(frame, pairs)
+    train = frame[frame["split"] == "train"]
     grouped = train[~train["patient_rule"].isin(IMAGE_IDS)]
     parts = [f"{len(part)} images into {part['patient_id'].nunique()} patients by {rule}"
              for rule, part in grouped.groupby("patient_rule", sort=False)]
-    notes = ["Patients (carving keeps each one in one split): " + "; ".join(parts) + "."] if parts else []
-    by_image = train[train["patient_rule"].isin(IMAGE_IDS)]
-    if len(by_image):
+    notes += ["Patients (carving keeps each one in one split): " + "; ".join(parts) + "."] if parts else []
+    if len(by_image := train[train["patient_rule"].isin(IMAGE_IDS)]):
         rules = ", ".join(f"{r} {n}" for r, n in by_image["patient_rule"].value_counts().items())
         notes.append(f"WARNING: {len(by_image)} of {len(train)} images carry no patient id ({rules}; e.g. "
                      f"{Path(by_image['path'].iloc[0]).name}): the split is by image there, and one patient's images "
                      "may leak into two splits (scores look better than they are). Give the grouping with "
                      'load_splits(..., groups=...): a function of the path, a CSV of file,patient, or "parent" (one '
                      "folder per patient).")
-    return notes
-
-
-def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], notes: list[str],
-                   val_fraction: float, test_fraction: float, seed: int) -> pd.DataFrame:
-    """Carve the `missing` splits out of train by patient, copies of one image kept together; notes it."""
-    frame["group"] = duplicate_groups(frame, pairs)
-    train = frame[frame["split"] == "train"]
-    notes += _grouping_notes(train)
     joined = train["patient_id"].nunique() - train["group"].nunique()
     frame = carve_splits(frame, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, carve=missing,
                          group_by="group").drop(columns="group")
@@ -360,27 +308,30 @@ def _carve_missing(frame: pd.DataFrame, pairs: list, missing: tuple[str, ...], n
 
 def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42, val_fraction: float = 0.15,
                 test_fraction: float = 0.15, max_per_class: int | None = None, check_images: bool = True,
-                groups: Groups = None) -> DataSplits:
+                groups: Callable[[str], str] | str | Path | None = None) -> DataSplits:
     """Find (or generate, `data_dir="synthetic"`) a dataset, scan it and return train/val/test splits.
 
-    Provided splits are kept; a missing val or test split is carved out of train/, stratified by
-    class and grouped by patient (`PATIENT_RULES`, else one folder per patient, else by image with a
-    warning; `groups` overrides: a function of the path, a CSV of file,patient, or "parent"). A tiny
-    provided val/ (the official pneumonia one: 16 images, one image moves accuracy 6 points) is
-    folded into train and a val split carved instead. `seed` must be a whole number, as SEED is.
-    """
+    Provided splits are kept; a missing val or test split is carved out of train/, stratified by class and grouped
+    by patient (`PATIENT_RULES`, else one folder per patient, else by image with a warning; `groups` overrides: a
+    function of the path, a CSV of file,patient, or "parent"). A tiny provided val/ (the official pneumonia one: 16
+    images, one image moves accuracy 6 points) is folded into train and a val split carved instead. `seed` must be
+    a whole number, as SEED is."""
     seed, spec = check_seed(seed), get_spec(name)
     generate = data_dir is not None and str(data_dir) == "synthetic"
     root = make_synthetic_dataset(name, seed=seed) if generate else locate_dataset(name, data_dir)
     synthetic = generate or is_synthetic_dataset(root)
     frame = scan_dataset(root, name, check_images=check_images)
-    skipped, pairs, excluded = (list(frame.attrs[k]) for k in ("skipped", "duplicate_pairs", "excluded"))
-    notes, near_checked = _scan_notes(frame, root, name, synthetic), frame.attrs.get("near_checked", True)
-    frame.attrs = {}  # pandas deep-copies attrs in every operation (each group of a groupby): keep none
+    attrs, frame.attrs = frame.attrs, {}  # pandas deep-copies attrs in every operation (each group of a groupby)
+    skipped, pairs, unknown = attrs["skipped"], attrs["duplicate_pairs"], attrs["unknown_folders"]
+    notes = [f"Data: {display_path(root)}" + (" (synthetic: generated images, not patients)" if synthetic else "")]
+    notes += [f"Skipped {len(skipped)} unreadable image(s); see splits.skipped."] if skipped else []
+    if unknown:
+        notes.append(f"Ignored {len(unknown)} folder(s) that are no class of the {name} dataset: " + ", ".join(unknown))
+    notes += exclusion_notes(attrs["excluded"], attrs["nested"], attrs["links"]) + attrs["read_notes"]
     if groups is not None:
         frame = _user_groups(frame, groups, Path(root), spec)
     n_val, n_train = int((frame["split"] == "val").sum()), int((frame["split"] == "train").sum())
-    if 0 < n_val < MIN_USEFUL_VAL_IMAGES and n_val < MIN_USEFUL_VAL_FRACTION * n_train:
+    if 0 < n_val < 50 and n_val < 0.05 * n_train:  # the official pneumonia val/: 16 images, 0.3% of train
         frame.loc[frame["split"] == "val", "split"] = "train"
         notes.append(f"The provided val/ holds only {n_val} images: too few to select a model on, so it was folded "
                      "into train and a validation split carved instead.")
@@ -395,9 +346,9 @@ def load_splits(name: str, data_dir: str | Path | None = None, *, seed: int = 42
     _require_every_class(frame, spec, missing)
     duplicates = cross_split_duplicates(frame, pairs)
     notes += [note] if (note := duplicate_note(duplicates)) else []
-    if check_images and not near_checked:
+    if check_images and not attrs.get("near_checked", True):
         notes.append("Near duplicates (re-encoded or resized copies) were not searched: " + (
             "generated images share one template." if synthetic else "too many of these images look alike at "
             "thumbnail scale to tell copies apart; only exact copies (same bytes) were searched."))
     return DataSplits(name, Path(root), list(spec.class_names), frame, skipped, synthetic, notes, missing,
-                      excluded, duplicates)
+                      attrs["excluded"], duplicates)

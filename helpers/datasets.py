@@ -1,8 +1,5 @@
-"""The course's datasets (`DATASETS`), and where to find a copy of one (`locate_dataset`).
-
-A folder that holds another dataset is refused (`WrongDatasetError`); what is inside the folder
-(images, patients, splits) is `helpers.data`'s business.
-"""
+"""The course's datasets (`DATASETS`), and where to find a copy of one (`locate_dataset`); a folder that holds
+another dataset is refused (`WrongDatasetError`). What is inside (images, patients, splits) is `helpers.data`'s."""
 
 from __future__ import annotations
 
@@ -35,11 +32,6 @@ class DatasetSpec:
     handle: str  # Kaggle handle for kagglehub.dataset_download
     class_names: tuple[str, ...]  # canonical class order; binary: positive class last
     aliases: dict[str, str] = field(default_factory=dict)  # folder name -> canonical class
-    description: str = ""
-
-    @property
-    def slug(self) -> str:
-        return self.handle.split("/")[1]
 
     def canonical_class(self, folder: str) -> str | None:
         """Map a class folder name to a canonical class name (case-insensitive), or None."""
@@ -48,18 +40,16 @@ class DatasetSpec:
         return lookup.get(folder.lower())
 
 
+# pneumonia: pediatric chest X-rays, Guangzhou (Kermany et al. 2018), CC BY 4.0. chest4: chest X-rays in 4 classes
+# pooled from several sources (the TB folder really is spelled TURBERCULOSIS). fundus: retinal fundus photographs,
+# diabetic retinopathy (DR) vs no DR; any folder of disease/ and normal/ class folders works too.
 DATASETS: dict[str, DatasetSpec] = {
-    "pneumonia": DatasetSpec("pneumonia", "paultimothymooney/chest-xray-pneumonia", ("NORMAL", "PNEUMONIA"),
-                             description="Pediatric chest X-rays, Guangzhou (Kermany et al. 2018), CC BY 4.0."),
-    "chest4": DatasetSpec(
-        "chest4", "jtiptj/chest-xray-pneumoniacovid19tuberculosis", ("COVID19", "NORMAL", "PNEUMONIA", "TURBERCULOSIS"),
-        aliases={"TUBERCULOSIS": "TURBERCULOSIS", "COVID-19": "COVID19", "COVID": "COVID19"},
-        description="Chest X-rays in 4 classes pooled from several sources (the TB folder really is spelled "
-        "TURBERCULOSIS)."),
+    "pneumonia": DatasetSpec("pneumonia", "paultimothymooney/chest-xray-pneumonia", ("NORMAL", "PNEUMONIA")),
+    "chest4": DatasetSpec("chest4", "jtiptj/chest-xray-pneumoniacovid19tuberculosis",
+                          ("COVID19", "NORMAL", "PNEUMONIA", "TURBERCULOSIS"),
+                          aliases={"TUBERCULOSIS": "TURBERCULOSIS", "COVID-19": "COVID19", "COVID": "COVID19"}),
     "fundus": DatasetSpec("fundus", "pkdarabi/diagnosis-of-diabetic-retinopathy", ("normal", "disease"),
-                          aliases={"No_DR": "normal", "DR": "disease"},
-                          description="Retinal fundus photographs, diabetic retinopathy (DR) vs no DR; any "
-                          "folder of disease/ and normal/ class folders works too."),
+                          aliases={"No_DR": "normal", "DR": "disease"}),
 }
 
 
@@ -102,7 +92,7 @@ def one_per_meaning(folders: list[Path], meaning: Callable[[str], str | None], w
     return found
 
 
-def _foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
+def foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
     """Why the class folders in `folder` belong to another known dataset (the 4-class set offered as
     pneumonia is no superset of it: taking the wanted classes would measure something else), or None."""
     names = [d.name for d in visible_folders(folder)]
@@ -120,37 +110,22 @@ def _foreign_classes(folder: Path, spec: DatasetSpec) -> str | None:
             f"{whole[0].name if whole else 'the dataset it is'}.")
 
 
-def split_class_folders(split_dir: Path, spec: DatasetSpec) -> tuple[dict[str, Path], list[str]]:
-    """A split's class folders by canonical class, and the folders the dataset does not know; class
-    folders of another known dataset are an error (`WrongDatasetError`)."""
-    if (problem := _foreign_classes(split_dir, spec)) is not None:
-        raise WrongDatasetError(problem)
-    folders = visible_folders(split_dir)
-    unknown = [str(d) for d in folders if spec.canonical_class(d.name) is None]
-    return one_per_meaning(folders, spec.canonical_class, "class"), unknown
-
-
-def _is_dataset_root(folder: Path, spec: DatasetSpec, rejected: list[str] | None = None) -> bool:
+def _is_dataset_root(folder: Path, spec: DatasetSpec, rejected: list[str]) -> bool:
     """A root holds a train split with a folder for every class, or those class folders themselves,
     and no class folder of another known dataset (reasons for refusing go to `rejected`)."""
     for parent in [d for d in visible_folders(folder) if split_of(d.name) == "train"] + [folder]:
         if {spec.canonical_class(d.name) for d in visible_folders(parent)} >= set(spec.class_names):
-            problem = _foreign_classes(parent, spec)
-            if problem is None:
-                return True
-            if rejected is not None:
+            if (problem := foreign_classes(parent, spec)) is not None:
                 rejected.append(problem)
-            return False
+            return problem is None
     return False
 
 
 def find_dataset_root(folder: str | Path, spec: DatasetSpec, max_depth: int = 4,
                       rejected: list[str] | None = None) -> Path | None:
-    """The shallowest folder below `folder` that looks like the dataset, or None.
-
-    Shallowest first (`chest_xray/` over its nested copy `chest_xray/chest_xray/`). A folder that holds
-    another dataset's classes, or is a val or test split, is refused (reason in `rejected`), not searched.
-    """
+    """The shallowest folder below `folder` that looks like the dataset (`chest_xray/` over its nested copy
+    `chest_xray/chest_xray/`), or None. A folder that holds another dataset's classes, or is a val or test
+    split, is refused (reason in `rejected`), not searched."""
     level = [Path(folder)]
     for _ in range(max_depth + 1):
         refused = []
@@ -167,18 +142,8 @@ def find_dataset_root(folder: str | Path, spec: DatasetSpec, max_depth: int = 4,
                 refused.append(candidate)
                 if rejected is not None:
                     rejected.extend(found)
-        level = sorted(child for parent in level if parent not in refused
-                       for child in visible_folders(parent))
-        if not level:
-            return None
+        level = sorted(child for parent in level if parent not in refused for child in visible_folders(parent))
     return None
-
-
-def _kaggle_candidates(spec: DatasetSpec, kaggle_input: Path) -> list[Path]:
-    owner, slug = spec.handle.split("/")
-    named = [kaggle_input / slug, kaggle_input / "datasets" / owner / slug]
-    others = sorted(p for p in kaggle_input.glob("*") if p.is_dir()) if kaggle_input.is_dir() else []
-    return [p for p in named if p.is_dir()] + [p for p in others if p not in named]
 
 
 def _online(host: str = "www.kaggle.com", timeout: float = 3.0) -> bool:
@@ -197,8 +162,11 @@ def locate_dataset(name: str, data_dir: str | Path | None = None, *, download: b
     if data_dir is not None:
         return _locate_in_data_dir(data_dir, spec)
     rejected: list[str] = []
-    local = project_root() / "data" / name
-    for candidate in _kaggle_candidates(spec, Path(kaggle_input)) + ([local] if local.is_dir() else []):
+    owner, slug = spec.handle.split("/")
+    kaggle_input, local = Path(kaggle_input), project_root() / "data" / name
+    named = [kaggle_input / slug, kaggle_input / "datasets" / owner / slug]  # Kaggle's two mount points, then the rest
+    others = sorted(p for p in kaggle_input.glob("*") if p.is_dir() and p not in named)
+    for candidate in [p for p in named if p.is_dir()] + others + ([local] if local.is_dir() else []):
         if (root := find_dataset_root(candidate, spec, rejected=rejected)) is not None:
             return root
     reason = "download=False" if not download else "no internet connection (www.kaggle.com unreachable)"
@@ -227,8 +195,7 @@ def _locate_in_data_dir(data_dir: str | Path, spec: DatasetSpec) -> Path:
                          "download the data, 'synthetic' for generated images, or a folder path.")
     is_cwd = Path(data_dir).resolve() == Path.cwd().resolve()
     rejected: list[str] = []
-    root = find_dataset_root(data_dir, spec, max_depth=0 if is_cwd else 4, rejected=rejected)
-    if root is not None:
+    if (root := find_dataset_root(data_dir, spec, max_depth=0 if is_cwd else 4, rejected=rejected)) is not None:
         return root
     if rejected:
         raise WrongDatasetError(f"DATA_DIR={str(data_dir)!r} does not hold the {spec.name} dataset: {rejected[0]}")

@@ -1,9 +1,6 @@
-"""Reading an image file (DICOM too) as the 8-bit RGB a model sees, the same way everywhere.
-
-Training, the tensor cache, the figures, the dataset scan and the app all read through here:
-EXIF orientation applied, 16-bit values rescaled by one bit depth per source (PNG sBIT, else the
-rule the scan set for its dataset), transparency onto black, grayscale to 3 channels.
-"""
+"""Reading an image file (DICOM too) as the 8-bit RGB a model sees: training, the cache, the figures, the scan
+and the app all read through here (EXIF orientation applied, 16-bit values rescaled by one bit depth per source,
+transparency onto black, grayscale to 3 channels)."""
 
 from __future__ import annotations
 
@@ -28,33 +25,26 @@ class DicomError(ValueError):
     """A DICOM file that cannot be turned into pixels; the message says why and what to do."""
 
 
-def _looks_like_dicom(head: bytes) -> bool:
-    """b"DICM" after the preamble, or a group 0002/0008 element at byte 0 (explicit or implicit VR)."""
-    if head[_MAGIC_OFFSET:_MAGIC_OFFSET + 4] == b"DICM":
-        return True
-    return (len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
-            and (head[4:6] in _VRS or int.from_bytes(head[4:8], "little") < 1024))
-
-
 def is_dicom(source: str | Path | bytes) -> bool:
-    """DICOM by content (bytes or a file's first bytes), whatever the name; a `.dcm` name counts too."""
-    if isinstance(source, (bytes, bytearray)):
-        return _looks_like_dicom(bytes(source[:_MAGIC_OFFSET + 4]))
+    """DICOM by content (bytes or a file's first bytes: b"DICM" after the preamble, or a group 0002/0008
+    element at byte 0, explicit or implicit VR), whatever the name; a `.dcm` name counts too."""
+    named = not isinstance(source, (bytes, bytearray)) and Path(source).suffix.lower() in DICOM_EXTENSIONS
     try:
-        with open(source, "rb") as f:
+        with io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb") as f:
             head = f.read(_MAGIC_OFFSET + 4)
     except OSError:
         head = b""
-    return _looks_like_dicom(head) or Path(source).suffix.lower() in DICOM_EXTENSIONS
+    return named or head[_MAGIC_OFFSET:_MAGIC_OFFSET + 4] == b"DICM" or (
+        len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00")
+        and (head[4:6] in _VRS or int.from_bytes(head[4:8], "little") < 1024))
 
 
 def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
     """Values -> [0, 1] through the file's display window, and how (DICOM PS3.3 C.11.2.1.2)."""
-    from pydicom.pixels import apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     if "VOILUTSequence" in ds:
-        item = ds.VOILUTSequence[0]
-        bits = int(item.LUTDescriptor[2]) or 16
+        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2]) or 16
         return np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64) / (2 ** bits - 1), "its VOI LUT"
     if "WindowCenter" in ds and "WindowWidth" in ds:  # one value each, or several windows (CR, DX): the first
         centers, widths = (np.ravel(np.asarray(ds[k].value, dtype=np.float64)) for k in ("WindowCenter", "WindowWidth"))
@@ -66,8 +56,6 @@ def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
         scaled = ((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5) if width > 1 else (values >= center) * 1.0
         return np.clip(scaled, 0.0, 1.0), f"its window center {center:g} / width {width:g}{several}"
     if bits := int(ds.get("BitsStored", 0) or 0):  # no window: the range the stored bits can hold
-        from pydicom.pixels import apply_modality_lut
-
         signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
         ends = np.asarray(apply_modality_lut(np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed
                                                       else [0, 2 ** bits - 1]), ds), dtype=np.float64)
@@ -80,12 +68,10 @@ def _window(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
 
 def read_dicom(source: str | Path | bytes | BinaryIO) -> tuple[Image.Image, list[str]]:
     """A DICOM file (path, bytes or file object) -> 8-bit PIL image ("L", or "RGB" for colour), and notes."""
-    try:
-        import pydicom
-        from pydicom import uid
-        from pydicom.pixels import apply_modality_lut
-    except ImportError:  # pragma: no cover - pydicom is a dependency of the course
-        raise DicomError("Reading DICOM (.dcm) files needs pydicom: pip install pydicom.") from None
+    import pydicom
+    from pydicom import uid
+    from pydicom.pixels import apply_modality_lut
+
     name = str(source) if isinstance(source, (str, Path)) else "the DICOM file"
     fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
@@ -117,7 +103,6 @@ def read_dicom(source: str | Path | bytes | BinaryIO) -> tuple[Image.Image, list
 
 
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-ALPHA_BACKGROUND = (0, 0, 0)  # transparency is composited onto black, the background of a radiograph
 _DATASET_BITS: dict[str, int] = {}  # dataset folder -> bit depth of its 16-bit images without metadata
 
 
@@ -158,11 +143,9 @@ def stored_bits(image: Image.Image, path: str | Path | None = None) -> tuple[int
                 return bits, "from its PNG sBIT chunk"
     except (OSError, ValueError):  # a closed or odd stream: no metadata
         pass
-    where = os.path.abspath(path) if path is not None else None
-    for folder, bits in _DATASET_BITS.items():
-        if where and where.startswith(folder + os.sep):
-            return bits, "the rule for its whole dataset, guessed from its images (no PNG sBIT)"
-    return None
+    where = os.path.abspath(path) if path is not None else ""
+    return next(((bits, "the rule for its whole dataset, guessed from its images (no PNG sBIT)")
+                 for folder, bits in _DATASET_BITS.items() if where.startswith(folder + os.sep)), None)
 
 
 def _rescale_high_bit_depth(image: Image.Image, bits: tuple[int, str] | None) -> tuple[Image.Image, str]:
@@ -197,14 +180,12 @@ def to_rgb(image: Image.Image, *, bits: tuple[int, str] | None = None) -> tuple[
         alpha = image.getchannel("A")
         if alpha.getextrema()[0] < 255:
             notes.append("transparent areas were flattened onto black")
-        background = Image.new("RGB", image.size, ALPHA_BACKGROUND)
+        background = Image.new("RGB", image.size, (0, 0, 0))  # black, the background of a radiograph
         background.paste(image.convert("RGB"), mask=alpha)
         image = background
-    if image.mode in ("L", "1"):
-        notes.append("grayscale image replicated to 3 channels (RGB)")
-    elif image.mode != "RGB":
-        notes.append(f"converted from {image.mode} to RGB")
     if image.mode != "RGB":
+        notes.append("grayscale image replicated to 3 channels (RGB)" if image.mode in ("L", "1")
+                     else f"converted from {image.mode} to RGB")
         image = image.convert("RGB")
     return image, notes
 

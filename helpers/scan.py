@@ -1,9 +1,5 @@
-"""Walking a dataset folder: every file is used or counted by reason, and duplicates are found.
-
-`list_dataset` sorts every file under a root into the images of class folders and the rest by
-`REASONS`; `check_image` decodes an image once (size, content hash, thumbnail); `find_duplicates`
-turns those into exact and near duplicate pairs. `helpers.data.scan_dataset` puts it in a table.
-"""
+"""Walking a dataset folder: `list_dataset` sorts every file into used images and `REASONS`; `check_image`
+decodes an image once, `find_duplicates` pairs copies. `helpers.data.scan_dataset` puts it in a table."""
 
 from __future__ import annotations
 
@@ -18,8 +14,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from helpers.datasets import (IGNORED_DIRS, SPLIT_ALIASES, DatasetSpec, find_dataset_root,  # noqa: F401
-                              one_per_meaning, split_class_folders, split_of)
+from helpers.datasets import (IGNORED_DIRS, DatasetSpec, WrongDatasetError, find_dataset_root, foreign_classes,
+                              one_per_meaning, split_of, visible_folders)
 from helpers.images import (DICOM_EXTENSIONS, HIGH_BIT_DEPTH_MODES, MIN_IMAGE_SIDE, display_path, exif_orientation,
                             is_dicom, read_dicom, stored_bits)
 
@@ -43,7 +39,6 @@ THUMB = 32  # side of the grayscale thumbnail kept per image for near-duplicate 
 # different images exceed 0.98; copies reach 0.9997 re-encoded, 0.989-0.993 shrunk to 150 px
 # (pHash/dHash do not separate them: unrelated radiographs lie a median 8 bits apart, shrunk copies 12).
 NEAR_DUPLICATE_CORRELATION = 0.99
-MIN_THUMB_STD = 2.0  # a thumbnail flatter than this (grey levels) has no structure to compare
 # More near matches than this: a crowd thumbnails cannot tell apart (real fundus: 26,000 pairs among
 # 2,607 images); its matches are dropped as inconclusive. Over MAX_CROWDED_FRACTION of the images in
 # crowds (fundus 24%, pneumonia 0): no near pair is reported at all, only exact ones.
@@ -124,9 +119,12 @@ def list_dataset(root: Path, spec: DatasetSpec) -> tuple[Listing, dict[str, Path
     splits = splits or ({"train": root} if len(classes) >= 2 else {})  # a root of class folders: train
     for split, folder in splits.items():
         _visible_dirs(folder, listing)  # an unreadable split folder is an error that says so
-        classes, unknown = split_class_folders(folder, spec)  # refuses another dataset's classes
+        if (problem := foreign_classes(folder, spec)) is not None:  # class folders of another known dataset
+            raise WrongDatasetError(problem)
+        folders = visible_folders(folder)
+        classes = one_per_meaning(folders, spec.canonical_class, "class")
         listing.class_dirs.update({(split, c): d for c, d in classes.items()})
-        listing.unknown += [u for u in unknown if split_of(Path(u).name) is None]
+        listing.unknown += [str(d) for d in folders if not spec.canonical_class(d.name) and split_of(d.name) is None]
     used = {str(d): key for key, d in listing.class_dirs.items()}
     split_paths = {str(p) for p in splits.values()}
 
@@ -199,8 +197,7 @@ def check_image(path: Path) -> ImageCheck | str:
                 if exif_orientation(im) != 1:
                     image = ImageOps.exif_transpose(im)
                     size = size if image.size == im.size else (size[1], size[0])
-        gray = image if image.mode == "L" else image.convert("L")
-        thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR))
+        thumb = np.asarray(image.convert("L").resize((THUMB, THUMB), Image.BILINEAR))
         flags += ["small"] if min(size) < MIN_IMAGE_SIDE else []
         return ImageCheck(size[0], size[1], digest, thumb, tuple(flags), high)
     except Exception as err:  # PIL and pydicom raise many types for broken files
@@ -208,37 +205,32 @@ def check_image(path: Path) -> ImageCheck | str:
         return f"{type(err).__name__}: {message}"
 
 
-def _near_pairs(v: np.ndarray, near: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index pairs (a < b) of unit vectors with a . b >= near, and their similarity: candidates from a
-    k-d tree over the 6 x 6 lowest orthonormal DCT coefficients (a projection never lengthens a
-    difference, so none is missed), verified on the whole thumbnail."""
+def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEAR_DUPLICATE_CORRELATION) -> pd.DataFrame:
+    """Pairs (a < b) of row indices, `kind` "exact" (same bytes) or "near" (thumbnail correlation >=
+    `near`; `near > 1` turns it off), and `similarity`; `attrs["near_checked"]`: False for a crowd."""
     from scipy.fft import dctn
     from scipy.spatial import cKDTree
 
-    low = dctn(v.reshape(len(v), THUMB, THUMB), norm="ortho", axes=(1, 2))[:, :6, :6].reshape(len(v), 36)
-    radius = float(np.sqrt(2.0 * (1.0 - near))) + 1e-4  # |u - w| of unit vectors at similarity `near`
-    pairs = cKDTree(low).query_pairs(radius, output_type="ndarray")
-    a, b = np.sort(pairs, axis=1).T if len(pairs) else (np.zeros(0, int), np.zeros(0, int))
-    sims = np.concatenate([np.einsum("nd,nd->n", v[a[i:i + 4096]], v[b[i:i + 4096]])
-                           for i in range(0, len(a), 4096)]) if len(a) else np.zeros(0, np.float32)
-    ok = sims >= near
-    return a[ok], b[ok], sims[ok]
-
-
-def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEAR_DUPLICATE_CORRELATION) -> pd.DataFrame:
-    """Pairs (a < b) of row indices, `kind` "exact" (same bytes) or "near" (thumbnail correlation >=
-    `near`; `near > 1` turns it off), and `similarity`; `attrs`: "inconclusive", "near_checked"."""
     rows: list[tuple[int, int, str, float]] = []
     by_digest = pd.Series(range(len(digests))).groupby(pd.Series(digests, dtype=object)).agg(list)
     for members in by_digest[by_digest.map(len) > 1]:
         rows += [(a, b, "exact", 1.0) for i, a in enumerate(members) for b in members[i + 1:]]
     x = thumbs.reshape(len(thumbs), -1).astype(np.float32)
     x -= x.mean(axis=1, keepdims=True)
-    keep = np.flatnonzero(x.std(axis=1) >= MIN_THUMB_STD)
+    keep = np.flatnonzero(x.std(axis=1) >= 2.0)  # a flatter thumbnail (grey levels) has no structure to compare
     crowded = 0
     if len(keep) > 1 and near <= 1.0:
         v = x[keep] / np.linalg.norm(x[keep], axis=1, keepdims=True)
-        a, b, sims = _near_pairs(v, near)
+        # Candidates from a k-d tree over the 6 x 6 lowest orthonormal DCT coefficients (a projection never
+        # lengthens a difference, so none is missed), verified on the whole thumbnail.
+        low = dctn(v.reshape(len(v), THUMB, THUMB), norm="ortho", axes=(1, 2))[:, :6, :6].reshape(len(v), 36)
+        radius = float(np.sqrt(2.0 * (1.0 - near))) + 1e-4  # |u - w| of unit vectors at similarity `near`
+        pairs = cKDTree(low).query_pairs(radius, output_type="ndarray")
+        a, b = np.sort(pairs, axis=1).T if len(pairs) else (np.zeros(0, int), np.zeros(0, int))
+        sims = np.concatenate([np.einsum("nd,nd->n", v[a[i:i + 4096]], v[b[i:i + 4096]])
+                               for i in range(0, len(a), 4096)]) if len(a) else np.zeros(0, np.float32)
+        ok = sims >= near
+        a, b, sims = a[ok], b[ok], sims[ok]
         matches = np.bincount(np.concatenate([a, b]), minlength=len(v))
         clear = (matches[a] <= MAX_NEAR_MATCHES) & (matches[b] <= MAX_NEAR_MATCHES)
         crowded = int((matches > MAX_NEAR_MATCHES).sum())
@@ -247,7 +239,6 @@ def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEA
         rows += [(int(keep[i]), int(keep[j]), "near", round(float(sim), 4))
                  for i, j, sim in zip(a[clear], b[clear], sims[clear]) if digest_of[keep[i]] != digest_of[keep[j]]]
     found = pd.DataFrame(rows, columns=["a", "b", "kind", "similarity"])
-    found.attrs["inconclusive"] = crowded  # images whose near matches were too many to trust
     found.attrs["near_checked"] = near <= 1.0 and crowded <= MAX_CROWDED_FRACTION * max(len(keep), 1)
     return found
 

@@ -1,18 +1,13 @@
-"""Small generated datasets that look (a little) like the real ones, for offline runs.
-
-`make_synthetic_dataset` writes JPEG files in the Kaggle datasets' folder layouts, each class with a
-learnable signature: chest X-rays (PNEUMONIA: a consolidation, `person<N>_bacteria_<k>`, or a bilateral
-haze, `person<N>_virus_<k>`; COVID19: lower-zone peripheral haze; TURBERCULOSIS: upper-zone nodules) and
-colour fundus photographs (DR: haemorrhages and exudates). `synthetic_landscapes`, `synthetic_noise` and
-`synthetic_shapes` make *outside* images (uint8 tensors) for out-of-distribution experiments.
-Synthetic numbers say that the code works, never how well a method works on patients.
-"""
+"""Small generated datasets that look (a little) like the real ones, for offline runs: `make_synthetic_dataset`
+writes JPEG files in the Kaggle datasets' folder layouts, each class with a learnable signature (PNEUMONIA: a
+consolidation or a bilateral haze; COVID19: lower-zone peripheral haze; TURBERCULOSIS: upper-zone nodules; DR:
+haemorrhages and exudates); `synthetic_landscapes`, `synthetic_noise` and `synthetic_shapes` make *outside* images
+for out-of-distribution experiments. Synthetic numbers say that the code works, never how well a method works."""
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -107,20 +102,16 @@ def _write_pneumonia(root: Path, counts: dict, rng: np.random.Generator, size: i
                 for k in range(images):
                     h, w = int(rng.integers(size - 12, size + 20)), int(rng.integers(size, size + 32))
                     finding = {"normal": "none", "bacteria": "consolidation", "virus": "haze"}[kind]
-                    if kind == "normal":
-                        prefix = "NORMAL2-IM" if patient % 3 == 0 else "IM"
-                        name = f"{prefix}-{patient:04d}-{k + 1:04d}.jpeg"
-                    else:
-                        name = f"person{patient}_{kind}_{written + k}.jpeg"
+                    prefix = "NORMAL2-IM" if patient % 3 == 0 else "IM"
+                    name = (f"{prefix}-{patient:04d}-{k + 1:04d}.jpeg" if kind == "normal"
+                            else f"person{patient}_{kind}_{written + k}.jpeg")
                     _chest(rng, finding, h, w).save(folder / name, quality=92)
                 written += images
                 patient += 1
 
 
-_CHEST4_FINDINGS = {"COVID19": "peripheral", "NORMAL": "none", "PNEUMONIA": "consolidation", "TURBERCULOSIS": "nodules"}
-
-
 def _write_chest4_or_fundus(root: Path, counts: dict, rng: np.random.Generator, size: int, fundus: bool) -> None:
+    findings = {"COVID19": "peripheral", "NORMAL": "none", "PNEUMONIA": "consolidation", "TURBERCULOSIS": "nodules"}
     for split, per_class in counts.items():
         for class_name, n in per_class.items():
             (folder := root / split / class_name).mkdir(parents=True)
@@ -129,7 +120,7 @@ def _write_chest4_or_fundus(root: Path, counts: dict, rng: np.random.Generator, 
                     image, name = _fundus(rng, class_name == "DR", size), f"{class_name.lower()}_eye{i:04d}_{split}.jpg"
                 else:
                     h, w = int(rng.integers(size - 12, size + 20)), int(rng.integers(size, size + 32))
-                    image = _chest(rng, _CHEST4_FINDINGS[class_name], h, w)
+                    image = _chest(rng, findings[class_name], h, w)
                     name = f"{class_name.lower()}_{split}_{i:04d}.jpg"
                 image.save(folder / name, quality=92)
 
@@ -139,29 +130,24 @@ def chest_xray_image(finding: str = "consolidation", size: int = 224, seed: int 
     return _chest(np.random.default_rng(seed), finding, size, size)
 
 
-WRITERS = {"pneumonia": _write_pneumonia, "chest4": partial(_write_chest4_or_fundus, fundus=False),
-           "fundus": partial(_write_chest4_or_fundus, fundus=True)}
-
-
-def make_synthetic_dataset(name: str, root: str | Path | None = None, *,
-                           counts: dict | None = None, image_size: int = 112,
-                           seed: int = 0) -> Path:
-    """Write (once, deterministic by `seed`) a synthetic version of dataset `name`; return its folder.
-
-    Default: `data/synthetic/<name>-seed<seed>/` under `output_root()`. `counts`: split -> class -> images
-    (DEFAULT_COUNTS). Written under a temporary name and renamed, so no half dataset is ever left behind.
-    """
-    if name not in WRITERS:
-        raise ValueError(f"No synthetic version of {name!r}; choose one of {list(WRITERS)}.")
+def make_synthetic_dataset(name: str, root: str | Path | None = None, *, counts: dict | None = None,
+                           image_size: int = 112, seed: int = 0) -> Path:
+    """Write (once, deterministic by `seed`) a synthetic version of dataset `name`; return its folder (default:
+    `data/synthetic/<name>-seed<seed>/` under `output_root()`, writable even for a read-only course copy).
+    `counts`: split -> class -> images (DEFAULT_COUNTS). Written under a temporary name and renamed, so no half
+    dataset is ever left behind."""
+    if name not in DEFAULT_COUNTS:
+        raise ValueError(f"No synthetic version of {name!r}; choose one of {list(DEFAULT_COUNTS)}.")
     counts = counts or DEFAULT_COUNTS[name]
-    if root is None:
-        root = output_root() / "data" / "synthetic" / f"{name}-seed{seed}"  # writable, even for a read-only course copy
-    root = Path(root)
+    root = Path(root) if root is not None else output_root() / "data" / "synthetic" / f"{name}-seed{seed}"
     if (root / ".complete").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
-    WRITERS[name](tmp, counts, np.random.default_rng(seed), image_size)
+    if name == "pneumonia":
+        _write_pneumonia(tmp, counts, np.random.default_rng(seed), image_size)
+    else:
+        _write_chest4_or_fundus(tmp, counts, np.random.default_rng(seed), image_size, fundus=name == "fundus")
     (tmp / ".complete").write_text(f"synthetic {name}, seed {seed}\n")
     try:
         tmp.rename(root)
@@ -248,11 +234,8 @@ def synthetic_shapes(n: int, size: int = 96, seed: int = 0) -> torch.Tensor:
             box = np.sort(rng.integers(0, size, 4).reshape(2, 2), axis=0).T.ravel()
             x0, x1, y0, y1 = (int(v) for v in box)
             colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-            shape = rng.integers(0, 3)
-            if shape == 0:
-                draw.rectangle([x0, y0, x1, y1], fill=colour)
-            elif shape == 1:
-                draw.ellipse([x0, y0, x1, y1], fill=colour)
+            if (shape := rng.integers(0, 3)) < 2:
+                (draw.rectangle if shape == 0 else draw.ellipse)([x0, y0, x1, y1], fill=colour)
             else:
                 draw.line([x0, y0, x1, y1], fill=colour, width=int(rng.integers(1, max(2, size // 16))))
         out[i] = np.asarray(image).transpose(2, 0, 1)
