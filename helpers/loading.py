@@ -110,7 +110,7 @@ class TensorLoader:
                  device: str | torch.device = "cpu", drop_last: bool = False, seed: int | None = None,
                  drop_single: bool = False, normalization=None):
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError("TensorLoader expects uint8 images of shape (N, 3, H, W) (use cache_images to make them).")
+            raise ValueError("TensorLoader expects uint8 images (N, 3, H, W): make them with cache_images.")
         self.device, self.normalization = torch.device(device), as_normalization(normalization)  # (mean, std)
         # Stored with one channel when all three are equal (a third of the memory and augmentation work).
         self.grayscale = bool(torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]))
