@@ -1,6 +1,5 @@
-"""Grad-CAM (Selvaraju et al., 2017): cam = ReLU(sum_k mean(dScore/dA_k) * A_k) over one layer's maps A_k,
-upsampled and scaled to [0, 1]: where the evidence is, not why. For a ViT the patch tokens entering the last
-block (`encoder.layers[-1].ln_1`) are folded into a grid (`vit_tokens_to_map`).
+"""Grad-CAM (Selvaraju et al., 2017): where the evidence is in one layer's maps, not why. For a ViT the patch tokens
+entering the last block (`encoder.layers[-1].ln_1`) are folded into a grid (`vit_tokens_to_map`).
 """
 
 from __future__ import annotations
@@ -62,16 +61,15 @@ def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:
     return layer
 
 
-def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The score to explain per sample and its class; one logit z: +z for class 1, -z for class 0."""
+def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -> torch.Tensor:
+    """The score to explain per sample (`class_idx` None: the predicted class); one logit z: +z for 1, -z for 0."""
     if class_idx is not None:
         classes = torch.as_tensor(class_idx, device=logits.device).long().expand(logits.shape[0])
     else:
         classes = (logits.reshape(-1) > 0).long() if is_one_logit(logits) else logits.argmax(dim=1)
     if is_one_logit(logits):
-        z = logits.reshape(-1)
-        return torch.where(classes == 1, z, -z), classes
-    return logits.gather(1, classes[:, None])[:, 0], classes
+        return torch.where(classes == 1, logits.reshape(-1), -logits.reshape(-1))
+    return logits.gather(1, classes[:, None])[:, 0]
 
 
 def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -97,9 +95,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_i
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
         if threading.get_ident() != owner:
             return None  # the forward pass of another thread (another app session): leave it alone
-        leaf = output.detach().requires_grad_(True)
-        captured["activations"] = leaf
-        return leaf
+        captured["activations"] = output.detach().requires_grad_(True)
+        return captured["activations"]
 
     was_training = model.training
     handle = target_layer.register_forward_hook(hook)
@@ -107,7 +104,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_i
         model.eval()
         with torch.inference_mode(False), torch.enable_grad():
             x = x.clone().float()
-            scores, _ = _class_scores(model(x).float(), class_idx)
+            scores = _class_scores(model(x).float(), class_idx)
             if "activations" not in captured:
                 raise ValueError("target_layer was not used in the forward pass: pick a layer of this model.")
             activations = captured["activations"]

@@ -24,19 +24,19 @@ from helpers.data import DataSplits
 from helpers.images import gone, load_image, to_grayscale
 
 
-def normalize(x: torch.Tensor, scale: float | None = None, *, normalization=None) -> torch.Tensor:
+def normalize(x: torch.Tensor, scale: float | None = None, *, normalization=None,
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
     """Images (N, 3 or 1, H, W) -> (x / scale - mean) / std as floats (`normalization`: a model, a (mean, std)
-    pair or None = ImageNet's; `scale`: 255 for uint8, else 1). One channel broadcasts."""
-    m, s = as_normalization(normalization)
+    pair or None = ImageNet's, or `mean=`/`std=`; `scale`: 255 for uint8, else 1). One channel broadcasts."""
     scale = (255.0 if x.dtype == torch.uint8 else 1.0) if scale is None else scale
-    mean_t, std_t = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (m, s))
+    mean_t, std_t = (torch.tensor(v, device=x.device).view(1, 3, 1, 1)
+                     for v in as_normalization(normalization if mean is None else (mean, std)))
     return torch.addcmul(-mean_t / std_t, x.float(), 1.0 / (scale * std_t))
 
 
 def denormalize(x: torch.Tensor, normalization=None) -> torch.Tensor:
     """Inverse of `normalize` (same `normalization`): back to [0, 1] floats for display."""
-    m, s = as_normalization(normalization)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (m, s))
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in as_normalization(normalization))
     return (x * std + mean).clamp(0, 1)
 
 

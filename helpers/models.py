@@ -180,8 +180,7 @@ def _load_pretrained(arch: str) -> nn.Module:
 
 
 def _torchvision_imagenet(arch: str, image_size: int) -> tuple[nn.Module, dict]:
-    """torchvision's DEFAULT ImageNet model (ViT-B/16 with position embeddings interpolated to ``image_size``) and
-    its weights_info (the normalisation of their own transforms)."""
+    """torchvision's DEFAULT ImageNet model and its weights_info (ViT-B/16: embeddings interpolated to image_size)."""
     from torchvision.models.vision_transformer import interpolate_embeddings
 
     said = io.StringIO()  # torch.hub's "Downloading: ... to /root/..." (stdout or stderr) and its progress bar
@@ -318,9 +317,8 @@ def train_mode(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
                               max_batches: int = 10) -> int:
-    """Estimate the statistics of frozen BatchNorm layers that never had any (mean 0, variance 1 placeholders,
-    which let activations grow until fp16 overflows) from up to ``max_batches`` training batches on ``device``
-    (default: the model's); returns how many layers. A model with ImageNet weights is never touched."""
+    """Estimate frozen BatchNorm statistics still at their placeholders (mean 0, variance 1: activations grow until
+    fp16 overflows) from up to ``max_batches`` training batches; returns how many layers. ImageNet models: none."""
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     layers = [m for m in batchnorms if m.running_mean is not None and not any(p.requires_grad for p in m.parameters())
               and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
@@ -341,8 +339,7 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
         m.eval()
     model.train(was_training)
     print(f"Estimated the statistics of {len(layers)} frozen BatchNorm layers from {seen} training "
-          "batch(es): without ImageNet weights they held placeholders (mean 0, variance 1).",
-          flush=True)
+          "batch(es): without ImageNet weights they held placeholders (mean 0, variance 1).", flush=True)
     return len(layers)
 
 
@@ -351,4 +348,5 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     head_attr = _HEAD_ATTR[_family(_arch_of(model))]
     backbone = copy.copy(model)  # the same layers (and input_mean/input_std), under a second name ...
     backbone._modules = {**model._modules, head_attr: nn.Identity()}  # ... without the head: model.forward's features
+    vars(backbone).pop("weights_info", None)  # the record of the model's weights stays with the model
     return backbone, getattr(model, head_attr)

@@ -134,9 +134,8 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
         optimizer: torch.optim.Optimizer, scheduler: str | Any | None = None, monitor: str = "val_loss",
         grad_clip: float | None = None, amp: bool = True, checkpoint_path: str | Path | None = None,
         progress: bool = True) -> FitResult:
-    """`train_one_epoch` + `evaluate_loss` for `epochs` epochs. Each new best of `monitor` (one of MONITORS;
-    "train_loss" without val data) goes to `checkpoint_path` (default a temporary file), loaded back at the end.
-    `scheduler`: None, "plateau", "cosine" or an object; `amp`: mixed precision on CUDA (bf16, else fp16)."""
+    """`train_one_epoch` + `evaluate_loss` per epoch; the best `monitor` (MONITORS; "train_loss" without val data)
+    is saved to `checkpoint_path` (default temporary) and restored. `scheduler`: None, "plateau", "cosine" or one."""
     if monitor not in MONITORS:
         raise ValueError(f"Unknown monitor {monitor!r}. Known: {', '.join(MONITORS)}")
     monitor = monitor if val_loader is not None else "train_loss"
@@ -183,8 +182,7 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: Loader, device: str | torch.device | None = None, *,
                      amp: bool = True, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32 CPU, labels (N,)) of a frozen backbone in eval mode, every image once, in order,
-    unaugmented: a head can train on them for many epochs."""
+    """(features (N, D) float32 CPU, labels (N,)) of a frozen backbone: every image once, in order, unaugmented."""
     check_normalization(backbone, loader)
     device = torch.device(device) if device is not None else model_device(backbone)
     backbone.to(device).eval()
@@ -216,8 +214,7 @@ def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Te
 
 
 def _dataset_augments(loader: Loader, draws: int = 8) -> bool:
-    """Does a DataLoader's dataset give a different tensor for its first image on each of `draws` reads (random
-    transforms)? The random states of torch, numpy and `random` are restored afterwards."""
+    """Does a DataLoader's dataset give its first image differently in `draws` reads? (Random states restored.)"""
     dataset = loader.dataset if isinstance(loader, DataLoader) else None
     if isinstance(dataset, (TensorDataset, IterableDataset)) or not hasattr(dataset, "__len__") or not len(dataset):
         return False
