@@ -52,12 +52,10 @@ def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
 def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:
     """`layer`, or for a ViT target whose patch tokens cannot receive gradient (the last block, the
     encoder, its final LayerNorm) the last block's `ln_1`, with a warning."""
-    if isinstance(model, VisionTransformer):
-        last = model.encoder.layers[-1]
-        if layer is last or layer is model.encoder or layer is model.encoder.ln:
-            warnings.warn("Grad-CAM on the ViT's last encoder output gives zero gradient for patch tokens; using "
-                          "encoder.layers[-1].ln_1 (the tokens entering the last block) instead.", stacklevel=3)
-            return last.ln_1
+    if isinstance(model, VisionTransformer) and layer in (model.encoder.layers[-1], model.encoder, model.encoder.ln):
+        warnings.warn("Grad-CAM on the ViT's last encoder output gives zero gradient for patch tokens; using "
+                      "encoder.layers[-1].ln_1 (the tokens entering the last block) instead.", stacklevel=3)
+        return model.encoder.layers[-1].ln_1
     return layer
 
 

@@ -84,8 +84,7 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
         if target.exists() and (cached := _load_cache(target, len(paths), image_size)) is not None:
             return cached
     out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
-    workers = num_threads or min(8, (os.cpu_count() or 2) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=num_threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
         for i, image in enumerate(pool.map(lambda p: load_image(p, image_size), paths)):
             out[i] = to_grayscale(image) if grayscale else image
     if target is not None:  # written whole or not at all: a killed run leaves no half file

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 from helpers.core import IMAGENET_MEAN, IMAGENET_STD, model_device
 from helpers.images import display_path
@@ -181,8 +182,6 @@ def _load_pretrained(arch: str) -> nn.Module:
 
 def _torchvision_imagenet(arch: str, image_size: int) -> tuple[nn.Module, dict]:
     """torchvision's DEFAULT ImageNet model and its weights_info (ViT-B/16: embeddings interpolated to image_size)."""
-    from torchvision.models.vision_transformer import interpolate_embeddings
-
     said = io.StringIO()  # torch.hub's "Downloading: ... to /root/..." (stdout or stderr) and its progress bar
     with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
         model = _load_pretrained(arch)  # on failure the caller's one-line note says what happened
@@ -315,10 +314,9 @@ def train_mode(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
-                              max_batches: int = 10) -> int:
+def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.device | str | None = None) -> int:
     """Estimate frozen BatchNorm statistics still at their placeholders (mean 0, variance 1: activations grow until
-    fp16 overflows) from up to ``max_batches`` training batches; returns how many layers. ImageNet models: none."""
+    fp16 overflows) from up to 10 training batches; returns how many layers. ImageNet models: none."""
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     layers = [m for m in batchnorms if m.running_mean is not None and not any(p.requires_grad for p in m.parameters())
               and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
@@ -332,7 +330,7 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
         m.momentum = None  # cumulative average over the batches seen
         m.train()
     device, seen = model_device(model) if device is None else device, 0
-    for seen, (x, _) in enumerate(islice(loader, max_batches), 1):
+    for seen, (x, _) in enumerate(islice(loader, 10), 1):
         model(x.to(device))
     for m, momentum in zip(layers, momenta):
         m.momentum = momentum

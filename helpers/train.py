@@ -10,7 +10,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -186,8 +186,7 @@ def extract_features(backbone: nn.Module, loader: Loader, device: str | torch.de
     check_normalization(backbone, loader)
     device = torch.device(device) if device is not None else model_device(backbone)
     backbone.to(device).eval()
-    dtype = amp_dtype(device, amp)
-    features, labels = [], []
+    features, labels, dtype = [], [], amp_dtype(device, amp)
     if isinstance(loader, TensorLoader):  # every image once, in order, unaugmented
         loader = loader.ordered()
     elif isinstance(loader, DataLoader):  # its own generator leaves the global random state alone
@@ -250,9 +249,7 @@ def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | N
     feature_seconds = time.perf_counter() - t0
     print(f"Feature cache: {len(train_data.dataset)} train images in {feature_seconds:.1f}s", flush=True)
     result = fit(head, train_data, val_data, epochs=epochs, criterion=criterion, **fit_kwargs)
-    result.feature_seconds = feature_seconds
-    result.train_seconds += feature_seconds
-    return result
+    return replace(result, feature_seconds=feature_seconds, train_seconds=result.train_seconds + feature_seconds)
 
 
 def linear_probe(model: nn.Module, train_loader: Loader, test_loader: Loader, *, seed: int = 0) -> np.ndarray:
