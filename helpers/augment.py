@@ -38,7 +38,7 @@ class BatchAugment:
     def preset(name: str) -> "BatchAugment":
         """'light' (default training), 'strong' (minority class) or 'none'; no preset flips (module doc)."""
         presets = {"none": BatchAugment(0.0, (1.0, 1.0), 0.0, 0.0, 0.0, 0.0, 0.0), "light": BatchAugment(),
-                   "strong": BatchAugment(rotate=25.0, scale=(0.75, 1.2), translate=0.12, brightness=0.35, contrast=0.35)}
+                   "strong": BatchAugment(25.0, (0.75, 1.2), 0.12, brightness=0.35, contrast=0.35)}
         if name not in presets:
             raise ValueError(f"Unknown augmentation {name!r}; use one of {list(presets)} or a BatchAugment(...)")
         return presets[name]
@@ -46,24 +46,20 @@ class BatchAugment:
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  max_value: float = 1.0) -> torch.Tensor:
         """Augment float images in [0, max_value], shape (N, C, H, W); same shape back."""
-        n, dev = x.shape[0], x.device
+        (n, _, h, w), dev = x.shape, x.device
 
         def uniform(lo: float, hi: float) -> torch.Tensor:
             return torch.rand(n, generator=generator).to(dev) * (hi - lo) + lo
 
         angle, scale = uniform(-self.rotate, self.rotate) * math.pi / 180, uniform(*self.scale)
-        flip_x = torch.where(uniform(0, 1) < self.hflip, -1.0, 1.0)
-        flip_y = torch.where(uniform(0, 1) < self.vflip, -1.0, 1.0)
+        flip_x, flip_y = (torch.where(uniform(0, 1) < p, -1.0, 1.0) for p in (self.hflip, self.vflip))
         cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        shift_x, shift_y = (uniform(-1, 1) * 2 * self.translate for _ in range(2))
         # theta maps output to input coordinates: rotation/scale composed with the flips.
-        theta = torch.stack([
-            torch.stack([cos * flip_x, -sin * flip_y, uniform(-1, 1) * 2 * self.translate], 1),
-            torch.stack([sin * flip_x, cos * flip_y, uniform(-1, 1) * 2 * self.translate], 1),
-        ], 1)
+        theta = torch.stack([torch.stack([cos * flip_x, -sin * flip_y, shift_x], 1),
+                             torch.stack([sin * flip_x, cos * flip_y, shift_y], 1)], 1)
         if self.rotate or self.scale != (1.0, 1.0) or self.translate or self.hflip or self.vflip:
-            n_, _, h, w = x.shape
-            grid = torch.bmm(_base_grid(h, w, str(dev)).expand(n_, -1, -1), theta.transpose(1, 2))
-            grid = grid.view(n_, h, w, 2)  # same as F.affine_grid(theta, x.shape), cheaper
+            grid = torch.bmm(_base_grid(h, w, str(dev)).expand(n, -1, -1), theta.transpose(1, 2)).view(n, h, w, 2)
             x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if self.brightness or self.contrast:
             b = uniform(1 - self.brightness, 1 + self.brightness).view(-1, 1, 1, 1)

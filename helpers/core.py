@@ -19,9 +19,7 @@ from tqdm import tqdm
 
 def to_numpy(values: Any) -> np.ndarray:
     """A tensor (any device, with or without grad), list or array as a NumPy array."""
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
-    return np.asarray(values)
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
 def as_label_tensor(labels: Any) -> torch.Tensor:
@@ -46,7 +44,7 @@ def logits_to_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 def predict_labels(probs: Any, threshold: float | None = None) -> np.ndarray:
-    """Predicted class (int64) per row of probs (N, C): binary with `threshold`: P(class 1) >= threshold; else argmax."""
+    """Predicted class (int64) per row of probs (N, C): P(class 1) >= `threshold` if given (binary), else argmax."""
     p = to_numpy(probs)
     if p.ndim == 2 and p.shape[1] == 2 and threshold is not None:
         return (p[:, 1] >= threshold).astype(np.int64)
@@ -55,16 +53,12 @@ def predict_labels(probs: Any, threshold: float | None = None) -> np.ndarray:
 
 def pick_device(prefer: str | torch.device | None = None) -> torch.device:
     """`prefer` (e.g. "cpu", "cuda:0") when available, else (with a warning if asked) CUDA, MPS or CPU."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
     if prefer is not None:
-        device = torch.device(prefer)
-        if {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}.get(device.type):
-            return device
+        if available.get(torch.device(prefer).type):
+            return torch.device(prefer)
         warnings.warn(f"Device {prefer!r} is not available here; choosing automatically.", stacklevel=2)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device(next(kind for kind, ok in available.items() if ok))  # the first of CUDA, MPS, CPU
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -84,13 +78,12 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def seed_everything(seed: int) -> int:
+def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds every CUDA device
-    return seed
 
 
 def progress_bar(loader: Iterable, desc: str, enabled: bool = True) -> Iterable:
@@ -100,10 +93,9 @@ def progress_bar(loader: Iterable, desc: str, enabled: bool = True) -> Iterable:
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
-def as_normalization(spec: Any = None) -> Normalization:
+def as_normalization(spec: Any = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(mean, std) tuples from a model (`input_mean`/`input_std`), a loader, a (mean, std) pair or None (ImageNet's)."""
     if spec is None or (isinstance(spec, nn.Module) and not hasattr(spec, "input_mean")):
         return IMAGENET_MEAN, IMAGENET_STD

@@ -1,6 +1,5 @@
-"""Grad-CAM (Selvaraju et al., 2017): cam = ReLU(sum_k mean(dScore/dA_k) * A_k) over one layer's maps A_k,
-upsampled and scaled to [0, 1]: where the evidence is, not why. For a ViT the patch tokens entering the last
-block (`encoder.layers[-1].ln_1`) are folded into a grid (`vit_tokens_to_map`).
+"""Grad-CAM (Selvaraju et al., 2017): where the evidence is in one layer's maps, not why. For a ViT the patch tokens
+entering the last block (`encoder.layers[-1].ln_1`) are folded into a grid (`vit_tokens_to_map`).
 """
 
 from __future__ import annotations
@@ -8,27 +7,22 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import VisionTransformer
 
 from helpers.core import is_one_logit, logits_to_probs, model_device, predict_labels
 from helpers.loading import normalize
 
 
-# The layer Grad-CAM reads in a model of `models.build_model`, by family (DenseNet: ``denseblock4``, as norm5's
-# in-place ReLU breaks backward hooks; ViT: the tokens entering the last block, folded by `vit_tokens_to_map`).
+# The layer Grad-CAM reads, by family (DenseNet: ``denseblock4``, as norm5's in-place ReLU breaks backward hooks).
 _TARGET_LAYER = {"resnet": lambda m: m.layer4[-1], "densenet": lambda m: m.features.denseblock4,
                  "mobilenet": lambda m: m.features[-1], "vit": lambda m: m.encoder.layers[-1].ln_1}
-
-
-def _is_vit(model: nn.Module) -> bool:
-    from torchvision.models import VisionTransformer
-    return isinstance(model, VisionTransformer)
 
 
 def default_target_layer(model: nn.Module) -> nn.Module:
@@ -38,7 +32,7 @@ def default_target_layer(model: nn.Module) -> nn.Module:
         if arch.startswith(family):
             with contextlib.suppress(AttributeError, IndexError):
                 return layer(model)
-    if _is_vit(model):
+    if isinstance(model, VisionTransformer):
         return model.encoder.layers[-1].ln_1
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -58,34 +52,28 @@ def vit_tokens_to_map(tokens: torch.Tensor) -> torch.Tensor:
 def usable_target_layer(model: nn.Module, layer: nn.Module) -> nn.Module:
     """`layer`, or for a ViT target whose patch tokens cannot receive gradient (the last block, the
     encoder, its final LayerNorm) the last block's `ln_1`, with a warning."""
-    if _is_vit(model):
-        last = model.encoder.layers[-1]
-        if layer is last or layer is model.encoder or layer is model.encoder.ln:
-            warnings.warn("Grad-CAM on the ViT's last encoder output gives zero gradient for patch tokens; using "
-                          "encoder.layers[-1].ln_1 (the tokens entering the last block) instead.", stacklevel=3)
-            return last.ln_1
+    if isinstance(model, VisionTransformer) and layer in (model.encoder.layers[-1], model.encoder, model.encoder.ln):
+        warnings.warn("Grad-CAM on the ViT's last encoder output gives zero gradient for patch tokens; using "
+                      "encoder.layers[-1].ln_1 (the tokens entering the last block) instead.", stacklevel=3)
+        return model.encoder.layers[-1].ln_1
     return layer
 
 
-def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The score to explain per sample and its class; one logit z: +z for class 1, -z for class 0."""
+def _class_scores(logits: torch.Tensor, class_idx: int | Sequence[int] | None) -> torch.Tensor:
+    """The score to explain per sample (`class_idx` None: the predicted class); one logit z: +z for 1, -z for 0."""
     if class_idx is not None:
         classes = torch.as_tensor(class_idx, device=logits.device).long().expand(logits.shape[0])
     else:
         classes = (logits.reshape(-1) > 0).long() if is_one_logit(logits) else logits.argmax(dim=1)
     if is_one_logit(logits):
-        z = logits.reshape(-1)
-        return torch.where(classes == 1, z, -z), classes
-    return logits.gather(1, classes[:, None])[:, 0], classes
+        return torch.where(classes == 1, logits.reshape(-1), -logits.reshape(-1))
+    return logits.gather(1, classes[:, None])[:, 0]
 
 
-def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Sequence[int],
-                    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """cam = ReLU(sum_k mean(dScore/dA_k) * A_k), upsampled to `size` and scaled to [0, 1] per map."""
-    if reshape_transform is None and activations.ndim == 3:
-        reshape_transform = vit_tokens_to_map
-    if reshape_transform is not None:
-        activations, gradients = reshape_transform(activations), reshape_transform(gradients)
+    if activations.ndim == 3:  # ViT tokens
+        activations, gradients = vit_tokens_to_map(activations), vit_tokens_to_map(gradients)
     weights = gradients.mean(dim=(2, 3), keepdim=True)  # (N, K, 1, 1)
     cam = F.relu((weights * activations).sum(dim=1, keepdim=True))  # (N, 1, h, w)
     cam = F.interpolate(cam, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
@@ -95,20 +83,18 @@ def _normalised_map(activations: torch.Tensor, gradients: torch.Tensor, size: Se
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_idx: int | Sequence[int] | None = None,
-             reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-             warn_blank: bool = True) -> np.ndarray:
+             *, warn_blank: bool = True) -> np.ndarray:
     """Grad-CAM heatmaps (N, H, W) in [0, 1] for a normalised batch x of the class `class_idx` (int, one per
     sample, or None = predicted). A hook swaps the layer's output (on this thread only: the app's sessions share
-    one model) for a detached copy requiring grad, so frozen models work; `reshape_transform` -> (N, K, h, w)."""
+    one model) for a detached copy requiring grad, so frozen models work."""
     captured: dict[str, torch.Tensor] = {}
     owner = threading.get_ident()
 
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
         if threading.get_ident() != owner:
             return None  # the forward pass of another thread (another app session): leave it alone
-        leaf = output.detach().requires_grad_(True)
-        captured["activations"] = leaf
-        return leaf
+        captured["activations"] = output.detach().requires_grad_(True)
+        return captured["activations"]
 
     was_training = model.training
     handle = target_layer.register_forward_hook(hook)
@@ -116,7 +102,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_i
         model.eval()
         with torch.inference_mode(False), torch.enable_grad():
             x = x.clone().float()
-            scores, _ = _class_scores(model(x).float(), class_idx)
+            scores = _class_scores(model(x).float(), class_idx)
             if "activations" not in captured:
                 raise ValueError("target_layer was not used in the forward pass: pick a layer of this model.")
             activations = captured["activations"]
@@ -127,7 +113,7 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_layer: nn.Module, class_i
                                   "starts at zero, or a layer that does not reach the output); heatmaps will be blank.",
                                   stacklevel=2)
                 gradients = torch.zeros_like(activations)
-            cam = _normalised_map(activations.detach(), gradients.detach(), x.shape[-2:], reshape_transform)
+            cam = _normalised_map(activations.detach(), gradients.detach(), x.shape[-2:])
     finally:
         handle.remove()
         model.train(was_training)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import pandas as pd
+import PIL
 import torch
 
 from helpers import images as image_files
@@ -26,16 +28,15 @@ def normalize(x: torch.Tensor, scale: float | None = None, *, normalization=None
               mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> torch.Tensor:
     """Images (N, 3 or 1, H, W) -> (x / scale - mean) / std as floats (`normalization`: a model, a (mean, std)
     pair or None = ImageNet's, or `mean=`/`std=`; `scale`: 255 for uint8, else 1). One channel broadcasts."""
-    m, s = as_normalization(normalization if mean is None else (mean, std))
     scale = (255.0 if x.dtype == torch.uint8 else 1.0) if scale is None else scale
-    mean_t, std_t = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (m, s))
+    mean_t, std_t = (torch.tensor(v, device=x.device).view(1, 3, 1, 1)
+                     for v in as_normalization(normalization if mean is None else (mean, std)))
     return torch.addcmul(-mean_t / std_t, x.float(), 1.0 / (scale * std_t))
 
 
 def denormalize(x: torch.Tensor, normalization=None) -> torch.Tensor:
     """Inverse of `normalize` (same `normalization`): back to [0, 1] floats for display."""
-    m, s = as_normalization(normalization)
-    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in (m, s))
+    mean, std = (torch.tensor(v, device=x.device).view(1, 3, 1, 1) for v in as_normalization(normalization))
     return (x * std + mean).clamp(0, 1)
 
 
@@ -43,18 +44,11 @@ def denormalize(x: torch.Tensor, normalization=None) -> torch.Tensor:
 PREPROCESS_VERSION = 2
 
 
-def _preprocess_fingerprint() -> str:
-    """A hash of `helpers.images`' source and PIL's version: a cache made by other preprocessing is never reused."""
-    import inspect
-    import PIL
-
-    return hashlib.sha1("\n".join([inspect.getsource(image_files), PIL.__version__, str(PREPROCESS_VERSION)])
-                        .encode()).hexdigest()
-
-
 def _cache_key(paths: Sequence[str], image_size: int) -> str:
-    """Keyed on the preprocessing code, the size and every file's path and content (a hash of its bytes)."""
-    digest = hashlib.sha1(f"{_preprocess_fingerprint()}|{image_size}".encode())
+    """Keyed on the preprocessing (`helpers.images`' source, PIL's version), the size and every file's path and
+    content (a hash of its bytes): a cache made otherwise is never reused."""
+    preprocessing = "\n".join([inspect.getsource(image_files), PIL.__version__, str(PREPROCESS_VERSION)])
+    digest = hashlib.sha1(f"{hashlib.sha1(preprocessing.encode()).hexdigest()}|{image_size}".encode())
     for p in paths:
         digest.update(os.fsencode(p))
         try:
@@ -90,8 +84,7 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
         if target.exists() and (cached := _load_cache(target, len(paths), image_size)) is not None:
             return cached
     out = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8)
-    workers = num_threads or min(8, (os.cpu_count() or 2) * 2)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=num_threads or min(8, (os.cpu_count() or 2) * 2)) as pool:
         for i, image in enumerate(pool.map(lambda p: load_image(p, image_size), paths)):
             out[i] = to_grayscale(image) if grayscale else image
     if target is not None:  # written whole or not at all: a killed run leaves no half file
@@ -105,20 +98,6 @@ def cache_images(frame: pd.DataFrame, image_size: int, *, cache_dir: str | Path 
     return out
 
 
-def _as_augment(augment: str | BatchAugment) -> BatchAugment:
-    return BatchAugment.preset(augment) if isinstance(augment, str) else augment
-
-
-def _compact(images: torch.Tensor, device: torch.device) -> tuple[bool, torch.Tensor]:
-    """(is grayscale, the images as stored): one channel when all three are equal (a third of the memory and
-    augmentation work), on the GPU if the loader's device is one."""
-    if images.dtype != torch.uint8 or images.ndim != 4:
-        raise ValueError("TensorLoader expects uint8 images of shape (N, 3, H, W) (use cache_images to make them).")
-    gray = bool(torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]))
-    stored = images[:, :1].clone() if gray else images
-    return gray, stored.to(device) if device.type == "cuda" else stored
-
-
 class TensorLoader:
     """A DataLoader stand-in: batches from a uint8 image tensor, augmented per image, normalised (a model, a
     (mean, std) pair or None = ImageNet's), on `device`; `sample_weights` draw with replacement;
@@ -129,13 +108,18 @@ class TensorLoader:
                  strong_classes: Sequence[int] = (), sample_weights: torch.Tensor | None = None,
                  device: str | torch.device = "cpu", drop_last: bool = False, seed: int | None = None,
                  drop_single: bool = False, normalization=None):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError("TensorLoader expects uint8 images (N, 3, H, W): make them with cache_images.")
         self.device, self.normalization = torch.device(device), as_normalization(normalization)  # (mean, std)
-        self.grayscale, self._images = _compact(images, self.device)
+        # Stored with one channel when all three are equal (a third of the memory and augmentation work).
+        self.grayscale = bool(torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2]))
+        stored = images[:, :1].clone() if self.grayscale else images
+        self._images = stored.to(self.device) if self.device.type == "cuda" else stored
         self.labels = as_label_tensor(labels)
         if len(self.labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(self.labels)} labels")
         self.batch_size, self.shuffle, self.drop_last, self.drop_single = batch_size, shuffle, drop_last, drop_single
-        self.augment, self.strong = _as_augment(augment), _as_augment(strong)
+        self.augment, self.strong = (BatchAugment.preset(a) if isinstance(a, str) else a for a in (augment, strong))
         self.strong_classes, self.sample_weights = torch.as_tensor(list(strong_classes), dtype=torch.long), sample_weights
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -173,20 +157,15 @@ class TensorLoader:
             idx = order[start:start + self.batch_size]
             x = self._images[idx.to(self._images.device)].to(self.device, non_blocking=True).float()
             y = self.labels[idx]
-            x = _augment_batch(x, torch.isin(y, self.strong_classes), self.augment, self.strong, self.generator)
+            is_strong = torch.isin(y, self.strong_classes)
+            if not is_strong.any():
+                x = self.augment(x, self.generator, 255.0)  # one call for the whole batch (the usual case)
+            else:  # `strong` for the images of strong_classes, `augment` for the rest
+                is_strong = is_strong.to(x.device)
+                x[is_strong] = self.strong(x[is_strong], self.generator, 255.0)
+                if (~is_strong).any():
+                    x[~is_strong] = self.augment(x[~is_strong], self.generator, 255.0)
             yield normalize(x, 255.0, normalization=self.normalization), y.to(self.device, non_blocking=True)
-
-
-def _augment_batch(x: torch.Tensor, is_strong: torch.Tensor, augment: BatchAugment, strong: BatchAugment,
-                   generator: torch.Generator | None) -> torch.Tensor:
-    """Pixels 0..255 augmented: `strong` for the images `is_strong` (CPU) marks, `augment` for the rest."""
-    if not is_strong.any():
-        return augment(x, generator, 255.0)  # one call for the whole batch (the usual case)
-    is_strong = is_strong.to(x.device)
-    x[is_strong] = strong(x[is_strong], generator, 255.0)
-    if (~is_strong).any():
-        x[~is_strong] = augment(x[~is_strong], generator, 255.0)
-    return x
 
 
 def with_normalization(loaders, normalization):

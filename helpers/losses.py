@@ -29,35 +29,31 @@ def pos_weight(labels) -> torch.Tensor:
 
 
 class BCEWithIndexTargets(nn.Module):
-    """`BCEWithLogitsLoss` for a 1-logit model taking int64 class indices; `label_smoothing` moves them to 0.5."""
+    """`BCEWithLogitsLoss` for a 1-logit model taking int64 class indices."""
 
-    def __init__(self, pos_weight: torch.Tensor | None = None, label_smoothing: float = 0.0) -> None:
+    def __init__(self, pos_weight: torch.Tensor | None = None) -> None:
         super().__init__()
         self.loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-        self.label_smoothing = label_smoothing
 
     def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not is_one_logit(logits):
             raise ValueError(f"BCE expects one logit per image, got logits of shape {tuple(logits.shape)}. "
                              "Use make_criterion('ce') for a model with one output per class.")
-        target = y.to(logits.dtype).reshape(logits.shape)
-        if self.label_smoothing:
-            target = target * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
-        return self.loss(logits, target)
+        return self.loss(logits, y.to(logits.dtype).reshape(logits.shape))
 
 
 def make_criterion(kind: str = "ce", *, class_weights: torch.Tensor | None = None,
-                   pos_weight: torch.Tensor | float | None = None, label_smoothing: float = 0.0) -> nn.Module:
+                   pos_weight: torch.Tensor | float | None = None) -> nn.Module:
     """A loss `(logits, y_int64) -> scalar`: "ce" on C logits (`class_weights` (C,)) or "bce" on 1 logit
     (`pos_weight`, e.g. n_neg / n_pos, up-weights class 1)."""
     if kind == "ce":
         if pos_weight is not None:
             raise ValueError("pos_weight is for kind='bce'; with 'ce' use class_weights.")
         weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
-        return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
+        return nn.CrossEntropyLoss(weight=weight)
     if kind == "bce":
         if class_weights is not None:
             raise ValueError("class_weights is for kind='ce'; with 'bce' use pos_weight (n_neg / n_pos).")
         pw = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=torch.float32).reshape(1)
-        return BCEWithIndexTargets(pos_weight=pw, label_smoothing=label_smoothing)
+        return BCEWithIndexTargets(pos_weight=pw)
     raise ValueError(f"Unknown criterion kind {kind!r}. Known: ce, bce")

@@ -1,17 +1,17 @@
-"""torchvision backbones with a new classification head, and freezing.
+"""torchvision backbones with a new classification head (``fc``, ``classifier`` or ``heads``), and freezing.
 
-The models keep torchvision's structure (head: ``fc``, ``classifier`` or ``heads``). `build_model` records
-``arch``, ``pretrained``, ``weights_info``, ``input_mean``/``input_std`` (the normalisation its weights need),
-``head_kind``, ``freeze`` and ``image_size`` on the model. `freeze_backbone`/`unfreeze` save what chapters
-01 and 04 write in cells with ``requires_grad``.
+`build_model` records ``arch``, ``pretrained``, ``weights_info``, ``input_mean``/``input_std`` (the normalisation
+its weights need), ``head_kind``, ``freeze`` and ``image_size`` on the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import warnings
+from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -19,16 +19,16 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.vision_transformer import interpolate_embeddings
 
 from helpers.core import IMAGENET_MEAN, IMAGENET_STD, model_device
 from helpers.images import display_path
 from helpers.runs import project_root
 
-ARCHITECTURES: tuple[str, ...] = ("resnet18", "resnet50", "resnet101", "resnet152", "densenet121", "mobilenet_v2",
-                                  "vit_b_16")
 DISPLAY_NAMES = {"resnet18": "ResNet-18", "resnet50": "ResNet-50", "resnet101": "ResNet-101",
                  "resnet152": "ResNet-152", "densenet121": "DenseNet-121", "mobilenet_v2": "MobileNetV2",
                  "vit_b_16": "ViT-B/16"}
+ARCHITECTURES: tuple[str, ...] = tuple(DISPLAY_NAMES)
 HEADS: tuple[str, ...] = ("linear", "gap_dropout", "mlp")
 FREEZE_POLICIES: tuple[str, ...] = ("none", "head", "last_block")
 
@@ -57,7 +57,6 @@ def _arch_of(model: nn.Module) -> str:
 def make_head(in_features: int, num_outputs: int, head: str = "linear") -> nn.Module:
     """A head on pooled features: "linear", "gap_dropout" (Dropout(0.5) -> Linear, the MobileNetV2
     recipe) or "mlp" (Dropout(0.4) -> Linear(512) -> ReLU -> Dropout(0.3) -> Linear)."""
-    _check_choice(head, HEADS, "head")
     if head == "linear":
         return nn.Linear(in_features, num_outputs)
     if head == "gap_dropout":
@@ -126,15 +125,16 @@ def load_weights_file(arch: str, path: str | Path) -> tuple[nn.Module, dict]:
         raise FileNotFoundError(f"weights file {path} does not exist. Use weights='imagenet', 'random' or the "
                                 f"path of a weights file ({CONVERT_COMMAND} writes one).")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    converted = isinstance(state, dict) and "normalization" in state
-    if converted and state.get("arch", arch) != arch:
+    if not (isinstance(state, dict) and "normalization" in state):  # a plain state dict: torchvision's conventions
+        state = {"state_dict": state, "normalization": dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)}
+    if state.get("arch", arch) != arch:
         raise ValueError(f"{path.name} holds {state['arch']} weights; arch is {arch!r}.")
-    norm = state["normalization"] if converted else dict(mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    info = {"source": f"file:{path.name}", **(state.get("info", {}) if converted else {}), "file": path.name,
-            "padding": state.get("padding", "torchvision") if converted else "torchvision",
-            "input_mean": tuple(norm["mean"]), "input_std": tuple(norm["std"])}
+    norm = state["normalization"]
+    info = {"source": f"file:{path.name}", **state.get("info", {}), "file": path.name,
+            "padding": state.get("padding", "torchvision"), "input_mean": tuple(norm["mean"]),
+            "input_std": tuple(norm["std"])}
     model = apply_weights_info(torchvision.models.get_model(arch, weights=None), info)
-    model.load_state_dict(state["state_dict"] if converted else state)
+    model.load_state_dict(state["state_dict"])
     return model, info
 
 
@@ -145,14 +145,6 @@ def apply_weights_info(model: nn.Module, info: dict) -> nn.Module:
     model.input_mean, model.input_std = tuple(info["input_mean"]), tuple(info["input_std"])
     model.weights_info, model.pretrained = dict(info), info.get("source", "random") != "random"
     return model
-
-
-def torchvision_info(arch: str) -> dict:
-    """weights_info of torchvision's DEFAULT weights (their own normalisation, from their transforms)."""
-    weights = torchvision.models.get_model_weights(arch).DEFAULT
-    transforms = weights.transforms()
-    return dict(source="torchvision", file=os.path.basename(weights.url), sha256=None, weights=str(weights),
-                input_mean=tuple(transforms.mean), input_std=tuple(transforms.std), padding="torchvision")
 
 
 def random_info() -> dict:
@@ -188,30 +180,32 @@ def _load_pretrained(arch: str) -> nn.Module:
     return torchvision.models.get_model(arch, weights="DEFAULT")
 
 
-def _torchvision_imagenet(arch: str, image_size: int) -> nn.Module:
-    """torchvision's DEFAULT ImageNet model (ViT-B/16 with position embeddings interpolated to ``image_size``)."""
-    from torchvision.models.vision_transformer import interpolate_embeddings
-
+def _torchvision_imagenet(arch: str, image_size: int) -> tuple[nn.Module, dict]:
+    """torchvision's DEFAULT ImageNet model and its weights_info (ViT-B/16: embeddings interpolated to image_size)."""
     said = io.StringIO()  # torch.hub's "Downloading: ... to /root/..." (stdout or stderr) and its progress bar
     with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
         model = _load_pretrained(arch)  # on failure the caller's one-line note says what happened
     if said.getvalue():
         print(f"Downloaded torchvision's ImageNet weights for {arch}.", flush=True)
+    weights = torchvision.models.get_model_weights(arch).DEFAULT
+    transforms = weights.transforms()
+    info = dict(source="torchvision", file=os.path.basename(weights.url), sha256=None, weights=str(weights),
+                input_mean=tuple(transforms.mean), input_std=tuple(transforms.std), padding="torchvision")
     if arch != "vit_b_16" or image_size == 224:
-        return model
+        return model, info
     warnings.warn(f"ViT-B/16 ImageNet weights were trained at 224 px; image_size={image_size}: position embeddings "
                   "are interpolated (bicubic) to the new patch grid. Expect lower accuracy than at 224 px.",
                   UserWarning, stacklevel=4)
     resized = torchvision.models.vit_b_16(weights=None, image_size=image_size)
     resized.load_state_dict(interpolate_embeddings(image_size, 16, model.state_dict()))
-    return resized
+    return resized, info
 
 
 def _backbone_with_weights(arch: str, weights: str | Path, image_size: int) -> tuple[nn.Module, dict]:
     """The torchvision model (with its ImageNet head) and its weights_info (source "random" if none)."""
     if weights == "imagenet":
         try:
-            return _torchvision_imagenet(arch, image_size), torchvision_info(arch)
+            return _torchvision_imagenet(arch, image_size)
         except (OSError, RuntimeError, ValueError) as error:  # URLError is an OSError
             offline = find_offline(arch)
             if offline is None:
@@ -243,12 +237,10 @@ def build_model(arch: str, num_outputs: int, *, pretrained: bool | None = None, 
                 head: str = "linear", freeze: str = "none", image_size: int = 224) -> nn.Module:
     """A torchvision ``arch`` with a new ``head`` of ``num_outputs`` logits and a freezing policy.
 
-    ``weights``: ``"imagenet"`` (default: torchvision's, else a converted file in :func:`weights_dirs`,
-    else a loud warning and random initialisation), ``"random"``, or the path of a converted weights
-    file or state-dict ``.pt``; ``pretrained=True/False`` (older callers) means imagenet/random.
-    ``model.pretrained`` says whether ImageNet weights were really loaded. ``image_size`` only matters
-    for ViT-B/16 (a multiple of 16; other than 224: interpolated position embeddings).
-    """
+    ``weights``: "imagenet" (torchvision's, else a converted file in `weights_dirs`, else a loud warning and random
+    initialisation: ``model.pretrained`` False), "random", or a converted or state-dict ``.pt`` file;
+    ``pretrained=True/False`` means imagenet/random. ``image_size`` matters for ViT-B/16 only (a multiple of 16;
+    other than 224: interpolated position embeddings)."""
     _check_choice(arch, ARCHITECTURES, "architecture")
     _check_choice(head, HEADS, "head")
     _check_choice(freeze, FREEZE_POLICIES, "freeze policy")
@@ -256,7 +248,6 @@ def build_model(arch: str, num_outputs: int, *, pretrained: bool | None = None, 
         raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
     if arch == "vit_b_16" and (image_size % 16 != 0 or image_size < 16):
         raise ValueError(f"ViT-B/16 needs image_size to be a multiple of 16 (got {image_size}).")
-
     weights = _resolve_weights_argument(pretrained, weights)
     model, info = _backbone_with_weights(arch, weights, image_size)
     head_attr = _HEAD_ATTR[_family(arch)]
@@ -322,21 +313,14 @@ def train_mode(model: nn.Module) -> nn.Module:
     return model
 
 
-def _placeholder_batchnorm(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """Frozen BatchNorm layers still holding their initial statistics (mean 0, variance 1)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-            and not any(p.requires_grad for p in m.parameters())
-            and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
-
-
 @torch.no_grad()
-def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.device | str | None = None,
-                              max_batches: int = 10) -> int:
-    """Estimate the statistics of frozen BatchNorm layers that never had any (mean 0, variance 1 placeholders,
-    which let activations grow until fp16 overflows) from up to ``max_batches`` training batches on ``device``
-    (default: the model's); returns how many layers. A model with ImageNet weights is never touched."""
-    layers = [] if getattr(model, "pretrained", False) else _placeholder_batchnorm(model)
-    if not layers:
+def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.device | str | None = None) -> int:
+    """Estimate frozen BatchNorm statistics still at their placeholders (mean 0, variance 1: activations grow until
+    fp16 overflows) from up to 10 training batches; returns how many layers. ImageNet models: none."""
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = [m for m in batchnorms if m.running_mean is not None and not any(p.requires_grad for p in m.parameters())
+              and bool((m.running_mean == 0).all()) and bool((m.running_var == 1).all())]
+    if getattr(model, "pretrained", False) or not layers:
         return 0
     was_training = model.training
     model.eval()
@@ -346,49 +330,21 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
         m.momentum = None  # cumulative average over the batches seen
         m.train()
     device, seen = model_device(model) if device is None else device, 0
-    for seen, (x, _) in enumerate(loader, 1):
+    for seen, (x, _) in enumerate(islice(loader, 10), 1):
         model(x.to(device))
-        if seen >= max_batches:
-            break
     for m, momentum in zip(layers, momenta):
         m.momentum = momentum
         m.eval()
     model.train(was_training)
     print(f"Estimated the statistics of {len(layers)} frozen BatchNorm layers from {seen} training "
-          "batch(es): without ImageNet weights they held placeholders (mean 0, variance 1).",
-          flush=True)
+          "batch(es): without ImageNet weights they held placeholders (mean 0, variance 1).", flush=True)
     return len(layers)
-
-
-class _ViTBackbone(nn.Module):
-    """ViT up to the class-token embedding (after the final LayerNorm), sharing the weights."""
-
-    def __init__(self, vit: nn.Module) -> None:
-        super().__init__()
-        self.conv_proj = vit.conv_proj
-        self.class_token = vit.class_token  # the same Parameter object as in the ViT
-        self.encoder = vit.encoder
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (N, tokens, D)
-        return self.encoder(torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1))[:, 0]
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(backbone giving pooled features (N, D), head), sharing the weights: ``head(backbone(x)) == model(x)``."""
-    family = _family(_arch_of(model))
-    head = get_head(model)
-    if family == "resnet":
-        backbone = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
-                                 model.layer3, model.layer4, model.avgpool, nn.Flatten(1))
-    elif family == "densenet":
-        # torchvision's DenseNet.forward: features -> ReLU -> global average pool.
-        backbone = nn.Sequential(model.features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-    elif family == "mobilenet":
-        backbone = nn.Sequential(model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-    else:
-        backbone = _ViTBackbone(model)
-    if hasattr(model, "input_mean"):  # the normalisation its weights need goes with the backbone
-        backbone.input_mean, backbone.input_std = model.input_mean, model.input_std
-    return backbone, head
-
+    head_attr = _HEAD_ATTR[_family(_arch_of(model))]
+    backbone = copy.copy(model)  # the same layers (and input_mean/input_std), under a second name ...
+    backbone._modules = {**model._modules, head_attr: nn.Identity()}  # ... without the head: model.forward's features
+    vars(backbone).pop("weights_info", None)  # the record of the model's weights stays with the model
+    return backbone, getattr(model, head_attr)

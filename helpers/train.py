@@ -5,12 +5,12 @@ checkpoint, mixed precision, scheduler); `fit_head_only` trains a head on featur
 from __future__ import annotations
 
 import math
-import os
+import random
 import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, TensorDataset, WeightedRandomSampler
 
 from helpers.core import amp_dtype, autocast, check_normalization, logits_to_probs, model_device, progress_bar
 from helpers.evaluate import epoch_metrics
@@ -51,7 +51,7 @@ def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, opti
                     grad_clip: float | None = None, progress: bool = False) -> dict[str, float]:
     """One pass over the training data: {"loss", "accuracy", "images"}; frozen parts stay in eval mode
     (`models.train_mode`). `dtype`: mixed precision forward pass (float16 needs a `scaler`)."""
-    device = model_device(model)
+    device, scaler = model_device(model), scaler or torch.amp.GradScaler(enabled=False)
     train_mode(model)
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
     total_loss, correct, seen, single = 0.0, 0, 0, 0
@@ -64,16 +64,12 @@ def train_one_epoch(model: nn.Module, loader: Loader, criterion: Criterion, opti
             logits = model(x)  # forward
             loss = criterion(logits, y)
         optimizer.zero_grad()
-        (loss if scaler is None else scaler.scale(loss)).backward()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
+        scaler.scale(loss).backward()  # a disabled scaler (no float16) leaves the loss and the step as they are
+        scaler.unscale_(optimizer)
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
-            scaler.update()
+        scaler.step(optimizer)
+        scaler.update()
         total_loss += loss.item() * len(y)
         correct += (logits_to_probs(logits).argmax(1) == y).sum().item()
         seen += len(y)
@@ -138,9 +134,8 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
         optimizer: torch.optim.Optimizer, scheduler: str | Any | None = None, monitor: str = "val_loss",
         grad_clip: float | None = None, amp: bool = True, checkpoint_path: str | Path | None = None,
         progress: bool = True) -> FitResult:
-    """`train_one_epoch` + `evaluate_loss` for `epochs` epochs. Each new best of `monitor` (one of MONITORS;
-    "train_loss" without val data) goes to `checkpoint_path` (default a temporary file), loaded back at the end.
-    `scheduler`: None, "plateau", "cosine" or an object; `amp`: mixed precision on CUDA (bf16, else fp16)."""
+    """`train_one_epoch` + `evaluate_loss` per epoch; the best `monitor` (MONITORS; "train_loss" without val data)
+    is saved to `checkpoint_path` (default temporary) and restored. `scheduler`: None, "plateau", "cosine" or one."""
     if monitor not in MONITORS:
         raise ValueError(f"Unknown monitor {monitor!r}. Known: {', '.join(MONITORS)}")
     monitor = monitor if val_loader is not None else "train_loss"
@@ -151,13 +146,10 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
         criterion.to(device)
     scheduler, dtype = _make_scheduler(scheduler, optimizer, epochs, mode), amp_dtype(device, amp)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    if temporary := checkpoint_path is None:
-        handle, checkpoint_path = tempfile.mkstemp(suffix=".pt", prefix="best_")
-        os.close(handle)
-    path = Path(checkpoint_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows, best_epoch, best_value, start, train_time, train_images = [], 0, None, time.perf_counter(), 0.0, 0
-    try:
+    with tempfile.TemporaryDirectory(prefix="best_") as scratch:  # the default checkpoint goes with it
+        path = Path(scratch) / "best.pt" if checkpoint_path is None else Path(checkpoint_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         for epoch in range(1, epochs + 1):
             t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
             train = train_one_epoch(model, train_loader, criterion, optimizer, scaler=scaler, dtype=dtype,
@@ -183,34 +175,24 @@ def fit(model: nn.Module, train_loader: Loader, val_loader: Loader | None, *, ep
         if best_epoch:
             model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model_state_dict"])
             print(f"Restored best epoch {best_epoch} ({monitor} = {best_value:.4f}).", flush=True)
-    finally:
-        if temporary:
-            path.unlink(missing_ok=True)
     return FitResult(pd.DataFrame(rows, columns=HISTORY_COLUMNS), best_epoch, best_value, monitor,
                      time.perf_counter() - start, train_images / max(train_time, 1e-9))
-
-
-def _once_in_order(loader: Loader) -> Loader:
-    """Every image of `loader` once, in order, unaugmented (a TensorLoader or DataLoader)."""
-    if isinstance(loader, TensorLoader):
-        return loader.ordered()
-    if isinstance(loader, DataLoader):
-        return DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
-                          generator=torch.Generator())  # leaves the global random state alone
-    return loader
 
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, loader: Loader, device: str | torch.device | None = None, *,
                      amp: bool = True, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features (N, D) float32 CPU, labels (N,)) of a frozen backbone in eval mode, every image once, in order,
-    unaugmented: a head can train on them for many epochs."""
+    """(features (N, D) float32 CPU, labels (N,)) of a frozen backbone: every image once, in order, unaugmented."""
     check_normalization(backbone, loader)
     device = torch.device(device) if device is not None else model_device(backbone)
     backbone.to(device).eval()
-    dtype = amp_dtype(device, amp)
-    features, labels = [], []
-    for x, y in progress_bar(_once_in_order(loader), "features", progress):
+    features, labels, dtype = [], [], amp_dtype(device, amp)
+    if isinstance(loader, TensorLoader):  # every image once, in order, unaugmented
+        loader = loader.ordered()
+    elif isinstance(loader, DataLoader):  # its own generator leaves the global random state alone
+        loader = DataLoader(loader.dataset, batch_size=loader.batch_size or 1, collate_fn=loader.collate_fn,
+                            generator=torch.Generator())
+    for x, y in progress_bar(loader, "features", progress):
         with autocast(device, dtype):
             features.append(backbone(x.to(device)).float().flatten(1).cpu())
         labels.append(torch.as_tensor(y).cpu())
@@ -231,16 +213,9 @@ def feature_loader_like(loader: Loader, features: torch.Tensor, labels: torch.Te
 
 
 def _dataset_augments(loader: Loader, draws: int = 8) -> bool:
-    """Does a DataLoader's dataset give a different tensor for its first image on each of `draws` reads (random
-    transforms)? The random states of torch, numpy and `random` are restored afterwards."""
-    import random
-    dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
-    if dataset is None or isinstance(dataset, TensorDataset) or not hasattr(dataset, "__getitem__"):
-        return False
-    try:
-        if len(dataset) == 0:
-            return False
-    except TypeError:  # an IterableDataset
+    """Does a DataLoader's dataset give its first image differently in `draws` reads? (Random states restored.)"""
+    dataset = loader.dataset if isinstance(loader, DataLoader) else None
+    if isinstance(dataset, (TensorDataset, IterableDataset)) or not hasattr(dataset, "__len__") or not len(dataset):
         return False
     state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
@@ -274,17 +249,14 @@ def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | N
     feature_seconds = time.perf_counter() - t0
     print(f"Feature cache: {len(train_data.dataset)} train images in {feature_seconds:.1f}s", flush=True)
     result = fit(head, train_data, val_data, epochs=epochs, criterion=criterion, **fit_kwargs)
-    result.feature_seconds = feature_seconds
-    result.train_seconds += feature_seconds
-    return result
+    return replace(result, feature_seconds=feature_seconds, train_seconds=result.train_seconds + feature_seconds)
 
 
 def linear_probe(model: nn.Module, train_loader: Loader, test_loader: Loader, *, seed: int = 0) -> np.ndarray:
     """(N_test, C) probabilities of a logistic regression on the frozen, standardised features of `model`."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn import linear_model, pipeline, preprocessing
     backbone, _ = backbone_and_head(model)
     (x_train, y_train), (x_test, _) = (extract_features(backbone, d, progress=False) for d in (train_loader, test_loader))
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    probe = pipeline.make_pipeline(preprocessing.StandardScaler(),
+                                   linear_model.LogisticRegression(max_iter=2000, random_state=seed))
     return probe.fit(x_train.numpy(), y_train.numpy()).predict_proba(x_test.numpy())

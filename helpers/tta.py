@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -42,22 +43,16 @@ def _affine(x: torch.Tensor, degrees: float = 0.0, shift: tuple[float, float] = 
 
 def rotate(degrees: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """A TTA function that rotates by `degrees` (positive = counter-clockwise)."""
-
-    def _rotate(x: torch.Tensor) -> torch.Tensor:
-        return _affine(x, degrees=degrees)
-
-    _rotate.__name__ = f"rotate({degrees:+g})"
-    return _rotate
+    view = partial(_affine, degrees=degrees)
+    view.__name__ = f"rotate({degrees:+g})"
+    return view
 
 
 def shift(dx: float, dy: float) -> Callable[[torch.Tensor], torch.Tensor]:
     """A TTA function that shifts by (dx, dy), fractions of the image width and height."""
-
-    def _shift(x: torch.Tensor) -> torch.Tensor:
-        return _affine(x, shift=(dx, dy))
-
-    _shift.__name__ = f"shift({dx:+g},{dy:+g})"
-    return _shift
+    view = partial(_affine, shift=(dx, dy))
+    view.__name__ = f"shift({dx:+g},{dy:+g})"
+    return view
 
 
 #: The common "reference" set: cheap, but upside-down or sideways chest X-rays never occur.
@@ -71,8 +66,7 @@ TTA_SETS: dict[str, list[Callable[[torch.Tensor], torch.Tensor]]] = {
 
 def resolve(tta: None | str | Sequence[Callable]) -> list[Callable]:
     """The list of view functions for `tta`: None -> [identity], a name of `TTA_SETS`, or a list."""
-    if tta is None:
-        return [identity]
+    tta = "none" if tta is None else tta
     if isinstance(tta, str):
         if tta not in TTA_SETS:
             raise ValueError(f"Unknown TTA set {tta!r}. Known: {', '.join(TTA_SETS)} (or a list of functions).")
