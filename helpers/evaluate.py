@@ -43,8 +43,7 @@ def checked_probs(probs: Any, what: str = "probs") -> np.ndarray:
         why = "NaN is no probability (did training diverge?)" if np.isnan(bad).any() else "these look like logits"
         raise ValueError(f"{what} must be probabilities in [0, 1], but it holds {bad.size} value(s) outside, e.g. "
                          f"{bad.flat[0]:.4g}: {why}. Apply the sigmoid (one output: torch.sigmoid(logits)) or the "
-                         "softmax (several: torch.softmax(logits, dim=1)) first, or use evaluate.predict, which "
-                         "returns probabilities.")
+                         "softmax (several: torch.softmax(logits, dim=1)) first, as evaluate.predict does.")
     p = np.clip(p, 0.0, 1.0)
     if p.size and not np.allclose(sums := p.sum(axis=1), 1.0, atol=1e-3):
         row = int(np.argmax(np.abs(sums - 1.0)))

@@ -80,17 +80,16 @@ def _quantize(src: Path, dst: Path, quantize: Callable[[str, str], Any], normali
     return dst
 
 
-def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor,
-                         per_channel: bool = True, normalization: Any = None) -> Path:
-    """Static int8 quantization (QDQ, MinMax ranges from the calibration images, per-channel weight scales);
-    `normalization`: default what `export_onnx` stored in `src`."""
+def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor) -> Path:
+    """Static int8 quantization (QDQ, MinMax ranges from the calibration images normalised as `export_onnx` stored
+    in `src`, per-channel weight scales)."""
     CalibrationMethod, QuantFormat, QuantType, quantize_static = _from_deploy_extra(
         "onnxruntime.quantization", "CalibrationMethod", "QuantFormat", "QuantType", "quantize_static")
-    normalization = onnx_normalization(src) if normalization is None else as_normalization(normalization)
+    normalization = onnx_normalization(src)
     batches = iter([{"input": normalize(x[None], normalization=normalization).numpy()} for x in calibration_images_u8])
     reader = SimpleNamespace(get_next=partial(next, batches, None))  # ONNX Runtime's data reader: None when done
     return _quantize(Path(src), Path(dst), lambda prep, out: quantize_static(
-        prep, out, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8,
+        prep, out, reader, quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax), normalization)
 
 
@@ -112,9 +111,9 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64, normalization: Any = None) -> np.ndarray:
-    """Class probabilities (N, C) of uint8 images (N, 3, S, S), normalised by `normalization` (default: the file's)."""
-    normalization = onnx_normalization(session) if normalization is None else normalization
+def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, C) of uint8 images (N, 3, S, S), normalised as the file's metadata says."""
+    normalization = onnx_normalization(session)
     outs = []
     for start in range(0, len(images_u8), batch_size):
         x = normalize(images_u8[start:start + batch_size], normalization=normalization).numpy()

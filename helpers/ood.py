@@ -1,6 +1,5 @@
 """Out-of-distribution scores (higher = more like the training X-rays; reject below `threshold_keeping`):
-maximum softmax probability, energy, an extra INVALID class, Mahalanobis distance of backbone features.
-"""
+maximum softmax probability, energy, an extra INVALID class, Mahalanobis distance of backbone features."""
 
 from __future__ import annotations
 

@@ -181,14 +181,11 @@ def plot_threshold_sweep(y_true: Any, p_pos: Any, out_dir: str | Path, chosen: f
 def to_display(image: Any) -> np.ndarray:
     """An image as (H, W, 3) floats in [0, 1] for `imshow`; takes uint8 or float, CHW or HWC, tensor or array."""
     img = to_numpy(image)
-    if img.ndim == 2:
-        img = img[..., None]
+    img = img[..., None] if img.ndim == 2 else img
     if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
         img = np.transpose(img, (1, 2, 0))
     img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
-    if img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-    return np.clip(img, 0.0, 1.0)
+    return np.clip(np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img, 0.0, 1.0)
 
 
 def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:

@@ -1,9 +1,6 @@
-"""One notebook run: its profile, its output folder, and what it saves there.
-
-`start_run` resolves the `PROFILE` knobs (`None` = the profile's value); at the end the notebook calls
-`save_predictions` (one CSV per split) and `save_metrics` (metrics.json, schema in CONTRIBUTING.md).
-Reading them back is `coursebuild.records`' job. torch is imported only inside functions.
-"""
+"""One notebook run: `start_run` resolves the `PROFILE` knobs (`None` = the profile's value) and the output folder;
+at the end the notebook calls `save_predictions` (one CSV per split) and `save_metrics` (metrics.json, schema in
+CONTRIBUTING.md). Reading them back is `coursebuild.records`' job. torch is imported only inside functions."""
 
 from __future__ import annotations
 
