@@ -58,9 +58,8 @@ class Config:
         for name in ("image_size", "epochs", "batch_size", "max_per_class"):
             value = getattr(self, name)
             if not (name == "max_per_class" and value is None) and not _whole(value, 1):
-                raise ValueError(f"{name.upper()} must be a positive whole number, got {value!r} "
-                                 f"(profile {self.profile!r}); set {name.upper()} = None to use the "
-                                 "profile's value.")
+                raise ValueError(f"{name.upper()} must be a positive whole number, got {value!r} (profile "
+                                 f"{self.profile!r}); set {name.upper()} = None to use the profile's value.")
         if not _whole(self.n_bootstrap, 0):
             raise ValueError(f"N_BOOTSTRAP must be a whole number >= 0, got {self.n_bootstrap!r}; set it to "
                              "None to use the profile's value (0 gives no intervals).")
@@ -265,7 +264,7 @@ class Run:
 def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed: int = 42,
               output_dir: str | None = None, recipe_epochs: int | None = None, **overrides) -> Run:
     """Check the parameters (what could fail late fails here), seed everything, pick the device, prepare the output
-    folder (an earlier run's outputs move to `.previous_run/`), print what this run is; smoke: synthetic data."""
+    folder (earlier outputs move to `.previous_run/`), say what the run is; smoke without `data_dir`: synthetic data."""
     from helpers.core import pick_device, seed_everything  # imports torch
     from helpers.images import display_path
 
@@ -319,7 +318,7 @@ def save_predictions(run: Run, split: str, frame: pd.DataFrame, y_true: Any, pro
                           **{f"prob_{name}": p[:, j] for j, name in enumerate(names)}})
     path = run.out_dir / f"{split}_predictions.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, table.to_csv(index=False))
+    _write_atomic(path, table.to_csv(index=False, lineterminator="\n"))  # write_text gives the platform's newlines
     record_outputs(run.out_dir, run.run_id, [path.name])
     return path
 
@@ -389,12 +388,6 @@ def figure_stamp(run: Run, splits: Any = None, model: Any = None, weights: dict 
     return " | ".join(parts)
 
 
-def _split_sizes(splits: Any) -> dict[str, int] | None:
-    """Images per split ({"train": n, "val": n, "test": n}) of a `DataSplits`; None for an object without them."""
-    parts = {split: getattr(splits, split, None) for split in ("train", "val", "test")}
-    return {split: len(part) for split, part in parts.items() if isinstance(part, Sized)} or None
-
-
 def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretrained: bool | None = None,
                    weights: dict | None = None, class_names: Sequence[str] | None = None,
                    threshold: float | None = None, val: dict | None = None, test: dict | None = None,
@@ -403,12 +396,14 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretraine
     """This run's metrics.json as a dict (schema: CONTRIBUTING.md); `extra` keys may replace schema keys."""
     model, pretrained, weights = _model_fields(model, pretrained, weights)
     class_names = getattr(splits, "class_names", []) if class_names is None else class_names
+    parts = {split: getattr(splits, split, None) for split in ("train", "val", "test")}  # a `DataSplits`'s frames
+    n_images = {split: len(part) for split, part in parts.items() if isinstance(part, Sized)} or None
     record: dict[str, Any] = {
         "notebook": run.notebook, "profile": run.cfg.profile, "dataset": dataset,
         "data_dir": portable_data_dir(_data_dir(run, splits)), "model": model, "pretrained": pretrained,
         "image_size": run.cfg.image_size, "class_names": list(class_names), "threshold": threshold,
         "val": val, "test": test, "timing": timing, "device": str(run.device),
-        **{key: value for key, value in (("n_images", _split_sizes(splits)), ("weights", weights), ("runs", runs))
+        **{key: value for key, value in (("n_images", n_images), ("weights", weights), ("runs", runs))
            if value is not None}, **extra}
     record.update(figures=list(figures), run_id=run.run_id, started_at=run.started_at, written_at=now_iso(),
                   n_bootstrap=run.cfg.n_bootstrap)
