@@ -43,8 +43,7 @@ def checked_probs(probs: Any, what: str = "probs") -> np.ndarray:
         why = "NaN is no probability (did training diverge?)" if np.isnan(bad).any() else "these look like logits"
         raise ValueError(f"{what} must be probabilities in [0, 1], but it holds {bad.size} value(s) outside, e.g. "
                          f"{bad.flat[0]:.4g}: {why}. Apply the sigmoid (one output: torch.sigmoid(logits)) or the "
-                         "softmax (several: torch.softmax(logits, dim=1)) first, or use evaluate.predict, which "
-                         "returns probabilities.")
+                         "softmax (several: torch.softmax(logits, dim=1)) first, as evaluate.predict does.")
     p = np.clip(p, 0.0, 1.0)
     if p.size and not np.allclose(sums := p.sum(axis=1), 1.0, atol=1e-3):
         row = int(np.argmax(np.abs(sums - 1.0)))
@@ -144,34 +143,17 @@ def paired_difference(y_true: Any, probs_a: Any, probs_b: Any, *, metric: str = 
     y, a, b = _as_labels(y_true), checked_probs(probs_a, "probs_a"), checked_probs(probs_b, "probs_b")
     if not len(y) == len(a) == len(b):
         raise ValueError(f"a paired comparison needs the same images: {len(y)} labels, {len(a)} and {len(b)} rows")
+    if metric not in ("auc", "balanced_accuracy", "accuracy"):
+        raise ValueError(f"Unknown metric {metric!r}. Known: auc, balanced_accuracy, accuracy")
     if metric == "auc" and len(np.unique(y)) < 2:
         raise ValueError("AUC needs both classes among the images: a paired AUC difference is undefined here.")
 
     def value(idx: np.ndarray, p: np.ndarray) -> float:
-        stats = _summary(y[idx], p[idx], p[idx].argmax(axis=1)) if metric != "auc" else {"auc": _auc(y[idx], p[idx])}
-        if metric not in stats:
-            raise ValueError(f"Unknown metric {metric!r}. Known: auc, balanced_accuracy, accuracy")
-        return stats[metric]
+        return _auc(y[idx], p[idx]) if metric == "auc" else _summary(y[idx], p[idx], p[idx].argmax(axis=1))[metric]
 
     value_a, value_b = value(np.arange(len(y)), a), value(np.arange(len(y)), b)
     ci = bootstrap_ci(lambda idx: {"diff": value(idx, a) - value(idx, b)}, len(y), n_bootstrap=n_bootstrap, seed=seed)
     return {"metric": metric, "a": value_a, "b": value_b, "diff": value_a - value_b, "ci95": ci.get("diff")}
-
-
-def _checked(y_true: Any, probs: Any, names: list[str], threshold: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and probabilities as arrays, or a ValueError that says what does not fit."""
-    y, p = _as_labels(y_true), checked_probs(probs)
-    if (n_classes := p.shape[1]) != len(names):
-        raise ValueError(f"probs has {n_classes} columns but there are {len(names)} class names {names}")
-    if len(y) != len(p):
-        raise ValueError(f"y_true has {len(y)} labels but probs has {len(p)} rows")
-    if len(p) == 0:
-        raise ValueError("compute_metrics needs at least one sample")
-    if y.min() < 0 or y.max() >= n_classes:
-        raise ValueError(f"labels must lie in 0..{n_classes - 1}, got {sorted(set(y.tolist()))}")
-    if n_classes != 2 and threshold is not None:
-        raise ValueError("threshold only applies to binary tasks; multi-class predictions use argmax")
-    return y, p
 
 
 def _per_class(cm: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -180,7 +162,7 @@ def _per_class(cm: np.ndarray, names: list[str]) -> dict[str, dict[str, Any]]:
     for c, name in enumerate(names):
         precision = float(tp[c] / predicted[c]) if predicted[c] > 0 else 0.0
         recall = float(tp[c] / support[c]) if support[c] > 0 else None
-        f1 = None if recall is None else (0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall))
+        f1 = None if recall is None else (2 * precision * recall / (precision + recall) if precision + recall else 0.0)
         table[name] = {"precision": precision, "recall": recall, "f1": f1, "support": int(support[c])}
     return table
 
@@ -192,32 +174,25 @@ def _average_precision(y: np.ndarray, p: np.ndarray) -> float | None:
     return float(np.mean([average_precision_score(y == c, p[:, c]) for c in present])) if present else None
 
 
-def flag_too_few(metrics: dict[str, Any], names: list[str], notes: list[str]) -> None:
-    """Classes with 0 < support < MIN_CLASS_IMAGES go into `too_few`; their recall loses its interval."""
-    too_few = {n: k for n in names if 0 < (k := metrics["per_class"][n]["support"]) < MIN_CLASS_IMAGES}
-    if not too_few:
-        return
-    metrics["too_few"] = too_few
-    ci = metrics["ci95"]
-    for name in too_few:
-        (ci.get("recall") or {})[name] = None
-        if len(names) == 2:
-            ci["specificity" if name == names[0] else "sensitivity"] = None
-    notes.append("too few images to measure: " + ", ".join(f"{n} {k}" for n, k in too_few.items())
-                 + f" (fewer than {MIN_CLASS_IMAGES}): their recall is given without an interval and "
-                 "says little; balanced accuracy and AUC rest on it too")
-
-
 def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, threshold: float | None = None,
                     n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """All the numbers of one evaluation (the `val`/`test` block of metrics.json): accuracy, balanced_accuracy,
     auc (macro one-vs-rest when multi-class), average_precision, [binary: sensitivity, specificity, threshold],
     ece, n, per_class, confusion_matrix (rows = true class), ci95 (`bootstrap_ci`), too_few, notes.
     Binary predictions are `probs[:, 1] >= threshold` (default 0.5), multi-class the argmax; undefined: None."""
-    names = [str(c) for c in class_names]
-    y, p = _checked(y_true, probs, names, threshold)
+    names, y, p = [str(c) for c in class_names], _as_labels(y_true), checked_probs(probs)
     (n, n_classes), binary = p.shape, p.shape[1] == 2
-    threshold = (0.5 if threshold is None else float(threshold)) if binary else threshold
+    if n_classes != len(names):
+        raise ValueError(f"probs has {n_classes} columns but there are {len(names)} class names {names}")
+    if len(y) != n:
+        raise ValueError(f"y_true has {len(y)} labels but probs has {n} rows")
+    if n == 0:
+        raise ValueError("compute_metrics needs at least one sample")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}, got {sorted(set(y.tolist()))}")
+    if not binary and threshold is not None:
+        raise ValueError("threshold only applies to binary tasks; multi-class predictions use argmax")
+    threshold = (0.5 if threshold is None else float(threshold)) if binary else None
     y_pred = predict_labels(p, threshold)
     cm = confusion_matrix(y, y_pred, labels=list(range(n_classes)))
     per_class, overall, notes = _per_class(cm, names), _summary(y, p, y_pred), []
@@ -225,31 +200,37 @@ def compute_metrics(y_true: Any, probs: Any, class_names: Sequence[str], *, thre
         notes.append(f"class(es) absent from y_true: {absent}; their recall is undefined (None)")
         if not binary and n_classes - len(absent) >= 2:
             notes.append(f"macro AUC averaged over the {n_classes - len(absent)} classes present in y_true")
-    if math.isnan(overall["auc"]):
+    if (auc := None if math.isnan(overall["auc"]) else overall["auc"]) is None:
         notes.append("AUC undefined: y_true contains a single class")
     metrics: dict[str, Any] = {"accuracy": overall["accuracy"], "balanced_accuracy": overall["balanced_accuracy"],
-                               "auc": None if math.isnan(overall["auc"]) else overall["auc"], "average_precision": _average_precision(y, p)}
+                               "auc": auc, "average_precision": _average_precision(y, p)}
     if binary:
         metrics.update(sensitivity=per_class[names[1]]["recall"], specificity=per_class[names[0]]["recall"],
                        threshold=threshold)
     metrics.update(ece=expected_calibration_error(y, p), n=int(n), per_class=per_class, confusion_matrix=cm.tolist())
+    ci = bootstrap_ci(lambda idx: _summary(y[idx], p[idx], y_pred[idx]), n, n_bootstrap=int(n_bootstrap), seed=seed)
+    metrics["ci95"] = {k: ci.get(k) for k in ("accuracy", "balanced_accuracy", "auc")}  # None without resamples
     if n_bootstrap > 0:
-        ci = bootstrap_ci(lambda idx: _summary(y[idx], p[idx], y_pred[idx]), n, n_bootstrap=int(n_bootstrap), seed=seed)
         recall = {name: ci[f"recall{c}"] for c, name in enumerate(names)}
-        metrics["ci95"] = {k: ci[k] for k in ("accuracy", "balanced_accuracy", "auc")}
         if binary:
             metrics["ci95"].update(sensitivity=recall[names[1]], specificity=recall[names[0]])
         metrics["ci95"]["recall"] = recall
-    else:
-        metrics["ci95"] = {"accuracy": None, "balanced_accuracy": None, "auc": None}
-    flag_too_few(metrics, names, notes)
+    if too_few := {name: k for name in names if 0 < (k := per_class[name]["support"]) < MIN_CLASS_IMAGES}:
+        metrics["too_few"] = too_few
+        for name in too_few:  # their recall loses its interval
+            (metrics["ci95"].get("recall") or {})[name] = None
+            if binary:
+                metrics["ci95"]["specificity" if name == names[0] else "sensitivity"] = None
+        notes.append("too few images to measure: " + ", ".join(f"{name} {k}" for name, k in too_few.items())
+                     + f" (fewer than {MIN_CLASS_IMAGES}): their recall is given without an interval and "
+                     "says little; balanced accuracy and AUC rest on it too")
     if notes:
         metrics["notes"] = notes
     return metrics
 
 
 def epoch_metrics(y_true: Any, probs: Any) -> dict[str, float]:
-    """Accuracy, balanced accuracy and AUC of the argmax without intervals (`train.fit`'s per epoch); NaN if undefined."""
+    """Accuracy, balanced accuracy and AUC of the argmax, no intervals (`train.fit`'s per epoch); NaN if undefined."""
     y, p = _as_labels(y_true), as_probs(probs)
     finite, p = bool(np.isfinite(p).all()), np.nan_to_num(p)
     summary = _summary(y, p, predict_labels(p))

@@ -9,7 +9,9 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -25,9 +27,8 @@ def _from_deploy_extra(module: str, *names: str) -> Any:
     try:
         imported = importlib.import_module(module)
     except ImportError as error:
-        raise ImportError(f"{error}. The ONNX part of notebook 08 needs ONNX and ONNX Runtime: run "
-                          '`pip install ".[deploy]"` in the course folder, or `pip install onnx onnxruntime` '
-                          "(`uv sync` installs them).") from error
+        raise ImportError(f'{error}: notebook 08 needs ONNX and ONNX Runtime. Run `pip install ".[deploy]"` in the '
+                          "course folder, or `pip install onnx onnxruntime` (`uv sync` installs them).") from error
     return [getattr(imported, name) for name in names] if names else imported
 
 
@@ -49,12 +50,9 @@ def export_onnx(model: nn.Module, path: str | Path, image_size: int, opset: int 
 def _write_normalization(path: Path, normalization: tuple) -> None:
     """Store (mean, std) in an ONNX file's metadata_props."""
     graph = (onnx := _from_deploy_extra("onnx")).load(str(path))
-    kept = [(p.key, p.value) for p in graph.metadata_props if p.key not in ("input_mean", "input_std")]
-    del graph.metadata_props[:]
-    for key, value in kept:
-        graph.metadata_props.add(key=key, value=value)
-    for key, values in zip(("input_mean", "input_std"), normalization):
-        graph.metadata_props.add(key=key, value=json.dumps(list(values)))
+    props = {p.key: p.value for p in graph.metadata_props}
+    props.update(input_mean=json.dumps(list(normalization[0])), input_std=json.dumps(list(normalization[1])))
+    onnx.helper.set_model_props(graph, props)
     onnx.save(graph, str(path))
 
 
@@ -62,36 +60,16 @@ def onnx_normalization(source: Any) -> tuple:
     """(mean, std) stored by `export_onnx` in an ONNX file (a path) or session; ImageNet's when absent."""
     props = ({p.key: p.value for p in _from_deploy_extra("onnx").load(str(source)).metadata_props}
              if isinstance(source, (str, Path)) else source.get_modelmeta().custom_metadata_map)
-    if "input_mean" not in props:
-        return as_normalization(None)
-    return as_normalization((json.loads(props["input_mean"]), json.loads(props["input_std"])))
-
-
-class _CalibrationReader:
-    """Feeds calibration images (normalised, batch 1) to ONNX Runtime's static quantizer."""
-
-    def __init__(self, images_u8: torch.Tensor, normalization: tuple | None = None) -> None:
-        self._batches = iter([{"input": normalize(img[None], normalization=normalization).numpy()}
-                              for img in images_u8])
-
-    def get_next(self) -> dict | None:
-        return next(self._batches, None)
-
-    def rewind(self) -> None:  # pragma: no cover  (ONNX Runtime's interface; MinMax reads the images once)
-        pass
-
-
-def _preprocessed(src: Path) -> Path:
-    """ONNX Runtime's recommended pre-processing (shape inference, graph optimisation)."""
-    (quant_pre_process,) = _from_deploy_extra("onnxruntime.quantization.shape_inference", "quant_pre_process")
-    dst = src.with_name(src.stem + "_prep.onnx")
-    quant_pre_process(str(src), str(dst))
-    return dst
+    stored = (json.loads(props["input_mean"]), json.loads(props["input_std"])) if "input_mean" in props else None
+    return as_normalization(stored)
 
 
 def _quantize(src: Path, dst: Path, quantize: Callable[[str, str], Any], normalization: tuple) -> Path:
-    """`quantize(preprocessed src, dst)` with ONNX Runtime's warnings silenced; `dst` keeps `normalization`."""
-    prep = _preprocessed(src)
+    """`quantize(prep, dst)` of ONNX Runtime's recommended pre-processing `prep` of `src` (shape inference, graph
+    optimisation) with its warnings silenced; `dst` keeps `normalization`."""
+    (quant_pre_process,) = _from_deploy_extra("onnxruntime.quantization.shape_inference", "quant_pre_process")
+    prep = src.with_name(src.stem + "_prep.onnx")
+    quant_pre_process(str(src), str(prep))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -102,17 +80,16 @@ def _quantize(src: Path, dst: Path, quantize: Callable[[str, str], Any], normali
     return dst
 
 
-def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor,
-                         per_channel: bool = True, normalization: Any = None) -> Path:
-    """Static int8 quantization (QDQ, MinMax ranges from the calibration images, per-channel weight scales);
-    `normalization`: default what `export_onnx` stored in `src`."""
+def quantize_onnx_static(src: str | Path, dst: str | Path, calibration_images_u8: torch.Tensor) -> Path:
+    """Static int8 quantization (QDQ, MinMax ranges from the calibration images normalised as `export_onnx` stored
+    in `src`, per-channel weight scales)."""
     CalibrationMethod, QuantFormat, QuantType, quantize_static = _from_deploy_extra(
         "onnxruntime.quantization", "CalibrationMethod", "QuantFormat", "QuantType", "quantize_static")
-    src = Path(src)
-    normalization = onnx_normalization(src) if normalization is None else as_normalization(normalization)
-    reader = _CalibrationReader(calibration_images_u8, normalization)
-    return _quantize(src, Path(dst), lambda prep, out: quantize_static(
-        prep, out, reader, quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8,
+    normalization = onnx_normalization(src)
+    batches = iter([{"input": normalize(x[None], normalization=normalization).numpy()} for x in calibration_images_u8])
+    reader = SimpleNamespace(get_next=partial(next, batches, None))  # ONNX Runtime's data reader: None when done
+    return _quantize(Path(src), Path(dst), lambda prep, out: quantize_static(
+        prep, out, reader, quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax), normalization)
 
 
@@ -134,10 +111,9 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64, normalization: Any = None) -> np.ndarray:
-    """Class probabilities (N, C) of uint8 images (N, 3, S, S), normalised as `normalization` (default: the file's
-    metadata) says."""
-    normalization = onnx_normalization(session) if normalization is None else normalization
+def onnx_predict(session: Any, images_u8: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    """Class probabilities (N, C) of uint8 images (N, 3, S, S), normalised as the file's metadata says."""
+    normalization = onnx_normalization(session)
     outs = []
     for start in range(0, len(images_u8), batch_size):
         x = normalize(images_u8[start:start + batch_size], normalization=normalization).numpy()

@@ -1,6 +1,5 @@
 """Out-of-distribution scores (higher = more like the training X-rays; reject below `threshold_keeping`):
-maximum softmax probability, energy, an extra INVALID class, Mahalanobis distance of backbone features.
-"""
+maximum softmax probability, energy, an extra INVALID class, Mahalanobis distance of backbone features."""
 
 from __future__ import annotations
 
@@ -30,8 +29,7 @@ def msp_score(logits: Any) -> np.ndarray:
 
 def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
     """Negative energy T * logsumexp(logits / T) (Liu et al. 2020): large logits = familiar input."""
-    z = _two_or_more_columns(logits)
-    return (temperature * torch.logsumexp(z / temperature, dim=1)).numpy().astype(np.float64)
+    return (temperature * torch.logsumexp(_two_or_more_columns(logits) / temperature, dim=1)).numpy().astype(np.float64)
 
 
 def invalid_class_score(probs: Any, invalid_index: int = -1) -> np.ndarray:
@@ -54,10 +52,9 @@ def fit_mahalanobis(features: Any, labels: Any) -> dict[str, torch.Tensor]:
     """Class means and one shared Ledoit-Wolf-shrunk precision matrix of training features (Lee et al. 2018)."""
     from sklearn.covariance import ledoit_wolf_shrinkage
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    y = np.asarray(labels).reshape(-1)
-    classes = np.unique(y)
-    means = torch.stack([x[torch.as_tensor(y == c)].mean(dim=0) for c in classes])
-    centred = x - means[torch.as_tensor(np.searchsorted(classes, y))]
+    classes, index = np.unique(np.asarray(labels).reshape(-1), return_inverse=True)
+    means = torch.stack([x[torch.as_tensor(index == c)].mean(dim=0) for c in range(len(classes))])
+    centred = x - means[torch.as_tensor(index)]
     shrink = float(ledoit_wolf_shrinkage(centred.numpy(), assume_centered=True))
     with _one_thread():
         cov = centred.T @ centred / len(centred)
@@ -82,10 +79,8 @@ OOD_METHODS: tuple[str, ...] = ("msp", "energy", "mahalanobis")
 
 def ood_score(method: str, logits: Any, features: Any = None, params: dict | None = None) -> np.ndarray:
     """Dispatch to one of `OOD_METHODS` (higher = more in-distribution)."""
-    if method == "msp":
-        return msp_score(logits)
-    if method == "energy":
-        return energy_score(logits)
+    if method in ("msp", "energy"):
+        return msp_score(logits) if method == "msp" else energy_score(logits)
     if method == "mahalanobis":
         if features is None or params is None:
             raise ValueError("mahalanobis needs backbone features and the fitted params (fit_mahalanobis)")
@@ -119,7 +114,8 @@ def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], -np.r_[a, b]))
 
 
-def logits_and_features(model: nn.Module, images_u8: torch.Tensor, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def logits_and_features(model: nn.Module, images_u8: torch.Tensor,
+                        batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) and pooled backbone features (N, D) of uint8 images (N, 3, S, S), in one pass."""
     (backbone, head), device = backbone_and_head(model), model_device(model)
     model.eval()

@@ -16,13 +16,9 @@ from helpers.core import predict_labels, to_numpy
 from helpers.evaluate import as_probs, expected_calibration_error, reliability_bins
 from helpers.images import read_image
 
-DPI = 110
-_NON_INTERACTIVE = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
-
-
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **kwargs: Any):
     """`fig, axes` like `plt.subplots`; a pyplot-free Figure when the backend cannot show windows."""
-    if matplotlib.get_backend().lower() in _NON_INTERACTIVE:
+    if matplotlib.get_backend().lower() in {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}:
         from matplotlib.figure import Figure
         fig = Figure(figsize=figsize, layout=kwargs.pop("layout", "constrained"))
         return fig, fig.subplots(nrows, ncols, **kwargs)
@@ -39,15 +35,14 @@ def set_stamp(text: str | None) -> None:
     _STAMP["text"] = text
 
 
-def save_figure(fig, out_dir: str | Path, name: str, stamp: str | None = None):
-    """Save `fig` as out_dir/name (PNG, folder created) with `stamp` (default: `set_stamp`'s) under it; return it."""
+def save_figure(fig, out_dir: str | Path, name: str):
+    """Save `fig` as out_dir/name (PNG, folder created) with `set_stamp`'s footer under it; return it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = stamp if stamp is not None else _STAMP["text"]
-    if stamp and getattr(fig, "_course_stamp", None) != stamp:
+    if (stamp := _STAMP["text"]) and getattr(fig, "_course_stamp", None) != stamp:
         fig._course_stamp = stamp
         fig.text(0.5, 0.0, stamp, ha="center", va="top", fontsize=6.5, color="0.45")
-    fig.savefig(out_dir / name, dpi=DPI, bbox_inches="tight")
+    fig.savefig(out_dir / name, dpi=110, bbox_inches="tight")
     return fig
 
 
@@ -135,7 +130,7 @@ def plot_confusion_matrix(cm: Any, class_names: Sequence[str], out_dir: str | Pa
 
 
 def plot_roc_pr(y_true: Any, probs: Any, class_names: Sequence[str], out_dir: str | Path, name: str = "roc_pr.png"):
-    """ROC (left) and precision-recall (right) curves: binary -> the positive class; multi-class -> one per class (one-vs-rest)."""
+    """ROC (left) and precision-recall (right) curves of the positive class (binary) or of each class (one-vs-rest)."""
     from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
     y, p = to_numpy(y_true).astype(np.int64), as_probs(probs)
     classes = [1] if p.shape[1] == 2 else list(range(p.shape[1]))
@@ -186,14 +181,11 @@ def plot_threshold_sweep(y_true: Any, p_pos: Any, out_dir: str | Path, chosen: f
 def to_display(image: Any) -> np.ndarray:
     """An image as (H, W, 3) floats in [0, 1] for `imshow`; takes uint8 or float, CHW or HWC, tensor or array."""
     img = to_numpy(image)
-    if img.ndim == 2:
-        img = img[..., None]
+    img = img[..., None] if img.ndim == 2 else img
     if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
         img = np.transpose(img, (1, 2, 0))
     img = img.astype(np.float32) / 255.0 if img.dtype == np.uint8 else img.astype(np.float32)
-    if img.shape[-1] == 1:
-        img = np.repeat(img, 3, axis=-1)
-    return np.clip(img, 0.0, 1.0)
+    return np.clip(np.repeat(img, 3, axis=-1) if img.shape[-1] == 1 else img, 0.0, 1.0)
 
 
 def overlay(image: Any, heatmap: np.ndarray, alpha: float = 0.4, cmap: str = "jet") -> np.ndarray:
@@ -222,12 +214,11 @@ def plot_prediction_grid(images_u8: Any, y_true: Any, probs: Any, class_names: S
     cols = max(1, min(len(indices), 4 if len(indices) <= 16 else 8))
     rows = int(np.ceil(len(indices) / cols))
     fig, axes = new_figure(rows, cols, figsize=(2.3 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.ravel():
+    for ax in axes.ravel()[len(indices):]:
         ax.axis("off")
     for ax, i in zip(axes.ravel(), indices):
         wrong = pred[i] != y[i]
         ax.imshow(to_display(images[i]))
-        ax.axis("on")
         ax.set(xticks=[], yticks=[])
         for spine in ax.spines.values():
             spine.set_color("red" if wrong else "lightgrey")
@@ -265,11 +256,9 @@ def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balan
     """Number of images per split and class (grouped bars with the counts written on them)."""
     import pandas as pd
     import seaborn as sns
-    data = frame.copy()
-    if "split" not in data:
-        data["split"] = "all"
+    data = frame if "split" in frame else frame.assign(split="all")
     counts = pd.crosstab(data["split"], data["class_name"])
-    order = [s for s in ("train", "val", "test") if s in counts.index] + [s for s in counts.index if s not in ("train", "val", "test")]
+    order = sorted(counts.index, key=["train", "val", "test", *counts.index].index)  # train, val, test first
     long = counts.loc[order].rename_axis(index="split", columns="class").stack().rename("images").reset_index()
     fig, ax = new_figure(figsize=(1.6 + 1.6 * len(order) * max(1, len(counts.columns) / 2), 4))
     sns.barplot(data=long, x="split", y="images", hue="class", order=order, ax=ax)
@@ -282,8 +271,7 @@ def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balan
 
 
 def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir: str | Path,
-                 name: str = "gradcam.png", target_layer: Any = None,
-                 y_true: Sequence[int] | None = None, n: int = 8, alpha: float = 0.4,
+                 name: str = "gradcam.png", target_layer: Any = None, y_true: Sequence[int] | None = None, n: int = 8,
                  threshold: float | None = None):
     """Up to `n` images (uint8 (N, 3, H, W)) above their Grad-CAM overlays (`gradcam.explain`), titled with the
     predicted class (`threshold` for a binary model, else argmax); with `y_true` also the true one, errors red."""
@@ -305,7 +293,7 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
             color = "black" if int(y_true[i]) == pred[i] else "red"
         axes[top, col].imshow(to_display(image))
         axes[top, col].set_title(title, fontsize=10, color=color)
-        axes[top + 1, col].imshow(overlay(image, heatmaps[i], alpha=alpha))
+        axes[top + 1, col].imshow(overlay(image, heatmaps[i]))
         axes[top + 1, col].set_title("Grad-CAM", fontsize=10)
     fig.suptitle("Grad-CAM: where the evidence for the predicted class is", fontsize=12)
     return save_figure(fig, out_dir, name)

@@ -1,9 +1,6 @@
-"""One notebook run: its profile, its output folder, and what it saves there.
-
-`start_run` resolves the `PROFILE` knobs (`None` = the profile's value); at the end the notebook calls
-`save_predictions` (one CSV per split) and `save_metrics` (metrics.json, schema in CONTRIBUTING.md).
-Reading them back is `coursebuild.records`' job. torch is imported only inside functions.
-"""
+"""One notebook run: `start_run` resolves the `PROFILE` knobs (`None` = the profile's value) and the output folder;
+at the end the notebook calls `save_predictions` (one CSV per split) and `save_metrics` (metrics.json, schema in
+CONTRIBUTING.md). Reading them back is `coursebuild.records`' job. torch is imported only inside functions."""
 
 from __future__ import annotations
 
@@ -14,7 +11,7 @@ import numbers
 import os
 import secrets
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,9 +58,8 @@ class Config:
         for name in ("image_size", "epochs", "batch_size", "max_per_class"):
             value = getattr(self, name)
             if not (name == "max_per_class" and value is None) and not _whole(value, 1):
-                raise ValueError(f"{name.upper()} must be a positive whole number, got {value!r} "
-                                 f"(profile {self.profile!r}); set {name.upper()} = None to use the "
-                                 "profile's value.")
+                raise ValueError(f"{name.upper()} must be a positive whole number, got {value!r} (profile "
+                                 f"{self.profile!r}); set {name.upper()} = None to use the profile's value.")
         if not _whole(self.n_bootstrap, 0):
             raise ValueError(f"N_BOOTSTRAP must be a whole number >= 0, got {self.n_bootstrap!r}; set it to "
                              "None to use the profile's value (0 gives no intervals).")
@@ -109,8 +105,7 @@ def _cannot_write(folder: Path) -> OSError | None:
 
 
 def output_root() -> Path:
-    """Where runs write: the course folder, else (read-only, e.g. /kaggle/input) the working directory,
-    else a folder in the temporary directory."""
+    """Where runs write: the course folder, else (read-only) the working directory, else a temporary folder."""
     for folder in (project_root(), Path.cwd(), Path(tempfile.gettempdir()) / "course-outputs"):
         if _cannot_write(folder) is None:
             return folder
@@ -141,8 +136,7 @@ def portable_data_dir(data_dir: str | Path | Mapping | None) -> str | dict | Non
         rest = rest[:2] + rest[4:] if len(rest) > 3 and rest[2] == "versions" else rest
         return "kaggle:" + "/".join(rest)
     if parts[:3] == ("/", "kaggle", "input"):
-        rest = parts[3:]
-        return "kaggle:" + "/".join(rest[1:] if rest[:1] == ("datasets",) else rest)
+        return "kaggle:" + "/".join(parts[4:] if parts[3:4] == ("datasets",) else parts[3:])
     return Path(os.path.relpath(data_dir, project_root())).as_posix()
 
 
@@ -158,12 +152,11 @@ def recorded_outputs(folder: str | Path) -> dict[str, Any]:
         try:
             record = json.loads((folder / name).read_text())
         except (OSError, ValueError):
-            continue
-        if not isinstance(record, dict):
-            continue
-        files = record.get("files") if name == OUTPUTS_FILE else [METRICS_FILE, *(record.get("figures") or [])]
-        own = sorted({str(n) for n in files or [] if _own_name(folder, n)})
-        return {"run_id": record.get("run_id"), "files": own}
+            record = None
+        if isinstance(record, dict):
+            files = record.get("files") if name == OUTPUTS_FILE else [METRICS_FILE, *(record.get("figures") or [])]
+            own = sorted({str(n) for n in files or [] if _own_name(folder, n)})
+            return {"run_id": record.get("run_id"), "files": own}
     return {"run_id": None, "files": []}
 
 
@@ -172,32 +165,29 @@ def record_outputs(out_dir: str | Path, run_id: str, names: Sequence[str]) -> No
     out_dir = Path(out_dir)
     earlier = recorded_outputs(out_dir) if (out_dir / OUTPUTS_FILE).is_file() else {}
     files = {*(earlier["files"] if earlier.get("run_id") == run_id else []), *(str(n) for n in names)}
-    text = json.dumps({"run_id": run_id, "files": sorted(files)}, indent=1) + "\n"
-    _write_atomic(out_dir / OUTPUTS_FILE, secrets.token_hex(3), lambda t: t.write_text(text))
+    _write_atomic(out_dir / OUTPUTS_FILE, json.dumps({"run_id": run_id, "files": sorted(files)}, indent=1) + "\n")
 
 
-def _write_atomic(path: Path, tag: str, write: Callable[[Path], Any]) -> None:
-    """`write` a temporary file, then rename it to `path`: a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.{tag}.tmp")
-    write(temporary)
+def _write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file, then rename it to `path`: a reader never sees half a file."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(3)}.tmp")
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
 
-def retire_previous_outputs(out_dir: Path) -> list[str]:
-    """Move the outputs an earlier run recorded in `out_dir` to `.previous_run/` (replacing those there);
-    return their names. Files the course did not record (a user's notes) are never moved."""
-    earlier = recorded_outputs(out_dir)
-    names, previous = earlier["files"], out_dir / PREVIOUS_RUN_DIR
-    if not names:
-        return []
+def retire_previous_outputs(out_dir: Path) -> None:
+    """Move the outputs an earlier run recorded in `out_dir` to `.previous_run/`, replacing those there; files
+    the course did not record (a user's notes) are never moved."""
+    earlier, previous = recorded_outputs(out_dir), out_dir / PREVIOUS_RUN_DIR
+    if not earlier["files"]:
+        return
     for name in recorded_outputs(previous)["files"] + [OUTPUTS_FILE]:
         (previous / name).unlink(missing_ok=True)
-    for name in names:
+    for name in earlier["files"]:
         (previous / name).parent.mkdir(parents=True, exist_ok=True)
         os.replace(out_dir / name, previous / name)
-    (previous / OUTPUTS_FILE).write_text(json.dumps({**earlier, "files": names}, indent=1) + "\n")
+    (previous / OUTPUTS_FILE).write_text(json.dumps(earlier, indent=1) + "\n")
     (out_dir / OUTPUTS_FILE).unlink(missing_ok=True)
-    return names
 
 
 def _holds_images(folder: Path) -> bool:
@@ -273,9 +263,8 @@ class Run:
 
 def start_run(notebook: str, profile: str, *, data_dir: str | None = None, seed: int = 42,
               output_dir: str | None = None, recipe_epochs: int | None = None, **overrides) -> Run:
-    """Check the parameters (what could fail late fails here), seed everything, pick the device, prepare
-    the output folder (an earlier run's outputs move to `.previous_run/`) and print what this run is.
-    The smoke profile uses synthetic data unless `data_dir` is given."""
+    """Check the parameters (what could fail late fails here), seed everything, pick the device, prepare the output
+    folder (earlier outputs move to `.previous_run/`), say what the run is; smoke without `data_dir`: synthetic data."""
     from helpers.core import pick_device, seed_everything  # imports torch
     from helpers.images import display_path
 
@@ -322,15 +311,14 @@ def save_predictions(run: Run, split: str, frame: pd.DataFrame, y_true: Any, pro
     if not len(frame) == len(y) == len(p):
         raise ValueError(f"{split}: {len(frame)} images, {len(y)} labels and {len(p)} rows of probabilities "
                          "differ: pass the frame, labels and probabilities of the same split, in one order.")
-    folders = [root] if root is not None else []
-    folders += [run.data_dir] if run.data_dir is not None and Path(run.data_dir).is_dir() else []
-    roots = [Path(f).resolve() for f in folders]
-    table = pd.DataFrame({"image": [_relative_image(x, roots + [project_root()]) for x in frame["path"]],
+    data_dir = run.data_dir if run.data_dir is not None and Path(run.data_dir).is_dir() else None
+    roots = [Path(f).resolve() for f in (root, data_dir) if f is not None] + [project_root()]
+    table = pd.DataFrame({"image": [_relative_image(x, roots) for x in frame["path"]],
                           "label": [names[i] for i in y], "y_true": y,
                           **{f"prob_{name}": p[:, j] for j, name in enumerate(names)}})
     path = run.out_dir / f"{split}_predictions.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, run.run_id, lambda t: table.to_csv(t, index=False))
+    _write_atomic(path, table.to_csv(index=False, lineterminator="\n"))  # write_text gives the platform's newlines
     record_outputs(run.out_dir, run.run_id, [path.name])
     return path
 
@@ -361,12 +349,8 @@ def _data_dir(run: Run, splits: Any) -> Any:
     return run.data_dir if splits is None else splits.root
 
 
-WEIGHTS_KEYS = ("source", "file", "sha256", "padding", "input_mean", "input_std", "agreement", "batchnorm")
-
-
 def weights_label(block: dict | str | None, pretrained: bool | None = None) -> str:
-    """"ImageNet (TFLite, converted)", "torchvision ImageNet", "random"... from a metrics.json `weights` block
-    (a string there is already such a label)."""
+    """"ImageNet (TFLite, converted)", "random"... from a metrics.json `weights` block (or already such a label)."""
     if isinstance(block, str):
         return block
     source = str((block or {}).get("source") or "")
@@ -389,7 +373,8 @@ def _model_fields(model: Any, pretrained: bool | None, weights: dict | None) -> 
         pretrained = getattr(model, "pretrained", None) if pretrained is None else pretrained
         weights = weights or getattr(model, "weights_info", None)
         model = getattr(model, "arch", type(model).__name__)
-    return model, pretrained, {k: weights.get(k) for k in WEIGHTS_KEYS if k in weights} if weights else None
+    keys = ("source", "file", "sha256", "padding", "input_mean", "input_std", "agreement", "batchnorm")
+    return model, pretrained, {k: weights[k] for k in keys if k in weights} if weights else None
 
 
 def figure_stamp(run: Run, splits: Any = None, model: Any = None, weights: dict | None = None) -> str:
@@ -403,17 +388,6 @@ def figure_stamp(run: Run, splits: Any = None, model: Any = None, weights: dict 
     return " | ".join(parts)
 
 
-def _split_sizes(splits: Any) -> dict[str, int] | None:
-    """Images per split ({"train": n, "val": n, "test": n}) of a `DataSplits`; None for an object without them."""
-    sizes = {}
-    for split in ("train", "val", "test"):
-        try:
-            sizes[split] = len(getattr(splits, split))
-        except (AttributeError, TypeError, KeyError):  # no such split
-            pass
-    return sizes or None
-
-
 def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretrained: bool | None = None,
                    weights: dict | None = None, class_names: Sequence[str] | None = None,
                    threshold: float | None = None, val: dict | None = None, test: dict | None = None,
@@ -422,12 +396,14 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretraine
     """This run's metrics.json as a dict (schema: CONTRIBUTING.md); `extra` keys may replace schema keys."""
     model, pretrained, weights = _model_fields(model, pretrained, weights)
     class_names = getattr(splits, "class_names", []) if class_names is None else class_names
+    parts = {split: getattr(splits, split, None) for split in ("train", "val", "test")}  # a `DataSplits`'s frames
+    n_images = {split: len(part) for split, part in parts.items() if isinstance(part, Sized)} or None
     record: dict[str, Any] = {
         "notebook": run.notebook, "profile": run.cfg.profile, "dataset": dataset,
         "data_dir": portable_data_dir(_data_dir(run, splits)), "model": model, "pretrained": pretrained,
         "image_size": run.cfg.image_size, "class_names": list(class_names), "threshold": threshold,
         "val": val, "test": test, "timing": timing, "device": str(run.device),
-        **{key: value for key, value in (("n_images", _split_sizes(splits)), ("weights", weights), ("runs", runs))
+        **{key: value for key, value in (("n_images", n_images), ("weights", weights), ("runs", runs))
            if value is not None}, **extra}
     record.update(figures=list(figures), run_id=run.run_id, started_at=run.started_at, written_at=now_iso(),
                   n_bootstrap=run.cfg.n_bootstrap)
@@ -438,8 +414,7 @@ def save_metrics(run: Run, splits: Any, *, dataset: str, model: Any, **fields: A
     """Write `run.metrics_path` (`metrics_record` of the same arguments) atomically; return the dict."""
     record = metrics_record(run, splits, dataset=dataset, model=model, **fields)
     run.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(record, indent=2, allow_nan=False) + "\n"
-    _write_atomic(run.metrics_path, run.run_id, lambda t: t.write_text(text))
+    _write_atomic(run.metrics_path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     own_figures = [f for f in record["figures"] if _own_name(run.out_dir, f)]
     record_outputs(run.out_dir, run.run_id, [METRICS_FILE, *own_figures])
     return record
