@@ -7,7 +7,6 @@ its weights need), ``head_kind``, ``freeze`` and ``image_size`` on the model.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import os
 import warnings
@@ -341,10 +340,35 @@ def estimate_frozen_batchnorm(model: nn.Module, loader: Iterable, device: torch.
     return len(layers)
 
 
+class _ViTBackbone(nn.Module):
+    """ViT up to the class-token embedding (after the final LayerNorm), sharing the weights."""
+
+    def __init__(self, vit: nn.Module) -> None:
+        super().__init__()
+        self.conv_proj = vit.conv_proj
+        self.class_token = vit.class_token  # the same Parameter object as in the ViT
+        self.encoder = vit.encoder
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)  # (N, tokens, D)
+        return self.encoder(torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1))[:, 0]
+
+
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(backbone giving pooled features (N, D), head), sharing the weights: ``head(backbone(x)) == model(x)``."""
-    head_attr = _HEAD_ATTR[_family(_arch_of(model))]
-    backbone = copy.copy(model)  # the same layers (and input_mean/input_std), under a second name ...
-    backbone._modules = {**model._modules, head_attr: nn.Identity()}  # ... without the head: model.forward's features
-    vars(backbone).pop("weights_info", None)  # the record of the model's weights stays with the model
-    return backbone, getattr(model, head_attr)
+    family = _family(_arch_of(model))
+    head = get_head(model)
+    if family == "resnet":
+        backbone = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool, model.layer1, model.layer2,
+                                 model.layer3, model.layer4, model.avgpool, nn.Flatten(1))
+    elif family == "densenet":
+        # torchvision's DenseNet.forward: features -> ReLU -> global average pool.
+        backbone = nn.Sequential(model.features, nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    elif family == "mobilenet":
+        backbone = nn.Sequential(model.features, nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    else:
+        backbone = _ViTBackbone(model)
+    if hasattr(model, "input_mean"):  # the normalisation its weights need goes with the backbone
+        backbone.input_mean, backbone.input_std = model.input_mean, model.input_std
+    return backbone, head
+
