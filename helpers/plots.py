@@ -13,7 +13,7 @@ import numpy as np
 
 from helpers import gradcam
 from helpers.core import predict_labels, to_numpy
-from helpers.evaluate import as_probs, expected_calibration_error, reliability_bins
+from helpers.evaluate import as_probs
 from helpers.images import read_image
 
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **kwargs: Any):
@@ -251,25 +251,6 @@ def plot_sample_grid(frame: Any, class_names: Sequence[str], out_dir: str | Path
     return save_figure(fig, out_dir, name)
 
 
-def plot_class_balance(frame: Any, out_dir: str | Path, name: str = "class_balance.png",
-                       title: str = "images per split and class"):
-    """Number of images per split and class (grouped bars with the counts written on them)."""
-    import pandas as pd
-    import seaborn as sns
-    data = frame if "split" in frame else frame.assign(split="all")
-    counts = pd.crosstab(data["split"], data["class_name"])
-    order = sorted(counts.index, key=["train", "val", "test", *counts.index].index)  # train, val, test first
-    long = counts.loc[order].rename_axis(index="split", columns="class").stack().rename("images").reset_index()
-    fig, ax = new_figure(figsize=(1.6 + 1.6 * len(order) * max(1, len(counts.columns) / 2), 4))
-    sns.barplot(data=long, x="split", y="images", hue="class", order=order, ax=ax)
-    for bars in ax.containers:
-        ax.bar_label(bars, fontsize=8)
-    ax.set(xlabel="", ylabel="images", title=title)
-    ax.legend(fontsize=8, title=None)
-    ax.grid(axis="y", alpha=0.3)
-    return save_figure(fig, out_dir, name)
-
-
 def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir: str | Path,
                  name: str = "gradcam.png", target_layer: Any = None, y_true: Sequence[int] | None = None, n: int = 8,
                  threshold: float | None = None):
@@ -296,28 +277,6 @@ def plot_gradcam(model: Any, images_u8: Any, class_names: Sequence[str], out_dir
         axes[top + 1, col].imshow(overlay(image, heatmaps[i]))
         axes[top + 1, col].set_title("Grad-CAM", fontsize=10)
     fig.suptitle("Grad-CAM: where the evidence for the predicted class is", fontsize=12)
-    return save_figure(fig, out_dir, name)
-
-
-def plot_reliability(y_true: Any, probs: Any, out_dir: str | Path, name: str = "reliability.png",
-                     label: str | None = None, n_bins: int = 15):
-    """Reliability diagram (accuracy against top-label confidence per bin, ECE in the legend; below: counts) of
-    one (N, C) array or a dict {label: probs}, e.g. {"before": p_raw, "after temperature scaling": p_cal}."""
-    curves = dict(probs) if isinstance(probs, dict) else {label or "model": probs}
-    fig, (ax, ax_hist) = new_figure(2, 1, figsize=(5.5, 6), height_ratios=[3, 1], sharex=True)
-    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
-    edges = np.linspace(0, 1, n_bins + 1)
-    for curve_label, p in curves.items():
-        confidence, accuracy, counts = reliability_bins(y_true, p, n_bins)
-        ece = expected_calibration_error(y_true, p, n_bins)
-        keep = counts > 0
-        line = ax.plot(confidence[keep], accuracy[keep], marker="o", label=f"{curve_label} (ECE {ece:.3f})")[0]
-        ax_hist.stairs(counts, edges, color=line.get_color())
-    ax.set(ylabel="accuracy", title="reliability diagram", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(fontsize=8, loc="upper left")
-    ax_hist.set(xlabel="confidence (top probability)", ylabel="count")
-    for a in (ax, ax_hist):
-        a.grid(alpha=0.3)
     return save_figure(fig, out_dir, name)
 
 

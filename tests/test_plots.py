@@ -228,19 +228,6 @@ def test_plot_prediction_grid(tmp_path, binary_case) -> None:
     assert len(red_titles) == min(n_errors, 16)
 
 
-def test_plot_reliability_several_curves(tmp_path) -> None:
-    rng = np.random.default_rng(0)
-    logits = rng.normal(scale=3, size=(300, 3))
-    y = rng.integers(0, 3, 300)
-    fig = plots.plot_reliability(y, {"before": ev.apply_temperature(logits, 1.0), "after": ev.apply_temperature(logits, 3.0)},
-                                 tmp_path)
-    assert_png(tmp_path / "reliability.png")
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert any(t.startswith("before (ECE") for t in legend) and any(t.startswith("after (ECE") for t in legend)
-    plots.plot_reliability(y, ev.apply_temperature(logits, 1.0), tmp_path, name="one.png", label="model")
-    assert_png(tmp_path / "one.png")
-
-
 def test_plot_run_comparison(tmp_path) -> None:
     runs = pd.DataFrame({
         "run": ["plain", "weighted", "sampler"], "model": ["resnet50"] * 3,
@@ -272,18 +259,11 @@ def _image_frame(tmp_path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_plot_sample_grid_and_class_balance(tmp_path) -> None:
+def test_plot_sample_grid(tmp_path) -> None:
     frame = _image_frame(tmp_path)
     fig = plots.plot_sample_grid(frame, ["NORMAL", "PNEUMONIA"], tmp_path / "out", per_class=3)
     assert_png(tmp_path / "out" / "samples.png")
     assert sum(bool(ax.images) for ax in fig.axes) == 6
-    fig = plots.plot_class_balance(frame, tmp_path / "out")
-    assert_png(tmp_path / "out" / "class_balance.png")
-    ax = fig.axes[0]
-    heights = sorted(int(bar.get_height()) for bars in ax.containers for bar in bars)
-    assert heights == [2, 2, 2, 2, 4, 4]
-    assert sorted(int(t.get_text()) for t in ax.texts) == heights  # each bar carries its count
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["train", "val", "test"]
 
 
 def test_plot_gradcam_cnn_and_vit(tmp_path) -> None:
