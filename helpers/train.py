@@ -250,13 +250,3 @@ def fit_head_only(model: nn.Module, train_loader: Loader, val_loader: Loader | N
     print(f"Feature cache: {len(train_data.dataset)} train images in {feature_seconds:.1f}s", flush=True)
     result = fit(head, train_data, val_data, epochs=epochs, criterion=criterion, **fit_kwargs)
     return replace(result, feature_seconds=feature_seconds, train_seconds=result.train_seconds + feature_seconds)
-
-
-def linear_probe(model: nn.Module, train_loader: Loader, test_loader: Loader, *, seed: int = 0) -> np.ndarray:
-    """(N_test, C) probabilities of a logistic regression on the frozen, standardised features of `model`."""
-    from sklearn import linear_model, pipeline, preprocessing
-    backbone, _ = backbone_and_head(model)
-    (x_train, y_train), (x_test, _) = (extract_features(backbone, d, progress=False) for d in (train_loader, test_loader))
-    probe = pipeline.make_pipeline(preprocessing.StandardScaler(),
-                                   linear_model.LogisticRegression(max_iter=2000, random_state=seed))
-    return probe.fit(x_train.numpy(), y_train.numpy()).predict_proba(x_test.numpy())
