@@ -1,5 +1,5 @@
 """Out-of-distribution scores (higher = more like the training X-rays; reject below `threshold_keeping`):
-maximum softmax probability, energy, an extra INVALID class, Mahalanobis distance of backbone features."""
+maximum softmax probability, energy, Mahalanobis distance of backbone features."""
 
 from __future__ import annotations
 
@@ -30,11 +30,6 @@ def msp_score(logits: Any) -> np.ndarray:
 def energy_score(logits: Any, temperature: float = 1.0) -> np.ndarray:
     """Negative energy T * logsumexp(logits / T) (Liu et al. 2020): large logits = familiar input."""
     return (temperature * torch.logsumexp(_two_or_more_columns(logits) / temperature, dim=1)).numpy().astype(np.float64)
-
-
-def invalid_class_score(probs: Any, invalid_index: int = -1) -> np.ndarray:
-    """For a model with an extra INVALID class: 1 - P(INVALID)."""
-    return 1.0 - np.asarray(probs, dtype=np.float64)[:, invalid_index]
 
 
 @contextlib.contextmanager
@@ -97,21 +92,6 @@ def threshold_keeping(id_scores: Any, keep: float = 0.95) -> float:
         raise ValueError("threshold_keeping needs at least one score")
     k = int(np.floor((1.0 - keep) * len(scores) + 1e-9))
     return float(scores[min(k, len(scores) - 1)])
-
-
-def rejection_rate(scores: Any, threshold: float) -> float:
-    """Share of images whose score falls below `threshold` (i.e. would be rejected)."""
-    s = np.asarray(scores, dtype=np.float64)
-    return float((s < threshold).mean()) if len(s) else float("nan")
-
-
-def ood_auroc(id_scores: Any, ood_scores: Any) -> float:
-    """ROC AUC of telling outside images (positives) from real ones by a low score (0.5: chance)."""
-    from sklearn.metrics import roc_auc_score
-    a, b = np.asarray(id_scores, dtype=np.float64).ravel(), np.asarray(ood_scores, dtype=np.float64).ravel()
-    if len(a) == 0 or len(b) == 0:
-        return float("nan")
-    return float(roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], -np.r_[a, b]))
 
 
 def logits_and_features(model: nn.Module, images_u8: torch.Tensor,

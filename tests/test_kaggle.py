@@ -5,11 +5,12 @@
 - `pip install` of the course brings what the notebooks import, not Jupyter or ONNX, and leaves
   an installed torch/torchvision alone (resolved with `uv pip install --dry-run` against a venv
   that holds this lock's torch and torchvision);
-- the ONNX functions of helpers.export say how to install ONNX when it is missing.
+- notebook 08's imports say how to install ONNX and ONNX Runtime when they are missing.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import shutil
@@ -22,7 +23,6 @@ import nbformat
 import pytest
 
 from conftest import ROOT
-from helpers import export
 from helpers.datasets import DATASETS
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -103,15 +103,23 @@ def _uninstall(monkeypatch, package: str) -> None:
         monkeypatch.setitem(sys.modules, name, None)
 
 
-def test_onnx_functions_say_how_to_install_onnx(monkeypatch, tmp_path):
-    _uninstall(monkeypatch, "onnxruntime")
+def _onnx_imports_of_notebook_08() -> ast.Module:
+    """The `try: import onnx ...` statement of notebook 08's import cell, as a module to execute."""
+    notebook = nbformat.read(ROOT / "notebooks" / "08_model_to_app.ipynb", as_version=4)
+    tries = [node for cell in notebook.cells if cell.cell_type == "code"
+             for node in ast.parse(cell.source).body if isinstance(node, ast.Try)
+             and any("onnxruntime" in ast.unparse(statement) for statement in node.body)]
+    assert len(tries) == 1, "notebook 08 should import ONNX Runtime in one try/except ImportError"
+    return ast.Module(body=tries, type_ignores=[])
+
+
+@pytest.mark.parametrize("package", ["onnxruntime", "onnx"])
+def test_notebook_08_says_how_to_install_onnx(monkeypatch, package):
+    code = compile(_onnx_imports_of_notebook_08(), "08_model_to_app.ipynb", "exec")
+    exec(code, {})  # installed here: the imports just work
+    _uninstall(monkeypatch, package)
     with pytest.raises(ImportError, match=r'pip install "\.\[deploy\]".*pip install onnx onnxruntime'):
-        export.onnx_session(tmp_path / "model.onnx")
-    with pytest.raises(ImportError, match=r"\[deploy\]"):
-        export.quantize_onnx_dynamic(tmp_path / "model.onnx", tmp_path / "int8.onnx")
-    _uninstall(monkeypatch, "onnx")
-    with pytest.raises(ImportError, match=r"\[deploy\]"):
-        export.export_onnx(__import__("torch").nn.Linear(3, 1), tmp_path / "m.onnx", 8)
+        exec(code, {})
 
 
 def _locked_version(name: str) -> str:

@@ -100,7 +100,7 @@ FLOORS = {
     "datasets": 2, "scan": 2, "data": 2, "augment": 2, "loading": 2, "models": 2, "tta": 2,
     "losses": 3, "evaluate": 3, "train": 3, "gradcam": 3, "reporting": 3,
     "plots": 4,
-    "ood": 5, "export": 5,
+    "ood": 5,
 }
 
 

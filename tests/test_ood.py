@@ -31,19 +31,12 @@ def test_mahalanobis_scores_far_points_lower():
     far = rng.normal(0, 1, (20, dim)) + 12.0
     near_s, far_s = ood.mahalanobis_score(near, params), ood.mahalanobis_score(far, params)
     assert near_s.min() > far_s.max()
-    assert ood.ood_auroc(near_s, far_s) == 1.0
-    assert ood.ood_auroc(far_s, near_s) == 0.0  # the direction matters
-    mixed = rng.normal(0, 1, 30)
-    from sklearn.metrics import roc_auc_score
-    assert ood.ood_auroc(near_s, mixed) == pytest.approx(
-        roc_auc_score(np.r_[np.zeros(20), np.ones(30)], -np.r_[near_s, mixed]))
 
 
 def test_threshold_keeps_the_requested_share():
     scores = np.arange(100, dtype=float)
     t = ood.threshold_keeping(scores, 0.95)
-    assert ood.rejection_rate(scores, t) == pytest.approx(0.05)
-    assert ood.invalid_class_score(np.array([[0.1, 0.2, 0.7]]), 2)[0] == pytest.approx(0.3)
+    assert np.mean(scores < t) == pytest.approx(0.05)
 
 
 # ----------------------------------------------------------------------------- outside images (helpers.synthetic)

@@ -1,8 +1,9 @@
 """The weights' normalisation and padding go everywhere the model goes (issue 19, items 2-4).
 
 A model from `build_model` carries `input_mean` / `input_std` (and converted TensorFlow weights
-SAME padding): the loaders, the feature cache, Grad-CAM, the OOD scores, the bundle and the app,
-ONNX export and int8 calibration all read them from the model. Tiny models, tiny images; the tests
+SAME padding): the loaders, the feature cache, Grad-CAM, the OOD scores, the bundle and the app
+all read them from the model (so do notebook 08's ONNX predictions and int8 calibration, which assert
+that ONNX Runtime gives PyTorch's probabilities). Tiny models, tiny images; the tests
 that need the real converted weights skip where ../shared/weights is absent.
 """
 
@@ -161,22 +162,6 @@ def test_the_app_feeds_a_converted_weights_bundle_exactly_the_pixels_training_fe
     batch, _ = next(iter(loading.TensorLoader(u8, [0], normalization=app.model)))  # what training feeds it
     assert seen and all(torch.equal(x, batch) for x in seen)
     torch.testing.assert_close(batch, _half(u8))
-
-
-def test_onnx_export_and_int8_calibration_use_the_models_normalisation(tmp_path):
-    pytest.importorskip("onnxruntime")
-    from helpers import export
-
-    model = _converted_like()
-    u8 = _images(4)
-    path = export.export_onnx(model, tmp_path / "m.onnx", 32)
-    assert export.onnx_normalization(path) == HALF
-    session = export.onnx_session(path, threads=1)
-    with torch.no_grad():
-        expected = core.logits_to_probs(model(_half(u8))).numpy()
-    np.testing.assert_allclose(export.onnx_predict(session, u8), expected, atol=1e-4)
-    int8 = export.quantize_onnx_static(path, tmp_path / "m8.onnx", _images(4, seed=1))
-    assert export.onnx_normalization(int8) == HALF
 
 
 # --------------------------------------------------------------------------- provenance
