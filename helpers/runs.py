@@ -388,12 +388,13 @@ def figure_stamp(run: Run, splits: Any = None, model: Any = None, weights: dict 
     return " | ".join(parts)
 
 
-def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretrained: bool | None = None,
-                   weights: dict | None = None, class_names: Sequence[str] | None = None,
-                   threshold: float | None = None, val: dict | None = None, test: dict | None = None,
-                   timing: dict | None = None, figures: Sequence[str] = (), runs: list[dict] | None = None,
-                   **extra: Any) -> dict[str, Any]:
-    """This run's metrics.json as a dict (schema: CONTRIBUTING.md); `extra` keys may replace schema keys."""
+def save_metrics(run: Run, splits: Any, *, dataset: str, model: Any, pretrained: bool | None = None,
+                 weights: dict | None = None, class_names: Sequence[str] | None = None,
+                 threshold: float | None = None, val: dict | None = None, test: dict | None = None,
+                 timing: dict | None = None, figures: Sequence[str] = (), runs: list[dict] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """Write this run's metrics.json (schema: CONTRIBUTING.md; `extra` keys may replace schema keys) to
+    `run.metrics_path` atomically, and return it as a dict."""
     model, pretrained, weights = _model_fields(model, pretrained, weights)
     class_names = getattr(splits, "class_names", []) if class_names is None else class_names
     parts = {split: getattr(splits, split, None) for split in ("train", "val", "test")}  # a `DataSplits`'s frames
@@ -405,14 +406,8 @@ def metrics_record(run: Run, splits: Any, *, dataset: str, model: Any, pretraine
         "val": val, "test": test, "timing": timing, "device": str(run.device),
         **{key: value for key, value in (("n_images", n_images), ("weights", weights), ("runs", runs))
            if value is not None}, **extra}
-    record.update(figures=list(figures), run_id=run.run_id, started_at=run.started_at, written_at=now_iso(),
-                  n_bootstrap=run.cfg.n_bootstrap)
-    return to_jsonable(record)
-
-
-def save_metrics(run: Run, splits: Any, *, dataset: str, model: Any, **fields: Any) -> dict[str, Any]:
-    """Write `run.metrics_path` (`metrics_record` of the same arguments) atomically; return the dict."""
-    record = metrics_record(run, splits, dataset=dataset, model=model, **fields)
+    record = to_jsonable({**record, "figures": list(figures), "run_id": run.run_id, "started_at": run.started_at,
+                          "written_at": now_iso(), "n_bootstrap": run.cfg.n_bootstrap})
     run.metrics_path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomic(run.metrics_path, json.dumps(record, indent=2, allow_nan=False) + "\n")
     own_figures = [f for f in record["figures"] if _own_name(run.out_dir, f)]

@@ -70,14 +70,14 @@ def test_save_metrics_schema_and_json(tmp_path) -> None:
     assert sorted(f.name for f in (tmp_path / "assets" / "04").iterdir()) == [runs.OUTPUTS_FILE, "metrics.json"]  # no temporary file
 
 
-def test_metrics_record_counts_the_images_of_each_split(tmp_path) -> None:
+def test_metrics_json_counts_the_images_of_each_split(tmp_path) -> None:
     frame = pd.DataFrame({"path": [f"{i}.png" for i in range(6)], "split": ["train"] * 3 + ["val"] * 2 + ["test"],
                           "class_name": ["a"] * 6})
     splits = SimpleNamespace(root=tmp_path, class_names=["a"], train=frame[frame.split == "train"],
                              val=frame[frame.split == "val"], test=frame[frame.split == "test"])
-    record = runs.metrics_record(_run(tmp_path / "out"), splits, dataset="x", model="resnet18")
+    record = runs.save_metrics(_run(tmp_path / "out"), splits, dataset="x", model="resnet18")
     assert record["n_images"] == {"train": 3, "val": 2, "test": 1}
-    no_frames = runs.metrics_record(_run(tmp_path / "out"), SimpleNamespace(root=tmp_path), dataset="x", model="m")
+    no_frames = runs.save_metrics(_run(tmp_path / "out"), SimpleNamespace(root=tmp_path), dataset="x", model="m")
     assert "n_images" not in no_frames  # an object without split frames: no key, no error
 
 
