@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from helpers.datasets import (IGNORED_DIRS, DatasetSpec, WrongDatasetError, find_dataset_root, foreign_classes,
                               one_per_meaning, split_of, visible_folders)
@@ -246,19 +248,14 @@ def find_duplicates(digests: list[str], thumbs: np.ndarray, *, near: float = NEA
 def duplicate_groups(frame: pd.DataFrame, pairs: list[dict], key: str = "patient_id") -> pd.Series:
     """One group per row: its `key` (patient id), joined with others where images are duplicates."""
     ids = frame[key].astype(str)
-    parent = dict(zip(ids, ids))
-
-    def find(k: str) -> str:
-        while parent[k] != k:
-            k = parent[k]
-        return k
-
-    of_path = dict(zip(frame["path"], ids))
-    for a, b in ((of_path.get(p["path_a"]), of_path.get(p["path_b"])) for p in pairs):
-        if a is not None and b is not None:
-            ra, rb = sorted((find(a), find(b)))
-            parent[rb] = ra  # the smallest id names the group
-    return ids.map(find)
+    codes, names = pd.factorize(ids)
+    of_path = dict(zip(frame["path"], codes))
+    edges = np.array([(of_path.get(p["path_a"], -1), of_path.get(p["path_b"], -1)) for p in pairs], int).reshape(-1, 2)
+    edges = edges[(edges >= 0).all(axis=1)]  # both images in the frame
+    graph = coo_matrix((np.ones(len(edges)), edges.T), shape=(len(names), len(names)))
+    component = connected_components(graph, directed=False)[1]
+    smallest = pd.Series(names).groupby(component).transform("min")  # the smallest id names the group
+    return ids.map(dict(zip(names, smallest)))
 
 
 def cross_split_duplicates(frame: pd.DataFrame, pairs: list[dict]) -> pd.DataFrame:
