@@ -16,6 +16,7 @@ from helpers.core import predict_labels, to_numpy
 from helpers.evaluate import as_probs
 from helpers.images import read_image
 
+
 def new_figure(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4), **kwargs: Any):
     """`fig, axes` like `plt.subplots`; a pyplot-free Figure when the backend cannot show windows."""
     if matplotlib.get_backend().lower() in {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}:
