@@ -1,8 +1,6 @@
 """The augmentation presets: 'strong' (the minority class's augmentation) never mirrors an image."""
 
-import numpy as np
 import torch
-from PIL import Image
 
 from helpers.augment import BatchAugment
 

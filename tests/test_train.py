@@ -6,14 +6,12 @@ import copy
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import models as models_mod
-from helpers import train as train_mod
 from helpers.core import logits_to_probs, pick_device, seed_everything
 from helpers.loading import TensorLoader
 from helpers.losses import make_criterion
